@@ -1,0 +1,1 @@
+"""vdev: emulated PCI devices in Python, served over vfio-user."""

@@ -1,0 +1,305 @@
+"""Config space emulation: the type-0 header, BAR sizing and the capability chains.
+
+vdev owns every config access (libvfio-user's config region is registered
+with ``VFU_REGION_FLAG_ALWAYS_CB``), because the library's own header
+emulation only logs COMMAND changes and vdev must decide what they do.
+
+Rules:
+
+* Each byte has a write mask (bits the client may change) and a clear mask
+  (RW1C bits, cleared by writing 1).  Everything else is read-only.
+* BAR registers are not plain bytes: a write stores only the address bits
+  a BAR of that size decodes, so writing all-ones and reading back yields
+  the size mask, as PCI requires.  The upper half of a 64-bit BAR is
+  writable in full (above the size).
+* Capabilities are placed from 0x40 (standard) and 0x100 (extended, PCIe
+  only) in declaration order, dword-aligned, and chained.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vdev.model.bars import Bar, BarKind
+from vdev.model.capabilities import Capability, ExtendedCapability
+
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION_ID = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_CACHE_LINE_SIZE = 0x0C
+PCI_LATENCY_TIMER = 0x0D
+PCI_HEADER_TYPE = 0x0E
+PCI_BASE_ADDRESS_0 = 0x10
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_ROM_ADDRESS = 0x30
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+PCI_COMMAND_IO = 0x0001
+PCI_COMMAND_MEMORY = 0x0002
+PCI_COMMAND_MASTER = 0x0004
+PCI_COMMAND_PARITY = 0x0040
+PCI_COMMAND_SERR = 0x0100
+PCI_COMMAND_INTX_DISABLE = 0x0400
+COMMAND_WRITABLE = (
+    PCI_COMMAND_IO
+    | PCI_COMMAND_MEMORY
+    | PCI_COMMAND_MASTER
+    | PCI_COMMAND_PARITY
+    | PCI_COMMAND_SERR
+    | PCI_COMMAND_INTX_DISABLE
+)
+
+PCI_STATUS_INTERRUPT = 0x0008
+PCI_STATUS_CAP_LIST = 0x0010
+STATUS_RW1C = 0xF900  # master data parity, target/master aborts, SERR, parity error
+
+CONFIG_SIZE_CONVENTIONAL = 256
+CONFIG_SIZE_EXPRESS = 4096
+
+
+@dataclass(frozen=True)
+class Command:
+    """The COMMAND register decoded into the bits devices and tests care about."""
+
+    value: int
+
+    @property
+    def io(self) -> bool:
+        return bool(self.value & PCI_COMMAND_IO)
+
+    @property
+    def memory(self) -> bool:
+        return bool(self.value & PCI_COMMAND_MEMORY)
+
+    @property
+    def master(self) -> bool:
+        return bool(self.value & PCI_COMMAND_MASTER)
+
+    @property
+    def serr(self) -> bool:
+        return bool(self.value & PCI_COMMAND_SERR)
+
+    @property
+    def intx_disable(self) -> bool:
+        return bool(self.value & PCI_COMMAND_INTX_DISABLE)
+
+    def decoded(self) -> dict[str, bool]:
+        return {
+            "memory": self.memory,
+            "io": self.io,
+            "master": self.master,
+            "serr": self.serr,
+            "intx_disable": self.intx_disable,
+        }
+
+
+@dataclass(frozen=True)
+class PlacedCapability:
+    """A capability and where the layout put it."""
+
+    capability: Capability
+    offset: int
+
+
+@dataclass(frozen=True)
+class ConfigWrite:
+    """What a client's config write changed, for the device to act on."""
+
+    offset: int
+    size: int
+    value: int
+    old_command: Command
+    new_command: Command
+    capabilities: tuple[PlacedCapability, ...]
+
+
+class ConfigSpace:
+    """The bytes of one device's config space and the rules for changing them."""
+
+    def __init__(
+        self,
+        *,
+        vendor_id: int,
+        device_id: int,
+        subsystem_vendor_id: int,
+        subsystem_id: int,
+        revision: int,
+        class_code: int,
+        express: bool,
+        bars: Sequence[Bar],
+        rom_size: int,
+        interrupt_pin: int,
+        capabilities: Sequence[Capability],
+    ) -> None:
+        self.size = CONFIG_SIZE_EXPRESS if express else CONFIG_SIZE_CONVENTIONAL
+        self._bars = {bar.index: bar for bar in bars if bar.index is not None}
+        self._rom_size = rom_size
+        self._check_bar_slots()
+        self.capabilities = self._place(capabilities, express)
+        self.reset_image = bytearray(self.size)
+        self.wmask = bytearray(self.size)
+        self.w1cmask = bytearray(self.size)
+        struct.pack_into("<HH", self.reset_image, PCI_VENDOR_ID, vendor_id, device_id)
+        struct.pack_into("<I", self.reset_image, PCI_REVISION_ID, (class_code << 8) | revision)
+        struct.pack_into("<HH", self.reset_image, PCI_SUBSYSTEM_VENDOR_ID, subsystem_vendor_id, subsystem_id)
+        self.reset_image[PCI_INTERRUPT_PIN] = interrupt_pin
+        struct.pack_into("<H", self.wmask, PCI_COMMAND, COMMAND_WRITABLE)
+        struct.pack_into("<H", self.w1cmask, PCI_STATUS, STATUS_RW1C)
+        self.wmask[PCI_CACHE_LINE_SIZE] = 0xFF
+        self.wmask[PCI_LATENCY_TIMER] = 0xFF
+        self.wmask[PCI_INTERRUPT_LINE] = 0xFF
+        # BAR and ROM bytes take the raw value; _apply_bar_writes then keeps
+        # only the bits a BAR of that size decodes.
+        self.wmask[PCI_BASE_ADDRESS_0 : PCI_BASE_ADDRESS_0 + 24] = b"\xff" * 24
+        self.wmask[PCI_ROM_ADDRESS : PCI_ROM_ADDRESS + 4] = b"\xff" * 4
+        for bar in self._bars.values():
+            self.reset_image[PCI_BASE_ADDRESS_0 + 4 * bar.index] = bar.flags_bits()
+        self._lay_out_capabilities()
+        self.data = bytearray(self.reset_image)
+
+    def _check_bar_slots(self) -> None:
+        for index, bar in self._bars.items():
+            if bar.is_64bit and (index == 5 or index + 1 in self._bars):
+                raise ValueError(f"64-bit BAR{index} needs BAR{index + 1} free for its upper half")
+        if self._rom_size and (self._rom_size < 2048 or self._rom_size & (self._rom_size - 1)):
+            raise ValueError("an expansion ROM is a power of two of at least 2 KiB")
+
+    @staticmethod
+    def _place(capabilities: Sequence[Capability], express: bool) -> tuple[PlacedCapability, ...]:
+        placed: list[PlacedCapability] = []
+        standard, extended = 0x40, 0x100
+        for capability in capabilities:
+            size = (capability.size + 3) & ~3
+            if capability.extended:
+                if not express:
+                    raise ValueError(f"{type(capability).__name__} needs a PCI Express device")
+                placed.append(PlacedCapability(capability, extended))
+                extended += size
+                if extended > CONFIG_SIZE_EXPRESS:
+                    raise ValueError("extended capabilities do not fit in 4 KiB")
+            else:
+                placed.append(PlacedCapability(capability, standard))
+                standard += size
+                if standard > CONFIG_SIZE_CONVENTIONAL:
+                    raise ValueError("capabilities do not fit in the first 256 bytes")
+        return tuple(placed)
+
+    def _lay_out_capabilities(self) -> None:
+        standard = [p for p in self.capabilities if not p.capability.extended]
+        extended = [p for p in self.capabilities if p.capability.extended]
+        for placed in self.capabilities:
+            cap, at = placed.capability, placed.offset
+            self.reset_image[at : at + cap.size] = cap.image()
+            self.wmask[at : at + cap.size] = cap.write_mask()
+            self.w1cmask[at : at + cap.size] = cap.clear_mask()
+        if standard:
+            self.reset_image[PCI_CAPABILITY_LIST] = standard[0].offset
+            struct.pack_into("<H", self.reset_image, PCI_STATUS, PCI_STATUS_CAP_LIST)
+            for this, following in zip(standard, standard[1:] + [None]):
+                self.reset_image[this.offset] = this.capability.cap_id
+                self.reset_image[this.offset + 1] = following.offset if following else 0
+        for this, following in zip(extended, extended[1:] + [None]):
+            cap = this.capability
+            version = cap.version if isinstance(cap, ExtendedCapability) else 1
+            header = cap.cap_id | (version << 16) | ((following.offset if following else 0) << 20)
+            struct.pack_into("<I", self.reset_image, this.offset, header)
+
+    # -- access ------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Config bytes as the client sees them (out-of-range bytes read as zero)."""
+        end = min(offset + size, self.size)
+        return bytes(self.data[offset:end]).ljust(size, b"\0")
+
+    def read_int(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.data[offset : offset + size], "little")
+
+    def write_int(self, offset: int, size: int, value: int) -> None:
+        """A device-side store: no masks, no BAR rules."""
+        self.data[offset : offset + size] = value.to_bytes(size, "little")
+
+    @property
+    def command(self) -> Command:
+        return Command(self.read_int(PCI_COMMAND, 2))
+
+    def write(self, offset: int, data: bytes) -> ConfigWrite:
+        """Apply a client write and report what changed."""
+        old_command = self.command
+        for i, byte in enumerate(data):
+            at = offset + i
+            if at >= self.size:
+                break
+            old = self.data[at]
+            new = (old & ~self.wmask[at]) | (byte & self.wmask[at])
+            new &= ~(byte & self.w1cmask[at])
+            self.data[at] = new
+        self._apply_bar_writes(offset, len(data))
+        touched = tuple(
+            p
+            for p in self.capabilities
+            if p.offset < offset + len(data) and offset < p.offset + p.capability.size
+        )
+        return ConfigWrite(
+            offset=offset,
+            size=len(data),
+            value=int.from_bytes(data, "little"),
+            old_command=old_command,
+            new_command=self.command,
+            capabilities=touched,
+        )
+
+    def _apply_bar_writes(self, offset: int, size: int) -> None:
+        """Recompute BAR registers the write touched, keeping only decodable address bits."""
+        first, last = offset, offset + size
+        for slot in range(6):
+            at = PCI_BASE_ADDRESS_0 + 4 * slot
+            if at < last and first < at + 4:
+                self._store_bar_slot(slot, self.read_int(at, 4))
+        if PCI_ROM_ADDRESS < last and first < PCI_ROM_ADDRESS + 4:
+            value = self.read_int(PCI_ROM_ADDRESS, 4)
+            stored = (value & ~(self._rom_size - 1) & 0xFFFFF800) | (value & 1) if self._rom_size else 0
+            self.write_int(PCI_ROM_ADDRESS, 4, stored)
+
+    def _store_bar_slot(self, slot: int, written: int) -> None:
+        at = PCI_BASE_ADDRESS_0 + 4 * slot
+        bar = self._bars.get(slot)
+        upper_of = self._bars.get(slot - 1) if slot > 0 else None
+        if bar is not None:
+            if bar.kind is BarKind.IO:
+                address_mask = ~(bar.size - 1) & 0xFFFFFFFC
+            else:
+                address_mask = ~(bar.size - 1) & 0xFFFFFFF0
+            self.write_int(at, 4, (written & address_mask & 0xFFFFFFFF) | bar.flags_bits())
+        elif upper_of is not None and upper_of.is_64bit:
+            upper_mask = ~((upper_of.size - 1) >> 32) & 0xFFFFFFFF
+            self.write_int(at, 4, written & upper_mask)
+        else:
+            self.write_int(at, 4, 0)
+
+    def bar_address(self, index: int) -> int:
+        """The address the client programmed into BAR ``index``."""
+        bar = self._bars[index]
+        low = self.read_int(PCI_BASE_ADDRESS_0 + 4 * index, 4)
+        mask = 0xFFFFFFFC if bar.kind is BarKind.IO else 0xFFFFFFF0
+        address = low & mask
+        if bar.is_64bit:
+            address |= self.read_int(PCI_BASE_ADDRESS_0 + 4 * (index + 1), 4) << 32
+        return address
+
+    def find(self, capability_type: type[Capability]) -> PlacedCapability | None:
+        for placed in self.capabilities:
+            if isinstance(placed.capability, capability_type):
+                return placed
+        return None
+
+    def reset(self) -> None:
+        """Back to the power-on image (addresses, COMMAND, capability state cleared)."""
+        self.data[:] = self.reset_image

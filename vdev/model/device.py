@@ -1,0 +1,285 @@
+"""The device class a vdev user subclasses.
+
+A device is described by class attributes — identity, capabilities, BARs
+(:class:`~vdev.model.bars.Bar` attributes named ``bar0``…``bar5``) and
+parameters — and holds its live state per instance.  It knows nothing about
+sockets or libvfio-user: the runtime calls :meth:`Device.region_read`,
+:meth:`Device.region_write` and the ``*_event`` methods, and gives it an
+interrupt sink and a DMA port while a client is connected.
+
+Everything a device does runs in Trio tasks on one thread, so device code
+needs no locks.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import trio
+
+from vdev.libvfio_user.constants import RegionIndex, ResetType
+from vdev.model.bars import Bar, BarState
+from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
+from vdev.model.config import Command, ConfigSpace, ConfigWrite
+from vdev.model.dma import Dma
+from vdev.model.events import EventLog
+from vdev.model.interrupts import Interrupts
+from vdev.model.registers import call_hook
+
+T = TypeVar("T")
+
+
+class ResetKind(enum.Enum):
+    """Why a device is being reset; the three are distinct events."""
+
+    DEVICE = "device"
+    FLR = "flr"
+    LOST_CONNECTION = "lost_connection"
+
+    @classmethod
+    def from_library(cls, reset_type: ResetType) -> ResetKind:
+        return {
+            ResetType.DEVICE: cls.DEVICE,
+            ResetType.FLR: cls.FLR,
+            ResetType.LOST_CONNECTION: cls.LOST_CONNECTION,
+        }[reset_type]
+
+
+@dataclass
+class Param(Generic[T]):
+    """A device parameter the CLI exposes as ``--param name=value``."""
+
+    default: T
+    help: str = ""
+    type: Callable[[str], T] | None = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self
+        return instance.params[self.name]
+
+    def parse(self, text: str) -> T:
+        """Convert a command-line string to the parameter's type."""
+        convert = self.type or type(self.default)
+        if convert is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(f"{self.name}: expected a boolean, got {text!r}")
+            return lowered in ("1", "true", "yes", "on")  # type: ignore[return-value]
+        if convert is int:
+            return int(text, 0)  # type: ignore[return-value]
+        return convert(text)  # type: ignore[operator, return-value]
+
+
+class Device:
+    """Base class of every vdev device.  Subclass it and set the identity attributes."""
+
+    vendor_id: ClassVar[int] = 0
+    device_id: ClassVar[int] = 0
+    subsystem_vendor_id: ClassVar[int] = 0
+    subsystem_id: ClassVar[int] = 0
+    revision: ClassVar[int] = 0
+    class_code: ClassVar[int] = 0xFF0000
+    express: ClassVar[bool] = False
+    intx: ClassVar[bool] = True
+    rom_size: ClassVar[int] = 0
+
+    def __init__(self, name: str | None = None, **params: Any) -> None:
+        self.name = name or type(self).__name__.lower()
+        self.params = self._resolve_params(params)
+        self.events = EventLog(self.name)
+        capabilities = self.capabilities()
+        self._bar_specs = self.bar_specs()
+        self._check_msix_placement(capabilities)
+        self.config = ConfigSpace(
+            vendor_id=self.vendor_id,
+            device_id=self.device_id,
+            subsystem_vendor_id=self.subsystem_vendor_id,
+            subsystem_id=self.subsystem_id,
+            revision=self.revision,
+            class_code=self.class_code,
+            express=self.express,
+            bars=self._bar_specs,
+            rom_size=self.rom_size,
+            interrupt_pin=1 if self.intx else 0,
+            capabilities=capabilities,
+        )
+        self._bars = {spec.index: BarState(spec, self) for spec in self._bar_specs if spec.index is not None}
+        self.rom = bytearray(self.rom_size)
+        self.irq = Interrupts(self)
+        self.dma = Dma(self)
+        self._command_changed = trio.Event()
+
+    # -- declaration hooks -----------------------------------------------------
+
+    def capabilities(self) -> list[Capability]:
+        """The capability list, in chain order.  Override to declare capabilities."""
+        return []
+
+    @classmethod
+    def bar_specs(cls) -> list[Bar]:
+        """The BARs declared on the class (and its bases), by index."""
+        found: dict[int, Bar] = {}
+        for klass in reversed(cls.__mro__):
+            for value in vars(klass).values():
+                if isinstance(value, Bar) and value.index is not None:
+                    found[value.index] = value
+        return [found[i] for i in sorted(found)]
+
+    @classmethod
+    def param_specs(cls) -> dict[str, Param[Any]]:
+        found: dict[str, Param[Any]] = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if isinstance(value, Param):
+                    found[name] = value
+        return found
+
+    def _resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        specs = self.param_specs()
+        unknown = set(given) - set(specs)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no parameter {', '.join(sorted(unknown))}")
+        values = {name: spec.default for name, spec in specs.items()}
+        for name, value in given.items():
+            values[name] = specs[name].parse(value) if isinstance(value, str) else value
+        return values
+
+    def _check_msix_placement(self, capabilities: list[Capability]) -> None:
+        indices = {spec.index for spec in self._bar_specs}
+        for cap in capabilities:
+            if isinstance(cap, MsiX):
+                for bar, what in ((cap.table_bar, "table"), (cap.pba_bar, "PBA")):
+                    if bar not in indices:
+                        raise ValueError(f"MSI-X {what} is in BAR{bar}, which the device does not declare")
+
+    # -- state -------------------------------------------------------------------
+
+    def bar(self, index: int) -> BarState:
+        return self._bars[index]
+
+    def bars(self) -> Iterator[BarState]:
+        return iter(self._bars.values())
+
+    @property
+    def command(self) -> Command:
+        """The COMMAND register as the client last wrote it."""
+        return self.config.command
+
+    async def wait_for_command(self, predicate: Callable[[Command], bool]) -> Command:
+        """Sleep until COMMAND satisfies ``predicate`` (e.g. ``lambda c: c.memory``)."""
+        while not predicate(self.command):
+            await self._command_changed.wait()
+        return self.command
+
+    # -- overridable behaviour ----------------------------------------------------
+
+    async def run(self) -> None:
+        """Background work of the device, started when it is served.  Default: none."""
+
+    async def on_reset(self, kind: ResetKind) -> None:
+        """Called after the framework reset its state for ``kind``.  Default: nothing more."""
+
+    def on_command(self, old: Command, new: Command) -> None:
+        """Called after each change of COMMAND.  Default: nothing."""
+
+    # -- entry points for the runtime ---------------------------------------------
+
+    async def region_read(self, region: int, offset: int, size: int) -> bytes:
+        """Answer a client read of ``size`` bytes at ``offset`` in ``region``."""
+        if region == RegionIndex.CONFIG:
+            return self.config.read(offset, size)
+        if region == RegionIndex.ROM:
+            return bytes(self.rom[offset : offset + size]).ljust(size, b"\xff")
+        data = await self._bar_access(region, offset, size, None)
+        self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
+        return data
+
+    async def region_write(self, region: int, offset: int, data: bytes) -> None:
+        """Apply a client write of ``data`` at ``offset`` in ``region``."""
+        if region == RegionIndex.CONFIG:
+            await self._config_write(offset, data)
+            return
+        if region == RegionIndex.ROM:
+            return
+        self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
+        await self._bar_access(region, offset, len(data), data)
+
+    async def _bar_access(self, region: int, offset: int, size: int, data: bytes | None) -> bytes:
+        bar = self._bars[region]
+        msix = self.config.find(MsiX)
+        if msix is not None:
+            cap: MsiX = msix.capability  # type: ignore[assignment]
+            if region == cap.table_bar and cap.table_offset <= offset < cap.table_offset + cap.table_size:
+                if data is None:
+                    return self.irq.read_msix_table(offset - cap.table_offset, size)
+                self.irq.write_msix_table(offset - cap.table_offset, data)
+                return b""
+            if region == cap.pba_bar and cap.pba_offset <= offset < cap.pba_offset + cap.pba_size:
+                return self.irq.read_msix_pba(offset - cap.pba_offset, size) if data is None else b""
+        if data is None:
+            return await bar.read(offset, size)
+        await bar.write(offset, data)
+        return b""
+
+    async def _config_write(self, offset: int, data: bytes) -> None:
+        change = self.config.write(offset, data)
+        self.events.record("config_write", offset=offset, size=len(data), value=change.value)
+        if change.old_command != change.new_command:
+            self._note_command(change.old_command, change.new_command)
+        await self._capability_writes(change)
+
+    def _note_command(self, old: Command, new: Command) -> None:
+        self.events.record("command", old=old.value, new=new.value, **new.decoded())
+        self._command_changed.set()
+        self._command_changed = trio.Event()
+        self.on_command(old, new)
+        if old.intx_disable and not new.intx_disable:
+            self.irq.deliver_unmasked_pending()
+
+    async def _capability_writes(self, change: ConfigWrite) -> None:
+        for placed in change.capabilities:
+            if isinstance(placed.capability, PciExpress):
+                control_at = placed.offset + 8
+                control = self.config.read_int(control_at, 2)
+                if control & PCI_EXP_DEVCTL_BCR_FLR:
+                    self.config.write_int(control_at, 2, control & ~PCI_EXP_DEVCTL_BCR_FLR)
+                    await self.reset(ResetKind.FLR)
+        self.irq.deliver_unmasked_pending()
+
+    async def reset(self, kind: ResetKind) -> None:
+        """Reset for ``kind``: device reset and FLR restore power-on state; a lost
+        connection keeps the device's state (a new client may pick it up) and
+        drops only what belonged to the old client."""
+        old_command = self.command
+        if kind is ResetKind.LOST_CONNECTION:
+            self.dma.clear()
+        else:
+            self.config.reset()
+            for bar in self._bars.values():
+                bar.reset()
+            self.irq.reset()
+        self.events.record("reset", reason=kind.value)
+        if old_command != self.command:
+            self._note_command(old_command, self.command)
+        await call_hook(self.on_reset, kind)
+
+    def close(self) -> None:
+        """Release the memfds behind mapped areas."""
+        for bar in self._bars.values():
+            bar.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"
+
+
+def _as_int(data: bytes) -> int | str:
+    """A trace-friendly value: an integer for register-sized data, hex otherwise."""
+    return int.from_bytes(data, "little") if len(data) <= 8 else data.hex()
+

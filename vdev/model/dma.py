@@ -1,0 +1,103 @@
+"""DMA: the device reading and writing the client's memory.
+
+The client offers memory with DMA_MAP, with an fd (the server can map it and
+touch it directly) or without (every access becomes a DMA_READ/DMA_WRITE
+message to the client).  Device code does not care which: it calls
+:meth:`Dma.read` and :meth:`Dma.write` with a bus address, and the runtime's
+:class:`DmaPort` picks the path.
+
+DMA is refused, with :class:`DmaError` and an event in the log, when the
+device is not a bus master (COMMAND.MASTER clear), or when the range is not
+entirely inside memory the client mapped — never a crash.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from vdev.model.device import Device
+
+
+class DmaError(Exception):
+    """A DMA access the device may not make (not a bus master, unmapped range, client error)."""
+
+
+@dataclass(frozen=True)
+class DmaRegion:
+    """One DMA_MAP from the client; ``mapped`` when the server can touch it directly."""
+
+    iova: int
+    size: int
+    mapped: bool
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+class DmaPort(Protocol):
+    """The runtime side of DMA (libvfio-user's sgl calls)."""
+
+    async def dma_read(self, address: int, size: int) -> bytes: ...
+
+    async def dma_write(self, address: int, data: bytes) -> None: ...
+
+
+class Dma:
+    """One device's view of client memory."""
+
+    def __init__(self, device: Device) -> None:
+        self._device = device
+        self.regions: dict[int, DmaRegion] = {}
+        self.port: DmaPort | None = None
+
+    def add(self, region: DmaRegion) -> None:
+        self.regions[region.iova] = region
+        self._device.events.record("dma_map", iova=region.iova, size=region.size, mapped=region.mapped)
+
+    def remove(self, iova: int) -> None:
+        region = self.regions.pop(iova, None)
+        if region is not None:
+            self._device.events.record("dma_unmap", iova=region.iova, size=region.size)
+
+    def clear(self) -> None:
+        """The client went away: its mappings went with it."""
+        for iova in list(self.regions):
+            self.remove(iova)
+
+    def _check(self, address: int, size: int, direction: str) -> DmaPort:
+        reason = None
+        if not self._device.command.master:
+            reason = "bus mastering is disabled (COMMAND.MASTER clear)"
+        elif not any(r.iova <= address and address + size <= r.end for r in self.regions.values()):
+            reason = "range is not inside memory the client mapped"
+        elif self.port is None:
+            reason = "no client is connected"
+        if reason is not None:
+            self._device.events.record("violation", what="dma", direction=direction, address=address, size=size)
+            raise DmaError(f"{self._device.name}: DMA {direction} of {size} bytes at {address:#x} refused: {reason}")
+        assert self.port is not None
+        return self.port
+
+    async def read(self, address: int, size: int) -> bytes:
+        """Read ``size`` bytes of client memory at bus address ``address``."""
+        return await self._check(address, size, "read").dma_read(address, size)
+
+    async def write(self, address: int, data: bytes) -> None:
+        """Write ``data`` to client memory at bus address ``address``."""
+        await self._check(address, len(data), "write").dma_write(address, bytes(data))
+
+    async def read_int(self, address: int, size: int = 4) -> int:
+        return int.from_bytes(await self.read(address, size), "little")
+
+    async def write_int(self, address: int, value: int, size: int = 4) -> None:
+        await self.write(address, value.to_bytes(size, "little"))
+
+    async def read_struct(self, address: int, layout: struct.Struct) -> tuple[Any, ...]:
+        return layout.unpack(await self.read(address, layout.size))
+
+    async def write_struct(self, address: int, layout: struct.Struct, *values: Any) -> None:
+        await self.write(address, layout.pack(*values))

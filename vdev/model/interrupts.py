@@ -1,0 +1,229 @@
+"""Interrupts as device code sees them: INTx levels, MSI and MSI-X vectors, ERR and REQ.
+
+Device code calls :meth:`Interrupts.trigger`, :meth:`Interrupts.raise_intx`
+and friends from any Trio task; they never block.  This module decides
+*whether* an interrupt may be delivered (enable bits, INTx-disable, MSI and
+MSI-X masking with pending bits) and hands deliverable ones to the runtime's
+:class:`IrqSink`, which owns the eventfds.
+
+Masking follows the spec: a masked MSI-X vector (its table entry's mask bit,
+the function mask, or a mask the client set with SET_IRQS) records a pending
+bit instead of firing; unmasking a vector whose bit is pending fires it and
+clears the bit.  MSI per-vector masks behave the same with the capability's
+pending register.  INTx is a level: while it is high and the client unmasks
+INTx, it fires again.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Protocol
+
+from vdev.libvfio_user.constants import IrqType
+from vdev.model.capabilities import (
+    PCI_MSI_FLAGS_ENABLE,
+    PCI_MSI_FLAGS_MASKBIT,
+    PCI_MSIX_FLAGS_ENABLE,
+    PCI_MSIX_FLAGS_MASKALL,
+    Msi,
+    MsiX,
+)
+from vdev.model.config import PCI_STATUS, PCI_STATUS_INTERRUPT
+
+if TYPE_CHECKING:
+    from vdev.model.device import Device
+
+MSIX_ENTRY_SIZE = 16
+MSIX_VECTOR_CTRL_MASKBIT = 0x1
+
+
+class IrqSink(Protocol):
+    """Where deliverable interrupts go: the runtime's libvfio-user context."""
+
+    def fire(self, irq_type: IrqType, vector: int) -> None:
+        """Signal the client's eventfd for ``vector`` (as soon as the context is free)."""
+        ...
+
+
+class Interrupts:
+    """One device's interrupt state."""
+
+    def __init__(self, device: Device) -> None:
+        self._device = device
+        self.sink: IrqSink | None = None
+        self.intx_level = False
+        self._client_masked: dict[IrqType, set[int]] = {t: set() for t in IrqType}
+        self._msix = device.config.find(MsiX)
+        self._msi = device.config.find(Msi)
+        self.msix_table = bytearray(self._msix_cap.table_size) if self._msix_cap else bytearray()
+        self.msix_pending: set[int] = set()
+        self.reset()
+
+    @property
+    def _msix_cap(self) -> MsiX | None:
+        return self._msix.capability if self._msix else None  # type: ignore[return-value]
+
+    @property
+    def _msi_cap(self) -> Msi | None:
+        return self._msi.capability if self._msi else None  # type: ignore[return-value]
+
+    def reset(self) -> None:
+        """Power-on state: INTx low, every MSI-X entry masked, nothing pending."""
+        self.intx_level = False
+        self.msix_pending.clear()
+        cap = self._msix_cap
+        if cap is not None:
+            for vector in range(cap.vectors):
+                struct.pack_into("<QII", self.msix_table, vector * MSIX_ENTRY_SIZE, 0, 0, MSIX_VECTOR_CTRL_MASKBIT)
+
+    # -- which mode is on ----------------------------------------------------
+
+    @property
+    def msix_enabled(self) -> bool:
+        return bool(self._msix and self._cap_flags(self._msix.offset) & PCI_MSIX_FLAGS_ENABLE)
+
+    @property
+    def msi_enabled(self) -> bool:
+        return bool(self._msi and self._cap_flags(self._msi.offset) & PCI_MSI_FLAGS_ENABLE)
+
+    def _cap_flags(self, offset: int) -> int:
+        return self._device.config.read_int(offset + 2, 2)
+
+    @property
+    def mode(self) -> str:
+        """``msix``, ``msi`` or ``intx``: what :meth:`trigger` uses now."""
+        if self.msix_enabled:
+            return "msix"
+        if self.msi_enabled:
+            return "msi"
+        return "intx"
+
+    # -- device-facing API ---------------------------------------------------
+
+    def trigger(self, vector: int = 0) -> None:
+        """Signal ``vector`` through MSI-X or MSI, or pulse INTx if neither is enabled."""
+        mode = self.mode
+        if mode == "msix":
+            self._trigger_msix(vector)
+        elif mode == "msi":
+            self._trigger_msi(vector)
+        else:
+            self.raise_intx()
+
+    def raise_intx(self) -> None:
+        """Assert INTx (level): the status bit sets and the client is signalled."""
+        self.intx_level = True
+        self._set_status_interrupt(True)
+        self._deliver_intx()
+
+    def lower_intx(self) -> None:
+        """De-assert INTx."""
+        self.intx_level = False
+        self._set_status_interrupt(False)
+
+    def trigger_err(self) -> None:
+        """Signal the ERR interrupt (the client's error notification)."""
+        self._fire(IrqType.ERR, 0)
+
+    def trigger_req(self) -> None:
+        """Signal the REQ interrupt (ask the client to release the device)."""
+        self._fire(IrqType.REQ, 0)
+
+    # -- rules ----------------------------------------------------------------
+
+    def _fire(self, irq_type: IrqType, vector: int) -> None:
+        self._device.events.record("irq", type=irq_type.name.lower(), vector=vector, connected=self.sink is not None)
+        if self.sink is not None:
+            self.sink.fire(irq_type, vector)
+
+    def _set_status_interrupt(self, level: bool) -> None:
+        status = self._device.config.read_int(PCI_STATUS, 2)
+        status = status | PCI_STATUS_INTERRUPT if level else status & ~PCI_STATUS_INTERRUPT
+        self._device.config.write_int(PCI_STATUS, 2, status)
+
+    def _deliver_intx(self) -> None:
+        if self._device.command.intx_disable or 0 in self._client_masked[IrqType.INTX]:
+            return
+        self._fire(IrqType.INTX, 0)
+
+    def _trigger_msi(self, vector: int) -> None:
+        cap = self._msi_cap
+        assert cap is not None and self._msi is not None
+        enabled_vectors = 1 << ((self._cap_flags(self._msi.offset) >> 4) & 0x7)
+        if vector >= min(enabled_vectors, cap.vectors):
+            raise ValueError(f"MSI vector {vector} is not enabled ({enabled_vectors} allocated)")
+        if cap.per_vector_mask and self._msi_vector_masked(vector):
+            self._msi_set_pending(vector, True)
+            return
+        self._fire(IrqType.MSI, vector)
+
+    def _msi_vector_masked(self, vector: int) -> bool:
+        assert self._msi is not None
+        mask = self._device.config.read_int(self._msi.offset + 16, 4)
+        return bool(mask >> vector & 1) or vector in self._client_masked[IrqType.MSI]
+
+    def _msi_set_pending(self, vector: int, pending: bool) -> None:
+        assert self._msi is not None
+        at = self._msi.offset + 20
+        bits = self._device.config.read_int(at, 4)
+        bits = bits | (1 << vector) if pending else bits & ~(1 << vector)
+        self._device.config.write_int(at, 4, bits)
+
+    def _trigger_msix(self, vector: int) -> None:
+        cap = self._msix_cap
+        assert cap is not None
+        if not 0 <= vector < cap.vectors:
+            raise ValueError(f"MSI-X vector {vector} out of range (0..{cap.vectors - 1})")
+        if self._msix_vector_masked(vector):
+            self.msix_pending.add(vector)
+            return
+        self._fire(IrqType.MSIX, vector)
+
+    def _msix_vector_masked(self, vector: int) -> bool:
+        assert self._msix is not None
+        if self._cap_flags(self._msix.offset) & PCI_MSIX_FLAGS_MASKALL:
+            return True
+        (control,) = struct.unpack_from("<I", self.msix_table, vector * MSIX_ENTRY_SIZE + 12)
+        return bool(control & MSIX_VECTOR_CTRL_MASKBIT) or vector in self._client_masked[IrqType.MSIX]
+
+    def deliver_unmasked_pending(self) -> None:
+        """Fire every pending vector that is no longer masked (after any unmask)."""
+        if self.msix_enabled:
+            for vector in sorted(self.msix_pending):
+                if not self._msix_vector_masked(vector):
+                    self.msix_pending.discard(vector)
+                    self._fire(IrqType.MSIX, vector)
+        if self.msi_enabled and self._msi_cap and self._msi_cap.per_vector_mask and self._msi:
+            pending = self._device.config.read_int(self._msi.offset + 20, 4)
+            for vector in range(32):
+                if pending >> vector & 1 and not self._msi_vector_masked(vector):
+                    self._msi_set_pending(vector, False)
+                    self._fire(IrqType.MSI, vector)
+        if self.intx_level and self.mode == "intx":
+            self._deliver_intx()
+
+    def client_mask(self, irq_type: IrqType, start: int, count: int, masked: bool) -> None:
+        """The client masked or unmasked vectors with SET_IRQS."""
+        vectors = set(range(start, start + count))
+        if masked:
+            self._client_masked[irq_type] |= vectors
+        else:
+            self._client_masked[irq_type] -= vectors
+            self.deliver_unmasked_pending()
+
+    # -- the MSI-X table and PBA as a trapped area -----------------------------
+
+    def read_msix_table(self, offset: int, size: int) -> bytes:
+        return bytes(self.msix_table[offset : offset + size]).ljust(size, b"\0")
+
+    def write_msix_table(self, offset: int, data: bytes) -> None:
+        end = min(offset + len(data), len(self.msix_table))
+        self.msix_table[offset:end] = data[: end - offset]
+        self.deliver_unmasked_pending()
+
+    def read_msix_pba(self, offset: int, size: int) -> bytes:
+        bits = sum(1 << vector for vector in self.msix_pending)
+        cap = self._msix_cap
+        assert cap is not None
+        pba = bits.to_bytes(cap.pba_size, "little")
+        return pba[offset : offset + size].ljust(size, b"\0")

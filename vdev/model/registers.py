@@ -1,0 +1,197 @@
+"""Registers and fields described as data, and the dispatch of any access to them.
+
+Rules this module enforces, so device code never has to:
+
+* An access may have any size (1, 2, 4 or 8 bytes) and any alignment; it is
+  split over the registers it overlaps.  Bytes no register covers read as 0
+  and ignore writes, like unimplemented space on real hardware.
+* A write changes a register bit by bit according to its access type:
+  ``RO`` ignores writes, ``RW`` stores them, ``RW1C`` clears the bits written
+  as 1, ``W1S`` sets them, and ``WO`` stores them but reads back 0.  A
+  register may mix types through :class:`Field`.  Only the bytes the access
+  covers are affected.
+* Hooks run after the write has been applied (``on_write(value)``) and
+  before the read is answered (``on_read() -> value``); either may be
+  ``async``.  Hooks run in the device's Trio task, never in a C callback.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class Access(enum.Enum):
+    """How a register bit responds to reads and writes."""
+
+    RO = "ro"
+    RW = "rw"
+    RW1C = "rw1c"
+    W1S = "w1s"
+    WO = "wo"
+
+
+RO, RW, RW1C, W1S, WO = Access.RO, Access.RW, Access.RW1C, Access.W1S, Access.WO
+
+
+@dataclass(frozen=True)
+class Field:
+    """A run of bits inside a register with its own access type."""
+
+    name: str
+    lsb: int
+    width: int = 1
+    access: Access = RW
+
+    @property
+    def mask(self) -> int:
+        return ((1 << self.width) - 1) << self.lsb
+
+
+@dataclass(frozen=True)
+class Register:
+    """One register of a trapped area: where it is, how wide, how it behaves.
+
+    ``fields`` refine ``access`` for some bits; bits no field names keep the
+    register's own access type.
+    """
+
+    name: str
+    offset: int
+    width: int = 4
+    access: Access = RW
+    reset: int = 0
+    fields: tuple[Field, ...] = ()
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.width not in (1, 2, 4, 8):
+            raise ValueError(f"register {self.name}: width must be 1, 2, 4 or 8, not {self.width}")
+        if self.reset >> (8 * self.width):
+            raise ValueError(f"register {self.name}: reset value {self.reset:#x} wider than the register")
+        for f in self.fields:
+            if f.lsb + f.width > 8 * self.width:
+                raise ValueError(f"register {self.name}: field {f.name} does not fit")
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.width
+
+    def access_masks(self) -> dict[Access, int]:
+        """Bit masks per access type, covering every bit of the register."""
+        full = (1 << (8 * self.width)) - 1
+        masks = dict.fromkeys(Access, 0)
+        claimed = 0
+        for f in self.fields:
+            masks[f.access] |= f.mask
+            claimed |= f.mask
+        masks[self.access] |= full & ~claimed
+        return masks
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"register {self.name} has no field {name}")
+
+
+ReadHook = Callable[[Any], "int | Awaitable[int]"]
+WriteHook = Callable[[Any, int], "None | Awaitable[None]"]
+
+
+def apply_write(masks: dict[Access, int], old: int, written: int, byte_mask: int) -> int:
+    """The register's value after ``written`` lands on the bytes in ``byte_mask``."""
+    w = written & byte_mask
+    new = old
+    rw = (masks[Access.RW] | masks[Access.WO]) & byte_mask
+    new = (new & ~rw) | (w & rw)
+    new &= ~(w & masks[Access.RW1C])
+    new |= w & masks[Access.W1S]
+    return new
+
+
+async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    """Call a plain or ``async`` hook; await only when it returned an awaitable."""
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class RegisterFile:
+    """The live values of a set of registers, and access dispatch over them.
+
+    ``owner`` is the device instance the hooks are bound to.
+    """
+
+    def __init__(
+        self,
+        registers: Sequence[Register],
+        read_hooks: dict[str, ReadHook],
+        write_hooks: dict[str, WriteHook],
+        owner: Any,
+    ) -> None:
+        self.registers = sorted(registers, key=lambda r: r.offset)
+        for before, after in zip(self.registers, self.registers[1:]):
+            if after.offset < before.end:
+                raise ValueError(f"registers {before.name} and {after.name} overlap")
+        self.by_name = {r.name: r for r in self.registers}
+        self._masks = {r.name: r.access_masks() for r in self.registers}
+        self._read_hooks = read_hooks
+        self._write_hooks = write_hooks
+        self._owner = owner
+        self.values: dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Every register back to its reset value."""
+        self.values = {r.name: r.reset for r in self.registers}
+
+    def overlapping(self, offset: int, size: int) -> Iterable[Register]:
+        end = offset + size
+        return (r for r in self.registers if r.offset < end and offset < r.end)
+
+    def covers(self, offset: int, size: int) -> bool:
+        """Whether any register overlaps the access (else it is unimplemented space)."""
+        return any(True for _ in self.overlapping(offset, size))
+
+    def __getitem__(self, name: str) -> int:
+        return self.values[name]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        """Device-side update: no access semantics, no hooks."""
+        register = self.by_name[name]
+        self.values[name] = value & ((1 << (8 * register.width)) - 1)
+
+    async def read(self, offset: int, size: int) -> int:
+        """Read ``size`` bytes at ``offset`` as a little-endian integer."""
+        result = 0
+        for register in self.overlapping(offset, size):
+            hook = self._read_hooks.get(register.name)
+            if hook is not None:
+                self[register.name] = await call_hook(hook, self._owner)
+            value = self.values[register.name] & ~self._masks[register.name][Access.WO]
+            shift = (register.offset - offset) * 8
+            result |= value << shift if shift >= 0 else value >> -shift
+        return result & ((1 << (8 * size)) - 1)
+
+    async def write(self, offset: int, size: int, value: int) -> None:
+        """Write ``size`` bytes of ``value`` at ``offset`` with each register's semantics."""
+        for register in self.overlapping(offset, size):
+            shift = (register.offset - offset) * 8
+            full = (1 << (8 * register.width)) - 1
+            if shift >= 0:
+                written = value >> shift
+                covered = ((1 << (8 * size)) - 1) >> shift
+            else:
+                written = value << -shift
+                covered = ((1 << (8 * size)) - 1) << -shift
+            old = self.values[register.name]
+            new = apply_write(self._masks[register.name], old, written & full, covered & full)
+            self.values[register.name] = new
+            hook = self._write_hooks.get(register.name)
+            if hook is not None:
+                await call_hook(hook, self._owner, new)

@@ -1,0 +1,460 @@
+"""One device served through one libvfio-user context, driven from Trio.
+
+How the C library and Trio meet (the design, written where it lives):
+
+* The context is created with ``LIBVFIO_USER_FLAG_ATTACH_NB``.  A Trio task
+  waits on ``vfu_get_poll_fd()`` (fetched again after every attach and
+  disconnect, since it changes) and, when it is readable, calls
+  ``vfu_attach_ctx`` or ``vfu_run_ctx`` in a worker thread.
+* Why a worker thread: libvfio-user's callbacks are synchronous, but vdev
+  handlers may be ``async`` and may sleep for seconds.  The callback, in the
+  worker thread, hands the access to the Trio thread with
+  ``trio.from_thread.run`` and blocks until the handler has finished; only
+  this device waits, every other device and task in the process runs on.
+  The library also blocks inside the context on slow clients (it reads a
+  message body with ``MSG_WAITALL``, DMA messages wait for the client's
+  reply), and that too stalls only this device's worker, not the loop.
+* libvfio-user is not thread-safe per context, so every call into a context
+  holds :class:`ContextLock`.  A callback releases it while it waits for
+  Trio, so a handler may trigger interrupts or do DMA on its own context; an
+  interrupt fired from Trio while C code holds the lock is queued and fired
+  by the lock's holder on release, so Trio never blocks on the lock.
+* All device code runs on the Trio thread; callbacks never touch the device
+  directly.  An exception in a handler becomes ``-1``/``errno`` for the
+  library (an error reply to that access) and a log line naming the device,
+  region and offset; it never crosses into C.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vdev.libvfio_user import bindings
+from vdev.libvfio_user.bindings import Library
+from vdev.libvfio_user.constants import (
+    LIBVFIO_USER_FLAG_ATTACH_NB,
+    PCI_HEADER_TYPE_NORMAL,
+    VFU_DEV_TYPE_PCI,
+    VFU_REGION_FLAG_ALWAYS_CB,
+    VFU_REGION_FLAG_MEM,
+    VFU_REGION_FLAG_READ,
+    VFU_REGION_FLAG_RW,
+    VFU_TRANS_SOCK,
+    IrqType,
+    PciType,
+    RegionIndex,
+    ResetType,
+)
+from vdev.model.bars import BarKind
+from vdev.model.capabilities import Msi, MsiX
+from vdev.model.device import Device, ResetKind
+from vdev.model.dma import DmaError, DmaRegion
+
+log = logging.getLogger("vdev")
+
+_DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
+_LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
+
+
+class ContextLock:
+    """Serialises calls into one libvfio-user context without ever blocking Trio."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deferred: collections.deque[Callable[[], None]] = collections.deque()
+
+    def acquire(self) -> None:
+        self._lock.acquire()
+
+    def release(self) -> None:
+        """Run what was deferred while we held the lock, then let go."""
+        while True:
+            while self._deferred:
+                self._deferred.popleft()()
+            self._lock.release()
+            if not self._deferred or not self._lock.acquire(blocking=False):
+                return
+
+    def run_or_defer(self, call: Callable[[], None]) -> None:
+        """Run ``call`` now if the context is free, else when its holder releases it."""
+        if self._lock.acquire(blocking=False):
+            try:
+                call()
+            finally:
+                self.release()
+        else:
+            self._deferred.append(call)
+
+
+class ServeError(Exception):
+    """A device could not be set up for serving (bad socket path, library refusal)."""
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make ``path`` free for a new listening socket, refusing to clobber anything.
+
+    A leftover socket nobody listens on is removed; a live one, or a path that
+    is not a socket, is an error.
+    """
+    import socket
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ServeError(f"{path} belongs to a server that is still running")
+
+
+class DeviceContext:
+    """Serves one :class:`Device` on one socket path, one client at a time, forever."""
+
+    def __init__(self, device: Device, socket_path: str | os.PathLike[str], library: Library | None = None) -> None:
+        self.device = device
+        self.socket_path = Path(socket_path)
+        self._lib = library or bindings.load()
+        self._ctx: int | None = None
+        self._lock = ContextLock()
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        self._callbacks: list[Any] = []
+        self._dma_vaddrs: dict[int, int] = {}
+        self.connected = False
+
+    # -- setup ---------------------------------------------------------------
+
+    def _check(self, result: int, what: str) -> int:
+        if result < 0:
+            code = ctypes.get_errno()
+            raise ServeError(f"{self.device.name}: {what} failed: {os.strerror(code)}")
+        return result
+
+    def _keep(self, callback: Any) -> Any:
+        """Keep a ctypes callback object alive for the context's life (C holds a raw pointer)."""
+        self._callbacks.append(callback)
+        return callback
+
+    def create(self) -> None:
+        """Create and realize the context; the socket exists (mode 0600) when this returns."""
+        lib, device = self._lib, self.device
+        prepare_socket_path(self.socket_path)
+        ctx = lib.vfu_create_ctx(
+            VFU_TRANS_SOCK, os.fsencode(self.socket_path), LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
+        )
+        if not ctx:
+            raise ServeError(f"{device.name}: cannot listen on {self.socket_path}: {os.strerror(ctypes.get_errno())}")
+        self._ctx = ctx
+        try:
+            self._setup()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _setup(self) -> None:
+        lib, device, ctx = self._lib, self.device, self._ctx
+        os.chmod(self.socket_path, 0o600)
+        self._check(lib.vfu_setup_log(ctx, self._keep(bindings.LOG_CB(self._on_log)), 7), "vfu_setup_log")
+        pci_type = PciType.EXPRESS if device.express else PciType.CONVENTIONAL
+        self._check(lib.vfu_pci_init(ctx, pci_type, PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init")
+        self._setup_region(RegionIndex.CONFIG, device.config.size, VFU_REGION_FLAG_RW | VFU_REGION_FLAG_ALWAYS_CB)
+        for bar in device.bars():
+            flags = VFU_REGION_FLAG_RW | (0 if bar.spec.kind is BarKind.IO else VFU_REGION_FLAG_MEM)
+            areas = [(area.offset, area.size) for area in bar.spec.mapped]
+            self._setup_region(bar.index, bar.size, flags, areas, bar.fd)
+        if device.rom_size:
+            self._setup_region(RegionIndex.ROM, device.rom_size, VFU_REGION_FLAG_READ)
+        self._setup_irqs()
+        self._check(
+            lib.vfu_setup_device_reset_cb(ctx, self._keep(bindings.RESET_CB(self._on_reset))), "reset callback"
+        )
+        self._check(
+            lib.vfu_setup_device_dma(
+                ctx, self._keep(bindings.DMA_CB(self._on_dma_map)), self._keep(bindings.DMA_CB(self._on_dma_unmap))
+            ),
+            "vfu_setup_device_dma",
+        )
+        self._check(lib.vfu_realize_ctx(ctx), "vfu_realize_ctx")
+
+    def _setup_region(
+        self, index: int, size: int, flags: int, areas: list[tuple[int, int]] | None = None, fd: int = -1
+    ) -> None:
+        callback = self._keep(bindings.REGION_ACCESS_CB(self._region_callback(index)))
+        iovecs = (bindings.Iovec * len(areas or []))(*[bindings.Iovec(off, size) for off, size in areas or []])
+        self._keep(iovecs)
+        result = self._lib.vfu_setup_region(
+            self._ctx, index, size, callback, flags, iovecs if areas else None, len(areas or []), fd, 0
+        )
+        self._check(result, f"vfu_setup_region({RegionIndex(index).name})")
+
+    def _setup_irqs(self) -> None:
+        device = self.device
+        counts = {IrqType.INTX: 1 if device.intx else 0, IrqType.ERR: 1, IrqType.REQ: 1}
+        msi = device.config.find(Msi)
+        if msi is not None:
+            counts[IrqType.MSI] = msi.capability.vectors  # type: ignore[attr-defined]
+        msix = device.config.find(MsiX)
+        if msix is not None:
+            counts[IrqType.MSIX] = msix.capability.vectors  # type: ignore[attr-defined]
+        for irq_type, count in counts.items():
+            if count:
+                self._check(self._lib.vfu_setup_device_nr_irqs(self._ctx, irq_type, count), "vfu_setup_device_nr_irqs")
+                if irq_type in (IrqType.INTX, IrqType.MSI, IrqType.MSIX):
+                    callback = self._keep(bindings.IRQ_STATE_CB(self._irq_state_callback(irq_type)))
+                    self._check(
+                        self._lib.vfu_setup_irq_state_callback(self._ctx, irq_type, callback), "irq state callback"
+                    )
+
+    def destroy(self) -> None:
+        """Close the context and remove the socket file (libvfio-user leaves it behind)."""
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            self._lock.acquire()
+            try:
+                self._lib.vfu_destroy_ctx(ctx)
+            finally:
+                self._lock.release()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    # -- serving ---------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the context, then accept clients one after another until cancelled."""
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
+        self.create()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.device.run)
+                task_status.started()
+                while True:
+                    await self._attach()
+                    await self._run_until_disconnect()
+        finally:
+            self.device.irq.sink = None
+            self.device.dma.port = None
+            with trio.CancelScope(shield=True):
+                self.destroy()
+
+    def _locked(self, function: Callable[..., int], *args: Any) -> tuple[int, int]:
+        """Call into the context holding its lock; returns (result, errno)."""
+        self._lock.acquire()
+        try:
+            result = function(self._ctx, *args)
+            return result, ctypes.get_errno() if result < 0 else 0
+        finally:
+            self._lock.release()
+
+    async def _attach(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
+            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
+            if result == 0:
+                break
+            if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
+        self.connected = True
+        self.device.irq.sink = self
+        self.device.dma.port = self
+        self.device.events.record("connect")
+        log.info("%s: client attached on %s", self.device.name, self.socket_path)
+
+    async def _run_until_disconnect(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
+                result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
+                if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    continue
+                if code in _DISCONNECTED:
+                    return
+                log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
+        finally:
+            self.connected = False
+            self.device.irq.sink = None
+            self.device.dma.port = None
+            self.device.events.record("disconnect")
+            log.info("%s: client detached", self.device.name)
+
+    # -- callbacks (worker thread) -------------------------------------------------
+
+    def _to_trio(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run an async function on the Trio thread while the worker waits, unlocked."""
+        if threading.get_ident() == self._trio_thread or self._trio_token is None:
+            raise RuntimeError("libvfio-user called back outside vfu_run_ctx")
+        self._lock.release()
+        try:
+            return trio.from_thread.run(function, *args, trio_token=self._trio_token)
+        finally:
+            self._lock.acquire()
+
+    def _region_callback(self, region: int) -> Callable[..., int]:
+        def access(_ctx: int, buf: Any, count: int, offset: int, is_write: bool) -> int:
+            try:
+                if is_write:
+                    data = ctypes.string_at(buf, count)
+                    self._to_trio(self.device.region_write, region, offset, data)
+                else:
+                    data = self._to_trio(self.device.region_read, region, offset, count)
+                    ctypes.memmove(buf, data, count)
+                return count
+            except BaseException as exc:  # nothing may cross into C
+                return self._failed_access(exc, region, offset, count, is_write)
+
+        return access
+
+    def _failed_access(self, exc: BaseException, region: int, offset: int, count: int, is_write: bool) -> int:
+        name = RegionIndex(region).name if region in RegionIndex._value2member_map_ else str(region)
+        log.error(
+            "%s: handler failed on %s of %d bytes at %s+%#x: %s: %s",
+            self.device.name,
+            "write" if is_write else "read",
+            count,
+            name,
+            offset,
+            type(exc).__name__,
+            exc,
+            exc_info=not isinstance(exc, (DmaError, trio.Cancelled)),
+        )
+        self._note_error(region, offset, count, exc)
+        bindings.set_c_errno(errno.EIO)
+        return -1
+
+    def _note_error(self, region: int, offset: int, count: int, exc: BaseException) -> None:
+        try:
+            trio.from_thread.run_sync(
+                lambda: self.device.events.record(
+                    "handler_error", region=region, offset=offset, size=count, error=f"{type(exc).__name__}: {exc}"
+                ),
+                trio_token=self._trio_token,
+            )
+        except BaseException:
+            log.debug("%s: could not record a handler error (loop closing)", self.device.name)
+
+    def _on_reset(self, _ctx: int, reset_type: int) -> int:
+        try:
+            self._to_trio(self.device.reset, ResetKind.from_library(ResetType(reset_type)))
+            return 0
+        except BaseException as exc:
+            log.error("%s: reset (%s) failed: %s", self.device.name, reset_type, exc, exc_info=True)
+            bindings.set_c_errno(errno.EIO)
+            return -1
+
+    def _on_dma_map(self, _ctx: int, info_p: Any) -> None:
+        info = info_p.contents
+        iova, size, vaddr = info.iova.iov_base or 0, info.iova.iov_len, info.vaddr
+        try:
+            self._dma_vaddrs[iova] = vaddr or 0
+            self._to_trio(self._async_call, self.device.dma.add, DmaRegion(iova, size, bool(vaddr)))
+        except BaseException as exc:
+            log.error("%s: DMA map callback failed: %s", self.device.name, exc)
+
+    def _on_dma_unmap(self, _ctx: int, info_p: Any) -> None:
+        iova = info_p.contents.iova.iov_base or 0
+        try:
+            self._to_trio(self._async_call, self.device.dma.remove, iova)
+            self._dma_vaddrs.pop(iova, None)
+        except BaseException as exc:
+            log.error("%s: DMA unmap callback failed: %s", self.device.name, exc)
+
+    @staticmethod
+    async def _async_call(function: Callable[..., Any], *args: Any) -> Any:
+        return function(*args)
+
+    def _irq_state_callback(self, irq_type: IrqType) -> Callable[..., None]:
+        def state(_ctx: int, start: int, count: int, mask: bool) -> None:
+            try:
+                self._to_trio(self._async_call, self.device.irq.client_mask, irq_type, start, count, mask)
+            except BaseException as exc:
+                log.error("%s: IRQ state callback failed: %s", self.device.name, exc)
+
+        return state
+
+    def _on_log(self, _ctx: int, level: int, message: bytes) -> None:
+        try:
+            log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s: libvfio-user: %s", self.device.name, message.decode())
+        except BaseException:
+            return
+
+    # -- IrqSink and DmaPort (Trio thread) -------------------------------------------
+
+    def fire(self, irq_type: IrqType, vector: int) -> None:
+        """Signal the client's eventfd (libvfio-user knows which type is active)."""
+        if irq_type in (IrqType.ERR, IrqType.REQ):
+            log.warning(
+                "%s: libvfio-user %s has no API to signal %s interrupts",
+                self.device.name,
+                self._lib.revision[:12],
+                irq_type.name,
+            )
+            return
+
+        def trigger() -> None:
+            if self._ctx is not None and self._lib.vfu_irq_trigger(self._ctx, vector) < 0:
+                log.debug("%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector,
+                          os.strerror(ctypes.get_errno()))
+
+        self._lock.run_or_defer(trigger)
+
+    def _direct(self, address: int, size: int) -> int | None:
+        """The server-side address of client memory, if the client mapped it with an fd."""
+        for region in self.device.dma.regions.values():
+            if region.iova <= address and address + size <= region.end:
+                base = self._dma_vaddrs.get(region.iova, 0)
+                return base + (address - region.iova) if base else None
+        return None
+
+    async def dma_read(self, address: int, size: int) -> bytes:
+        direct = self._direct(address, size)
+        if direct is not None:
+            return ctypes.string_at(direct, size)
+        buffer = ctypes.create_string_buffer(size)
+        await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, False)
+        return buffer.raw
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        direct = self._direct(address, len(data))
+        if direct is not None:
+            ctypes.memmove(direct, data, len(data))
+            return
+        buffer = ctypes.create_string_buffer(data, len(data))
+        await trio.to_thread.run_sync(self._sgl_transfer, address, len(data), buffer, True)
+
+    def _sgl_transfer(self, address: int, size: int, buffer: Any, write: bool) -> None:
+        """Message-based DMA (DMA_READ/DMA_WRITE to the client), in a worker thread."""
+        lib = self._lib
+        sgl = ctypes.create_string_buffer(lib.dma_sg_size())
+        self._lock.acquire()
+        try:
+            if self._ctx is None:
+                raise DmaError(f"{self.device.name}: device is shutting down")
+            prot = 2 if write else 1  # PROT_WRITE / PROT_READ
+            if lib.vfu_addr_to_sgl(self._ctx, address, size, sgl, 1, prot) < 0:
+                raise DmaError(f"{self.device.name}: {address:#x}+{size:#x} is not mapped by the client")
+            transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
+            if transfer(self._ctx, sgl, 1, buffer) < 0:
+                raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
+        finally:
+            self._lock.release()

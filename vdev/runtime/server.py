@@ -1,0 +1,46 @@
+"""Serving several devices from one process and one Trio loop.
+
+Each device gets its own :class:`~vdev.runtime.context.DeviceContext` task;
+a device whose setup fails is reported and the others keep running, because
+one broken device must not take down the rest.  SIGINT and SIGTERM end the
+server cleanly: every context is destroyed and every socket removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from vdev.model.device import Device
+from vdev.runtime.context import DeviceContext
+
+log = logging.getLogger("vdev")
+
+
+async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def serve(
+    devices: Sequence[tuple[Device, Path]],
+    *,
+    task_status: trio.TaskStatus[list[DeviceContext]] = trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = True,
+) -> None:
+    """Serve every ``(device, socket_path)`` pair until cancelled or signalled."""
+    contexts = [DeviceContext(device, path) for device, path in devices]
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                nursery.start_soon(_stop_on_signals, scope)
+            for context in contexts:
+                await nursery.start(context.serve)
+            task_status.started(contexts)
