@@ -245,12 +245,13 @@ class Device:
 
     async def _capability_writes(self, change: ConfigWrite) -> None:
         for placed in change.capabilities:
-            if isinstance(placed.capability, PciExpress):
-                control_at = placed.offset + 8
-                control = self.config.read_int(control_at, 2)
-                if control & PCI_EXP_DEVCTL_BCR_FLR:
-                    self.config.write_int(control_at, 2, control & ~PCI_EXP_DEVCTL_BCR_FLR)
-                    await self.reset(ResetKind.FLR)
+            if isinstance(placed.capability, PciExpress) and placed.capability.flr:
+                # Initiate-FLR is write-only (never stored), so look at what was written.
+                flr_byte = placed.offset + 9
+                if change.offset <= flr_byte < change.offset + change.size:
+                    written = change.value >> (8 * (flr_byte - change.offset)) & 0xFF
+                    if written & (PCI_EXP_DEVCTL_BCR_FLR >> 8):
+                        await self.reset(ResetKind.FLR)
         self.irq.deliver_unmasked_pending()
 
     async def reset(self, kind: ResetKind) -> None:

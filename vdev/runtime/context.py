@@ -139,6 +139,7 @@ class DeviceContext:
         self._trio_thread: int | None = None
         self._callbacks: list[Any] = []
         self._dma_vaddrs: dict[int, int] = {}
+        self._owns_socket = False
         self.connected = False
 
     # -- setup ---------------------------------------------------------------
@@ -164,6 +165,7 @@ class DeviceContext:
         if not ctx:
             raise ServeError(f"{device.name}: cannot listen on {self.socket_path}: {os.strerror(ctypes.get_errno())}")
         self._ctx = ctx
+        self._owns_socket = True
         try:
             self._setup()
         except BaseException:
@@ -233,10 +235,12 @@ class DeviceContext:
                 self._lib.vfu_destroy_ctx(ctx)
             finally:
                 self._lock.release()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        if self._owns_socket:
+            self._owns_socket = False
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
 
     # -- serving ---------------------------------------------------------------
 
@@ -244,10 +248,11 @@ class DeviceContext:
         """Create the context, then accept clients one after another until cancelled."""
         self._trio_token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
-        self.create()
+        if self._ctx is None:
+            self.create()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.device.run)
+                nursery.start_soon(self._run_device_task)
                 task_status.started()
                 while True:
                     await self._attach()
@@ -257,6 +262,13 @@ class DeviceContext:
             self.device.dma.port = None
             with trio.CancelScope(shield=True):
                 self.destroy()
+
+    async def _run_device_task(self) -> None:
+        """The device's own background work; its failure is logged, serving goes on."""
+        try:
+            await self.device.run()
+        except Exception:
+            log.exception("%s: the device's run() task failed; it keeps serving without it", self.device.name)
 
     def _locked(self, function: Callable[..., int], *args: Any) -> tuple[int, int]:
         """Call into the context holding its lock; returns (result, errno)."""
@@ -354,6 +366,10 @@ class DeviceContext:
             log.debug("%s: could not record a handler error (loop closing)", self.device.name)
 
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
+        if threading.get_ident() == self._trio_thread:
+            # vfu_destroy_ctx resets a still-attached client at shutdown; the
+            # device is going away, so there is no state left to reset.
+            return 0
         try:
             self._to_trio(self.device.reset, ResetKind.from_library(ResetType(reset_type)))
             return 0

@@ -35,8 +35,19 @@ async def serve(
     task_status: trio.TaskStatus[list[DeviceContext]] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
 ) -> None:
-    """Serve every ``(device, socket_path)`` pair until cancelled or signalled."""
+    """Serve every ``(device, socket_path)`` pair until cancelled or signalled.
+
+    Every context is created before serving starts, so a bad socket path or
+    a library refusal is raised here as a plain :class:`ServeError`.
+    """
     contexts = [DeviceContext(device, path) for device, path in devices]
+    try:
+        for context in contexts:
+            context.create()
+    except BaseException:
+        for context in contexts:
+            context.destroy()
+        raise
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             if handle_signals:

@@ -1,0 +1,1 @@
+"""Devices bundled with vdev, published through the ``vdev.devices`` entry points."""

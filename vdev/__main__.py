@@ -1,0 +1,7 @@
+"""``python -m vdev`` is the ``vdev`` command."""
+
+import sys
+
+from vdev.cli import main
+
+sys.exit(main())

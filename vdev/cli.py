@@ -1,0 +1,162 @@
+"""The ``vdev`` command line: serve, devices, doctor.
+
+Wrong arguments get one line on stderr and exit status 2 — never a
+traceback — because people type these commands by hand while debugging
+something else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, NoReturn
+
+import trio
+
+from vdev import doctor, plugins
+from vdev.libvfio_user.bindings import LibraryError
+from vdev.model.device import Device
+from vdev.runtime import ServeError, serve
+
+
+class UsageError(Exception):
+    """A mistake in the command line (exit status 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are a single line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parse_params(device_class: type[Device], pairs: Sequence[str]) -> dict[str, object]:
+    specs = device_class.param_specs()
+    values: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--param expects name=value, got {pair!r}")
+        if name not in specs:
+            known = ", ".join(sorted(specs)) or "none"
+            raise UsageError(f"{device_class.__name__} has no parameter {name!r} (parameters: {known})")
+        try:
+            values[name] = specs[name].parse(text)
+        except ValueError as exc:
+            raise UsageError(f"bad value for {name}: {exc}") from None
+    return values
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        device_class = plugins.load(args.device)
+    except plugins.PluginError as exc:
+        raise UsageError(str(exc)) from None
+    params = _parse_params(device_class, args.param)
+    try:
+        device = device_class(name=args.name, **params)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot create {args.device}: {exc}") from None
+    trace: IO[str] | None = None
+    if args.trace:
+        trace = sys.stdout if args.trace == "-" else open(args.trace, "w", encoding="utf-8")  # noqa: SIM115
+        device.events.write_to(trace)
+    print(f"vdev: serving {device.name} ({args.device}) on {args.socket_path}", file=sys.stderr, flush=True)
+    try:
+        trio.run(serve, [(device, Path(args.socket_path))])
+    except (ServeError, LibraryError) as exc:
+        print(f"vdev: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        device.close()
+        if trace is not None and trace is not sys.stdout:
+            trace.close()
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    listing = []
+    for name, reference in sorted(plugins.available().items()):
+        try:
+            device_class = plugins.load(name)
+        except Exception as exc:  # a broken plugin must not hide the others
+            listing.append({"name": name, "reference": reference, "error": str(exc)})
+            continue
+        doc = (device_class.__doc__ or "").strip().splitlines()
+        listing.append(
+            {
+                "name": name,
+                "reference": reference,
+                "id": f"{device_class.vendor_id:04x}:{device_class.device_id:04x}",
+                "summary": doc[0] if doc else "",
+                "parameters": [
+                    {"name": p, "default": spec.default, "help": spec.help}
+                    for p, spec in device_class.param_specs().items()
+                ],
+            }
+        )
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for entry in listing:
+        if "error" in entry:
+            print(f"{entry['name']:12} BROKEN: {entry['error']}")
+            continue
+        print(f"{entry['name']:12} {entry['id']}  {entry['summary']}")
+        for param in entry["parameters"]:  # type: ignore[union-attr]
+            print(f"{'':14}--param {param['name']}={param['default']!s:10} {param['help']}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    checks = doctor.run_checks()
+    if args.json:
+        print(json.dumps(doctor.as_json(checks), indent=2))
+    else:
+        print(doctor.as_text(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="vdev", description="Emulated PCI devices served over vfio-user.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: libvfio-user debug)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    serve_parser = commands.add_parser("serve", help="serve a device on a vfio-user socket")
+    serve_parser.add_argument("device", help="a device name (see `vdev devices`) or module:Class")
+    serve_parser.add_argument("--socket-path", required=True, help="where to listen for a vfio-user client")
+    serve_parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="device parameter")
+    serve_parser.add_argument("--name", help="the device's name in logs and traces")
+    serve_parser.add_argument("--trace", metavar="FILE", help="write every device event as a JSON line ('-': stdout)")
+    serve_parser.set_defaults(handler=_cmd_serve)
+
+    devices_parser = commands.add_parser("devices", help="list installed devices and their parameters")
+    devices_parser.add_argument("--json", action="store_true")
+    devices_parser.set_defaults(handler=_cmd_devices)
+
+    doctor_parser = commands.add_parser("doctor", help="check that libvfio-user and QEMU are usable")
+    doctor_parser.add_argument("--json", action="store_true")
+    doctor_parser.set_defaults(handler=_cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"vdev: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Helpers for testing vdev devices — public API, used by vdev's own suite and by users.
+
+The pytest plugin (:mod:`vdev.testing.plugin`) is registered through the
+``pytest11`` entry point, so its fixtures are available in any project that
+has vdev installed.
+"""
+
+from vdev.testing.serving import served
+
+__all__ = ["served"]
