@@ -183,8 +183,8 @@ class Device:
     async def run(self) -> None:
         """Background work of the device, started when it is served.  Default: none."""
 
-    async def on_reset(self, kind: ResetKind) -> None:
-        """Called after the framework reset its state for ``kind``.  Default: nothing more."""
+    def on_reset(self, kind: ResetKind) -> None:
+        """Called after the framework reset its state for ``kind``; may be ``async``.  Default: nothing more."""
 
     def on_command(self, old: Command, new: Command) -> None:
         """Called after each change of COMMAND.  Default: nothing."""
@@ -270,6 +270,23 @@ class Device:
         if old_command != self.command:
             self._note_command(old_command, self.command)
         await call_hook(self.on_reset, kind)
+
+    def describe(self, region: int, offset: int) -> str:
+        """A human name for a location, e.g. ``BAR0+0x4 (scratch)``, for logs.
+
+        Reads only the class's declarations, so any thread may call it.
+        """
+        if region == RegionIndex.CONFIG:
+            return f"config+{offset:#x}"
+        if region == RegionIndex.ROM:
+            return f"ROM+{offset:#x}"
+        where = f"BAR{region}+{offset:#x}"
+        bar = self._bars.get(region)
+        if bar is not None:
+            names = [r.name for r in bar.registers.overlapping(offset, 1)]
+            if names:
+                where += f" ({names[0]})"
+        return where
 
     def close(self) -> None:
         """Release the memfds behind mapped areas."""

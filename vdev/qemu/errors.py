@@ -69,3 +69,7 @@ class QmpClosedError(QemuError):
 
 class HotplugError(QemuError):
     """A device cannot be hot-unplugged the way :func:`hot_unplug` does it."""
+
+
+class PciError(QemuError):
+    """A PCI helper cannot do what was asked: no such BAR, no room in a window, ..."""

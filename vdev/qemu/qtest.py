@@ -104,6 +104,7 @@ class QTestClient:
         self._broken: str | None = None
         self._running = False
         self._finished = False
+        self._peer_closed = False
         self._irq_levels: dict[int, bool] = {}
         self._irq_edges: collections.Counter[tuple[int, bool]] = collections.Counter()
         self._irq_changed = trio.Event()
@@ -120,12 +121,20 @@ class QTestClient:
         try:
             while (line := await self._lines.readline()) is not None:
                 self._dispatch(line.decode("ascii", errors="replace"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            self._peer_closed = True
+        except trio.BrokenResourceError:
+            self._peer_closed = True
+        except trio.ClosedResourceError:
+            pass  # closed on our side, by aclose()
         finally:
             self._finished = True
             self._send_reply.close()
             self._notify_irq_change()
+
+    @property
+    def peer_closed(self) -> bool:
+        """Whether QEMU closed the stream: a sign that QEMU is exiting."""
+        return self._peer_closed
 
     async def aclose(self) -> None:
         """Close the stream; pending and later commands raise :class:`QTestClosedError`."""

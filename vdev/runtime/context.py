@@ -5,24 +5,29 @@ How the C library and Trio meet (the design, written where it lives):
 * The context is created with ``LIBVFIO_USER_FLAG_ATTACH_NB``.  A Trio task
   waits on ``vfu_get_poll_fd()`` (fetched again after every attach and
   disconnect, since it changes) and, when it is readable, calls
-  ``vfu_attach_ctx`` or ``vfu_run_ctx`` in a worker thread.
-* Why a worker thread: libvfio-user's callbacks are synchronous, but vdev
-  handlers may be ``async`` and may sleep for seconds.  The callback, in the
-  worker thread, hands the access to the Trio thread with
-  ``trio.from_thread.run`` and blocks until the handler has finished; only
-  this device waits, every other device and task in the process runs on.
-  The library also blocks inside the context on slow clients (it reads a
-  message body with ``MSG_WAITALL``, DMA messages wait for the client's
-  reply), and that too stalls only this device's worker, not the loop.
+  ``vfu_run_ctx``.  ``vfu_attach_ctx`` always runs in a worker thread: it
+  waits for the client's VERSION message.
+* libvfio-user's callbacks are synchronous; vdev handlers may be ``async``.
+  So a device is served in one of two ways, chosen per device:
+
+  - **inline** (every handler is a plain function): ``vfu_run_ctx`` runs on
+    the Trio thread and each callback drives the device's handler coroutine
+    to completion on the spot.  No thread hop: this is the fast path.
+  - **threaded** (some handler is ``async``): ``vfu_run_ctx`` runs in a
+    worker thread; a callback hands the access to the Trio thread with
+    ``trio.from_thread.run`` and blocks until the handler has finished.  An
+    awaiting handler stalls only this device; every other device and task
+    runs on.  Four thread wake-ups per access are the price.
+
 * libvfio-user is not thread-safe per context, so every call into a context
-  holds :class:`ContextLock`.  A callback releases it while it waits for
-  Trio, so a handler may trigger interrupts or do DMA on its own context; an
-  interrupt fired from Trio while C code holds the lock is queued and fired
-  by the lock's holder on release, so Trio never blocks on the lock.
-* All device code runs on the Trio thread; callbacks never touch the device
-  directly.  An exception in a handler becomes ``-1``/``errno`` for the
-  library (an error reply to that access) and a log line naming the device,
-  region and offset; it never crosses into C.
+  holds :class:`ContextLock`.  A callback releases it while the handler
+  runs, so a handler may trigger interrupts or do DMA on its own context;
+  an interrupt fired from Trio while C code holds the lock is queued and
+  fired by the lock's holder on release, so Trio never blocks on the lock.
+* All device code runs on the Trio thread.  An exception in a handler
+  becomes ``-1``/``errno`` for the library (an error reply to that access)
+  and a log line naming the device, region, offset and register; it never
+  crosses into C.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import ctypes
 import errno
 import logging
 import os
+import inspect
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +102,34 @@ class ContextLock:
             self._deferred.append(call)
 
 
+class HandlerSuspendedError(RuntimeError):
+    """An inline device's handler awaited something that really waits."""
+
+
+def complete_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that is not expected to wait, to completion, right here.
+
+    Inline devices have only plain handlers, so the framework's ``async``
+    plumbing around them finishes on the first step.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        return finished.value
+    coroutine.close()
+    raise HandlerSuspendedError(
+        "a handler awaited inside an inline device; make that handler `async def` so the device is served threaded"
+    )
+
+
+def needs_thread(device: Device) -> bool:
+    """Whether any of the device's handlers is ``async`` (so it must be served threaded)."""
+    hooks: list[Any] = [type(device).on_reset]
+    for bar in device.bars():
+        hooks += [*bar.spec.read_hooks.values(), *bar.spec.write_hooks.values(), bar.spec.raw_read, bar.spec.raw_write]
+    return any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None)
+
+
 class ServeError(Exception):
     """A device could not be set up for serving (bad socket path, library refusal)."""
 
@@ -140,6 +174,7 @@ class DeviceContext:
         self._callbacks: list[Any] = []
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
+        self.threaded = needs_thread(device)
         self.connected = False
 
     # -- setup ---------------------------------------------------------------
@@ -297,7 +332,10 @@ class DeviceContext:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-                result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
+                if self.threaded:
+                    result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
+                else:
+                    result, code = self._locked(self._lib.vfu_run_ctx)
                 if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
                     continue
                 if code in _DISCONNECTED:
@@ -313,11 +351,16 @@ class DeviceContext:
     # -- callbacks (worker thread) -------------------------------------------------
 
     def _to_trio(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Run an async function on the Trio thread while the worker waits, unlocked."""
-        if threading.get_ident() == self._trio_thread or self._trio_token is None:
-            raise RuntimeError("libvfio-user called back outside vfu_run_ctx")
+        """Run device code for a callback, with the context lock released meanwhile.
+
+        On the Trio thread (inline devices, and callbacks made while the
+        context is destroyed) the coroutine is completed on the spot; from a
+        worker thread it is handed to Trio and waited for.
+        """
         self._lock.release()
         try:
+            if threading.get_ident() == self._trio_thread or self._trio_token is None:
+                return complete_now(function(*args))  # type: ignore[arg-type]
             return trio.from_thread.run(function, *args, trio_token=self._trio_token)
         finally:
             self._lock.acquire()
@@ -338,14 +381,12 @@ class DeviceContext:
         return access
 
     def _failed_access(self, exc: BaseException, region: int, offset: int, count: int, is_write: bool) -> int:
-        name = RegionIndex(region).name if region in RegionIndex._value2member_map_ else str(region)
         log.error(
-            "%s: handler failed on %s of %d bytes at %s+%#x: %s: %s",
+            "%s: handler failed on %s of %d bytes at %s: %s: %s",
             self.device.name,
             "write" if is_write else "read",
             count,
-            name,
-            offset,
+            self.device.describe(region, offset),
             type(exc).__name__,
             exc,
             exc_info=not isinstance(exc, (DmaError, trio.Cancelled)),
@@ -356,20 +397,19 @@ class DeviceContext:
 
     def _note_error(self, region: int, offset: int, count: int, exc: BaseException) -> None:
         try:
-            trio.from_thread.run_sync(
-                lambda: self.device.events.record(
-                    "handler_error", region=region, offset=offset, size=count, error=f"{type(exc).__name__}: {exc}"
-                ),
-                trio_token=self._trio_token,
+            record = functools.partial(
+                self.device.events.record,
+                "handler_error",
+                region=region,
+                offset=offset,
+                size=count,
+                error=f"{type(exc).__name__}: {exc}",
             )
+            self._to_trio(self._async_call, record)
         except BaseException:
             log.debug("%s: could not record a handler error (loop closing)", self.device.name)
 
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
-        if threading.get_ident() == self._trio_thread:
-            # vfu_destroy_ctx resets a still-attached client at shutdown; the
-            # device is going away, so there is no state left to reset.
-            return 0
         try:
             self._to_trio(self.device.reset, ResetKind.from_library(ResetType(reset_type)))
             return 0
@@ -447,7 +487,7 @@ class DeviceContext:
         if direct is not None:
             return ctypes.string_at(direct, size)
         buffer = ctypes.create_string_buffer(size)
-        await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, False)
+        await self._message_dma(address, size, buffer, False)
         return buffer.raw
 
     async def dma_write(self, address: int, data: bytes) -> None:
@@ -456,7 +496,19 @@ class DeviceContext:
             ctypes.memmove(direct, data, len(data))
             return
         buffer = ctypes.create_string_buffer(data, len(data))
-        await trio.to_thread.run_sync(self._sgl_transfer, address, len(data), buffer, True)
+        await self._message_dma(address, len(data), buffer, True)
+
+    async def _message_dma(self, address: int, size: int, buffer: Any, write: bool) -> None:
+        """DMA through DMA_READ/DMA_WRITE messages: a round trip to the client.
+
+        Threaded devices wait for it in a worker thread; inline devices wait
+        on the Trio thread, because their handlers must finish without
+        suspending.
+        """
+        if self.threaded:
+            await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
+        else:
+            self._sgl_transfer(address, size, buffer, write)
 
     def _sgl_transfer(self, address: int, size: int, buffer: Any, write: bool) -> None:
         """Message-based DMA (DMA_READ/DMA_WRITE to the client), in a worker thread."""

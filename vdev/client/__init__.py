@@ -1,0 +1,32 @@
+"""A Trio vfio-user client for tests: drive a server, serve its DMA, watch its IRQs.
+
+    async with Client.connect("/tmp/device.sock") as client:
+        info = await client.device_info()
+        bar0 = await client.region_read(0, 0, 4)
+
+Beyond the typed calls, ``request``/``post`` send any ``vdev.protocol``
+message and ``send_raw``/``receive_raw`` send bytes the protocol forbids, for
+robustness tests.
+"""
+
+from vdev.client._client import DEFAULT_MAX_MSG_FDS, DEFAULT_VERSION, Client
+from vdev.client._dma import DmaAccess, DmaRegion
+from vdev.client._errors import ServerDisconnected, VfioUserError
+from vdev.client._info import DeviceInfo, IrqInfo, RegionInfo
+from vdev.client._irq import Interrupt
+from vdev.client._mapping import MappedRegion
+
+__all__ = [
+    "DEFAULT_MAX_MSG_FDS",
+    "DEFAULT_VERSION",
+    "Client",
+    "DeviceInfo",
+    "DmaAccess",
+    "DmaRegion",
+    "Interrupt",
+    "IrqInfo",
+    "MappedRegion",
+    "RegionInfo",
+    "ServerDisconnected",
+    "VfioUserError",
+]

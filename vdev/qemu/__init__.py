@@ -1,0 +1,84 @@
+"""Drive a real QEMU without a guest: qtest for memory, ports and IRQs, QMP for the rest.
+
+This is how vdev tests its devices against the QEMU that will host them:
+start a machine with the device attached, then do what firmware and a
+driver would - enumerate, size and place BARs, poke registers, watch
+interrupts and MSI writes, hot-plug and unplug.
+
+    >>> async def main():                                        # doctest: +SKIP
+    ...     async with QemuMachine(devices=["edu"]) as vm:
+    ...         bus = await vm.pci_bus()
+    ...         edu = await bus.find(0x1234, 0x11E8)
+    ...         await edu.map_bars()
+    ...         await edu.enable()
+    ...         assert await edu.bar_readl(0, 0) == 0x010000ED
+
+Needs the ``qemu`` extra (the ``qemu.qmp`` library).
+"""
+
+from vdev.qemu.cmdline import DeviceSpec, device_arg
+from vdev.qemu.errors import (
+    HotplugError,
+    PciError,
+    QemuError,
+    QemuExitedError,
+    QemuStartError,
+    QmpClosedError,
+    QmpCommandError,
+    QTestClosedError,
+    QTestError,
+)
+from vdev.qemu.hotplug import hot_unplug
+from vdev.qemu.memory import GuestMemoryAllocator
+from vdev.qemu.msi import MsiMailbox, enable_msi
+from vdev.qemu.pci import (
+    BarInfo,
+    BarKind,
+    ConfigAccess,
+    EcamConfigAccess,
+    PciAddress,
+    PciAllocator,
+    PciBus,
+    PciFunction,
+    PciWindows,
+    PortConfigAccess,
+    enable_q35_ecam,
+    q35_intx_gsi,
+)
+from vdev.qemu.process import QemuMachine
+from vdev.qemu.qmp import QmpClient, QmpEvents
+from vdev.qemu.qtest import QTestClient
+
+__all__ = [
+    "BarInfo",
+    "BarKind",
+    "ConfigAccess",
+    "DeviceSpec",
+    "EcamConfigAccess",
+    "GuestMemoryAllocator",
+    "HotplugError",
+    "MsiMailbox",
+    "PciAddress",
+    "PciAllocator",
+    "PciBus",
+    "PciError",
+    "PciFunction",
+    "PciWindows",
+    "PortConfigAccess",
+    "QTestClient",
+    "QTestClosedError",
+    "QTestError",
+    "QemuError",
+    "QemuExitedError",
+    "QemuMachine",
+    "QemuStartError",
+    "QmpClient",
+    "QmpClosedError",
+    "QmpCommandError",
+    "QmpEvents",
+    "device_arg",
+    "enable_msi",
+    "enable_q35_ecam",
+    "hot_unplug",
+    "q35_intx_gsi",
+]
