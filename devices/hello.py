@@ -14,7 +14,7 @@ class Hello(Device):
     offset  name      access  meaning
     ======  ========  ======  ==============================================
     0x00    id        RO      ``0x4845_4c4f`` ("HELO"), or the ``ident`` param
-    0x04    scratch   RW      any value; kept across client reconnects
+    0x04    scratch   RW      any value; sticky: kept across resets and clients
     0x08    reads     RO      how many times ``id`` was read
     0x0c    doorbell  WO      writing any value signals MSI vector 0
     ======  ========  ======  ==============================================
@@ -30,7 +30,7 @@ class Hello(Device):
         4096,
         registers=[
             Register("id", 0x00, access=RO),
-            Register("scratch", 0x04, access=RW),
+            Register("scratch", 0x04, access=RW, sticky=True),
             Register("reads", 0x08, access=RO),
             Register("doorbell", 0x0C, access=WO),
         ],

@@ -56,7 +56,10 @@ class Register:
     """One register of a trapped area: where it is, how wide, how it behaves.
 
     ``fields`` refine ``access`` for some bits; bits no field names keep the
-    register's own access type.
+    register's own access type.  A ``sticky`` register keeps its value
+    through device resets and FLR, like PCIe's sticky (``*S``) bits — the way
+    to keep state that must outlive a client, since QEMU resets the device
+    whenever it attaches.
     """
 
     name: str
@@ -65,6 +68,7 @@ class Register:
     access: Access = RW
     reset: int = 0
     fields: tuple[Field, ...] = ()
+    sticky: bool = False
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -143,12 +147,13 @@ class RegisterFile:
         self._read_hooks = read_hooks
         self._write_hooks = write_hooks
         self._owner = owner
-        self.values: dict[str, int] = {}
-        self.reset()
+        self.values = {r.name: r.reset for r in self.registers}
 
     def reset(self) -> None:
-        """Every register back to its reset value."""
-        self.values = {r.name: r.reset for r in self.registers}
+        """Every register but the sticky ones back to its reset value."""
+        for register in self.registers:
+            if not register.sticky:
+                self.values[register.name] = register.reset
 
     def overlapping(self, offset: int, size: int) -> Iterable[Register]:
         end = offset + size

@@ -42,9 +42,13 @@ class AsyncioThread:
         self._loop.run_forever()
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
-        """Await ``fn(*args)`` on the asyncio loop; cancelling the caller cancels it."""
+        """Await ``fn(*args)`` on the asyncio loop; cancelling the caller cancels it.
+
+        Raises :class:`trio.ClosedResourceError` if the thread is closed
+        before or while the coroutine runs.
+        """
         if self._closed:
-            raise RuntimeError("the asyncio thread is closed")
+            raise trio.ClosedResourceError("the asyncio thread is closed")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
@@ -61,7 +65,10 @@ class AsyncioThread:
         except BaseException:
             future.cancel()
             raise
-        return future.result()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise trio.ClosedResourceError("the asyncio thread was closed meanwhile") from None
 
     async def aclose(self) -> None:
         """Cancel what still runs on the loop, stop it and join its thread."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from qemu.qmp import (
@@ -37,6 +37,8 @@ from vdev.qemu.errors import QmpClosedError, QmpCommandError
 #: How long closing may wait for QEMU to acknowledge the disconnection.
 _CLOSE_TIMEOUT = 2.0
 
+T = TypeVar("T")
+
 #: A QMP event or ``query-*`` record: plain JSON data.
 QmpObject = dict[str, Any]
 
@@ -50,7 +52,7 @@ class QmpEvents:
 
     async def get(self) -> QmpObject:
         """The next event (``{"event": ..., "data": ..., "timestamp": ...}``)."""
-        return await self._client._loop.run(self._client._next_event, self._listener)
+        return await self._client._call(self._client._next_event, self._listener)
 
     async def wait_for(self, predicate: Callable[[QmpObject], bool]) -> QmpObject:
         """Skip events until one satisfies ``predicate``; return it."""
@@ -92,9 +94,7 @@ class QmpClient:
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command and return its ``return`` value."""
-        if self._closed:
-            raise QmpClosedError("the QMP client is closed")
-        return await self._loop.run(self._execute, command, arguments)
+        return await self._call(self._execute, command, arguments)
 
     @asynccontextmanager
     async def events(self, *names: str) -> AsyncIterator[QmpEvents]:
@@ -103,15 +103,13 @@ class QmpClient:
         Enter it *before* the command that causes the event, so the event
         cannot slip by between the command and the wait.
         """
-        if self._closed:
-            raise QmpClosedError("the QMP client is closed")
-        listener = await self._loop.run(self._listen, names)
+        listener = await self._call(self._listen, names)
         try:
             yield QmpEvents(self, listener)
         finally:
             if not self._closed:
                 with trio.CancelScope(shield=True):
-                    await self._loop.run(self._unlisten, listener)
+                    await self._call(self._unlisten, listener)
 
     async def system_reset(self) -> None:
         """Reset the machine and return once QEMU reports the ``RESET`` done."""
@@ -157,6 +155,13 @@ class QmpClient:
         return [entry["name"] for entry in entries]
 
     # -- coroutines that run on the asyncio loop --------------------------------
+
+    async def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
+        """Run ``fn(*args)`` on the client's loop, reporting a closed loop as QMP closed."""
+        try:
+            return await self._loop.run(fn, *args)
+        except trio.ClosedResourceError:
+            raise QmpClosedError("the QMP client was closed") from None
 
     async def _execute(self, command: str, arguments: Mapping[str, object] | None) -> Any:
         try:

@@ -52,8 +52,8 @@ def _check_uint(value: int, bits: int, what: str) -> None:
 
 
 def _check_word(word: str) -> None:
-    if not word or any(ch.isspace() for ch in word):
-        raise ValueError(f"qtest arguments must be non-empty and without whitespace: {word!r}")
+    if not word or not word.isascii() or any(ch.isspace() for ch in word):
+        raise ValueError(f"qtest arguments must be non-empty ASCII without whitespace: {word!r}")
 
 
 class _LineReader:

@@ -35,9 +35,12 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import functools
+import inspect
 import logging
 import os
-import inspect
+import socket
+import stat
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -140,9 +143,6 @@ def prepare_socket_path(path: Path) -> None:
     A leftover socket nobody listens on is removed; a live one, or a path that
     is not a socket, is an error.
     """
-    import socket
-    import stat
-
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

@@ -5,6 +5,6 @@ The pytest plugin (:mod:`vdev.testing.plugin`) is registered through the
 has vdev installed.
 """
 
-from vdev.testing.serving import served
+from vdev.testing.serving import served, vfio_user_pci
 
-__all__ = ["served"]
+__all__ = ["served", "vfio_user_pci"]

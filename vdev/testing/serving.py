@@ -12,6 +12,11 @@ from vdev.model.device import Device
 from vdev.runtime.context import DeviceContext
 
 
+def vfio_user_pci(socket_path: Path, **properties: object) -> dict[str, object]:
+    """A QEMU ``-device`` spec attaching the vfio-user device served on ``socket_path``."""
+    return {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(socket_path)}, **properties}
+
+
 @asynccontextmanager
 async def served(device: Device, socket_path: Path) -> AsyncIterator[DeviceContext]:
     """Serve ``device`` on ``socket_path`` for the duration of the ``async with`` block.
