@@ -482,12 +482,16 @@ class PciFunction:
         try:
             return self._mapped[index]
         except KeyError:
-            raise PciError(f"BAR {index} of {self.address} is not mapped: call map_bars()") from None
+            raise PciError(
+                f"BAR {index} of {self.address} is not mapped: call map_bars()"
+            ) from None
 
     def _bar_target(self, index: int, offset: int, size: int) -> tuple[BarInfo, int]:
         bar, address = self._mapped_bar(index)
         if not 0 <= offset <= bar.size - size:
-            raise ValueError(f"{size}-byte access at {offset:#x} is outside BAR {index} ({bar.size:#x} bytes)")
+            raise ValueError(
+                f"{size}-byte access at {offset:#x} is outside BAR {index} ({bar.size:#x} bytes)"
+            )
         return bar, address + offset
 
     async def bar_read(self, index: int, offset: int, size: int) -> int:

@@ -126,7 +126,8 @@ class QemuMachine:
         with ExitStack() as resources:
             workdir = self._workdir
             if workdir is None:
-                workdir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="vdev-qemu-")))
+                temporary = tempfile.TemporaryDirectory(prefix="vdev-qemu-")
+                workdir = Path(resources.enter_context(temporary))
             self.log_path = workdir / "qemu.log"
             log = resources.enter_context(open(self.log_path, "wb"))
             qtest_listener = await _listen_unix(workdir / "qtest.sock", resources)

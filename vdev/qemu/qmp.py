@@ -154,14 +154,14 @@ class QmpClient:
         entries = await self.execute("qom-list", {"path": path})
         return [entry["name"] for entry in entries]
 
-    # -- coroutines that run on the asyncio loop --------------------------------
-
     async def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
         """Run ``fn(*args)`` on the client's loop, reporting a closed loop as QMP closed."""
         try:
             return await self._loop.run(fn, *args)
         except trio.ClosedResourceError:
             raise QmpClosedError("the QMP client was closed") from None
+
+    # -- coroutines that run on the asyncio loop --------------------------------
 
     async def _execute(self, command: str, arguments: Mapping[str, object] | None) -> Any:
         try:

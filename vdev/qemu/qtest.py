@@ -215,13 +215,13 @@ class QTestClient:
         await self.command(f"out{_ACCESS_SUFFIX[size]}", _hex(port), _hex(value))
 
     async def read(self, addr: int, size: int) -> int:
-        """Read a little-endian value of ``size`` bytes (1, 2, 4 or 8) at a guest-physical address."""
+        """Read a little-endian value of ``size`` bytes (1, 2, 4 or 8) of guest memory."""
         if size not in _ACCESS_SUFFIX:
             raise ValueError(f"memory access size must be 1, 2, 4 or 8, not {size}")
         return await self._read(addr, size)
 
     async def write(self, addr: int, value: int, size: int) -> None:
-        """Write a little-endian value of ``size`` bytes (1, 2, 4 or 8) at a guest-physical address."""
+        """Write a little-endian value of ``size`` bytes (1, 2, 4 or 8) to guest memory."""
         if size not in _ACCESS_SUFFIX:
             raise ValueError(f"memory access size must be 1, 2, 4 or 8, not {size}")
         await self._write(addr, value, size)
