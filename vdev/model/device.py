@@ -186,6 +186,15 @@ class Device:
     def on_reset(self, kind: ResetKind) -> None:
         """Called after the framework reset its state for ``kind``; may be ``async``.  Default: nothing more."""
 
+    def on_quiesce(self) -> None:
+        """Stop touching client memory; may be ``async``.
+
+        Called before the client changes what the device may access (DMA
+        map or unmap, device reset); the client's request waits until this
+        returns.  Override it only if the device has DMA in flight — a
+        device that does not override it is quiesced immediately.
+        """
+
     def on_command(self, old: Command, new: Command) -> None:
         """Called after each change of COMMAND.  Default: nothing."""
 

@@ -26,6 +26,7 @@ KINDS = frozenset(
         "dma_map",
         "dma_unmap",
         "reset",
+        "quiesce",
         "connect",
         "disconnect",
         "handler_error",

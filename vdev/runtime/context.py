@@ -127,7 +127,7 @@ def complete_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
 
 def needs_thread(device: Device) -> bool:
     """Whether any of the device's handlers is ``async`` (so it must be served threaded)."""
-    hooks: list[Any] = [type(device).on_reset]
+    hooks: list[Any] = [type(device).on_reset, type(device).on_quiesce]
     for bar in device.bars():
         hooks += [*bar.spec.read_hooks.values(), *bar.spec.write_hooks.values(), bar.spec.raw_read, bar.spec.raw_write]
     return any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None)
@@ -174,6 +174,8 @@ class DeviceContext:
         self._callbacks: list[Any] = []
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
+        self._nursery: trio.Nursery | None = None
+        self._quiesced = trio.Event()
         self.threaded = needs_thread(device)
         self.connected = False
 
@@ -224,6 +226,8 @@ class DeviceContext:
         self._check(
             lib.vfu_setup_device_reset_cb(ctx, self._keep(bindings.RESET_CB(self._on_reset))), "reset callback"
         )
+        if type(device).on_quiesce is not Device.on_quiesce:
+            lib.vfu_setup_device_quiesce_cb(ctx, self._keep(bindings.QUIESCE_CB(self._on_quiesce)))
         self._check(
             lib.vfu_setup_device_dma(
                 ctx, self._keep(bindings.DMA_CB(self._on_dma_map)), self._keep(bindings.DMA_CB(self._on_dma_unmap))
@@ -287,6 +291,7 @@ class DeviceContext:
             self.create()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._run_device_task)
                 task_status.started()
                 while True:
@@ -337,6 +342,9 @@ class DeviceContext:
                 else:
                     result, code = self._locked(self._lib.vfu_run_ctx)
                 if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    continue
+                if code == errno.EBUSY:
+                    await self._quiesced.wait()
                     continue
                 if code in _DISCONNECTED:
                     return
@@ -417,6 +425,38 @@ class DeviceContext:
             log.error("%s: reset (%s) failed: %s", self.device.name, reset_type, exc, exc_info=True)
             bindings.set_c_errno(errno.EIO)
             return -1
+
+    def _on_quiesce(self, _ctx: int) -> int:
+        """Quiesce now (plain hook) or answer EBUSY and finish in a Trio task (async hook)."""
+        try:
+            if not inspect.iscoroutinefunction(type(self.device).on_quiesce):
+                self._to_trio(self._async_call, self.device.on_quiesce)
+                self._to_trio(self._async_call, functools.partial(self.device.events.record, "quiesce", done=True))
+                return 0
+            self._quiesced = trio.Event()
+            assert self._nursery is not None
+            self._to_trio(self._async_call, self._nursery.start_soon, self._quiesce_later)
+        except BaseException as exc:
+            log.error("%s: quiesce failed: %s", self.device.name, exc, exc_info=True)
+            bindings.set_c_errno(errno.EIO)
+            return -1
+        bindings.set_c_errno(errno.EBUSY)
+        return -1
+
+    async def _quiesce_later(self) -> None:
+        """Await the device's quiesce hook, then let libvfio-user finish the pending request."""
+        self.device.events.record("quiesce", done=False)
+        outcome = 0
+        try:
+            await self.device.on_quiesce()  # type: ignore[func-returns-value]
+        except Exception:
+            log.exception("%s: on_quiesce failed; the client's request fails", self.device.name)
+            outcome = errno.EIO
+        self.device.events.record("quiesce", done=True, error=outcome)
+        result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome)
+        if result < 0:
+            log.warning("%s: vfu_device_quiesced: %s", self.device.name, os.strerror(code))
+        self._quiesced.set()
 
     def _on_dma_map(self, _ctx: int, info_p: Any) -> None:
         info = info_p.contents
