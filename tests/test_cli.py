@@ -85,7 +85,7 @@ def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
 async def test_serve_traces_what_qemu_does_and_stops_cleanly_on_sigterm(vdev_socket_dir: Path) -> None:
     socket = vdev_socket_dir / "hello.sock"
     trace = vdev_socket_dir / "trace.jsonl"
-    server = subprocess.Popen(
+    server = subprocess.Popen(  # noqa: ASYNC220 - a server living across the whole test, not awaited
         [*VDEV, "serve", "hello", "--socket-path", str(socket), "--trace", str(trace)],
         stderr=subprocess.PIPE,
         text=True,

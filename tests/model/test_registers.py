@@ -28,6 +28,7 @@ class Regs(Device):
     def __init__(self) -> None:
         super().__init__()
         self.writes: list[int] = []
+        self.command_control.force(memory=True)
 
     @bar0.on_write("a")
     def wrote_a(self, value: int) -> None:

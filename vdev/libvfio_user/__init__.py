@@ -6,8 +6,8 @@ prototypes and errno, and nothing about devices.
 
 from vdev.libvfio_user.bindings import (
     SUPPORTED_REVISIONS,
-    LibraryError,
     Library,
+    LibraryError,
     load,
 )
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import enum
 import mmap
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vdev.model.memory import MappedMemory
+from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
 from vdev.model.registers import ReadHook, Register, RegisterFile, WriteHook, call_hook
 
 if TYPE_CHECKING:
@@ -59,7 +60,10 @@ class Bar:
     """A BAR declared on a device class.
 
     Assign it to a class attribute named ``bar0`` … ``bar5`` (or pass
-    ``index``).  Hooks are attached with the decorators::
+    ``index``).  ``when_disabled``, ``mapping_when_disabled`` and
+    ``prefault`` are the memory-enable policies of
+    :mod:`vdev.model.memory_enable`.  Hooks are attached with the
+    decorators::
 
         bar0 = Bar(4096, registers=[Register("doorbell", 0x0)])
 
@@ -78,8 +82,14 @@ class Bar:
         read: RawRead | None = None,
         write: RawWrite | None = None,
         index: int | None = None,
+        when_disabled: DisabledAccess | str = DisabledAccess.MASTER_ABORT,
+        mapping_when_disabled: DisabledMapping | str = DisabledMapping.KEEP,
+        prefault: Prefault | str = Prefault.LAZY,
     ) -> None:
         self.kind = BarKind(kind)
+        self.when_disabled = DisabledAccess(when_disabled)
+        self.mapping_when_disabled = DisabledMapping(mapping_when_disabled)
+        self.prefault = Prefault(prefault)
         if size <= 0 or size & (size - 1):
             raise ValueError(f"BAR size must be a power of two, not {size:#x}")
         if self.kind is BarKind.IO and (size < 4 or size > 256):
@@ -164,16 +174,23 @@ class BarState:
         self.index = spec.index if spec.index is not None else -1
         self.device = device
         self.registers = RegisterFile(spec.registers, spec.read_hooks, spec.write_hooks, device)
-        self.fd = -1
-        self.memory: mmap.mmap | None = None
-        if spec.mapped:
-            self.fd = os.memfd_create(f"vdev-{device.name}-bar{self.index}", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, spec.size)
-            self.memory = mmap.mmap(self.fd, spec.size)
+        self.mapped = MappedMemory(f"vdev-{device.name}-bar{self.index}", spec.size) if spec.mapped else None
 
     @property
     def size(self) -> int:
         return self.spec.size
+
+    @property
+    def fd(self) -> int:
+        """The memfd the client maps (-1 for a BAR without mapped areas)."""
+        return self.mapped.fd if self.mapped is not None else -1
+
+    @property
+    def memory(self) -> mmap.mmap:
+        """The device's view of the BAR's mapped memory (whole BAR, offsets as in the BAR)."""
+        if self.mapped is None:
+            raise AttributeError(f"BAR{self.index} has no mapped areas")
+        return self.mapped.view
 
     def __getitem__(self, register: str) -> int:
         return self.registers[register]
@@ -189,7 +206,7 @@ class BarState:
 
     async def read(self, offset: int, size: int) -> bytes:
         """A trapped read: mapped memory, raw handler, or registers, in that order."""
-        if self.memory is not None and self.mapped_area_at(offset, size):
+        if self.mapped is not None and self.mapped_area_at(offset, size):
             return self.memory[offset : offset + size]
         if self.spec.raw_read is not None and not self.registers.covers(offset, size):
             result = await call_hook(self.spec.raw_read, self.device, offset, size)
@@ -200,7 +217,7 @@ class BarState:
     async def write(self, offset: int, data: bytes) -> None:
         """A trapped write, dispatched like :meth:`read`."""
         size = len(data)
-        if self.memory is not None and self.mapped_area_at(offset, size):
+        if self.mapped is not None and self.mapped_area_at(offset, size):
             self.memory[offset : offset + size] = data
             return
         if self.spec.raw_write is not None and not self.registers.covers(offset, size):
@@ -208,13 +225,34 @@ class BarState:
             return
         await self.registers.write(offset, size, int.from_bytes(data, "little"))
 
+    @property
+    def decoding_bit(self) -> str:
+        """The COMMAND bit that enables this BAR: ``memory`` or ``io``."""
+        return "io" if self.spec.kind is BarKind.IO else "memory"
+
+    def memory_disabled(self) -> None:
+        """Decoding went off: apply the mapped-area policy."""
+        if self.mapped is None:
+            return
+        policy = self.spec.mapping_when_disabled
+        if policy is not DisabledMapping.KEEP:
+            saved = self.mapped.revoke(keep_contents=policy is DisabledMapping.REVOKE)
+            self.device.events.record("memory", bar=self.index, action=policy.value, saved_bytes=saved)
+
+    def memory_enabled(self) -> None:
+        """Decoding came back: restore the mapped areas per the prefault policy."""
+        if self.mapped is None:
+            return
+        was_revoked = self.mapped.revoked
+        populate = self.spec.prefault is Prefault.POPULATE
+        self.mapped.restore(populate=populate)
+        if was_revoked or populate:
+            self.device.events.record("memory", bar=self.index, action="restore", prefault=self.spec.prefault.value)
+
     def reset(self) -> None:
         self.registers.reset()
 
     def close(self) -> None:
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.mapped is not None:
+            self.mapped.close()
+            self.mapped = None

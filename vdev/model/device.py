@@ -23,10 +23,11 @@ import trio
 from vdev.libvfio_user.constants import RegionIndex, ResetType
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
-from vdev.model.config import Command, ConfigSpace, ConfigWrite
+from vdev.model.config import PCI_COMMAND, Command, ConfigSpace, ConfigWrite
 from vdev.model.dma import Dma
 from vdev.model.events import EventLog
 from vdev.model.interrupts import Interrupts
+from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.registers import call_hook
 
 T = TypeVar("T")
@@ -114,6 +115,7 @@ class Device:
         self.rom = bytearray(self.rom_size)
         self.irq = Interrupts(self)
         self.dma = Dma(self)
+        self.command_control = CommandControl(self)
         self._command_changed = trio.Event()
 
     # -- declaration hooks -----------------------------------------------------
@@ -222,6 +224,22 @@ class Device:
 
     async def _bar_access(self, region: int, offset: int, size: int, data: bytes | None) -> bytes:
         bar = self._bars[region]
+        self.command_control.count_access()
+        if not getattr(self.command, bar.decoding_bit):
+            policy = bar.spec.when_disabled
+            if policy is not DisabledAccess.PASS:
+                self.events.record(
+                    "violation",
+                    what="access while disabled",
+                    region=region,
+                    offset=offset,
+                    size=size,
+                    access="write" if data is not None else "read",
+                    policy=policy.value,
+                )
+                if policy is DisabledAccess.ERROR:
+                    raise BarDisabledError(f"BAR{region} {bar.decoding_bit} decoding is disabled")
+                return b"\xff" * size if data is None else b""
         msix = self.config.find(MsiX)
         if msix is not None:
             cap: MsiX = msix.capability  # type: ignore[assignment]
@@ -240,12 +258,25 @@ class Device:
     async def _config_write(self, offset: int, data: bytes) -> None:
         change = self.config.write(offset, data)
         self.events.record("config_write", offset=offset, size=len(data), value=change.value)
-        if change.old_command != change.new_command:
-            self._note_command(change.old_command, change.new_command)
+        if self.command_control.held_mask:
+            self.config.write_int(PCI_COMMAND, 2, self.command_control.apply_holds(self.command.value))
+        if change.old_command != self.command:
+            self.command_changed(change.old_command, source="client")
         await self._capability_writes(change)
 
-    def _note_command(self, old: Command, new: Command) -> None:
-        self.events.record("command", old=old.value, new=new.value, **new.decoded())
+    def command_changed(self, old: Command, *, source: str) -> None:
+        """The one path every COMMAND transition takes, from the client or the device.
+
+        Records the event, applies the BARs' memory-enable policies (so a
+        ``populate`` is complete before the client's write is answered),
+        wakes :meth:`wait_for_command` and calls :meth:`on_command`.
+        """
+        new = self.command
+        self.events.record("command", old=old.value, new=new.value, source=source, **new.decoded())
+        if old.memory != new.memory:
+            for bar in self._bars.values():
+                if bar.decoding_bit == "memory":
+                    bar.memory_enabled() if new.memory else bar.memory_disabled()
         self._command_changed.set()
         self._command_changed = trio.Event()
         self.on_command(old, new)
@@ -277,7 +308,7 @@ class Device:
             self.irq.reset()
         self.events.record("reset", reason=kind.value)
         if old_command != self.command:
-            self._note_command(old_command, self.command)
+            self.command_changed(old_command, source="reset")
         await call_hook(self.on_reset, kind)
 
     def describe(self, region: int, offset: int) -> str:

@@ -27,6 +27,7 @@ KINDS = frozenset(
         "dma_unmap",
         "reset",
         "quiesce",
+        "memory",
         "connect",
         "disconnect",
         "handler_error",

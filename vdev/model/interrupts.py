@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Protocol
 from vdev.libvfio_user.constants import IrqType
 from vdev.model.capabilities import (
     PCI_MSI_FLAGS_ENABLE,
-    PCI_MSI_FLAGS_MASKBIT,
     PCI_MSIX_FLAGS_ENABLE,
     PCI_MSIX_FLAGS_MASKALL,
     Msi,

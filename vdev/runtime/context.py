@@ -300,8 +300,7 @@ class DeviceContext:
         finally:
             self.device.irq.sink = None
             self.device.dma.port = None
-            with trio.CancelScope(shield=True):
-                self.destroy()
+            self.destroy()
 
     async def _run_device_task(self) -> None:
         """The device's own background work; its failure is logged, serving goes on."""
