@@ -18,7 +18,7 @@ from vdev import (
     VendorSpecific,
     VendorSpecificExtended,
 )
-from vdev.model.config import PCI_STATUS_CAP_LIST
+from vdev.model.pci_regs import PCI_STATUS_CAP_LIST
 
 
 class Sample(Device):

@@ -23,11 +23,12 @@ import trio
 from vdev.libvfio_user.constants import RegionIndex, ResetType
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
-from vdev.model.config import PCI_COMMAND, Command, ConfigSpace, ConfigWrite
+from vdev.model.config import Command, ConfigSpace, ConfigWrite
 from vdev.model.dma import Dma
 from vdev.model.events import EventLog
 from vdev.model.interrupts import Interrupts
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
+from vdev.model.pci_regs import PCI_COMMAND
 from vdev.model.registers import call_hook
 
 T = TypeVar("T")

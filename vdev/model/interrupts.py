@@ -27,7 +27,7 @@ from vdev.model.capabilities import (
     Msi,
     MsiX,
 )
-from vdev.model.config import PCI_STATUS, PCI_STATUS_INTERRUPT
+from vdev.model.pci_regs import PCI_STATUS, PCI_STATUS_INTERRUPT
 
 if TYPE_CHECKING:
     from vdev.model.device import Device
