@@ -175,6 +175,10 @@ class BarState:
         self.device = device
         self.registers = RegisterFile(spec.registers, spec.read_hooks, spec.write_hooks, device)
         self.mapped = MappedMemory(f"vdev-{device.name}-bar{self.index}", spec.size) if spec.mapped else None
+        #: Memory-enable policies, from the declaration; experiments may change them at any time.
+        self.when_disabled = spec.when_disabled
+        self.mapping_when_disabled = spec.mapping_when_disabled
+        self.prefault = spec.prefault
 
     @property
     def size(self) -> int:
@@ -234,7 +238,7 @@ class BarState:
         """Decoding went off: apply the mapped-area policy."""
         if self.mapped is None:
             return
-        policy = self.spec.mapping_when_disabled
+        policy = self.mapping_when_disabled
         if policy is not DisabledMapping.KEEP:
             saved = self.mapped.revoke(keep_contents=policy is DisabledMapping.REVOKE)
             self.device.events.record("memory", bar=self.index, action=policy.value, saved_bytes=saved)
@@ -244,10 +248,10 @@ class BarState:
         if self.mapped is None:
             return
         was_revoked = self.mapped.revoked
-        populate = self.spec.prefault is Prefault.POPULATE
+        populate = self.prefault is Prefault.POPULATE
         self.mapped.restore(populate=populate)
         if was_revoked or populate:
-            self.device.events.record("memory", bar=self.index, action="restore", prefault=self.spec.prefault.value)
+            self.device.events.record("memory", bar=self.index, action="restore", prefault=self.prefault.value)
 
     def reset(self) -> None:
         self.registers.reset()

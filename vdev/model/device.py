@@ -125,11 +125,14 @@ class Device:
         """The capability list, in chain order.  Override to declare capabilities."""
         return []
 
-    @classmethod
-    def bar_specs(cls) -> list[Bar]:
-        """The BARs declared on the class (and its bases), by index."""
+    def bar_specs(self) -> list[Bar]:
+        """The BARs: by default those declared on the class (and its bases), by index.
+
+        Override it to build BARs from parameters (a size, say); call the
+        base implementation for the declared ones.
+        """
         found: dict[int, Bar] = {}
-        for klass in reversed(cls.__mro__):
+        for klass in reversed(type(self).__mro__):
             for value in vars(klass).values():
                 if isinstance(value, Bar) and value.index is not None:
                     found[value.index] = value
@@ -227,7 +230,7 @@ class Device:
         bar = self._bars[region]
         self.command_control.count_access()
         if not getattr(self.command, bar.decoding_bit):
-            policy = bar.spec.when_disabled
+            policy = bar.when_disabled
             if policy is not DisabledAccess.PASS:
                 self.events.record(
                     "violation",

@@ -15,15 +15,17 @@ Rules:
   then truncates.  ``restore`` grows the file back and writes the saved
   pages.  Pages never touched stay holes.
 * ``discard`` truncates without saving: the contents are lost.
-* ``populate`` allocates every page (``fallocate``) so that all of them are
-  resident before the client may touch them; ``lazy`` leaves holes to be
-  allocated on first touch.
+* ``populate`` allocates and zeroes every page (``MADV_POPULATE_WRITE`` on
+  the device's own mapping) so that all of them are resident in the memfd's
+  page cache — what ``mincore`` on any mapping reports — before the client
+  may touch them; ``lazy`` leaves holes to be allocated on first touch.
 * While revoked, the device's own view (:attr:`MappedMemory.view`) is
   unavailable: touching it would kill the server with SIGBUS.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -31,6 +33,30 @@ import os
 PAGE_SIZE = mmap.PAGESIZE
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
+
+def mapping_address(mapping: mmap.mmap) -> int:
+    """The virtual address of a Python mmap (for mincore and timing probes)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+def resident_pages(mapping: mmap.mmap, length: int | None = None) -> int:
+    """How many pages of ``mapping`` are resident, as ``mincore(2)`` reports them."""
+    length = len(mapping) if length is None else length
+    pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+    vector = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(mapping_address(mapping), length, vector) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(byte & 1 for byte in vector)
 
 
 class MemoryRevokedError(RuntimeError):
@@ -71,8 +97,9 @@ class MappedMemory:
             offset = end
         return segments
 
-    def resident_bytes(self) -> int:
-        return sum(length for _, length in self.data_segments())
+    def resident_pages(self) -> int:
+        """Pages of the memfd in memory now (0 while revoked)."""
+        return 0 if self.revoked else resident_pages(self._map)
 
     def revoke(self, *, keep_contents: bool) -> int:
         """Make every mapping fault; returns the bytes saved for :meth:`restore`."""
@@ -96,7 +123,7 @@ class MappedMemory:
             self._saved = []
             self.revoked = False
         if populate:
-            os.posix_fallocate(self.fd, 0, self.size)
+            self._map.madvise(MADV_POPULATE_WRITE)
 
     def close(self) -> None:
         self._map.close()
