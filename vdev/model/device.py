@@ -14,7 +14,8 @@ needs no locks.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -32,6 +33,7 @@ from vdev.model.pci_regs import PCI_COMMAND
 from vdev.model.registers import call_hook
 
 T = TypeVar("T")
+log = logging.getLogger("vdev")
 
 
 class ResetKind(enum.Enum):
@@ -118,6 +120,7 @@ class Device:
         self.dma = Dma(self)
         self.command_control = CommandControl(self)
         self._command_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     # -- declaration hooks -----------------------------------------------------
 
@@ -183,6 +186,28 @@ class Device:
         while not predicate(self.command):
             await self._command_changed.wait()
         return self.command
+
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start background work (an engine, a timer) as a Trio task owned by the device.
+
+        The task lives as long as the device is served; handlers use this to
+        finish work later and raise an interrupt, the way hardware does.
+        """
+        if self._nursery is None:
+            raise RuntimeError(f"{self.name} is not being served; it cannot start background work")
+        self._nursery.start_soon(self._guarded, function, *args)
+
+    async def _guarded(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """A failing background task is logged and recorded; the device keeps being served."""
+        try:
+            await function(*args)
+        except Exception as exc:
+            log.exception("%s: background task %s failed", self.name, getattr(function, "__name__", function))
+            self.events.record("handler_error", task=getattr(function, "__name__", repr(function)), error=repr(exc))
+
+    def attach_nursery(self, nursery: trio.Nursery | None) -> None:
+        """The runtime gives the device the nursery its tasks live in (None when it stops)."""
+        self._nursery = nursery
 
     # -- overridable behaviour ----------------------------------------------------
 

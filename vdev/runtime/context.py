@@ -292,12 +292,14 @@ class DeviceContext:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.device.attach_nursery(nursery)
                 nursery.start_soon(self._run_device_task)
                 task_status.started()
                 while True:
                     await self._attach()
                     await self._run_until_disconnect()
         finally:
+            self.device.attach_nursery(None)
             self.device.irq.sink = None
             self.device.dma.port = None
             self.destroy()
