@@ -43,6 +43,13 @@ EDU_IRQ_RAISE = 0x60
 EDU_IRQ_ACK = 0x64
 EDU_STATUS_IRQ_ON_FACTORIAL = 0x80
 EDU_STATUS_COMPUTING = 0x01
+EDU_DMA_SOURCE = 0x80
+EDU_DMA_DESTINATION = 0x88
+EDU_DMA_COUNT = 0x90
+EDU_DMA_COMMAND = 0x98
+EDU_DMA_START = 0x1
+EDU_DMA_TO_RAM = 0x2
+EDU_DMA_BUFFER = 0x40000
 
 #: Generous bound for QEMU-side work (edu computes factorials in a thread).
 DEADLINE = 10
@@ -183,6 +190,34 @@ async def test_msi_is_observed_in_guest_ram(qemu_binary: Path) -> None:
         assert await vm.qtest.readl(mailbox.address) == 0  # taken
         # With MSI on, the INTx line stays quiet.
         assert not vm.qtest.get_irq(q35_intx_gsi(edu.address, 1))
+
+
+# -- DMA and the virtual clock ----------------------------------------------------------
+
+
+async def edu_dma(
+    vm: QemuMachine, edu: PciFunction, source: int, destination: int, count: int, command: int
+) -> None:
+    await edu.bar_writeq(0, EDU_DMA_SOURCE, source)
+    await edu.bar_writeq(0, EDU_DMA_DESTINATION, destination)
+    await edu.bar_writeq(0, EDU_DMA_COUNT, count)
+    await edu.bar_writeq(0, EDU_DMA_COMMAND, command | EDU_DMA_START)
+    # edu runs the transfer from a virtual-clock timer, which only moves on request.
+    while await edu.bar_readq(0, EDU_DMA_COMMAND) & EDU_DMA_START:
+        await vm.qtest.clock_step()
+
+
+async def test_device_dma_round_trips_through_guest_ram(qemu_binary: Path) -> None:
+    async with machine(qemu_binary, devices=["edu"]) as vm:
+        edu = await live_edu(vm)
+        data = bytes(range(100))
+        source = vm.guest_memory.alloc(len(data))
+        destination = vm.guest_memory.alloc(len(data))
+        await vm.qtest.memwrite(source, data)
+        with trio.fail_after(DEADLINE):
+            await edu_dma(vm, edu, source, EDU_DMA_BUFFER, len(data), 0)
+            await edu_dma(vm, edu, EDU_DMA_BUFFER, destination, len(data), EDU_DMA_TO_RAM)
+        assert await vm.qtest.memread(destination, len(data)) == data
 
 
 # -- memory ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ interrupts and MSI writes, hot-plug and unplug.
 Needs the ``qemu`` extra (the ``qemu.qmp`` library).
 """
 
-from vdev.qemu.cmdline import DeviceSpec, device_arg
+from vdev.qemu.cmdline import DeviceSpec, device_arg, qemu_command
 from vdev.qemu.errors import (
     HotplugError,
     PciError,
@@ -34,16 +34,18 @@ from vdev.qemu.msi import MsiMailbox, enable_msi
 from vdev.qemu.pci import (
     BarInfo,
     BarKind,
-    ConfigAccess,
-    EcamConfigAccess,
-    PciAddress,
     PciAllocator,
     PciBus,
     PciFunction,
     PciWindows,
+    q35_intx_gsi,
+)
+from vdev.qemu.pci_config import (
+    ConfigAccess,
+    EcamConfigAccess,
+    PciAddress,
     PortConfigAccess,
     enable_q35_ecam,
-    q35_intx_gsi,
 )
 from vdev.qemu.process import QemuMachine
 from vdev.qemu.qmp import QmpClient, QmpEvents
@@ -81,4 +83,5 @@ __all__ = [
     "enable_q35_ecam",
     "hot_unplug",
     "q35_intx_gsi",
+    "qemu_command",
 ]

@@ -12,13 +12,13 @@ Trio.  Its synchronous ``legacy.QEMUMonitorProtocol`` inside
 
 So the client lives on one asyncio loop that runs in a daemon thread for the
 client's whole life.  It keeps reading (events queue up as they arrive), and
-cancelling the Trio caller cancels the asyncio task it is waiting for.
+cancelling the Trio caller stops the asyncio task it is waiting for and
+waits for that task to unwind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -26,6 +26,9 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
+
+#: How long a cancelled call waits for its asyncio task to finish unwinding.
+_CANCEL_GRACE = 5.0
 
 
 class AsyncioThread:
@@ -41,34 +44,65 @@ class AsyncioThread:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
-    async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
-        """Await ``fn(*args)`` on the asyncio loop; cancelling the caller cancels it.
+    async def run(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        *args: object,
+        abort: Callable[[], None] | None = None,
+    ) -> T:
+        """Await ``fn(*args)`` as a task on the asyncio loop and return its result.
+
+        When the Trio caller is cancelled, the task is stopped and the call
+        returns only once the task has unwound (at most :data:`_CANCEL_GRACE`
+        per step), so cleanup such as closing a half-open connection is over.
+        The task is cancelled, unless ``abort`` is given: then ``abort()`` is
+        called first, from the Trio thread, to make the task fail on its own
+        (shutting down its socket, say) - for libraries that do not clean up
+        properly when cancelled mid-way.
 
         Raises :class:`trio.ClosedResourceError` if the thread is closed
-        before or while the coroutine runs.
+        before or while the task runs.
         """
         if self._closed:
             raise trio.ClosedResourceError("the asyncio thread is closed")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
+        tasks: list[asyncio.Task[T]] = []
 
-        def wake(_: concurrent.futures.Future[T]) -> None:
+        def notify(_: asyncio.Task[T]) -> None:
             try:
                 token.run_sync_soon(done.set)
             except trio.RunFinishedError:
                 pass
 
-        future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
-        future.add_done_callback(wake)
+        def start() -> None:
+            task = self._loop.create_task(fn(*args))
+            task.add_done_callback(notify)
+            tasks.append(task)
+
+        def cancel() -> None:
+            tasks[0].cancel()
+
+        # Both callbacks run in order on the loop, so the task exists by the
+        # time ``cancel`` runs.
+        self._loop.call_soon_threadsafe(start)
         try:
             await done.wait()
         except BaseException:
-            future.cancel()
+            with trio.CancelScope(shield=True):
+                if abort is not None:
+                    abort()
+                    with trio.move_on_after(_CANCEL_GRACE):
+                        await done.wait()
+                if not done.is_set():
+                    self._loop.call_soon_threadsafe(cancel)
+                    with trio.move_on_after(_CANCEL_GRACE):
+                        await done.wait()
             raise
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise trio.ClosedResourceError("the asyncio thread was closed meanwhile") from None
+        task = tasks[0]
+        if task.cancelled():
+            raise trio.ClosedResourceError("the asyncio thread was closed meanwhile")
+        return task.result()
 
     async def aclose(self) -> None:
         """Cancel what still runs on the loop, stop it and join its thread."""

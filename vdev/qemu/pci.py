@@ -4,9 +4,8 @@ Under qtest no firmware runs, so nothing has sized or placed a BAR, enabled
 decoding or turned on q35's ECAM window: a test does what SeaBIOS or a guest
 kernel would.  These helpers do it the way firmware does:
 
-* configuration space through mechanism #1 (address to port ``0xcf8``, data
-  through ``0xcfc``-``0xcff``, 256 bytes per function), or through q35's ECAM
-  window once :func:`enable_q35_ecam` has programmed it;
+* configuration space through ports ``0xcf8``/``0xcfc`` by default, or any
+  other :class:`~vdev.qemu.pci_config.ConfigAccess` (q35's ECAM);
 * BAR sizing by writing all-ones with decoding off, then restoring;
 * BAR placement inside the machine's PCI windows, aligned to the BAR size and
   never below a page, so that a BAR can back an mmap'able vfio-user region.
@@ -26,11 +25,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
-
-import trio
 
 from vdev.qemu.errors import PciError
+from vdev.qemu.pci_config import (
+    Q35_ECAM_BASE,
+    Q35_ECAM_SIZE,
+    ConfigAccess,
+    PciAddress,
+    PortConfigAccess,
+)
 from vdev.qemu.qmp import QmpClient
 from vdev.qemu.qtest import QTestClient
 
@@ -48,129 +51,8 @@ COMMAND_MEMORY = 1 << 1
 COMMAND_MASTER = 1 << 2
 STATUS_CAPABILITIES = 1 << 4
 
-#: Where q35 firmware conventionally places ECAM (and QEMU's PCIEXBAR reset value).
-Q35_ECAM_BASE = 0xB000_0000
-#: ECAM for 256 buses: 1 MiB each.
-Q35_ECAM_SIZE = 256 << 20
-_Q35_PCIEXBAR = 0x60
-
-_CONFIG_ADDRESS_PORT = 0xCF8
-_CONFIG_DATA_PORT = 0xCFC
 _PAGE = 4096
 _ABSENT_VENDOR = 0xFFFF
-
-
-@dataclass(frozen=True, order=True)
-class PciAddress:
-    """A function's bus/device/function triple, printed as ``00:01.0``."""
-
-    bus: int
-    device: int
-    function: int
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.bus < 256 and 0 <= self.device < 32 and 0 <= self.function < 8):
-            raise ValueError(f"invalid PCI address {self.bus}:{self.device}.{self.function}")
-
-    def __str__(self) -> str:
-        return f"{self.bus:02x}:{self.device:02x}.{self.function:x}"
-
-
-def _check_config_access(offset: int, size: int, limit: int) -> None:
-    if size not in (1, 2, 4):
-        raise ValueError(f"configuration access size must be 1, 2 or 4, not {size}")
-    if offset % size or not 0 <= offset <= limit - size:
-        raise ValueError(f"bad configuration access of {size} bytes at {offset:#x}")
-
-
-class ConfigAccess(Protocol):
-    """A way to reach PCI configuration space."""
-
-    async def read(self, address: PciAddress, offset: int, size: int) -> int:
-        """Read ``size`` bytes (1, 2 or 4, naturally aligned) at ``offset``."""
-        ...
-
-    async def write(self, address: PciAddress, offset: int, value: int, size: int) -> None:
-        """Write ``size`` bytes (1, 2 or 4, naturally aligned) at ``offset``."""
-        ...
-
-
-class PortConfigAccess:
-    """Configuration mechanism #1 through ports ``0xcf8``/``0xcfc``: every x86 machine has it.
-
-    An access is two qtest commands (select, then transfer); a lock keeps
-    concurrent tasks from interleaving them.
-    """
-
-    def __init__(self, qtest: QTestClient) -> None:
-        self._qtest = qtest
-        self._lock = trio.Lock()
-
-    def _select(self, address: PciAddress, offset: int) -> int:
-        return (
-            0x8000_0000
-            | address.bus << 16
-            | address.device << 11
-            | address.function << 8
-            | offset & 0xFC
-        )
-
-    async def read(self, address: PciAddress, offset: int, size: int) -> int:
-        """Read ``size`` bytes at ``offset`` (below 0x100: mechanism #1 has no extended space)."""
-        _check_config_access(offset, size, 0x100)
-        async with self._lock:
-            await self._qtest.outl(_CONFIG_ADDRESS_PORT, self._select(address, offset))
-            return await self._qtest.port_read(_CONFIG_DATA_PORT + (offset & 3), size)
-
-    async def write(self, address: PciAddress, offset: int, value: int, size: int) -> None:
-        """Write ``size`` bytes at ``offset`` (below 0x100)."""
-        _check_config_access(offset, size, 0x100)
-        async with self._lock:
-            await self._qtest.outl(_CONFIG_ADDRESS_PORT, self._select(address, offset))
-            await self._qtest.port_write(_CONFIG_DATA_PORT + (offset & 3), value, size)
-
-
-class EcamConfigAccess:
-    """Memory-mapped configuration (ECAM): one access per command, 4 KiB per function."""
-
-    def __init__(self, qtest: QTestClient, base: int) -> None:
-        self._qtest = qtest
-        self._base = base
-
-    def _addr(self, address: PciAddress, offset: int) -> int:
-        return (
-            self._base
-            | address.bus << 20
-            | address.device << 15
-            | address.function << 12
-            | offset
-        )
-
-    async def read(self, address: PciAddress, offset: int, size: int) -> int:
-        """Read ``size`` bytes at ``offset`` (below 0x1000)."""
-        _check_config_access(offset, size, 0x1000)
-        return await self._qtest.read(self._addr(address, offset), size)
-
-    async def write(self, address: PciAddress, offset: int, value: int, size: int) -> None:
-        """Write ``size`` bytes at ``offset`` (below 0x1000)."""
-        _check_config_access(offset, size, 0x1000)
-        await self._qtest.write(self._addr(address, offset), value, size)
-
-
-async def enable_q35_ecam(qtest: QTestClient, base: int = Q35_ECAM_BASE) -> EcamConfigAccess:
-    """Turn on q35's 256-bus ECAM window at ``base`` and return access through it.
-
-    The MCH decodes ECAM only once firmware sets the enable bit of PCIEXBAR
-    (offset 0x60 of 00:00.0); under qtest no firmware does.  A machine reset
-    turns it off again.
-    """
-    if base % Q35_ECAM_SIZE:
-        raise ValueError(f"ECAM base {base:#x} must be aligned to 256 MiB")
-    ports = PortConfigAccess(qtest)
-    host = PciAddress(0, 0, 0)
-    await ports.write(host, _Q35_PCIEXBAR + 4, base >> 32, 4)
-    await ports.write(host, _Q35_PCIEXBAR, (base & 0xFFFF_FFFF) | 1, 4)
-    return EcamConfigAccess(qtest, base)
 
 
 @dataclass(frozen=True)
@@ -265,7 +147,8 @@ class PciBus:
     """Configuration access, enumeration and BAR placement for one machine.
 
     ``config`` defaults to ports ``0xcf8``/``0xcfc``; pass the result of
-    :func:`enable_q35_ecam` to reach extended configuration space.
+    :func:`~vdev.qemu.pci_config.enable_q35_ecam` to reach extended
+    configuration space.
     """
 
     def __init__(
@@ -543,12 +426,15 @@ class PciFunction:
 
 
 def q35_intx_gsi(address: PciAddress, pin: int) -> int:
-    """The I/O APIC input a bus-0 q35 device's INTx pin reaches without firmware.
+    """The I/O APIC input (GSI) a bus-0 q35 device's INTx pin drives.
 
-    With the ICH9 PIRQ routers left at their reset value (routing disabled)
-    PIRQA-H drive GSIs 16-23 directly; QEMU wires slots 1-24 to PIRQE-H,
-    rotated by slot: ``PIRQE + (slot + pin - 1) % 4``.  Slot 0 and the
-    chipset's own slots 25-31 are wired differently and are not covered.
+    QEMU's ICH9 always feeds PIRQA-H into GSIs 16-23 (its PIRQ routing
+    registers only steer the legacy PIC), and wires slots 1-24 to PIRQE-H
+    rotated by slot: ``PIRQE + (slot + pin - 1) % 4``; checked for slots 1-5
+    against QEMU 11.1.  Slot 0 and the chipset's slots 25-31 are wired
+    differently and are not covered.  (On ``pc`` INTx reaches the I/O APIC
+    only once firmware programs the PIIX3 PIRQ routing; nothing does that
+    under qtest.)
     """
     if address.bus != 0 or not 1 <= address.device <= 24:
         raise ValueError(f"{address}: only q35 bus-0 slots 1-24 have the PIRQE-H rotation")

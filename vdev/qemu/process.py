@@ -36,11 +36,11 @@ import trio
 
 from vdev import deps
 from vdev.qemu.cmdline import DeviceSpec, MiB, qemu_command
-from vdev.qemu.errors import QemuExitedError, QemuStartError
+from vdev.qemu.errors import QemuExitedError, QemuStartError, QmpClosedError
 from vdev.qemu.hotplug import hot_unplug
 from vdev.qemu.memory import GUEST_RAM_START, GuestMemoryAllocator
 from vdev.qemu.pci import PciBus, PciWindows
-from vdev.qemu.qmp import QmpClient, QmpClosedError
+from vdev.qemu.qmp import QmpClient
 from vdev.qemu.qtest import QTestClient
 
 #: How much of QEMU's log is kept once the machine is gone.
@@ -54,9 +54,18 @@ class QemuMachine:
     """A QEMU machine driven through qtest and QMP; an async context manager.
 
     Inside the block, :attr:`qtest` and :attr:`qmp` are connected clients.
-    ``devices`` are ``-device`` specs (strings, or mappings sent as JSON) and
-    ``extra_args`` are appended verbatim.  ``memory`` is in bytes, a whole
-    number of MiB.
+
+    * ``binary``: QEMU, or a wrapper script that replaces itself with QEMU
+      (``exec``), since the harness signals this process; defaults to the
+      provisioned one.
+    * ``machine``: ``q35`` (default) or ``pc``, optionally with ``,options``.
+    * ``memory``: guest RAM in bytes, a whole number of MiB; shared (memfd)
+      unless ``shared_memory`` is false, because vfio-user DMA needs that.
+    * ``devices``: ``-device`` specs, strings or mappings (sent as JSON);
+      ``extra_args`` are appended verbatim.
+    * ``workdir``: where the sockets and ``qemu.log`` go; by default a fresh
+      temporary directory, removed afterwards.  Unix socket paths are
+      limited to about 100 bytes.
     """
 
     def __init__(
@@ -222,28 +231,36 @@ class QemuMachine:
         self._kept_log = self._read_log()
 
     def _outcome(self, failure: BaseException | None) -> BaseException | None:
-        if isinstance(failure, (QemuStartError, QemuExitedError)):
-            return failure  # their message already carries QEMU's stderr
-        if failure is not None and not isinstance(failure, trio.Cancelled):
+        """The exception to leave the block with, if any, decorated with QEMU's stderr."""
+        if isinstance(failure, (QemuStartError, QemuExitedError, trio.Cancelled)):
+            return failure  # the first two already carry QEMU's stderr
+        if not self._ready and (failure is not None or self._unexpected_exit):
+            # Whatever broke first (often the QMP handshake with a QEMU that
+            # is exiting), the news is that QEMU did not start.
+            if self._unexpected_exit:
+                what = f"exited with status {self.returncode} before connecting"
+            else:
+                what = f"failed to start: {failure}"
+            error = QemuStartError(
+                f"QEMU {what}\ncommand: {' '.join(self.command)}{self._tail_section()}"
+            )
+            error.__cause__ = failure
+            return error
+        if failure is not None:
             if self._unexpected_exit:
                 failure.add_note(f"QEMU exited unexpectedly with status {self.returncode}")
             tail = self.stderr_tail()
             if tail:
                 failure.add_note(f"QEMU stderr (last lines):\n{tail}")
             return failure
-        if self._unexpected_exit and failure is None:
+        if self._unexpected_exit:
             returncode = self.returncode
             assert returncode is not None
-            if not self._ready:
-                return QemuStartError(
-                    f"QEMU exited with status {returncode} before connecting\n"
-                    f"command: {' '.join(self.command)}{self._tail_section()}"
-                )
             return QemuExitedError(
                 f"QEMU exited unexpectedly with status {returncode}{self._tail_section()}",
                 returncode,
             )
-        return failure
+        return None
 
     # -- QEMU's log ---------------------------------------------------------------
 

@@ -75,7 +75,9 @@ class QmpClient:
         """Take over a socket connected to QEMU's QMP monitor and negotiate."""
         loop = AsyncioThread("vdev-qmp")
         try:
-            client = await loop.run(_connect, sock)
+            # qemu.qmp leaves its transport open when cancelled mid-negotiation
+            # but cleans up after a connection error, so stop it with one.
+            client = await loop.run(_connect, sock, abort=lambda: _hang_up(sock))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await loop.aclose()
@@ -211,6 +213,13 @@ async def _connect(sock: socket.socket) -> QMPClient:
     except ConnectError as exc:
         raise QmpClosedError(f"QMP negotiation with QEMU failed: {exc}") from exc
     return client
+
+
+def _hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the failed session
 
 
 def _walk_pci(devices: Iterable[QmpObject]) -> Iterable[QmpObject]:
