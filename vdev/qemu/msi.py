@@ -72,7 +72,7 @@ class MsiMailbox:
         RAM gives no notification, so this polls; put a
         :func:`trio.fail_after` around it.
         """
-        while (vector := await self.take()) is None:
+        while (vector := await self.take()) is None:  # noqa: ASYNC110 - guest RAM cannot notify
             await trio.sleep(poll_interval)
         return vector
 

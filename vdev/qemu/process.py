@@ -138,7 +138,7 @@ class QemuMachine:
                 temporary = tempfile.TemporaryDirectory(prefix="vdev-qemu-")
                 workdir = Path(resources.enter_context(temporary))
             self.log_path = workdir / "qemu.log"
-            log = resources.enter_context(open(self.log_path, "wb"))
+            log = resources.enter_context(open(self.log_path, "wb"))  # noqa: ASYNC230 - a local file, once
             qtest_listener = await _listen_unix(workdir / "qtest.sock", resources)
             qmp_listener = await _listen_unix(workdir / "qmp.sock", resources)
             self.command = qemu_command(
@@ -349,7 +349,7 @@ async def _listen_unix(path: Path, resources: ExitStack) -> trio.socket.SocketTy
     """
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     resources.callback(sock.close)
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # noqa: ASYNC240 - a local socket path
     await sock.bind(os.fspath(path))
     resources.callback(path.unlink, missing_ok=True)
     sock.listen(1)
