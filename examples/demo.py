@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 import trio
-from vdev_devices.hello import Hello
 
 from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
+from vdev_devices.hello import Hello
 
 
 async def main() -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import trio
-from vdev_devices.edu import Edu
 
 from vdev.qemu import PciFunction, QemuMachine, enable_msi, q35_intx_gsi
 from vdev.testing import served, vfio_user_pci
+from vdev_devices.edu import Edu
 
 pytestmark = pytest.mark.usefixtures("qemu_binary")
 

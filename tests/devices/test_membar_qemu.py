@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vdev_devices.membar import MemBar
 
 from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
+from vdev_devices.membar import MemBar
 
 pytestmark = pytest.mark.usefixtures("qemu_binary")
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from vdev_devices.hello import Hello
 
 from vdev import RO, RW, RW1C, Bar, Device, Msi, Register
 from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
+from vdev_devices.hello import Hello
 
 pytestmark = pytest.mark.usefixtures("qemu_binary")
 

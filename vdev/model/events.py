@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import trio
+
 #: The event kinds a trace may contain.
 KINDS = frozenset(
     {
@@ -86,6 +88,26 @@ class EventLog:
             stream.flush()
 
         return self.subscribe(write)
+
+    async def wait_for(self, kind: str, *, count: int = 1) -> Event:
+        """Sleep until at least ``count`` events of ``kind`` have been recorded; return the last one.
+
+        Counts what is still in the log (see :meth:`clear`); wrap it in
+        :func:`trio.fail_after` for a deadline.
+        """
+        arrived = trio.Event()
+
+        def check(event: Event) -> None:
+            if event.kind == kind and len(self.of_kind(kind)) >= count:
+                arrived.set()
+
+        unsubscribe = self.subscribe(check)
+        try:
+            if len(self.of_kind(kind)) < count:
+                await arrived.wait()
+        finally:
+            unsubscribe()
+        return self.of_kind(kind)[-1]
 
     def of_kind(self, *kinds: str) -> list[Event]:
         """The recorded events of the given kinds, oldest first."""
