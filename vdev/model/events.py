@@ -34,6 +34,7 @@ KINDS = frozenset(
         "disconnect",
         "handler_error",
         "violation",
+        "gpio",
     }
 )
 
