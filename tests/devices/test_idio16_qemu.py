@@ -30,7 +30,8 @@ async def test_lines_and_interrupt_as_the_linux_driver_uses_them(vdev_socket_dir
         assert device.outputs == 0x8005
         assert await card.bar_readb(2, 0x0) == 0x05 and await card.bar_readb(2, 0x4) == 0x80
         assert (await card.bar_readb(2, 0x1), await card.bar_readb(2, 0x5)) == (0xA5, 0x00)
-        changes = [(e.data["line"], e.data["value"]) for e in device.events.of_kind("gpio") if e.data["direction"] == "out"]
+        outputs = [e.data for e in device.events.of_kind("gpio") if e.data["direction"] == "out"]
+        changes = [(change["line"], change["value"]) for change in outputs]
         assert changes == [(0, 1), (2, 1), (15, 1)]
 
         gsi = q35_intx_gsi(card.address, await card.interrupt_pin())
