@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench clean-deps
+.PHONY: all deps venv test demo bench clean-deps guest
 
 all: test
 
@@ -30,5 +30,12 @@ test: deps
 demo: deps
 	$(PY) examples/demo.py
 
+# Guest kernels + initramfs for tests/guest (KERNELS="bookworm trixie sid"; default bookworm).
+guest:
+	@tools/guest.sh $(KERNELS)
+
 clean-deps:
 	rm -rf .deps
+
+bench: deps
+	$(PY) -m bench.run $(BENCH_ARGS)
