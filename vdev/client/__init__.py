@@ -17,9 +17,9 @@ from vdev.client._irq import Interrupt
 from vdev.client._mapping import MappedRegion
 
 __all__ = [
+    "Client",
     "DEFAULT_MAX_MSG_FDS",
     "DEFAULT_VERSION",
-    "Client",
     "DeviceInfo",
     "DmaAccess",
     "DmaRegion",

@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from errno import EFAULT, EINVAL, EPERM
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import trio
 
@@ -28,6 +28,7 @@ from vdev.protocol import (
     Capabilities,
     Connection,
     ConnectionClosed,
+    DeviceFlag,
     DeviceInfoRequest,
     DeviceResetRequest,
     DmaFlag,
@@ -38,9 +39,11 @@ from vdev.protocol import (
     DmaWriteReply,
     DmaWriteRequest,
     ErrorReply,
+    IrqInfoFlag,
     IrqInfoRequest,
     IrqSetFlag,
     Message,
+    RegionFlag,
     RegionInfoRequest,
     RegionReadRequest,
     RegionWriteRequest,
@@ -214,7 +217,7 @@ class Client:
 
     async def device_info(self) -> DeviceInfo:
         reply = await self.request(DeviceInfoRequest())
-        return DeviceInfo(reply.flags, reply.num_regions, reply.num_irqs)
+        return DeviceInfo(DeviceFlag(reply.flags), reply.num_regions, reply.num_irqs)
 
     async def region_info(self, index: int) -> RegionInfo:
         """Describe region ``index``, capability chain and fds included.
@@ -230,7 +233,7 @@ class Client:
         self._owned_fds.extend(reply.fds)
         return RegionInfo(
             index=reply.index,
-            flags=reply.flags,
+            flags=RegionFlag(reply.flags),
             size=reply.size,
             offset=reply.offset,
             capabilities=reply.capabilities,
@@ -239,7 +242,7 @@ class Client:
 
     async def irq_info(self, index: int) -> IrqInfo:
         reply = await self.request(IrqInfoRequest(index=index))
-        return IrqInfo(reply.index, reply.flags, reply.count)
+        return IrqInfo(reply.index, IrqInfoFlag(reply.flags), reply.count)
 
     async def region_read(self, index: int, offset: int, count: int) -> bytes:
         """Read through the socket (REGION_READ); returns what the server sent."""
@@ -430,7 +433,7 @@ class Client:
         if self._failure is not None:
             self._raise_failure()
 
-    def _raise_failure(self) -> Any:
+    def _raise_failure(self) -> NoReturn:
         """Re-raise why the connection ended, as a fresh exception for this caller."""
         if self._closed:
             raise trio.ClosedResourceError("the client is closed")
@@ -439,7 +442,8 @@ class Client:
             raise RemoteProtocolError(str(failure.args[0]), failure.errno) from failure
         if isinstance(failure, trio.BrokenResourceError):
             raise trio.BrokenResourceError(*failure.args) from failure
-        raise ServerDisconnected("the server closed the connection") from failure
+        cause = None if isinstance(failure, ServerDisconnected) else failure
+        raise ServerDisconnected("the server closed the connection") from cause
 
     async def _send(self, message: Message) -> None:
         data, fds = self._conn.send(message)
@@ -475,7 +479,12 @@ class Client:
             except RemoteProtocolError as exc:
                 _close_fds(exc.fds)
                 self._fail(exc)
-            except (ServerDisconnected, OSError, trio.ClosedResourceError) as exc:
+            except (
+                ServerDisconnected,
+                OSError,
+                trio.ClosedResourceError,
+                trio.BrokenResourceError,
+            ) as exc:
                 self._fail(exc)
 
     async def _dispatch(self, message: Message) -> None:

@@ -27,9 +27,8 @@ class MappedRegion:
                 # libvfio-user sends one fd per sparse area, QEMU expects one
                 # per region; both are honoured.
                 fd = info.fds[number] if len(info.fds) == len(areas) else info.fds[0]
-                memory = mmap.mmap(
-                    fd, area.size, flags=mmap.MAP_SHARED, prot=prot, offset=info.offset + area.offset
-                )
+                offset = info.offset + area.offset
+                memory = mmap.mmap(fd, area.size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
                 self._maps.append((area.offset, area.offset + area.size, memory))
         except BaseException:
             self.close()

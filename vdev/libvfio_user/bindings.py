@@ -49,6 +49,25 @@ class DmaInfo(ctypes.Structure):
     ]
 
 
+class DmaSg(ctypes.Structure):
+    """``struct dma_sg`` (lib/dma.h): opaque in the API, but vdev must correct one field.
+
+    In this revision message-based DMA (``vfu_sgl_read``/``vfu_sgl_write``)
+    sends ``dma_addr`` — the start of the client's DMA region — and ignores
+    ``offset``, so any transfer not at a region's first byte reaches the
+    wrong address.  vdev folds the offset into ``dma_addr`` before the
+    transfer.  :func:`load` checks the size against ``dma_sg_size()``.
+    """
+
+    _fields_ = [
+        ("dma_addr", ctypes.c_uint64),
+        ("region", ctypes.c_int),
+        ("length", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("writeable", ctypes.c_bool),
+    ]
+
+
 LOG_CB = ctypes.CFUNCTYPE(None, ctx_p, ctypes.c_int, ctypes.c_char_p)
 REGION_ACCESS_CB = ctypes.CFUNCTYPE(
     ctypes.c_ssize_t, ctx_p, ctypes.POINTER(ctypes.c_char), ctypes.c_size_t, loff_t, ctypes.c_bool
@@ -155,6 +174,10 @@ def load() -> Library:
                 raise LibraryError(f"{path} has no symbol {name}") from None
             function.restype = restype
             function.argtypes = argtypes
+        if cdll.dma_sg_size() != ctypes.sizeof(DmaSg):
+            raise LibraryError(
+                f"{path}: struct dma_sg is {cdll.dma_sg_size()} bytes, vdev expects {ctypes.sizeof(DmaSg)}"
+            )
         _loaded = Library(path=path, revision=revision, cdll=cdll)
     return _loaded
 

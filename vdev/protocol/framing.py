@@ -5,10 +5,11 @@
 #   out, for the caller to write with one sendmsg carrying the fds.
 # * Partial reads are normal: bytes accumulate until the header's size is
 #   buffered.  ``NEED_DATA`` means "feed me more".
-# * Fds belong to the message that contains the first byte of the chunk they
-#   arrived with.  A sender attaches them to a message's first bytes, and on a
-#   stream socket the kernel starts a new read at every chunk that carries
-#   fds, so they are never handed to the wrong message.
+# * Fds belong to the message that contains the last byte of the chunk they
+#   arrived with.  A sender passes fds with the first bytes of their message,
+#   and Linux ends a read of a stream socket right after (or inside) the
+#   stretch that carried fds; a read may glue earlier messages in front of it,
+#   never later ones after it.
 # * ``receive_data(b"")`` means end of stream.  At a message boundary that
 #   yields ``ConnectionClosed`` (forever after); inside a message it is a
 #   remote error.
@@ -78,7 +79,7 @@ class Connection:
         self.max_message_size = max_message_size
         self._buffer = bytearray()
         self._offset = 0  # stream offset of self._buffer[0]
-        self._fds: deque[tuple[int, tuple[int, ...]]] = deque()  # (stream offset, fds)
+        self._fds: deque[tuple[int, tuple[int, ...]]] = deque()  # (offset of last byte, fds)
         self._closed = False
         self._error: RemoteProtocolError | None = None
 
@@ -100,9 +101,9 @@ class Connection:
                 raise ValueError("fds cannot arrive without data")
             self._closed = True
             return
-        if fds:
-            self._fds.append((self._offset + len(self._buffer), fds))
         self._buffer += data
+        if fds:
+            self._fds.append((self._offset + len(self._buffer) - 1, fds))
 
     def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
         """The next complete message, ``ConnectionClosed``, or ``NEED_DATA``."""

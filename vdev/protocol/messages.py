@@ -634,9 +634,8 @@ class SetIrqsRequest(_Sized, Request[SetIrqsReply]):
         return _IRQ_SET.size + len(self.data)
 
     def encode_payload(self) -> bytes:
-        return (
-            _IRQ_SET.pack(self._wire_argsz(), self.flags, self.index, self.start, self.count) + self.data
-        )
+        fixed = _IRQ_SET.pack(self._wire_argsz(), self.flags, self.index, self.start, self.count)
+        return fixed + self.data
 
     @classmethod
     def _decode_payload(cls, payload: bytes) -> Self:
@@ -898,9 +897,8 @@ class RegionWriteMultiRequest(Request[RegionWriteMultiReply]):
         (count,) = _unpack(_WRITE_COUNT, payload, "REGION_WRITE_MULTI")
         writes = []
         for i in range(count):
-            offset, region, size, data = _unpack(
-                _MULTI_WRITE, payload, "REGION_WRITE_MULTI", _WRITE_COUNT.size + i * _MULTI_WRITE.size
-            )
+            at = _WRITE_COUNT.size + i * _MULTI_WRITE.size
+            offset, region, size, data = _unpack(_MULTI_WRITE, payload, "REGION_WRITE_MULTI", at)
             if size > MULTI_WRITE_MAX_DATA:
                 raise RemoteProtocolError(
                     f"coalesced write {i} claims {size} bytes, at most "

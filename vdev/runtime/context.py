@@ -169,6 +169,11 @@ class DeviceContext:
         self._lib = library or bindings.load()
         self._ctx: int | None = None
         self._lock = ContextLock()
+        # Held by the Trio task that is calling into C through a worker thread
+        # (or inline), so that the Trio thread itself never blocks on _lock.
+        self._trio_side = trio.Lock()
+        # >0 while device code runs on behalf of a libvfio-user callback.
+        self._callback_depth = 0
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._callbacks: list[Any] = []
@@ -323,7 +328,8 @@ class DeviceContext:
     async def _attach(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
+            async with self._trio_side:
+                result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
             if result == 0:
                 break
             if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
@@ -338,10 +344,11 @@ class DeviceContext:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-                if self.threaded:
-                    result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
-                else:
-                    result, code = self._locked(self._lib.vfu_run_ctx)
+                async with self._trio_side:
+                    if self.threaded:
+                        result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
+                    else:
+                        result, code = self._locked(self._lib.vfu_run_ctx)
                 if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
                     continue
                 if code == errno.EBUSY:
@@ -367,11 +374,13 @@ class DeviceContext:
         worker thread it is handed to Trio and waited for.
         """
         self._lock.release()
+        self._callback_depth += 1
         try:
             if threading.get_ident() == self._trio_thread or self._trio_token is None:
                 return complete_now(function(*args))  # type: ignore[arg-type]
             return trio.from_thread.run(function, *args, trio_token=self._trio_token)
         finally:
+            self._callback_depth -= 1
             self._lock.acquire()
 
     def _region_callback(self, region: int) -> Callable[..., int]:
@@ -454,7 +463,8 @@ class DeviceContext:
             log.exception("%s: on_quiesce failed; the client's request fails", self.device.name)
             outcome = errno.EIO
         self.device.events.record("quiesce", done=True, error=outcome)
-        result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome)
+        async with self._trio_side:
+            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome)
         if result < 0:
             log.warning("%s: vfu_device_quiesced: %s", self.device.name, os.strerror(code))
         self._quiesced.set()
@@ -542,28 +552,38 @@ class DeviceContext:
     async def _message_dma(self, address: int, size: int, buffer: Any, write: bool) -> None:
         """DMA through DMA_READ/DMA_WRITE messages: a round trip to the client.
 
-        Threaded devices wait for it in a worker thread; inline devices wait
-        on the Trio thread, because their handlers must finish without
-        suspending.
+        The wait for the client's reply never happens on the Trio thread when
+        it can be avoided, because the client may be a Trio task of this
+        very process (vdev's own test client).  From background work it
+        runs in a worker thread while this context's Trio side is held, so
+        ``vfu_run_ctx`` cannot race it for the reply.  Inside a callback the
+        worker serving it is parked: a threaded device waits in a worker
+        thread too, an inline device — whose handlers must not suspend —
+        waits on the Trio thread (so a plain handler doing message DMA needs
+        an out-of-process client; make it ``async`` otherwise).
         """
-        if self.threaded:
+        if self._callback_depth and not self.threaded:
+            self._sgl_transfer(address, size, buffer, write)
+        elif self._callback_depth:
             await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
         else:
-            self._sgl_transfer(address, size, buffer, write)
+            async with self._trio_side:
+                await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
 
     def _sgl_transfer(self, address: int, size: int, buffer: Any, write: bool) -> None:
-        """Message-based DMA (DMA_READ/DMA_WRITE to the client), in a worker thread."""
+        """Message-based DMA (DMA_READ/DMA_WRITE to the client), holding the context lock."""
         lib = self._lib
-        sgl = ctypes.create_string_buffer(lib.dma_sg_size())
+        sgl = bindings.DmaSg()
         self._lock.acquire()
         try:
             if self._ctx is None:
                 raise DmaError(f"{self.device.name}: device is shutting down")
             prot = 2 if write else 1  # PROT_WRITE / PROT_READ
-            if lib.vfu_addr_to_sgl(self._ctx, address, size, sgl, 1, prot) < 0:
+            if lib.vfu_addr_to_sgl(self._ctx, address, size, ctypes.byref(sgl), 1, prot) < 0:
                 raise DmaError(f"{self.device.name}: {address:#x}+{size:#x} is not mapped by the client")
+            sgl.dma_addr, sgl.offset = sgl.dma_addr + sgl.offset, 0  # see bindings.DmaSg
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
-            if transfer(self._ctx, sgl, 1, buffer) < 0:
+            if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
         finally:
             self._lock.release()
