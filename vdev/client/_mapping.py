@@ -38,6 +38,12 @@ class MappedRegion:
         areas = ", ".join(f"[{start:#x}, {end:#x})" for start, end, _ in self._maps)
         return f"<MappedRegion {self.info.index}: {areas}>"
 
+    @property
+    def areas(self) -> list[tuple[int, mmap.mmap]]:
+        """``(region offset, mapping)`` of every mapped area, for tools that need the raw mmap
+        (``mincore``, first-touch timing)."""
+        return [(start, memory) for start, _end, memory in self._maps]
+
     def read(self, offset: int, count: int) -> bytes:
         """``count`` bytes at region offset ``offset``, read through the mapping."""
         start, memory = self._locate(offset, count)
