@@ -112,6 +112,22 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from vdev import inspect as inspection
+    from vdev.client import ServerDisconnected, VfioUserError
+
+    try:
+        report = trio.run(inspection.gather, args.socket)
+    except (OSError, ServerDisconnected, VfioUserError) as exc:
+        print(f"vdev: error: cannot inspect {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(inspection.as_json(report), indent=2))
+    else:
+        print(inspection.as_text(report))
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     checks = doctor.run_checks()
     if args.json:
@@ -137,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     devices_parser = commands.add_parser("devices", help="list installed devices and their parameters")
     devices_parser.add_argument("--json", action="store_true")
     devices_parser.set_defaults(handler=_cmd_devices)
+
+    inspect_parser = commands.add_parser("inspect", help="connect to a vfio-user server and describe its device")
+    inspect_parser.add_argument("socket", help="the server's socket path")
+    inspect_parser.add_argument("--json", action="store_true")
+    inspect_parser.set_defaults(handler=_cmd_inspect)
 
     doctor_parser = commands.add_parser("doctor", help="check that libvfio-user and QEMU are usable")
     doctor_parser.add_argument("--json", action="store_true")
