@@ -44,7 +44,7 @@ async def test_inspect_describes_a_served_device(vdev_serve: Callable[[Device], 
     assert "MSI-X: vectors=8" in text and "BAR0       1M rwm mmap [0x0+1M] (1 fd)" in text
 
 
-async def test_inspect_reports_an_unreachable_socket_in_one_line(tmp_path: object) -> None:
+async def test_inspect_reports_an_unreachable_socket_in_one_line() -> None:
     result = await trio.run_process(
         [sys.executable, "-m", "vdev", "inspect", "/nonexistent/vdev.sock"],
         capture_stdout=True,

@@ -215,7 +215,8 @@ def as_text(report: Report) -> str:
     for region in report.regions:
         if not region.size:
             continue
-        access = ("r" if region.readable else "-") + ("w" if region.writable else "-") + ("m" if region.mappable else "-")
+        flags = ((region.readable, "r"), (region.writable, "w"), (region.mappable, "m"))
+        access = "".join(letter if present else "-" for present, letter in flags)
         sparse = ", ".join(f"[{offset:#x}+{_size(size)}]" for offset, size in region.sparse_areas)
         extra = f" mmap {sparse}" if sparse else (" mmap whole" if region.mappable else "")
         fds = f" ({region.fds} fd{'s' if region.fds != 1 else ''})" if region.fds else ""
