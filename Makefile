@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing vdev and its test dependencies into $(VENV)"
 	@( $(PY) -m pip install --disable-pip-version-check --upgrade pip && \
-	   $(PY) -m pip install --disable-pip-version-check -e '.[test]' ) >$(VENV)/pip.log 2>&1 || \
+	   $(PY) -m pip install --disable-pip-version-check -e '.[test,examples]' ) >$(VENV)/pip.log 2>&1 || \
 	   { cat $(VENV)/pip.log; echo "pip install failed (log above)"; exit 1; }
 	@touch $@
 
