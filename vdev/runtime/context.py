@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -163,7 +164,14 @@ def prepare_socket_path(path: Path) -> None:
 class DeviceContext:
     """Serves one :class:`Device` on one socket path, one client at a time, forever."""
 
-    def __init__(self, device: Device, socket_path: str | os.PathLike[str], library: Library | None = None) -> None:
+    def __init__(
+        self,
+        device: Device,
+        socket_path: str | os.PathLike[str],
+        library: Library | None = None,
+        *,
+        stall_timeout: float = 1.0,
+    ) -> None:
         self.device = device
         self.socket_path = Path(socket_path)
         self._lib = library or bindings.load()
@@ -179,6 +187,7 @@ class DeviceContext:
         self._callbacks: list[Any] = []
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
+        self.stall_timeout = stall_timeout
         self._nursery: trio.Nursery | None = None
         self._quiesced = trio.Event()
         self.threaded = needs_thread(device)
@@ -334,11 +343,27 @@ class DeviceContext:
                 break
             if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
+        self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
         self.connected = True
         self.device.irq.sink = self
         self.device.dma.port = self
         self.device.events.record("connect")
         log.info("%s: client attached on %s", self.device.name, self.socket_path)
+
+    def _limit_stalls(self, connection_fd: int) -> None:
+        """Bound how long libvfio-user may block reading from this client.
+
+        libvfio-user reads a message body (and a DMA reply) with a blocking
+        ``MSG_WAITALL`` receive; a client that sends a header and stops
+        would hold it forever — and an inline device holds the Trio thread
+        meanwhile.  A receive timeout turns that into a failed read, which
+        ends that client's connection and nothing else.
+        """
+        seconds = int(self.stall_timeout)
+        timeval = struct.pack("ll", seconds, int((self.stall_timeout - seconds) * 1e6))
+        duplicate = os.dup(connection_fd)
+        with socket.socket(fileno=duplicate) as connection:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
     async def _run_until_disconnect(self) -> None:
         try:
