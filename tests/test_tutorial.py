@@ -25,6 +25,7 @@ async def test_qemu_reads_my_register_and_gets_the_timer_msi(vdev_socket_dir: Pa
         await timer.enable(memory=True, io=False, master=True)
         assert await timer.bar_readl(0, 0x00) == 0x7157_7157
         await timer.bar_writel(0, 0x04, 5)
+        assert await timer.bar_readl(0, 0x04) == 5  # QEMU posts BAR writes; a read orders them
         assert device.bar0["period"] == 5
         mailbox = await enable_msi(timer, vm.guest_memory.alloc(4096))
         await timer.bar_writel(0, 0x0C, 1)
