@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench clean-deps guest
+.PHONY: all deps venv test demo bench soak clean-deps guest
 
 all: test
 
@@ -24,14 +24,18 @@ venv: $(VENV)/.installed
 deps: venv
 	@tools/provision.sh
 
-test: deps
+test: deps guest
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The leak soak at full length (the suite runs it with 200 cycles).
+soak: deps
+	VDEV_SOAK_CYCLES=1000 $(PY) -m pytest tests/robustness/test_soak.py $(PYTEST_ARGS)
 
 demo: deps
 	$(PY) examples/demo.py
 
 # Guest kernels + initramfs for tests/guest (KERNELS="bookworm trixie sid"; default bookworm).
-guest:
+guest: deps
 	@tools/guest.sh $(KERNELS)
 
 clean-deps:
@@ -39,3 +43,4 @@ clean-deps:
 
 bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+

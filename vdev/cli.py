@@ -8,6 +8,7 @@ something else.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -67,7 +68,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device.events.write_to(trace)
     print(f"vdev: serving {device.name} ({args.device}) on {args.socket_path}", file=sys.stderr, flush=True)
     try:
-        trio.run(serve, [(device, Path(args.socket_path))])
+        allowed = frozenset(args.allow_uid) if args.allow_uid else None
+        trio.run(functools.partial(serve, [(device, Path(args.socket_path))], allowed_uids=allowed))
     except (ServeError, LibraryError) as exc:
         print(f"vdev: error: {exc}", file=sys.stderr)
         return 1
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="device parameter")
     serve_parser.add_argument("--name", help="the device's name in logs and traces")
     serve_parser.add_argument("--trace", metavar="FILE", help="write every device event as a JSON line ('-': stdout)")
+    serve_parser.add_argument(
+        "--allow-uid", type=int, action="append", metavar="UID", help="accept clients of this uid only (repeatable)"
+    )
     serve_parser.set_defaults(handler=_cmd_serve)
 
     devices_parser = commands.add_parser("devices", help="list installed devices and their parameters")

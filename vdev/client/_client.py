@@ -137,6 +137,12 @@ class Client:
                     yield client
                 finally:
                     client._receiver.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery is an implementation detail: a lone failure (the
+            # server hung up, the caller's own assertion) is raised as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from group
+            raise
         finally:
             client._release()
 

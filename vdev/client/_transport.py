@@ -7,6 +7,7 @@ between a UNIX stream socket and a ``Connection``.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 from collections.abc import Sequence
@@ -32,14 +33,31 @@ class FdStream:
         self.torn = False
 
     @classmethod
-    async def connect(cls, path: str | os.PathLike[str]) -> FdStream:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(os.fspath(path))
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
+    async def connect(cls, path: str | os.PathLike[str], *, patience: float = 5.0) -> FdStream:
+        """Connect to the server at ``path``.
+
+        A vfio-user server (libvfio-user listens with a backlog of 0) may
+        have no room for a pending connection while it is busy with another
+        client; a non-blocking AF_UNIX connect then fails with EAGAIN, which
+        Trio reports as success.  The connection is checked and retried for
+        up to ``patience`` seconds.
+        """
+        with trio.move_on_after(patience):
+            while True:
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    await sock.connect(os.fspath(path))
+                    sock.getpeername()
+                    return cls(sock)
+                except OSError as exc:
+                    sock.close()
+                    if exc.errno not in (errno.ENOTCONN, errno.EAGAIN):
+                        raise
+                except BaseException:
+                    sock.close()
+                    raise
+                await trio.sleep(0.005)
+        raise ConnectionRefusedError(errno.EAGAIN, f"{path}: the server accepts no connection")
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Write all of ``data``; the fds ride with its first byte.

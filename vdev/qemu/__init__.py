@@ -28,6 +28,19 @@ from vdev.qemu.errors import (
     QTestClosedError,
     QTestError,
 )
+from vdev.qemu.guest import (
+    GuestArtefacts,
+    GuestError,
+    GuestExitedError,
+    GuestKernelError,
+    GuestMachine,
+    GuestResult,
+    GuestTimeoutError,
+    extra_initrd,
+    guest_command,
+    guest_dir,
+    parse_result,
+)
 from vdev.qemu.hotplug import hot_unplug
 from vdev.qemu.memory import GuestMemoryAllocator
 from vdev.qemu.msi import MsiMailbox, enable_msi
@@ -52,6 +65,17 @@ from vdev.qemu.qmp import QmpClient, QmpEvents
 from vdev.qemu.qtest import QTestClient
 
 __all__ = [
+    "GuestArtefacts",
+    "GuestError",
+    "GuestExitedError",
+    "GuestKernelError",
+    "GuestMachine",
+    "GuestResult",
+    "GuestTimeoutError",
+    "extra_initrd",
+    "guest_command",
+    "guest_dir",
+    "parse_result",
     "BarInfo",
     "BarKind",
     "ConfigAccess",

@@ -171,6 +171,8 @@ class DeviceContext:
         library: Library | None = None,
         *,
         stall_timeout: float = 1.0,
+        allowed_uids: frozenset[int] | None = None,
+        socket_mode: int = 0o600,
     ) -> None:
         self.device = device
         self.socket_path = Path(socket_path)
@@ -188,6 +190,8 @@ class DeviceContext:
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
         self.stall_timeout = stall_timeout
+        self.allowed_uids = allowed_uids
+        self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
         self._quiesced = trio.Event()
         self.threaded = needs_thread(device)
@@ -225,7 +229,7 @@ class DeviceContext:
 
     def _setup(self) -> None:
         lib, device, ctx = self._lib, self.device, self._ctx
-        os.chmod(self.socket_path, 0o600)
+        os.chmod(self.socket_path, self.socket_mode)
         self._check(lib.vfu_setup_log(ctx, self._keep(bindings.LOG_CB(self._on_log)), 7), "vfu_setup_log")
         pci_type = PciType.EXPRESS if device.express else PciType.CONVENTIONAL
         self._check(lib.vfu_pci_init(ctx, pci_type, PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init")
@@ -340,7 +344,11 @@ class DeviceContext:
             async with self._trio_side:
                 result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
             if result == 0:
-                break
+                if self._peer_allowed(self._lib.vfu_get_poll_fd(self._ctx)):
+                    break
+                while (await self._run_once())[1] not in _DISCONNECTED:
+                    pass  # let libvfio-user see the hang-up and listen again
+                continue
             if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
         self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
@@ -349,6 +357,34 @@ class DeviceContext:
         self.device.dma.port = self
         self.device.events.record("connect")
         log.info("%s: client attached on %s", self.device.name, self.socket_path)
+
+    async def _run_once(self) -> tuple[int, int]:
+        """Wait until the client sent something, then let libvfio-user handle it."""
+        await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
+        async with self._trio_side:
+            if self.threaded:
+                return await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
+            return self._locked(self._lib.vfu_run_ctx)
+
+    def _peer_allowed(self, connection_fd: int) -> bool:
+        """Check the client's uid (SO_PEERCRED) against the allow-list; hang up on a stranger.
+
+        libvfio-user owns the connection, so a refused client is shut down
+        rather than closed: the library sees the end of the stream and goes
+        back to listening.
+        """
+        if self.allowed_uids is None:
+            return True
+        duplicate = os.dup(connection_fd)
+        with socket.socket(fileno=duplicate) as connection:
+            credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", credentials)
+            if uid in self.allowed_uids:
+                return True
+            connection.shutdown(socket.SHUT_RDWR)
+        self.device.events.record("violation", what="peer not allowed", uid=uid, pid=pid)
+        log.warning("%s: refused a client with uid %d (pid %d): not in the allow-list", self.device.name, uid, pid)
+        return False
 
     def _limit_stalls(self, connection_fd: int) -> None:
         """Bound how long libvfio-user may block reading from this client.
@@ -368,12 +404,7 @@ class DeviceContext:
     async def _run_until_disconnect(self) -> None:
         try:
             while True:
-                await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-                async with self._trio_side:
-                    if self.threaded:
-                        result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
-                    else:
-                        result, code = self._locked(self._lib.vfu_run_ctx)
+                result, code = await self._run_once()
                 if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
                     continue
                 if code == errno.EBUSY:

@@ -34,13 +34,14 @@ async def serve(
     *,
     task_status: trio.TaskStatus[list[DeviceContext]] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    allowed_uids: frozenset[int] | None = None,
 ) -> None:
     """Serve every ``(device, socket_path)`` pair until cancelled or signalled.
 
     Every context is created before serving starts, so a bad socket path or
     a library refusal is raised here as a plain :class:`ServeError`.
     """
-    contexts = [DeviceContext(device, path) for device, path in devices]
+    contexts = [DeviceContext(device, path, allowed_uids=allowed_uids) for device, path in devices]
     try:
         for context in contexts:
             context.create()

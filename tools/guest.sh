@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# Build the artefacts a vdev guest test boots: Debian kernels, an uncompressed
+# vmlinux of each, and an initramfs per kernel with busybox, the vfio modules,
+# /init and the static guest programs from guest/.
+#
+# Usage: tools/guest.sh [KERNEL...]        (make guest KERNELS="bookworm trixie")
+#   KERNEL is a Debian suite whose linux-image-amd64 to use:
+#     bookworm                 the host's own apt (6.1)           - the default
+#     trixie                   the private apt of `make deps` (6.12)
+#     trixie-backports | sid   the private apt (newest kernels)
+#
+# Everything lands in .deps/guest/ (or $VDEV_DEPS_DIR/guest):
+#   <kernel>/root/               the unpacked kernel packages
+#   <kernel>/bzImage             the kernel as Debian ships it
+#   <kernel>/vmlinux             the ELF inside it, booted through PVH (faster)
+#   <kernel>/initramfs.cpio.gz   busybox, modules, /init, guest programs
+#   <kernel>/kernel.json         what was built from which package version
+#   programs/                    the guest programs, compiled with gcc -static
+#   busybox/                     Debian's busybox-static, unpacked
+#
+# Each step leaves a stamp: downloads happen once per kernel (delete
+# .deps/guest/<kernel> to fetch a newer one); the initramfs is rebuilt when
+# anything in guest/ or this tooling changes.  A second run takes seconds.
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${VDEV_DEPS_DIR:-$repo_root/.deps}
+guest=$cache/guest
+sources=$repo_root/guest
+tools=$repo_root/tools/guest
+apt_conf=$cache/apt/apt.conf
+host_packages=(gcc libc6-dev zstd python3)
+
+say() { printf 'guest: %s\n' "$*" >&2; }
+fail() {
+    printf 'guest: FAILED: %s\n' "$*" >&2
+    exit 1
+}
+stamp_ok() { [[ -f "$1" ]] && [[ "$(cat "$1")" == "$2" ]]; }
+human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || printf '%s bytes' "$1"; }
+
+# --- host tools ----------------------------------------------------------------
+ensure_host_packages() {
+    local missing=() pkg
+    for pkg in "${host_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    ((${#missing[@]} == 0)) && return
+    say "installing host packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null 2>&1 || true
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+            fail "could not install host packages: ${missing[*]} (apt-get install failed)"
+    fi
+}
+
+# --- apt: the host's for bookworm, the private one of `make deps` otherwise -----
+# Run apt for kernel $1: host_apt or private_apt.
+apt_for() {
+    if [[ "$1" == bookworm ]]; then
+        printf 'host\n'
+    else
+        printf 'private\n'
+    fi
+}
+
+run_apt() {
+    local which=$1
+    shift
+    if [[ "$which" == private ]]; then
+        [[ -f "$apt_conf" ]] ||
+            fail "the private apt configuration $apt_conf is missing; run \`make deps\` first"
+        APT_CONFIG=$apt_conf "$@"
+    else
+        "$@"
+    fi
+}
+
+# The version of linux-image-amd64 that suite $2 offers through apt $1.
+meta_version() {
+    local which=$1 suite=$2
+    if [[ "$which" == host ]]; then
+        run_apt host apt-cache policy linux-image-amd64 | awk '/Candidate:/ {print $2; exit}' | grep -v '(none)' || true
+    else
+        run_apt private apt-cache madison linux-image-amd64 |
+            awk -v s="$suite/main" '$0 ~ " "s" " {print $3; exit}'
+    fi
+}
+
+# Names of the packages in `Depends:` of package=version $2 (apt $1).
+depends_of() {
+    run_apt "$1" apt-cache show "$2" | awk -F': ' '/^Depends:/ {print $2; exit}' |
+        tr ',|' '\n\n' | awk '{print $1}'
+}
+
+# Refresh the lists of apt $1 (once per run): a mirror drops old versions.
+update_lists() {
+    # A marker file, not a variable: callers may run in subshells.
+    local marker=$guest/.lists-updated-$1-$$
+    [[ -e "$marker" ]] && return 1
+    touch "$marker"
+    trap 'rm -f "$guest"/.lists-updated-*-'$$ EXIT
+    say "updating the $1 apt lists"
+    run_apt "$1" apt-get update -qq >/dev/null 2>&1 || true
+}
+
+# apt-get download (apt $1) of the rest of the arguments into the current directory.
+try_download() {
+    local which=$1
+    shift
+    run_apt "$which" apt-get download -q -o APT::Sandbox::User=root "$@" >download.log 2>&1
+}
+
+# As try_download, but on failure the lists are updated once and the download retried.
+download() {
+    try_download "$@" && return
+    update_lists "$1" && try_download "$@" && return
+    fail "could not download ${*:2} (apt-get download; log: $(pwd)/download.log)"
+}
+
+# linux-image-amd64's version in suite $2 (apt $1), updating stale lists once.
+resolve_meta() {
+    local which=$1 suite=$2 meta
+    meta=$(meta_version "$which" "$suite")
+    if [[ -z "$meta" ]] && update_lists "$which"; then
+        meta=$(meta_version "$which" "$suite")
+    fi
+    if [[ -z "$meta" && "$which" == host ]]; then
+        fail "the host's apt offers no linux-image-amd64 (for bookworm)"
+    fi
+    [[ -n "$meta" ]] || fail "no linux-image-amd64 in suite $suite of the private apt lists" \
+        "(they have: $(awk '$1 == "deb" {printf "%s ", $4}' "$cache/apt/etc/sources.list" 2>/dev/null)-" \
+        "bookworm comes from the host's apt)"
+    printf '%s\n' "$meta"
+}
+
+# The packages holding kernel linux-image-amd64=$2 (apt $1), as name=version.
+kernel_packages() {
+    local which=$1 meta=$2 suite=$3 abi flavour pkg packages
+    abi=$(depends_of "$which" "linux-image-amd64=$meta" | grep -E '^linux-image-[0-9]' | head -n1)
+    [[ -n "$abi" ]] || fail "linux-image-amd64=$meta ($suite) depends on no linux-image-<version> package"
+    packages="$abi=$meta"
+    # Since 6.13 Debian splits the image into -binary, -modules and -base.
+    flavour=${abi#linux-image-}
+    for pkg in $(depends_of "$which" "$abi=$meta" |
+        grep -Fx -e "linux-binary-$flavour" -e "linux-modules-$flavour" -e "linux-base-$flavour" || true); do
+        packages+=" $pkg=$meta"
+    done
+    printf '%s\n' "$packages"
+}
+
+# --- busybox -------------------------------------------------------------------
+busybox=$guest/busybox/bin/busybox
+
+provision_busybox() {
+    [[ -x "$busybox" ]] && stamp_ok "$guest/busybox/stamp" done && return
+    say "downloading busybox-static"
+    rm -rf "$guest/busybox"
+    mkdir -p "$guest/busybox/debs"
+    (cd "$guest/busybox/debs" && download host busybox-static)
+    dpkg-deb -x "$guest/busybox/debs"/busybox-static_*.deb "$guest/busybox/root"
+    mkdir -p "$guest/busybox/bin"
+    cp "$guest/busybox/root/bin/busybox" "$busybox"
+    rm -rf "$guest/busybox/debs" "$guest/busybox/root"
+    "$busybox" true || fail "the downloaded busybox does not run"
+    printf 'done\n' >"$guest/busybox/stamp"
+}
+
+# --- guest programs ------------------------------------------------------------
+# guest/NAME.c, or every .c file in guest/NAME/, becomes programs/NAME.
+cflags=(-static -O2 -Wall -Wextra -Werror=implicit-function-declaration)
+
+build_programs() {
+    mkdir -p "$guest/programs"
+    local src name files digest
+    for src in "$sources"/*.c "$sources"/*/; do
+        [[ -e "$src" ]] || continue
+        if [[ -d "$src" ]]; then
+            name=$(basename "$src")
+            [[ "$name" == bin ]] && continue
+            files=("$src"*.c)
+            [[ -e "${files[0]}" ]] || continue
+        else
+            name=$(basename "$src" .c)
+            files=("$src")
+        fi
+        digest=$({
+            cat "${files[@]}"
+            find "$sources" -maxdepth 1 -name '*.h' -exec cat {} +
+            printf '%s' "${cflags[*]}"
+        } | sha256sum | cut -d' ' -f1)
+        if [[ -x "$guest/programs/$name" ]] && stamp_ok "$guest/programs/.$name.stamp" "$digest"; then
+            continue
+        fi
+        say "compiling guest program $name"
+        gcc "${cflags[@]}" -I"$sources" -o "$guest/programs/$name" "${files[@]}" ||
+            fail "could not compile guest program $name from ${files[*]}"
+        printf '%s\n' "$digest" >"$guest/programs/.$name.stamp"
+    done
+    # Programs whose source is gone leave the initramfs too.
+    for src in "$guest/programs"/*; do
+        name=$(basename "$src")
+        [[ -e "$src" ]] && ! [[ -e "$sources/$name.c" || -d "$sources/$name" ]] &&
+            rm -f "$src" "$guest/programs/.$name.stamp"
+    done
+    return 0
+}
+
+# --- one kernel ----------------------------------------------------------------
+provision_kernel() {
+    local name=$1 suite=$1 which dir
+    [[ "$name" == backports ]] && suite=trixie-backports
+    which=$(apt_for "$suite")
+    dir=$guest/$name
+    mkdir -p "$dir/stamps"
+
+    if ! [[ -f "$dir/stamps/kernel" && -f "$dir/bzImage" && -f "$dir/release" ]]; then
+        local meta packages=() deb
+        meta=$(resolve_meta "$which" "$suite")
+        packages=($(kernel_packages "$which" "$meta" "$suite"))
+        ((${#packages[@]})) || exit 1 # kernel_packages said why
+        say "$name: downloading ${packages[*]}"
+        rm -rf "$dir/debs" "$dir/root" "$dir/root.tmp"
+        mkdir -p "$dir/debs" "$dir/root.tmp"
+        local started=$SECONDS
+        if ! (cd "$dir/debs" && try_download "$which" "${packages[@]}"); then
+            # The lists may name versions the mirror has dropped: refresh, resolve again.
+            update_lists "$which" || true
+            meta=$(resolve_meta "$which" "$suite")
+            packages=($(kernel_packages "$which" "$meta" "$suite"))
+            (cd "$dir/debs" && try_download "$which" "${packages[@]}") ||
+                fail "could not download ${packages[*]} (apt-get download; log: $dir/debs/download.log)"
+        fi
+        local size
+        size=$(cat "$dir/debs"/*.deb | wc -c)
+        say "$name: downloaded $(human "$size") in $((SECONDS - started)) s; unpacking"
+        for deb in "$dir/debs"/*.deb; do
+            dpkg-deb -x "$deb" "$dir/root.tmp" || fail "could not unpack $deb"
+        done
+        mv "$dir/root.tmp" "$dir/root"
+        rm -rf "$dir/debs"
+        local image
+        image=$( (find "$dir/root/boot" "$dir/root/usr/lib/modules" -maxdepth 2 -name 'vmlinuz*' 2>/dev/null || true) | head -n1)
+        [[ -n "$image" ]] || fail "no vmlinuz in ${packages[*]}"
+        cp "$image" "$dir/bzImage"
+        basename "$( (find "$dir/root/lib/modules" "$dir/root/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d 2>/dev/null || true) | head -n1)" >"$dir/release"
+        [[ -s "$dir/release" ]] || fail "no /lib/modules/<release> in ${packages[*]}"
+        printf '%s\n' "$meta" >"$dir/version"
+        printf '%s\n' "$size" >"$dir/download-bytes"
+        rm -f "$dir/stamps"/*
+        printf '%s\n' "$meta" >"$dir/stamps/kernel"
+    fi
+
+    local release version
+    release=$(cat "$dir/release")
+    version=$(cat "$dir/version")
+
+    if ! [[ -f "$dir/stamps/vmlinux" ]]; then
+        if summary=$(python3 "$tools/artefacts.py" vmlinux "$dir/bzImage" "$dir/vmlinux" 2>"$dir/vmlinux.err"); then
+            say "$name: vmlinux: $summary"
+            rm -f "$dir/vmlinux.err"
+        else
+            say "$name: no vmlinux, guests boot the bzImage: $(cat "$dir/vmlinux.err")"
+            rm -f "$dir/vmlinux"
+        fi
+        printf 'done\n' >"$dir/stamps/vmlinux"
+    fi
+
+    local digest
+    digest=$(
+        {
+            printf '%s\n' "$release" "${cflags[*]}"
+            find "$sources" "$tools" "$guest/programs" -type f ! -name '.*' -print0 | sort -z | xargs -0 sha256sum
+            sha256sum "$busybox" "$repo_root/tools/guest.sh"
+        } | sha256sum | cut -d' ' -f1
+    )
+    if ! [[ -f "$dir/initramfs.cpio.gz" ]] || ! stamp_ok "$dir/stamps/initramfs" "$digest"; then
+        build_initramfs "$name" "$dir" "$release"
+        printf '%s\n' "$digest" >"$dir/stamps/initramfs"
+    fi
+
+    local kernel=bzImage
+    [[ -f "$dir/vmlinux" ]] && kernel=vmlinux
+    printf '{"name": "%s", "suite": "%s", "package_version": "%s", "release": "%s", "kernel": "%s", "modules": [%s]}\n' \
+        "$name" "$suite" "$version" "$release" "$kernel" \
+        "$(sed 's/\.ko$//; s/.*/"&"/' "$dir/modules.order" | paste -sd, | sed 's/,/, /g')" >"$dir/kernel.json"
+    say "$name: ready: linux $release ($version), $kernel + initramfs $(human "$(stat -c %s "$dir/initramfs.cpio.gz")")"
+}
+
+build_initramfs() {
+    local name=$1 dir=$2 release=$3 stage=$2/initramfs.d
+    say "$name: building initramfs"
+    rm -rf "$stage"
+    mkdir -p "$stage"/{bin,dev,etc,lib/modules,proc,sys,tmp,run,vdev,root}
+    ln -s bin "$stage/sbin"
+    mkdir -p "$stage/usr"
+    ln -s ../bin "$stage/usr/bin"
+    ln -s ../bin "$stage/usr/sbin"
+    cp "$busybox" "$stage/bin/busybox"
+    local applet
+    for applet in $("$busybox" --list); do
+        [[ "$applet" == busybox ]] || ln -s busybox "$stage/bin/$applet"
+    done
+    python3 "$tools/artefacts.py" modules --root "$dir/root" --release "$release" \
+        --list "$sources/modules" --out "$stage/lib/modules" >"$dir/modules.log" ||
+        fail "could not collect the kernel modules for $name (see the message above)"
+    cp "$stage/lib/modules/load.order" "$dir/modules.order"
+    say "$name: modules: $(tail -n1 "$dir/modules.log")"
+    grep '^  module' "$dir/modules.log" | sed "s/^  /guest: $name: /" >&2 || true
+    cp "$sources/init" "$stage/init"
+    chmod 755 "$stage/init"
+    if [[ -d "$sources/bin" ]]; then
+        cp "$sources/bin"/* "$stage/bin/"
+        chmod 755 "$stage/bin"/*
+    fi
+    cp "$guest/programs"/* "$stage/bin/" 2>/dev/null || true
+    python3 "$tools/artefacts.py" cpio --dir "$stage" --out "$dir/initramfs.cpio.gz" --node /dev/console:600:5:1 ||
+        fail "could not write the initramfs for $name"
+    rm -rf "$stage"
+}
+
+# --- main ------------------------------------------------------------------------
+kernels=("$@")
+((${#kernels[@]})) || kernels=(bookworm)
+ensure_host_packages
+mkdir -p "$guest"
+provision_busybox
+build_programs
+for kernel in "${kernels[@]}"; do
+    provision_kernel "$kernel"
+done

@@ -1,0 +1,667 @@
+"""Boot a Linux guest with vdev devices attached and read what it reports.
+
+Where :class:`~vdev.qemu.QemuMachine` plays firmware and driver itself through
+qtest, :class:`GuestMachine` boots a real kernel, so the guest's own drivers
+(vfio-pci, uio, a device's in-kernel driver) touch the device.  The kernel and
+initramfs come from ``make guest`` (``tools/guest.sh``); the initramfs's
+``/init`` loads the vfio modules, runs the test's commands and powers off.
+
+The protocol between guest and harness is the serial console: the guest
+reports results as lines ::
+
+    VDEV {"kind": "vfio.region", "index": 0, "size": 4096, ...}
+
+anywhere in a console line (a kernel message may precede it), one JSON object
+each with a string ``kind``; everything else on the console is the kernel's
+and the programs' own output, kept in a log.  ``/init`` itself reports
+``init.ready`` (modules loaded), ``run.start``/``run.exit`` around each
+command and ``init.done`` before powering off.
+
+Choices that are not obvious:
+
+* TCG, not KVM: ``/dev/kvm`` may exist where guests cannot run under it.  Set
+  ``VDEV_GUEST_ACCEL=kvm`` (or pass ``accel``) where KVM works.
+* q35 with an emulated Intel IOMMU (``caching-mode=on`` so QEMU sees the
+  guest's mappings; ``intremap=on`` with a split irqchip): vfio-pci in the
+  guest needs an IOMMU, and Debian's kernels have no vfio no-IOMMU mode.
+* Guest RAM is a shared memfd, so a vfio-user server can map it for DMA.
+* Commands reach the guest in a small cpio archive appended to the
+  initramfs (``/vdev/run``, plus any ``files``): the kernel unpacks
+  concatenated archives, and nothing has to fit the 2 KiB command line.
+* After ``/init`` has loaded its modules it lowers the console log level to
+  ``kernel_loglevel`` (default 5: warnings and worse), so that the kernel's
+  info messages do not land in the middle of result lines.  Boot messages
+  before that are all on the console.
+* QEMU is always stopped when the block ends (SIGTERM, then SIGKILL).  The
+  console log stays on disk when the block fails; its tail, the kernel's
+  ``BUG:``/``WARNING:``/``Oops`` lines and QEMU's stderr are attached to the
+  error.
+
+Example::
+
+    async with served(Hello(), sock) as ctx, GuestMachine(
+        devices=[vfio_user_pci(sock, addr="0x3")],
+        run=["pci-list"],
+    ) as guest:
+        device = await guest.expect("pci.device", vendor="1b36")
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import trio
+
+from vdev import deps
+from vdev.qemu.cmdline import MEMORY_BACKEND_ID, DeviceSpec, MiB, device_arg
+from vdev.qemu.errors import QemuError, QemuStartError
+
+#: The command that builds the guest artefacts.
+GUEST_BUILD_COMMAND = "make guest"
+#: The kernel set used when none is named (Debian bookworm's 6.1).
+DEFAULT_GUEST = "bookworm"
+#: What precedes a result's JSON object on a console line.
+RESULT_MARKER = "VDEV "
+#: Kernel command-line words every guest gets (the caller's ``append`` follows).
+BASE_APPEND = "console=ttyS0 intel_iommu=on vfio_iommu_type1.allow_unsafe_interrupts=1 panic=-1"
+#: Console lines that mean the guest kernel is unhappy.
+KERNEL_PROBLEM = re.compile(r"\bBUG:|\bWARNING:|\bOops\b|Kernel panic|general protection fault")
+
+_TAIL_LINES = 60
+
+
+# -- artefacts ----------------------------------------------------------------------
+
+
+def guest_dir() -> Path:
+    """Where ``make guest`` puts its artefacts: ``$VDEV_GUEST_DIR`` or ``guest/`` in the deps cache."""
+    configured = os.environ.get("VDEV_GUEST_DIR")
+    if configured:
+        return Path(configured)
+    return deps.cache_dir() / "guest"
+
+
+@dataclass(frozen=True)
+class GuestArtefacts:
+    """One kernel set built by ``make guest``: kernel, initramfs and what they hold."""
+
+    #: The set's name, e.g. ``bookworm`` or ``trixie``.
+    name: str
+    #: The kernel to boot: the uncompressed ELF ``vmlinux`` when there is one, else the bzImage.
+    kernel: Path
+    #: The kernel as Debian ships it.
+    bzimage: Path
+    #: The initramfs (gzip cpio) with busybox, modules, ``/init`` and the guest programs.
+    initrd: Path
+    #: The kernel release (``uname -r``).
+    release: str
+    #: Debian's package version.
+    package_version: str
+    #: The modules ``/init`` loads, in load order.
+    modules: tuple[str, ...]
+
+    @classmethod
+    def find(cls, name: str = DEFAULT_GUEST, directory: Path | None = None) -> GuestArtefacts:
+        """The set called ``name``; :class:`FileNotFoundError` naming the command that builds it."""
+        where = (directory or guest_dir()) / name
+        manifest = where / "kernel.json"
+        command = GUEST_BUILD_COMMAND if name == DEFAULT_GUEST else f'{GUEST_BUILD_COMMAND} KERNELS="{name}"'
+        if not manifest.exists() or not (where / "initramfs.cpio.gz").exists():
+            raise FileNotFoundError(f"guest artefacts {name!r} not found in {where}; run `{command}`")
+        info = json.loads(manifest.read_text())
+        return cls(
+            name=name,
+            kernel=where / info["kernel"],
+            bzimage=where / "bzImage",
+            initrd=where / "initramfs.cpio.gz",
+            release=info["release"],
+            package_version=info["package_version"],
+            modules=tuple(info["modules"]),
+        )
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+class GuestError(QemuError):
+    """Base class of the guest harness's errors."""
+
+
+class GuestTimeoutError(GuestError):
+    """The guest did not report what was expected in time (or the machine's time ran out)."""
+
+
+class GuestExitedError(GuestError):
+    """The guest powered off, or QEMU exited, before reporting what was expected."""
+
+
+class GuestKernelError(GuestError):
+    """The guest kernel logged ``BUG:``, ``WARNING:``, an ``Oops`` or a panic."""
+
+    def __init__(self, message: str, problems: Sequence[str]) -> None:
+        super().__init__(message)
+        #: The offending console lines.
+        self.problems = list(problems)
+
+
+# -- results ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """One ``VDEV {...}`` line from the guest; index it like the JSON object."""
+
+    #: The ``kind`` member.
+    kind: str
+    #: The whole JSON object (``kind`` included).
+    data: Mapping[str, Any]
+    #: Seconds since QEMU started when the line arrived.
+    at: float
+    #: The line's number in the console log (from 1).
+    line: int
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def matches(self, kind: str, fields: Mapping[str, Any]) -> bool:
+        """Whether this result has ``kind`` and every member in ``fields`` equal."""
+        return self.kind == kind and all(self.data.get(k, _MISSING) == v for k, v in fields.items())
+
+
+_MISSING = object()
+
+
+def parse_result(line: str) -> Mapping[str, Any] | None:
+    """The JSON object of a console line carrying a result, ``None`` for other lines.
+
+    Raises :class:`ValueError` for a line with the marker but no valid object
+    (a kernel message landed inside it, say).
+
+        >>> parse_result('[ 1.2] x VDEV {"kind": "a", "n": 1}')
+        {'kind': 'a', 'n': 1}
+        >>> parse_result("VDEVICE") is None
+        True
+    """
+    start = line.find(RESULT_MARKER + "{")
+    if start < 0:
+        return None
+    data, _ = json.JSONDecoder().raw_decode(line, start + len(RESULT_MARKER))
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise ValueError("a result must be a JSON object with a string 'kind'")
+    return data
+
+
+# -- command line -------------------------------------------------------------------
+
+
+def guest_command(
+    binary: str | os.PathLike[str],
+    *,
+    kernel: Path,
+    initrd: Path,
+    append: str,
+    memory: int,
+    smp: int = 1,
+    accel: str = "tcg",
+    devices: Sequence[DeviceSpec] = (),
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """QEMU's argument vector for a guest whose serial console is QEMU's stdout."""
+    if memory <= 0 or memory % MiB:
+        raise ValueError(f"memory must be a positive whole number of MiB, not {memory}")
+    size = f"{memory // MiB}M"
+    args = [
+        os.fspath(binary),
+        "-machine", f"q35,kernel-irqchip=split,memory-backend={MEMORY_BACKEND_ID}",
+        "-accel", accel,
+        "-m", size,
+        "-object", f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={size},share=on",
+        "-smp", str(smp),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-monitor", "none",
+        "-no-reboot",
+        "-chardev", "stdio,id=console,signal=off",
+        "-serial", "chardev:console",
+        "-device", "intel-iommu,caching-mode=on,intremap=on",
+        "-kernel", os.fspath(kernel),
+        "-initrd", os.fspath(initrd),
+        "-append", append,
+    ]  # fmt: skip
+    for spec in devices:
+        args += ["-device", device_arg(spec)]
+    args += extra_args
+    return args
+
+
+def extra_initrd(files: Mapping[str, bytes]) -> bytes:
+    """A gzip cpio (newc) archive of ``files`` (guest path -> content), all mode 0755.
+
+    Appended to an initramfs it adds or replaces those files; parent
+    directories are created.
+    """
+    entries: list[bytes] = []
+    directories: set[str] = set()
+    for number, (path, content) in enumerate(sorted(files.items()), start=1):
+        name = path.strip("/")
+        parts = name.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            if directory not in directories:
+                directories.add(directory)
+                entries.append(_newc(directory, stat.S_IFDIR | 0o755, b"", 0))
+        entries.append(_newc(name, stat.S_IFREG | 0o755, content, number))
+    entries.append(_newc("TRAILER!!!", 0, b"", 0))
+    return gzip.compress(b"".join(entries), mtime=0)
+
+
+def _newc(name: str, mode: int, data: bytes, ino: int) -> bytes:
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+    header = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
+    header += b"\0" * (-len(header) % 4)
+    return header + data + b"\0" * (-len(data) % 4)
+
+
+# -- the machine --------------------------------------------------------------------
+
+
+@dataclass
+class _Console:
+    """What the reader task has seen so far."""
+
+    results: list[GuestResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)
+    lines: int = 0
+    done: bool = False
+
+
+class GuestMachine:
+    """A QEMU guest booting a Linux kernel with ``devices`` attached; an async context manager.
+
+    ``kernel`` and ``initrd`` default to the ``bookworm`` set of ``make
+    guest`` (:class:`GuestArtefacts`).  ``run`` are shell commands ``/init``
+    runs in order, each in its own ``sh -c`` between ``run.start`` and
+    ``run.exit`` reports (one line each, in ``/vdev/run``); ``files`` (guest
+    path -> bytes or text) are added to the initramfs, executable.  ``append`` is
+    added to the kernel command line after :data:`BASE_APPEND`.  ``timeout``
+    bounds the whole block: when it passes, the body is cancelled and
+    :class:`GuestTimeoutError` raised.  With ``check_kernel`` (the default) a
+    block that ends without error raises :class:`GuestKernelError` if the
+    kernel logged ``BUG:``/``WARNING:``/``Oops``/a panic (a guest program
+    printing those words counts too).  ``kernel_loglevel`` is the console
+    log level once modules are loaded (``None``: the kernel's default, all
+    messages).  ``accel`` defaults to ``$VDEV_GUEST_ACCEL`` or ``tcg``.
+    ``workdir`` keeps the console log (``console.log``), QEMU's stderr
+    (``qemu.log``) and the combined initramfs; without it a temporary
+    directory is used and removed unless the block fails.
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel: str | os.PathLike[str] | None = None,
+        initrd: str | os.PathLike[str] | None = None,
+        devices: Sequence[DeviceSpec] = (),
+        append: str = "",
+        run: Sequence[str] = (),
+        files: Mapping[str, bytes | str] | None = None,
+        memory: int = 256 * MiB,
+        smp: int = 1,
+        timeout: float = 60.0,
+        accel: str | None = None,
+        binary: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+        workdir: str | os.PathLike[str] | None = None,
+        check_kernel: bool = True,
+        kernel_loglevel: int | None = 5,
+        stop_timeout: float = 2.0,
+    ) -> None:
+        if kernel is None or initrd is None:
+            artefacts = GuestArtefacts.find()
+            kernel = kernel if kernel is not None else artefacts.kernel
+            initrd = initrd if initrd is not None else artefacts.initrd
+        self._kernel = Path(kernel)
+        self._initrd = Path(initrd)
+        self._devices = list(devices)
+        words = [BASE_APPEND]
+        if kernel_loglevel is not None:
+            words.append(f"vdev.loglevel={kernel_loglevel}")
+        if append:
+            words.append(append)
+        #: The kernel command line.
+        self.append = " ".join(words)
+        self._files: dict[str, bytes] = {
+            path: content.encode() if isinstance(content, str) else bytes(content)
+            for path, content in (files or {}).items()
+        }
+        if any("\n" in command for command in run):
+            raise ValueError("a run command is one line; pass scripts as files")
+        if run:
+            self._files["/vdev/run"] = "".join(f"{command}\n" for command in run).encode()
+        self._memory = memory
+        self._smp = smp
+        self._timeout = timeout
+        self._accel = accel or os.environ.get("VDEV_GUEST_ACCEL", "tcg")
+        self._binary = binary if binary is not None else deps.qemu_path()
+        self._extra_args = list(extra_args)
+        self._workdir_given = Path(workdir) if workdir is not None else None
+        self._check_kernel = check_kernel
+        self._stop_timeout = stop_timeout
+        #: QEMU's full argument vector, once started.
+        self.command: list[str] = []
+        #: The working directory (console log, QEMU's stderr, the combined initramfs).
+        self.workdir: Path | None = None
+        self._console = _Console()
+        self._changed = trio.Event()
+        self._cursor = 0
+        self._waiting_for: str | None = None
+        self._started_at = 0.0
+        self._deadline = float("inf")
+        self._process: trio.Process | None = None
+        self._context: AbstractAsyncContextManager[None] | None = None
+
+    # -- the context manager ----------------------------------------------------
+
+    async def __aenter__(self) -> GuestMachine:
+        if self._context is not None:
+            raise RuntimeError("a GuestMachine can only be started once")
+        self._context = self._lifetime()
+        await self._context.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._context is not None
+        return await self._context.__aexit__(exc_type, exc, tb)
+
+    def _prepare(self, logs: ExitStack) -> tuple[BinaryIO, BinaryIO]:
+        """Make the working directory, the initramfs and the command; open the logs."""
+        workdir = self._workdir_given
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="vdev-guest-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        initrd = self._initrd
+        if self._files:
+            initrd = workdir / "initrd.img"
+            initrd.write_bytes(self._initrd.read_bytes() + extra_initrd(self._files))
+        self.command = guest_command(
+            self._binary,
+            kernel=self._kernel,
+            initrd=initrd,
+            append=self.append,
+            memory=self._memory,
+            smp=self._smp,
+            accel=self._accel,
+            devices=self._devices,
+            extra_args=self._extra_args,
+        )
+        return logs.enter_context(open(self.qemu_log, "wb")), logs.enter_context(open(self.console_log, "wb"))
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[None]:
+        failure: BaseException | None = None
+        with ExitStack() as logs:
+            stderr, console = self._prepare(logs)
+            try:
+                process = await trio.lowlevel.open_process(
+                    self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+                )
+            except OSError as exc:
+                raise QemuStartError(f"cannot run QEMU {self.command[0]}: {exc}") from exc
+            self._process = process
+            self._started_at = trio.current_time()
+            self._deadline = self._started_at + self._timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_console, process, console)
+                try:
+                    with trio.CancelScope(deadline=self._deadline) as scope:
+                        yield
+                    if scope.cancelled_caught:
+                        waiting = f" while waiting for {self._waiting_for}" if self._waiting_for else ""
+                        failure = GuestTimeoutError(
+                            f"the guest machine ran out of its {self._timeout} s{waiting}" + self._recent_results()
+                        )
+                except BaseException as exc:  # re-raised below, outside the nursery
+                    failure = exc
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._stop(process)
+                    nursery.cancel_scope.cancel()
+        error = self._outcome(failure)
+        if error is None and self._workdir_given is None and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if error is not None:
+            raise error
+
+    async def _stop(self, process: trio.Process) -> None:
+        if process.poll() is None:
+            process.terminate()
+            with trio.move_on_after(self._stop_timeout):
+                await process.wait()
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+        # Let the reader take what QEMU wrote last.
+        with trio.move_on_after(self._stop_timeout):
+            while not self._console.done:
+                await self._changed.wait()
+
+    def _outcome(self, failure: BaseException | None) -> BaseException | None:
+        if failure is None:
+            if self._check_kernel and self._console.problems:
+                failure = GuestKernelError(
+                    f"the guest kernel reported {len(self._console.problems)} problem(s):\n"
+                    + "\n".join(self._console.problems),
+                    self._console.problems,
+                )
+            else:
+                return None
+        elif isinstance(failure, trio.Cancelled):
+            return failure
+        if self._console.problems and not isinstance(failure, GuestKernelError):
+            failure.add_note("guest kernel problems:\n" + "\n".join(self._console.problems))
+        failure.add_note(f"guest console (last lines):\n{self.console_tail(_TAIL_LINES)}")
+        stderr = self.qemu_stderr()
+        if stderr:
+            failure.add_note(f"QEMU stderr:\n{stderr}")
+        failure.add_note(f"full console log kept: {self.console_log}")
+        return failure
+
+    async def _read_console(self, process: trio.Process, log: BinaryIO) -> None:
+        assert process.stdout is not None
+        pending = b""
+        while True:
+            chunk = await process.stdout.receive_some(65536)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                self._take_line(line)
+            self._notify()
+        if pending:
+            self._take_line(pending)
+        self._console.done = True
+        self._notify()
+
+    def _take_line(self, raw: bytes) -> None:
+        console = self._console
+        console.lines += 1
+        line = raw.decode(errors="replace").rstrip("\r")
+        if KERNEL_PROBLEM.search(line):
+            console.problems.append(line)
+        try:
+            data = parse_result(line)
+        except ValueError:
+            console.malformed.append(line)
+            return
+        if data is not None:
+            at = trio.current_time() - self._started_at
+            console.results.append(GuestResult(data["kind"], data, at, console.lines))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- what the guest said --------------------------------------------------------
+
+    @property
+    def console_log(self) -> Path:
+        """The file holding everything the guest wrote on its console."""
+        if self.workdir is None:
+            raise RuntimeError("the machine has not started")
+        return self.workdir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        """The file holding QEMU's stderr."""
+        if self.workdir is None:
+            raise RuntimeError("the machine has not started")
+        return self.workdir / "qemu.log"
+
+    @property
+    def results(self) -> list[GuestResult]:
+        """Every result so far, in arrival order."""
+        return list(self._console.results)
+
+    @property
+    def kernel_problems(self) -> list[str]:
+        """Console lines with ``BUG:``, ``WARNING:``, ``Oops``, a panic or a GP fault."""
+        return list(self._console.problems)
+
+    @property
+    def malformed_results(self) -> list[str]:
+        """Console lines with the result marker but no readable object."""
+        return list(self._console.malformed)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the console has closed (the guest powered off or QEMU exited)."""
+        return self._console.done
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """Seconds from QEMU's start to ``/init``'s ``init.ready``, once it came."""
+        for result in self._console.results:
+            if result.kind == "init.ready":
+                return result.at
+        return None
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status, or ``None`` while it runs."""
+        return self._process.poll() if self._process is not None else None
+
+    def console_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the console log."""
+        try:
+            data = self.console_log.read_bytes()
+        except (OSError, RuntimeError):
+            return ""
+        return "\n".join(data.decode(errors="replace").replace("\r", "").splitlines()[-lines:])
+
+    def qemu_stderr(self, lines: int = 20) -> str:
+        """The last ``lines`` lines QEMU wrote to stderr."""
+        try:
+            data = self.qemu_log.read_bytes()
+        except (OSError, RuntimeError):
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+    # A timeout argument rather than the caller's own cancel scope: the
+    # default is the machine's remaining time, and the error says what the
+    # guest reported instead.
+    async def expect(self, kind: str, *, timeout: float | None = None, **fields: Any) -> GuestResult:  # noqa: ASYNC109
+        """The next result of ``kind`` whose members equal ``fields``.
+
+        Like pexpect, the search starts after the previous match and results
+        passed over are skipped for later calls (they stay in
+        :attr:`results`).  ``timeout`` defaults to the machine's remaining
+        time.  Raises :class:`GuestTimeoutError`, or :class:`GuestExitedError`
+        once the guest can say nothing more.
+        """
+        started = trio.current_time()
+        deadline = self._deadline if timeout is None else min(self._deadline, started + timeout)
+        wanted = kind + "".join(f" {k}={v!r}" for k, v in fields.items())
+        self._waiting_for = wanted
+        with trio.move_on_at(deadline):
+            while True:
+                changed = self._changed
+                results = self._console.results
+                for index in range(self._cursor, len(results)):
+                    if results[index].matches(kind, fields):
+                        self._cursor = index + 1
+                        self._waiting_for = None
+                        return results[index]
+                if self._console.done:
+                    await self._reap()
+                    raise GuestExitedError(
+                        f"the guest finished (QEMU status {self.returncode}) without reporting {wanted}"
+                        + self._recent_results()
+                    )
+                await changed.wait()
+        raise GuestTimeoutError(
+            f"the guest did not report {wanted} within {trio.current_time() - started:.1f} s" + self._recent_results()
+        )
+
+    async def _reap(self) -> None:
+        """Give a QEMU whose console has closed a moment to exit, so its status is known."""
+        if self._process is not None:
+            with trio.move_on_after(self._stop_timeout):
+                await self._process.wait()
+
+    def _recent_results(self) -> str:
+        skipped = self._console.results[self._cursor :][-10:]
+        if not skipped:
+            return "; no unmatched results"
+        return "; unmatched results since the last match:\n" + "\n".join(
+            f"  {json.dumps(dict(r.data))}" for r in skipped
+        )
+
+    async def __aiter__(self) -> AsyncIterator[GuestResult]:
+        """Every result from the last match on, as it arrives, until the guest finishes."""
+        while True:
+            changed = self._changed
+            while self._cursor < len(self._console.results):
+                self._cursor += 1
+                yield self._console.results[self._cursor - 1]
+            if self._console.done:
+                return
+            await changed.wait()
+
+    async def wait_exit(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - as expect()
+        """Wait for the guest to power off; returns QEMU's exit status."""
+        deadline = self._deadline if timeout is None else min(self._deadline, trio.current_time() + timeout)
+        assert self._process is not None
+        with trio.move_on_at(deadline):
+            await self._process.wait()
+            while not self._console.done:
+                await self._changed.wait()
+            returncode = self._process.returncode
+            assert returncode is not None
+            return returncode
+        raise GuestTimeoutError("the guest did not power off in time")
