@@ -21,6 +21,7 @@ import trio
 from vdev import doctor, plugins
 from vdev.libvfio_user.bindings import LibraryError
 from vdev.model.device import Device
+from vdev.model.faults import FaultPlan, FaultPlanError
 from vdev.runtime import ServeError, serve
 
 
@@ -62,6 +63,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device = device_class(name=args.name, **params)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cannot create {args.device}: {exc}") from None
+    if args.faults:
+        try:
+            device.faults = FaultPlan.load(args.faults)
+        except FaultPlanError as exc:
+            raise UsageError(str(exc)) from None
     trace: IO[str] | None = None
     if args.trace:
         trace = sys.stdout if args.trace == "-" else open(args.trace, "w", encoding="utf-8")  # noqa: SIM115
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="device parameter")
     serve_parser.add_argument("--name", help="the device's name in logs and traces")
     serve_parser.add_argument("--trace", metavar="FILE", help="write every device event as a JSON line ('-': stdout)")
+    serve_parser.add_argument("--faults", metavar="PLAN", help="inject the faults of a plan file (JSON or TOML)")
     serve_parser.add_argument(
         "--allow-uid", type=int, action="append", metavar="UID", help="accept clients of this uid only (repeatable)"
     )

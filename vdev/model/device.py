@@ -27,6 +27,7 @@ from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, Pc
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
 from vdev.model.dma import Dma
 from vdev.model.events import EventLog
+from vdev.model.faults import Fault, FaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND
@@ -119,6 +120,8 @@ class Device:
         self.irq = Interrupts(self)
         self.dma = Dma(self)
         self.command_control = CommandControl(self)
+        #: Faults to inject (see :mod:`vdev.model.faults`); empty by default.
+        self.faults = FaultPlan()
         self._command_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -237,7 +240,11 @@ class Device:
             return self.config.read(offset, size)
         if region == RegionIndex.ROM:
             return bytes(self.rom[offset : offset + size]).ljust(size, b"\xff")
+        fault = await self._inject("read", region, offset) if self.faults.faults else None
         data = await self._bar_access(region, offset, size, None)
+        if fault is not None and fault.action == "corrupt":
+            corrupted = int.from_bytes(data, "little") ^ (fault.xor & ((1 << (8 * size)) - 1))
+            data = corrupted.to_bytes(size, "little")
         self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
         return data
 
@@ -248,8 +255,23 @@ class Device:
             return
         if region == RegionIndex.ROM:
             return
+        fault = await self._inject("write", region, offset) if self.faults.faults else None
         self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
+        if fault is not None and fault.action == "drop":
+            return
         await self._bar_access(region, offset, len(data), data)
+
+    async def _inject(self, on: str, region: int, offset: int) -> Fault | None:
+        """Apply the plan's fault for this access, if one matches; corrupt is the caller's to apply."""
+        fault = self.faults.pick(on, region=region, offset=offset)
+        if fault is None:
+            return None
+        self.events.record("fault", region=region, offset=offset, **fault.describe())
+        if fault.action == "delay":
+            await trio.sleep(fault.seconds)
+        elif fault.action == "errno":
+            raise InjectedError(fault.errno, f"{on} of {self.describe(region, offset)}")
+        return fault
 
     async def _bar_access(self, region: int, offset: int, size: int, data: bytes | None) -> bytes:
         bar = self._bars[region]
@@ -327,6 +349,11 @@ class Device:
         """Reset for ``kind``: device reset and FLR restore power-on state; a lost
         connection keeps the device's state (a new client may pick it up) and
         drops only what belonged to the old client."""
+        if kind is not ResetKind.LOST_CONNECTION and self.faults.faults:
+            fault = self.faults.pick("reset")
+            if fault is not None:
+                self.events.record("fault", reason=kind.value, **fault.describe())
+                raise InjectedError(fault.errno, f"{kind.value} reset")
         old_command = self.command
         if kind is ResetKind.LOST_CONNECTION:
             self.dma.clear()

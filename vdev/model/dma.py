@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
+
 if TYPE_CHECKING:
     from vdev.model.device import Device
 
@@ -68,27 +70,39 @@ class Dma:
         for iova in list(self.regions):
             self.remove(iova)
 
-    def _check(self, address: int, size: int, direction: str) -> DmaPort:
+    async def _check(self, address: int, size: int, direction: str) -> DmaPort:
         reason = None
-        if not self._device.command.master:
-            reason = "bus mastering is disabled (COMMAND.MASTER clear)"
-        elif not any(r.iova <= address and address + size <= r.end for r in self.regions.values()):
-            reason = "range is not inside memory the client mapped"
-        elif self.port is None:
-            reason = "no client is connected"
+        fault = self._device.faults.pick("dma") if self._device.faults.faults else None
+        if fault is not None:
+            self._device.events.record("fault", direction=direction, address=address, size=size, **fault.describe())
+            if fault.action == "delay":
+                await trio.sleep(fault.seconds)
+            else:
+                reason = "an injected fault"
+        reason = reason or self._refusal(address, size)
         if reason is not None:
             self._device.events.record("violation", what="dma", direction=direction, address=address, size=size)
             raise DmaError(f"{self._device.name}: DMA {direction} of {size} bytes at {address:#x} refused: {reason}")
         assert self.port is not None
         return self.port
 
+    def _refusal(self, address: int, size: int) -> str | None:
+        """Why a DMA of ``size`` bytes at ``address`` may not happen now, or None."""
+        if not self._device.command.master:
+            return "bus mastering is disabled (COMMAND.MASTER clear)"
+        if not any(r.iova <= address and address + size <= r.end for r in self.regions.values()):
+            return "range is not inside memory the client mapped"
+        if self.port is None:
+            return "no client is connected"
+        return None
+
     async def read(self, address: int, size: int) -> bytes:
         """Read ``size`` bytes of client memory at bus address ``address``."""
-        return await self._check(address, size, "read").dma_read(address, size)
+        return await (await self._check(address, size, "read")).dma_read(address, size)
 
     async def write(self, address: int, data: bytes) -> None:
         """Write ``data`` to client memory at bus address ``address``."""
-        await self._check(address, len(data), "write").dma_write(address, bytes(data))
+        await (await self._check(address, len(data), "write")).dma_write(address, bytes(data))
 
     async def read_int(self, address: int, size: int = 4) -> int:
         return int.from_bytes(await self.read(address, size), "little")

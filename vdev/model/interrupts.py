@@ -131,9 +131,16 @@ class Interrupts:
     # -- rules ----------------------------------------------------------------
 
     def _fire(self, irq_type: IrqType, vector: int) -> None:
-        self._device.events.record("irq", type=irq_type.name.lower(), vector=vector, connected=self.sink is not None)
-        if self.sink is not None:
-            self.sink.fire(irq_type, vector)
+        times = 1
+        fault = self._device.faults.pick("irq", vector=vector) if self._device.faults.faults else None
+        if fault is not None:
+            self._device.events.record("fault", type=irq_type.name.lower(), vector=vector, **fault.describe())
+            times = {"drop": 0, "duplicate": 2, "storm": fault.times}[fault.action]
+        for _ in range(times):
+            connected = self.sink is not None
+            self._device.events.record("irq", type=irq_type.name.lower(), vector=vector, connected=connected)
+            if self.sink is not None:
+                self.sink.fire(irq_type, vector)
 
     def _set_status_interrupt(self, level: bool) -> None:
         status = self._device.config.read_int(PCI_STATUS, 2)

@@ -69,6 +69,8 @@ from vdev.model.bars import BarKind
 from vdev.model.capabilities import Msi, MsiX
 from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaRegion
+from vdev.model.faults import Fault, InjectedError
+from vdev.model.registers import call_hook
 
 log = logging.getLogger("vdev")
 
@@ -194,8 +196,13 @@ class DeviceContext:
         self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
         self._quiesced = trio.Event()
-        self.threaded = needs_thread(device)
+        self._declared_threaded = needs_thread(device)
         self.connected = False
+
+    @property
+    def threaded(self) -> bool:
+        """Served threaded: some handler is ``async``, or a fault plan makes handlers wait."""
+        return self._declared_threaded or self.device.faults.needs_thread
 
     # -- setup ---------------------------------------------------------------
 
@@ -244,7 +251,7 @@ class DeviceContext:
         self._check(
             lib.vfu_setup_device_reset_cb(ctx, self._keep(bindings.RESET_CB(self._on_reset))), "reset callback"
         )
-        if type(device).on_quiesce is not Device.on_quiesce:
+        if type(device).on_quiesce is not Device.on_quiesce or device.faults.has("quiesce"):
             lib.vfu_setup_device_quiesce_cb(ctx, self._keep(bindings.QUIESCE_CB(self._on_quiesce)))
         self._check(
             lib.vfu_setup_device_dma(
@@ -463,10 +470,10 @@ class DeviceContext:
             self.device.describe(region, offset),
             type(exc).__name__,
             exc,
-            exc_info=not isinstance(exc, (DmaError, trio.Cancelled)),
+            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled)),
         )
         self._note_error(region, offset, count, exc)
-        bindings.set_c_errno(errno.EIO)
+        bindings.set_c_errno(exc.errno if isinstance(exc, InjectedError) else errno.EIO)
         return -1
 
     def _note_error(self, region: int, offset: int, count: int, exc: BaseException) -> None:
@@ -488,20 +495,22 @@ class DeviceContext:
             self._to_trio(self.device.reset, ResetKind.from_library(ResetType(reset_type)))
             return 0
         except BaseException as exc:
-            log.error("%s: reset (%s) failed: %s", self.device.name, reset_type, exc, exc_info=True)
-            bindings.set_c_errno(errno.EIO)
+            injected = isinstance(exc, InjectedError)
+            log.error("%s: reset (%s) failed: %s", self.device.name, reset_type, exc, exc_info=not injected)
+            bindings.set_c_errno(exc.errno if isinstance(exc, InjectedError) else errno.EIO)
             return -1
 
     def _on_quiesce(self, _ctx: int) -> int:
-        """Quiesce now (plain hook) or answer EBUSY and finish in a Trio task (async hook)."""
+        """Quiesce now (plain hook) or answer EBUSY and finish in a Trio task (async hook, or a fault)."""
         try:
-            if not inspect.iscoroutinefunction(type(self.device).on_quiesce):
+            fault = self._to_trio(self._async_call, self.device.faults.pick, "quiesce")
+            if fault is None and not inspect.iscoroutinefunction(type(self.device).on_quiesce):
                 self._to_trio(self._async_call, self.device.on_quiesce)
                 self._to_trio(self._async_call, functools.partial(self.device.events.record, "quiesce", done=True))
                 return 0
             self._quiesced = trio.Event()
             assert self._nursery is not None
-            self._to_trio(self._async_call, self._nursery.start_soon, self._quiesce_later)
+            self._to_trio(self._async_call, self._nursery.start_soon, self._quiesce_later, fault)
         except BaseException as exc:
             log.error("%s: quiesce failed: %s", self.device.name, exc, exc_info=True)
             bindings.set_c_errno(errno.EIO)
@@ -509,12 +518,15 @@ class DeviceContext:
         bindings.set_c_errno(errno.EBUSY)
         return -1
 
-    async def _quiesce_later(self) -> None:
-        """Await the device's quiesce hook, then let libvfio-user finish the pending request."""
+    async def _quiesce_later(self, fault: Fault | None) -> None:
+        """Await the device's quiesce hook (and an injected busy spell), then let libvfio-user go on."""
         self.device.events.record("quiesce", done=False)
         outcome = 0
         try:
-            await self.device.on_quiesce()  # type: ignore[func-returns-value]
+            if fault is not None:
+                self.device.events.record("fault", **fault.describe())
+                await trio.sleep(fault.seconds)
+            await call_hook(self.device.on_quiesce)
         except Exception:
             log.exception("%s: on_quiesce failed; the client's request fails", self.device.name)
             outcome = errno.EIO

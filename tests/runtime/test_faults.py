@@ -1,0 +1,179 @@
+"""Device-level faults from a plan, applied without changing the device, seen by the client."""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from vdev import Device
+from vdev.client import Client, VfioUserError
+from vdev.model.faults import Fault, FaultPlan, FaultPlanError
+from vdev.protocol.constants import IrqIndex
+from vdev_devices.edu import Edu
+from vdev_devices.hello import Hello
+
+pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+Connect = Callable[[Device], Awaitable[Client]]
+
+
+async def enable_memory(client: Client, master: bool = False) -> None:
+    await client.region_write(7, 0x04, (0x6 if master else 0x2).to_bytes(2, "little"))
+
+
+def u32(data: bytes) -> int:
+    return struct.unpack("<I", data)[0]
+
+
+async def test_errno_fault_answers_the_access_with_it(vdev_client: Connect) -> None:
+    device = Hello()
+    device.faults = FaultPlan([Fault(on="read", action="errno", region=0, offset=0x4, errno=errno.EACCES, count=1)])
+    client = await vdev_client(device)
+    await enable_memory(client)
+    with pytest.raises(VfioUserError) as failure:
+        await client.region_read(0, 0x4, 4)
+    assert failure.value.errno == errno.EACCES
+    assert u32(await client.region_read(0, 0x4, 4)) == 0  # count=1: the second read is fine
+    assert [e.data["action"] for e in device.events.of_kind("fault")] == ["errno"]
+
+
+async def test_corrupt_and_drop(vdev_client: Connect) -> None:
+    device = Hello()
+    device.faults = FaultPlan(
+        [
+            Fault(on="read", action="corrupt", region=0, offset=0x0, xor=0xFF),
+            Fault(on="write", action="drop", region=0, offset=0x4, after=1),
+        ]
+    )
+    client = await vdev_client(device)
+    await enable_memory(client)
+    assert u32(await client.region_read(0, 0x0, 4)) == 0x48454C4F ^ 0xFF
+    await client.region_write(0, 0x4, struct.pack("<I", 1))
+    await client.region_write(0, 0x4, struct.pack("<I", 2))  # dropped
+    assert device.bar0["scratch"] == 1
+
+
+async def test_a_delayed_access_delays_only_its_device(vdev_client: Connect) -> None:
+    slow, fast = Hello(name="slow"), Hello(name="fast")
+    slow.faults = FaultPlan([Fault(on="read", action="delay", seconds=1.0, region=0, offset=0x0)])
+    slow_client, fast_client = await vdev_client(slow), await vdev_client(fast)
+    await enable_memory(slow_client)
+    await enable_memory(fast_client)
+    order = []
+
+    async def slow_read() -> None:
+        assert u32(await slow_client.region_read(0, 0x0, 4)) == 0x48454C4F
+        order.append("slow")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_read)
+        await trio.sleep(0.05)
+        for _ in range(20):
+            assert u32(await fast_client.region_read(0, 0x0, 4)) == 0x48454C4F
+        order.append("fast")
+    assert order == ["fast", "slow"]
+
+
+@pytest.mark.parametrize(("action", "expected"), [("drop", 0), ("duplicate", 2), ("storm", 25)])
+async def test_interrupt_faults(vdev_client: Connect, action: str, expected: int) -> None:
+    device = Hello()
+    device.faults = FaultPlan([Fault(on="irq", action=action, times=25)])
+    client = await vdev_client(device)
+    await enable_memory(client)
+    (intx,) = await client.set_irqs(IrqIndex.INTX, 0, 1)
+    await client.region_write(0, 0x0C, struct.pack("<I", 1))  # doorbell: one interrupt
+    assert u32(await client.region_read(0, 0x0, 4))  # orders after the doorbell
+    assert len(device.events.of_kind("irq")) == expected
+    assert intx.pending() == expected
+
+
+async def test_dma_fault_fails_the_transfer(vdev_client: Connect) -> None:
+    device = Edu(dma_delay=0)
+    device.faults = FaultPlan([Fault(on="dma", action="fail", count=1)])
+    client = await vdev_client(device)
+    await enable_memory(client, master=True)
+    region = await client.dma_map_memfd(0x10_0000, 0x1000)
+    region.write(0, b"payload")
+    for _attempt in range(2):
+        for offset, value in ((0x80, 0x10_0000), (0x88, 0x40000), (0x90, 7), (0x98, 1)):
+            await client.region_write(0, offset, struct.pack("<Q", value))
+        with trio.fail_after(5):
+            while struct.unpack("<Q", await client.region_read(0, 0x98, 8))[0] & 1:
+                await trio.sleep(0.005)
+        if _attempt == 0:
+            assert bytes(device.dma_buffer[:7]) == bytes(7)  # the injected failure
+    assert bytes(device.dma_buffer[:7]) == b"payload"  # the second transfer went through
+    assert [e.data["on"] for e in device.events.of_kind("fault")] == ["dma"]
+
+
+async def test_reset_fault_fails_device_reset(vdev_client: Connect) -> None:
+    device = Hello()
+    device.faults = FaultPlan([Fault(on="reset", action="fail", errno=errno.EIO)])
+    client = await vdev_client(device)
+    with pytest.raises(VfioUserError) as failure:
+        await client.device_reset()
+    assert failure.value.errno == errno.EIO
+    assert not device.events.of_kind("reset")
+
+
+async def test_busy_quiesce_holds_the_dma_map(vdev_client: Connect) -> None:
+    device = Hello()
+    device.faults = FaultPlan([Fault(on="quiesce", action="busy", seconds=0.3)])
+    client = await vdev_client(device)
+    await client.dma_map_memfd(0x10_0000, 0x1000)
+    kinds = [e.kind for e in device.events if e.kind in ("fault", "quiesce", "dma_map")]
+    assert kinds == ["quiesce", "fault", "quiesce", "dma_map"]
+
+
+def test_plan_files_and_their_errors(tmp_path: Path) -> None:
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(
+        json.dumps(
+            {"seed": 3, "faults": [{"on": "write", "region": 2, "offset": [0, 8], "action": "errno", "errno": "EIO"}]}
+        )
+    )
+    plan = FaultPlan.load(plan_file)
+    assert plan.seed == 3 and plan.faults[0].offset == (0, 8) and plan.faults[0].errno == errno.EIO
+    toml_file = tmp_path / "plan.toml"
+    toml_file.write_text('seed = 1\n[[faults]]\non = "irq"\naction = "storm"\ntimes = 10\n')
+    assert FaultPlan.load(toml_file).faults[0].times == 10
+    with pytest.raises(FaultPlanError, match="does not apply"):
+        FaultPlan.from_mapping({"faults": [{"on": "irq", "action": "delay"}]})
+    with pytest.raises(FaultPlanError, match="unknown errno"):
+        FaultPlan.from_mapping({"faults": [{"on": "read", "action": "errno", "errno": "ENOPE"}]})
+
+
+def test_probability_is_reproducible_with_a_seed() -> None:
+    def injected(seed: int) -> list[bool]:
+        plan = FaultPlan([Fault(on="read", action="errno", probability=0.3)], seed=seed)
+        return [plan.pick("read", region=0, offset=0) is not None for _ in range(200)]
+
+    assert injected(11) == injected(11) and injected(11) != injected(12)
+    assert 30 < sum(injected(11)) < 90
+
+
+async def test_serve_loads_a_plan_and_rejects_a_bad_one(vdev_socket_dir: Path) -> None:
+    bad = vdev_socket_dir / "bad.json"
+    bad.write_text('{"faults": [{"on": "teleport", "action": "now"}]}')
+    result = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "vdev",
+            "serve",
+            "hello",
+            "--socket-path",
+            str(vdev_socket_dir / "h.sock"),
+            "--faults",
+            str(bad),
+        ],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "unknown fault event 'teleport'" in result.stderr.decode()

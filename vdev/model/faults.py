@@ -1,0 +1,181 @@
+"""Device-level fault injection: a plan of faults applied without touching the device's code.
+
+A :class:`FaultPlan` is a list of :class:`Fault` rules.  At each point where
+a device meets its client — a trapped access, an interrupt, a DMA, a reset,
+a quiesce — the device asks the plan whether a fault applies and, if so,
+carries it out and records a ``fault`` event.  Rules match on what happened
+(``on``), where (region, offset range, vector), how often (skip the first
+``after`` matches, inject at most ``count`` times) and by chance
+(``probability``, drawn from the plan's seeded generator so a run repeats).
+
+Plans are Python objects or files (JSON, or TOML by extension) for
+``vdev serve --faults PLAN``::
+
+    {"seed": 7, "faults": [
+      {"on": "read", "region": 0, "offset": 8, "action": "delay", "seconds": 2, "count": 1},
+      {"on": "write", "region": 2, "action": "errno", "errno": "EIO", "probability": 0.1},
+      {"on": "read", "region": 0, "action": "corrupt", "xor": 255},
+      {"on": "irq", "action": "storm", "times": 50},
+      {"on": "dma", "action": "fail"},
+      {"on": "quiesce", "action": "busy", "seconds": 1},
+      {"on": "reset", "action": "fail"}
+    ]}
+"""
+
+from __future__ import annotations
+
+import errno as errnos
+import json
+import random
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Which actions each kind of event accepts.
+ACTIONS: dict[str, frozenset[str]] = {
+    "read": frozenset({"delay", "errno", "corrupt"}),
+    "write": frozenset({"delay", "errno", "drop"}),
+    "irq": frozenset({"drop", "duplicate", "storm"}),
+    "dma": frozenset({"fail", "delay"}),
+    "reset": frozenset({"fail"}),
+    "quiesce": frozenset({"busy"}),
+}
+#: Actions that make the device wait, so it must be served threaded.
+WAITING_ACTIONS = frozenset({"delay", "busy"})
+
+
+class FaultPlanError(ValueError):
+    """A plan that cannot be applied: unknown kinds or actions, missing parameters."""
+
+
+class InjectedError(Exception):
+    """The answer a fault chose for an access or a reset: an errno for the client."""
+
+    def __init__(self, errno: int, what: str) -> None:
+        super().__init__(f"injected {errnos.errorcode.get(errno, errno)} on {what}")
+        self.errno = errno
+
+
+@dataclass
+class Fault:
+    """One rule of a plan."""
+
+    on: str
+    action: str
+    region: int | None = None
+    offset: int | tuple[int, int] | None = None
+    vector: int | None = None
+    after: int = 0
+    count: int | None = None
+    probability: float = 1.0
+    seconds: float = 0.0
+    errno: int = errnos.EIO
+    xor: int = 0xFFFF_FFFF_FFFF_FFFF
+    times: int = 2
+    matched: int = field(default=0, init=False)
+    injected: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.on not in ACTIONS:
+            raise FaultPlanError(f"unknown fault event {self.on!r} (one of {', '.join(sorted(ACTIONS))})")
+        if self.action not in ACTIONS[self.on]:
+            allowed = ", ".join(sorted(ACTIONS[self.on]))
+            raise FaultPlanError(f"action {self.action!r} does not apply to {self.on!r} (one of {allowed})")
+        if not 0.0 <= self.probability <= 1.0:
+            raise FaultPlanError("probability must be between 0 and 1")
+        if self.action in WAITING_ACTIONS and self.seconds < 0:
+            raise FaultPlanError("seconds must not be negative")
+
+    def covers(self, region: int | None, offset: int | None, vector: int | None) -> bool:
+        if self.region is not None and region != self.region:
+            return False
+        if self.vector is not None and vector != self.vector:
+            return False
+        if self.offset is None or offset is None:
+            return self.offset is None
+        if isinstance(self.offset, tuple):
+            low, high = self.offset
+            return low <= offset < high
+        return offset == self.offset
+
+    def describe(self) -> dict[str, Any]:
+        """The rule's fields that say what was injected, for the event log."""
+        details: dict[str, Any] = {"on": self.on, "action": self.action}
+        if self.action in WAITING_ACTIONS:
+            details["seconds"] = self.seconds
+        if self.action == "errno":
+            details["errno"] = errnos.errorcode.get(self.errno, self.errno)
+        if self.action == "corrupt":
+            details["xor"] = self.xor
+        if self.action == "storm":
+            details["times"] = self.times
+        return details
+
+
+class FaultPlan:
+    """The faults one device suffers, with the seeded chance that decides probabilistic ones."""
+
+    def __init__(self, faults: Sequence[Fault] = (), *, seed: int = 0) -> None:
+        self.faults = list(faults)
+        self.seed = seed
+        self._random = random.Random(seed)
+
+    @property
+    def needs_thread(self) -> bool:
+        """Whether some fault makes a handler wait (the device must be served threaded)."""
+        return any(fault.action in WAITING_ACTIONS for fault in self.faults)
+
+    def has(self, on: str) -> bool:
+        return any(fault.on == on for fault in self.faults)
+
+    def pick(
+        self, on: str, *, region: int | None = None, offset: int | None = None, vector: int | None = None
+    ) -> Fault | None:
+        """The fault to inject now for this event, if any (counting matches as it goes)."""
+        for fault in self.faults:
+            if fault.on != on or not fault.covers(region, offset, vector):
+                continue
+            fault.matched += 1
+            if fault.matched <= fault.after:
+                continue
+            if fault.count is not None and fault.injected >= fault.count:
+                continue
+            if fault.probability < 1.0 and self._random.random() >= fault.probability:
+                continue
+            fault.injected += 1
+            return fault
+        return None
+
+    @classmethod
+    def from_mapping(cls, document: Mapping[str, Any]) -> FaultPlan:
+        """A plan from its JSON/TOML form (see the module docstring)."""
+        faults = []
+        for number, entry in enumerate(document.get("faults", [])):
+            entry = dict(entry)
+            if isinstance(entry.get("errno"), str):
+                name = entry["errno"]
+                if not hasattr(errnos, name):
+                    raise FaultPlanError(f"fault {number}: unknown errno {name!r}")
+                entry["errno"] = getattr(errnos, name)
+            if isinstance(entry.get("offset"), list):
+                entry["offset"] = tuple(entry["offset"])
+            try:
+                faults.append(Fault(**entry))
+            except TypeError as exc:
+                raise FaultPlanError(f"fault {number}: {exc}") from None
+            except FaultPlanError as exc:
+                raise FaultPlanError(f"fault {number}: {exc}") from None
+        return cls(faults, seed=int(document.get("seed", 0)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FaultPlan:
+        """Read a plan file: TOML if it ends in ``.toml``, JSON otherwise."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+            document = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise FaultPlanError(f"cannot read fault plan {path}: {exc}") from None
+        return cls.from_mapping(document)
