@@ -56,8 +56,16 @@ def run(quick: bool) -> list[Row]:
                 continue
             progress(f"revoke+restore: BAR {size // MiB} MiB, {resident // MiB} MiB resident")
             value, runs = median_of(repeats, lambda s=size, r=resident: _revoke_restore(s, r))
-            rows.append(Row(NAME, f"BAR {size // MiB} MiB, {resident // MiB} MiB resident", value * 1e3, "ms",
-                            runs=[r * 1e3 for r in runs], target="∝ resident"))
+            rows.append(
+                Row(
+                    NAME,
+                    f"BAR {size // MiB} MiB, {resident // MiB} MiB resident",
+                    value * 1e3,
+                    "ms",
+                    runs=[r * 1e3 for r in runs],
+                    target="∝ resident",
+                )
+            )
     progress("populate 1 GiB")
     value, runs = median_of(repeats, lambda: _populate(1 * GiB))
     rows.append(Row("5. memory enable: populate", "per resident GiB", value * 1e3, "ms", runs=[r * 1e3 for r in runs]))

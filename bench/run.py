@@ -15,16 +15,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import memory, trapped
+from bench import client, memory, trapped
 from bench.common import REPO, Row
 
-SUITES = {"trapped": trapped.run, "memory": memory.run}
+SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run}
 
 
 def machine() -> dict[str, str]:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     qemu = subprocess.run([str(REPO / ".deps/bin/qemu-system-x86_64"), "--version"], capture_output=True, text=True)
@@ -48,8 +51,10 @@ def markdown(rows: list[Row], info: dict[str, str]) -> str:
     lines = ["| benchmark | case | median | unit | ratio | vs | target |", "|---|---|---:|---|---:|---|---|"]
     for row in rows:
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else ""
-        lines.append(f"| {row.benchmark} | {row.case} | {fmt(row.value)} | {row.unit} | {ratio} | {row.baseline} |"
-                     f" {row.target} |")
+        lines.append(
+            f"| {row.benchmark} | {row.case} | {fmt(row.value)} | {row.unit} | {ratio} | {row.baseline} |"
+            f" {row.target} |"
+        )
     machine_line = ", ".join(f"{key}: {value}" for key, value in info.items())
     return f"Machine: {machine_line}\n\n" + "\n".join(lines) + "\n"
 

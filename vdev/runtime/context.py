@@ -237,7 +237,10 @@ class DeviceContext:
     def _setup(self) -> None:
         lib, device, ctx = self._lib, self.device, self._ctx
         os.chmod(self.socket_path, self.socket_mode)
-        self._check(lib.vfu_setup_log(ctx, self._keep(bindings.LOG_CB(self._on_log)), 7), "vfu_setup_log")
+        # The library logs at syslog levels; asking for debug messages only when
+        # vdev's logger wants them keeps a callback into Python off the hot path.
+        level = 7 if log.isEnabledFor(logging.DEBUG) else 6
+        self._check(lib.vfu_setup_log(ctx, self._keep(bindings.LOG_CB(self._on_log)), level), "vfu_setup_log")
         pci_type = PciType.EXPRESS if device.express else PciType.CONVENTIONAL
         self._check(lib.vfu_pci_init(ctx, pci_type, PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init")
         self._setup_region(RegionIndex.CONFIG, device.config.size, VFU_REGION_FLAG_RW | VFU_REGION_FLAG_ALWAYS_CB)
