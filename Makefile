@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak clean-deps guest
+.PHONY: all deps venv test demo bench soak test-debug clean-deps guest
 
 all: test
 
@@ -27,6 +27,17 @@ deps: venv
 test: deps guest
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The suite once more against libvfio-user's debug build (-DDEBUG, AddressSanitizer):
+# memory errors in the C layer abort the test that caused them.
+# libstdc++ is preloaded with it so the sanitizer finds C++'s exception machinery
+# (matplotlib's extensions throw) at start-up.
+ASAN_RUNTIME := $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so.6)
+test-debug: deps guest
+	VDEV_LIBVFIO_USER=$(CURDIR)/.deps/libvfio-user-debug/lib/libvfio-user.so.0 \
+	VDEV_LIBVFIO_USER_REVISION=$$(cat .deps/libvfio-user-debug/REVISION) \
+	LD_PRELOAD="$(ASAN_RUNTIME)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:handle_sigbus=0 \
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
 # The leak soak at full length (the suite runs it with 200 cycles).
 soak: deps
 	VDEV_SOAK_CYCLES=1000 $(PY) -m pytest tests/robustness/test_soak.py $(PYTEST_ARGS)
@@ -43,4 +54,3 @@ clean-deps:
 
 bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
-

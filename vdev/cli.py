@@ -145,6 +145,87 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    import signal
+
+    from vdev.proxy import FaultPlan, PlanError, Proxy
+
+    plan = None
+    if args.faults:
+        try:
+            plan = FaultPlan.load(args.faults)
+        except PlanError as exc:
+            raise UsageError(str(exc)) from None
+    outputs: list[IO[str]] = []
+    try:
+        transcript = open(args.record, "w", encoding="utf-8") if args.record else None  # noqa: SIM115
+        if transcript is not None:
+            outputs.append(transcript)
+        fault_log: IO[str] = sys.stderr
+        if args.fault_log and args.fault_log != "-":
+            fault_log = open(args.fault_log, "a", encoding="utf-8")  # noqa: SIM115
+            outputs.append(fault_log)
+    except OSError as exc:
+        for output in outputs:
+            output.close()
+        raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
+    proxy = Proxy(args.listen, args.connect, plan=plan, transcript=transcript, fault_log=fault_log)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            rules = len(plan.rules) if plan is not None else 0
+            print(
+                f"vdev: proxying {args.listen} -> {args.connect} ({rules} fault rule(s)"
+                f"{', recording to ' + args.record if args.record else ''})",
+                file=sys.stderr,
+                flush=True,
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        print(f"vdev: error: proxy {args.listen} -> {args.connect}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for output in outputs:
+            output.close()
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from vdev.proxy import TranscriptError, load_transcript, replay
+
+    try:
+        records = load_transcript(args.transcript)
+    except TranscriptError as exc:
+        raise UsageError(str(exc)) from None
+    if not records:
+        raise UsageError(f"{args.transcript} holds no messages")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, not {args.timeout}")
+    run = functools.partial(
+        replay, records, args.socket_path, reply_timeout=args.timeout, ignore=args.ignore, pace=args.pace
+    )
+    try:
+        result = trio.run(run)
+    except OSError as exc:
+        print(f"vdev: error: cannot replay against {args.socket_path}: {exc}", file=sys.stderr)
+        return 1
+    if result.divergence is not None:
+        print(f"divergence at {result.divergence}")
+        return 1
+    print(
+        f"replayed {result.sent} message(s), compared {result.compared} answer(s) "
+        f"over {result.connections} connection(s): no divergence"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="vdev", description="Emulated PCI devices served over vfio-user.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: libvfio-user debug)")
@@ -174,6 +255,38 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_parser = commands.add_parser("doctor", help="check that libvfio-user and QEMU are usable")
     doctor_parser.add_argument("--json", action="store_true")
     doctor_parser.set_defaults(handler=_cmd_doctor)
+
+    proxy_parser = commands.add_parser(
+        "proxy", help="relay a vfio-user client to a server, injecting faults and recording the session"
+    )
+    proxy_parser.add_argument("--listen", required=True, metavar="PATH", help="socket the client connects to")
+    proxy_parser.add_argument("--connect", required=True, metavar="PATH", help="socket of the real server")
+    proxy_parser.add_argument("--faults", metavar="PLAN", help="fault plan (.toml or .json; see docs/record-replay.md)")
+    proxy_parser.add_argument("--record", metavar="FILE", help="write every message as a JSON line (a transcript)")
+    proxy_parser.add_argument(
+        "--fault-log", metavar="FILE", help="append a JSON line per injected fault here (default: stderr)"
+    )
+    proxy_parser.set_defaults(handler=_cmd_proxy)
+
+    replay_parser = commands.add_parser(
+        "replay", help="play a transcript's client side against a server and report the first divergence"
+    )
+    replay_parser.add_argument("transcript", help="a transcript written by `vdev proxy --record`")
+    replay_parser.add_argument("--socket-path", required=True, help="the server to replay against")
+    replay_parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="wait this long for each expected message"
+    )
+    replay_parser.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="leave a field out of the comparison, e.g. payload.data or REGION_READ:payload.data (repeatable)",
+    )
+    replay_parser.add_argument(
+        "--pace", action="store_true", help="send each client message at its recorded time, not as fast as possible"
+    )
+    replay_parser.set_defaults(handler=_cmd_replay)
     return parser
 
 
