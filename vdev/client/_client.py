@@ -254,6 +254,7 @@ class Client:
         """Read through the socket (REGION_READ); returns what the server sent."""
         self._check_transfer(count)
         reply = await self.request(RegionReadRequest(region=index, offset=offset, count=count))
+        _close_all(reply.fds)  # a reply to a read carries none; a misbehaving server's must not leak
         return reply.data
 
     async def region_write(
@@ -270,7 +271,7 @@ class Client:
         if posted:
             await self.post(message)
         else:
-            await self.request(message)
+            _close_all((await self.request(message)).fds)
 
     async def map_region(self, index: int) -> MappedRegion:
         """mmap the mappable areas of region ``index`` through the server's fd."""
@@ -564,3 +565,8 @@ class Client:
         self._interrupts.clear()
         self._mappings.clear()
         self._owned_fds.clear()
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
