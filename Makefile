@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak test-debug clean-deps guest
+.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest
 
 all: test
 
@@ -48,6 +48,12 @@ demo: deps
 # Guest kernels + initramfs for tests/guest (KERNELS="bookworm trixie sid"; default bookworm).
 guest: deps
 	@tools/guest.sh $(KERNELS)
+
+# Style and types (not part of CI's gate): ruff and mypy over the package and devices.
+lint: venv
+	@$(PY) -m pip install --quiet --disable-pip-version-check ruff mypy
+	$(PY) -m ruff check vdev devices tests bench examples tools
+	$(PY) -m mypy vdev devices
 
 clean-deps:
 	rm -rf .deps

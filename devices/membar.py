@@ -62,7 +62,7 @@ class MemBar(Device):
     class_code = 0x058000
     express = True
 
-    size = Param(16 * MiB, help="BAR0 size (power of two, e.g. 16M, 1G)", type=_size)
+    size = Param(16 * MiB, help="BAR0 size (power of two, e.g. 16M, 1G)", parser=_size)
     disabled_access = Param("master-abort", help="trapped access while MEM is off: pass, master-abort, error")
     mapping = Param("keep", help="mapped areas while MEM is off: keep, revoke, discard")
     prefault = Param("lazy", help="mapped pages on enable: lazy, populate")

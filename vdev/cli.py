@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 import trio
 
@@ -87,7 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
-    listing = []
+    listing: list[dict[str, Any]] = []
     for name, reference in sorted(plugins.available().items()):
         try:
             device_class = plugins.load(name)
@@ -115,7 +115,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
             print(f"{entry['name']:12} BROKEN: {entry['error']}")
             continue
         print(f"{entry['name']:12} {entry['id']}  {entry['summary']}")
-        for param in entry["parameters"]:  # type: ignore[union-attr]
+        for param in entry["parameters"]:
             print(f"{'':14}--param {param['name']}={param['default']!s:10} {param['help']}")
     return 0
 

@@ -116,7 +116,7 @@ def _capabilities(config: bytes) -> list[Capability]:
         if header in (0, 0xFFFFFFFF):
             break
         cap_id = header & 0xFFFF
-        details = {"version": (header >> 16) & 0xF}
+        details: dict[str, Any] = {"version": (header >> 16) & 0xF}
         if cap_id == 0x0003:
             details["serial"] = f"{_u(config, pointer + 4, 8):016x}"
         name = EXTENDED_NAMES.get(cap_id, f"unknown {cap_id:#06x}")

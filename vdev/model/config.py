@@ -126,7 +126,7 @@ class ConfigSpace:
         capabilities: Sequence[Capability],
     ) -> None:
         self.size = CONFIG_SIZE_EXPRESS if express else CONFIG_SIZE_CONVENTIONAL
-        self._bars = {bar.index: bar for bar in bars if bar.index is not None}
+        self._bars: dict[int, Bar] = {bar.index: bar for bar in bars if bar.index is not None}
         self._rom_size = rom_size
         self._check_bar_slots()
         self.capabilities = self._place(capabilities, express)
@@ -146,8 +146,8 @@ class ConfigSpace:
         # only the bits a BAR of that size decodes.
         self.wmask[PCI_BASE_ADDRESS_0 : PCI_BASE_ADDRESS_0 + 24] = b"\xff" * 24
         self.wmask[PCI_ROM_ADDRESS : PCI_ROM_ADDRESS + 4] = b"\xff" * 4
-        for bar in self._bars.values():
-            self.reset_image[PCI_BASE_ADDRESS_0 + 4 * bar.index] = bar.flags_bits()
+        for index, bar in self._bars.items():
+            self.reset_image[PCI_BASE_ADDRESS_0 + 4 * index] = bar.flags_bits()
         self._lay_out_capabilities()
         self.data = bytearray(self.reset_image)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -59,7 +59,7 @@ class Param(Generic[T]):
 
     default: T
     help: str = ""
-    type: Callable[[str], T] | None = None
+    parser: Callable[[str], T] | None = None
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -71,15 +71,17 @@ class Param(Generic[T]):
 
     def parse(self, text: str) -> T:
         """Convert a command-line string to the parameter's type."""
-        convert = self.type or type(self.default)
-        if convert is bool:
+        if self.parser is not None:
+            return self.parser(text)
+        kind: Any = type(self.default)
+        if kind is bool:
             lowered = text.lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(f"{self.name}: expected a boolean, got {text!r}")
             return lowered in ("1", "true", "yes", "on")  # type: ignore[return-value]
-        if convert is int:
+        if kind is int:
             return int(text, 0)  # type: ignore[return-value]
-        return convert(text)  # type: ignore[operator, return-value]
+        return kind(text)  # type: ignore[no-any-return]
 
 
 class Device:
@@ -127,7 +129,7 @@ class Device:
 
     # -- declaration hooks -----------------------------------------------------
 
-    def capabilities(self) -> list[Capability]:
+    def capabilities(self) -> Sequence[Capability]:
         """The capability list, in chain order.  Override to declare capabilities."""
         return []
 
@@ -163,7 +165,7 @@ class Device:
             values[name] = specs[name].parse(value) if isinstance(value, str) else value
         return values
 
-    def _check_msix_placement(self, capabilities: list[Capability]) -> None:
+    def _check_msix_placement(self, capabilities: Sequence[Capability]) -> None:
         indices = {spec.index for spec in self._bar_specs}
         for cap in capabilities:
             if isinstance(cap, MsiX):
