@@ -23,6 +23,10 @@
 # anything in guest/ or this tooling changes.  A second run takes seconds.
 set -euo pipefail
 
+log_prefix=guest
+# shellcheck source=tools/common.sh
+source "$(dirname "$0")/common.sh"
+
 repo_root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${VDEV_DEPS_DIR:-$repo_root/.deps}
 guest=$cache/guest
@@ -31,29 +35,10 @@ tools=$repo_root/tools/guest
 apt_conf=$cache/apt/apt.conf
 host_packages=(gcc libc6-dev zstd python3)
 
-say() { printf 'guest: %s\n' "$*" >&2; }
-fail() {
-    printf 'guest: FAILED: %s\n' "$*" >&2
-    exit 1
-}
 stamp_ok() { [[ -f "$1" ]] && [[ "$(cat "$1")" == "$2" ]]; }
 human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || printf '%s bytes' "$1"; }
 
 # --- host tools ----------------------------------------------------------------
-ensure_host_packages() {
-    local missing=() pkg
-    for pkg in "${host_packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-    done
-    ((${#missing[@]} == 0)) && return
-    say "installing host packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-        apt-get update -qq >/dev/null 2>&1 || true
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-            fail "could not install host packages: ${missing[*]} (apt-get install failed)"
-    fi
-}
 
 # --- apt: the host's for bookworm, the private one of `make deps` otherwise -----
 # Run apt for kernel $1: host_apt or private_apt.

@@ -19,6 +19,10 @@
 # Usage: tools/provision.sh [CACHE_DIR]      (default: .deps next to this repo)
 set -euo pipefail
 
+log_prefix=provision
+# shellcheck source=tools/common.sh
+source "$(dirname "$0")/common.sh"
+
 repo_root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${1:-$repo_root/.deps}
 mkdir -p "$cache"
@@ -32,30 +36,11 @@ qemu_min_version=10.1
 # Host (bookworm) packages needed to build libvfio-user and unpack packages.
 host_packages=(meson ninja-build pkg-config gcc libc6-dev libjson-c-dev libcmocka-dev xz-utils)
 
-say() { printf 'provision: %s\n' "$*" >&2; }
-fail() {
-    printf 'provision: FAILED: %s\n' "$*" >&2
-    exit 1
-}
 
 stamp_ok() { [[ -f "$cache/stamps/$1" ]]; }
 stamp_set() { mkdir -p "$cache/stamps" && printf '%s\n' "${2:-done}" >"$cache/stamps/$1"; }
 
 # --- host build tools --------------------------------------------------------
-ensure_host_packages() {
-    local missing=() pkg
-    for pkg in "${host_packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-    done
-    ((${#missing[@]} == 0)) && return
-    say "installing host packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-        apt-get update -qq >/dev/null 2>&1 || true
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-            fail "could not install host packages: ${missing[*]} (apt-get install failed)"
-    fi
-}
 
 # --- private apt -------------------------------------------------------------
 apt_dir=$cache/apt

@@ -1,7 +1,8 @@
-"""Constants from libvfio-user's ``libvfio-user.h`` and ``vfio-user.h``.
+"""Constants of libvfio-user's API (``libvfio-user.h``) that the runtime passes to it.
 
-Kept apart from the prototypes so that the device model can name region
-indices and IRQ types without loading the library.
+Region indices and interrupt types are the vfio-user spec's own numbers
+(libvfio-user's enums use the same values); they live with the protocol in
+:mod:`vdev.protocol.constants`.
 """
 
 from __future__ import annotations
@@ -20,31 +21,6 @@ VFU_REGION_FLAG_MEM = 1 << 2
 VFU_REGION_FLAG_ALWAYS_CB = 1 << 3
 
 PCI_HEADER_TYPE_NORMAL = 0
-
-
-class RegionIndex(enum.IntEnum):
-    """libvfio-user's PCI region indices (the vfio-user spec's numbering)."""
-
-    BAR0 = 0
-    BAR1 = 1
-    BAR2 = 2
-    BAR3 = 3
-    BAR4 = 4
-    BAR5 = 5
-    ROM = 6
-    CONFIG = 7
-    VGA = 8
-    MIGRATION = 9
-
-
-class IrqType(enum.IntEnum):
-    """``enum vfu_dev_irq_type``: the interrupt index spaces of a device."""
-
-    INTX = 0
-    MSI = 1
-    MSIX = 2
-    ERR = 3
-    REQ = 4
 
 
 class ResetType(enum.IntEnum):

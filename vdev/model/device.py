@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import trio
 
-from vdev.libvfio_user.constants import RegionIndex, ResetType
+from vdev.libvfio_user.constants import ResetType
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
@@ -32,6 +32,7 @@ from vdev.model.interrupts import Interrupts
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND
 from vdev.model.registers import call_hook
+from vdev.protocol.constants import RegionIndex
 
 T = TypeVar("T")
 log = logging.getLogger("vdev")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Protocol
 
-from vdev.libvfio_user.constants import IrqType
 from vdev.model.capabilities import (
     PCI_MSI_FLAGS_ENABLE,
     PCI_MSIX_FLAGS_ENABLE,
@@ -28,6 +27,7 @@ from vdev.model.capabilities import (
     MsiX,
 )
 from vdev.model.pci_regs import PCI_STATUS, PCI_STATUS_INTERRUPT
+from vdev.protocol.constants import IrqIndex
 
 if TYPE_CHECKING:
     from vdev.model.device import Device
@@ -39,7 +39,7 @@ MSIX_VECTOR_CTRL_MASKBIT = 0x1
 class IrqSink(Protocol):
     """Where deliverable interrupts go: the runtime's libvfio-user context."""
 
-    def fire(self, irq_type: IrqType, vector: int) -> None:
+    def fire(self, irq_type: IrqIndex, vector: int) -> None:
         """Signal the client's eventfd for ``vector`` (as soon as the context is free)."""
         ...
 
@@ -51,7 +51,7 @@ class Interrupts:
         self._device = device
         self.sink: IrqSink | None = None
         self.intx_level = False
-        self._client_masked: dict[IrqType, set[int]] = {t: set() for t in IrqType}
+        self._client_masked: dict[IrqIndex, set[int]] = {t: set() for t in IrqIndex}
         self._msix = device.config.find(MsiX)
         self._msi = device.config.find(Msi)
         self.msix_table = bytearray(self._msix_cap.table_size) if self._msix_cap else bytearray()
@@ -122,15 +122,15 @@ class Interrupts:
 
     def trigger_err(self) -> None:
         """Signal the ERR interrupt (the client's error notification)."""
-        self._fire(IrqType.ERR, 0)
+        self._fire(IrqIndex.ERR, 0)
 
     def trigger_req(self) -> None:
         """Signal the REQ interrupt (ask the client to release the device)."""
-        self._fire(IrqType.REQ, 0)
+        self._fire(IrqIndex.REQ, 0)
 
     # -- rules ----------------------------------------------------------------
 
-    def _fire(self, irq_type: IrqType, vector: int) -> None:
+    def _fire(self, irq_type: IrqIndex, vector: int) -> None:
         times = 1
         fault = self._device.faults.pick("irq", vector=vector) if self._device.faults.faults else None
         if fault is not None:
@@ -148,9 +148,9 @@ class Interrupts:
         self._device.config.write_int(PCI_STATUS, 2, status)
 
     def _deliver_intx(self) -> None:
-        if self._device.command.intx_disable or 0 in self._client_masked[IrqType.INTX]:
+        if self._device.command.intx_disable or 0 in self._client_masked[IrqIndex.INTX]:
             return
-        self._fire(IrqType.INTX, 0)
+        self._fire(IrqIndex.INTX, 0)
 
     def _trigger_msi(self, vector: int) -> None:
         cap = self._msi_cap
@@ -161,12 +161,12 @@ class Interrupts:
         if cap.per_vector_mask and self._msi_vector_masked(vector):
             self._msi_set_pending(vector, True)
             return
-        self._fire(IrqType.MSI, vector)
+        self._fire(IrqIndex.MSI, vector)
 
     def _msi_vector_masked(self, vector: int) -> bool:
         assert self._msi is not None
         mask = self._device.config.read_int(self._msi.offset + 16, 4)
-        return bool(mask >> vector & 1) or vector in self._client_masked[IrqType.MSI]
+        return bool(mask >> vector & 1) or vector in self._client_masked[IrqIndex.MSI]
 
     def _msi_set_pending(self, vector: int, pending: bool) -> None:
         assert self._msi is not None
@@ -183,14 +183,14 @@ class Interrupts:
         if self._msix_vector_masked(vector):
             self.msix_pending.add(vector)
             return
-        self._fire(IrqType.MSIX, vector)
+        self._fire(IrqIndex.MSIX, vector)
 
     def _msix_vector_masked(self, vector: int) -> bool:
         assert self._msix is not None
         if self._cap_flags(self._msix.offset) & PCI_MSIX_FLAGS_MASKALL:
             return True
         (control,) = struct.unpack_from("<I", self.msix_table, vector * MSIX_ENTRY_SIZE + 12)
-        return bool(control & MSIX_VECTOR_CTRL_MASKBIT) or vector in self._client_masked[IrqType.MSIX]
+        return bool(control & MSIX_VECTOR_CTRL_MASKBIT) or vector in self._client_masked[IrqIndex.MSIX]
 
     def deliver_unmasked_pending(self) -> None:
         """Fire every pending vector that is no longer masked (after any unmask)."""
@@ -198,17 +198,17 @@ class Interrupts:
             for vector in sorted(self.msix_pending):
                 if not self._msix_vector_masked(vector):
                     self.msix_pending.discard(vector)
-                    self._fire(IrqType.MSIX, vector)
+                    self._fire(IrqIndex.MSIX, vector)
         if self.msi_enabled and self._msi_cap and self._msi_cap.per_vector_mask and self._msi:
             pending = self._device.config.read_int(self._msi.offset + 20, 4)
             for vector in range(32):
                 if pending >> vector & 1 and not self._msi_vector_masked(vector):
                     self._msi_set_pending(vector, False)
-                    self._fire(IrqType.MSI, vector)
+                    self._fire(IrqIndex.MSI, vector)
         if self.intx_level and self.mode == "intx":
             self._deliver_intx()
 
-    def client_mask(self, irq_type: IrqType, start: int, count: int, masked: bool) -> None:
+    def client_mask(self, irq_type: IrqIndex, start: int, count: int, masked: bool) -> None:
         """The client masked or unmasked vectors with SET_IRQS."""
         vectors = set(range(start, start + count))
         if masked:

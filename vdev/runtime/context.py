@@ -60,9 +60,7 @@ from vdev.libvfio_user.constants import (
     VFU_REGION_FLAG_READ,
     VFU_REGION_FLAG_RW,
     VFU_TRANS_SOCK,
-    IrqType,
     PciType,
-    RegionIndex,
     ResetType,
 )
 from vdev.model.bars import BarKind
@@ -71,6 +69,7 @@ from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaRegion
 from vdev.model.faults import Fault, InjectedError
 from vdev.model.registers import call_hook
+from vdev.protocol.constants import IrqIndex, RegionIndex
 
 log = logging.getLogger("vdev")
 
@@ -277,17 +276,17 @@ class DeviceContext:
 
     def _setup_irqs(self) -> None:
         device = self.device
-        counts = {IrqType.INTX: 1 if device.intx else 0, IrqType.ERR: 1, IrqType.REQ: 1}
+        counts = {IrqIndex.INTX: 1 if device.intx else 0, IrqIndex.ERR: 1, IrqIndex.REQ: 1}
         msi = device.config.find(Msi)
         if msi is not None:
-            counts[IrqType.MSI] = msi.capability.vectors  # type: ignore[attr-defined]
+            counts[IrqIndex.MSI] = msi.capability.vectors  # type: ignore[attr-defined]
         msix = device.config.find(MsiX)
         if msix is not None:
-            counts[IrqType.MSIX] = msix.capability.vectors  # type: ignore[attr-defined]
+            counts[IrqIndex.MSIX] = msix.capability.vectors  # type: ignore[attr-defined]
         for irq_type, count in counts.items():
             if count:
                 self._check(self._lib.vfu_setup_device_nr_irqs(self._ctx, irq_type, count), "vfu_setup_device_nr_irqs")
-                if irq_type in (IrqType.INTX, IrqType.MSI, IrqType.MSIX):
+                if irq_type in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
                     callback = self._keep(bindings.IRQ_STATE_CB(self._irq_state_callback(irq_type)))
                     self._check(
                         self._lib.vfu_setup_irq_state_callback(self._ctx, irq_type, callback), "irq state callback"
@@ -561,7 +560,7 @@ class DeviceContext:
     async def _async_call(function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
 
-    def _irq_state_callback(self, irq_type: IrqType) -> Callable[..., None]:
+    def _irq_state_callback(self, irq_type: IrqIndex) -> Callable[..., None]:
         def state(_ctx: int, start: int, count: int, mask: bool) -> None:
             try:
                 self._to_trio(self._async_call, self.device.irq.client_mask, irq_type, start, count, mask)
@@ -578,9 +577,9 @@ class DeviceContext:
 
     # -- IrqSink and DmaPort (Trio thread) -------------------------------------------
 
-    def fire(self, irq_type: IrqType, vector: int) -> None:
+    def fire(self, irq_type: IrqIndex, vector: int) -> None:
         """Signal the client's eventfd (libvfio-user knows which type is active)."""
-        if irq_type in (IrqType.ERR, IrqType.REQ):
+        if irq_type in (IrqIndex.ERR, IrqIndex.REQ):
             log.warning(
                 "%s: libvfio-user %s has no API to signal %s interrupts",
                 self.device.name,
