@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest
+.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment
 
 all: test
 
@@ -60,3 +60,9 @@ clean-deps:
 
 bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The concurrent-fault experiment on vfio-pci's memory enable, one guest per kernel
+# (KERNELS="bookworm trixie" unless given): results/experiment.json, .png and console logs.
+experiment: deps
+	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
+	$(PY) -m vdev.experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" $(EXPERIMENT_ARGS)

@@ -17,6 +17,7 @@ from typing import Any
 from vdev import RO, RW, Bar, Device, Param, Register
 
 OUTPUT_LINES = 16
+IRQ_PENDING = 0x5
 
 
 class Idio16(Device):
@@ -33,8 +34,13 @@ class Idio16(Device):
     0x3     filter_ctl  read: activate input filters; write: deactivate them
     0x4     out8_15     read/write: outputs 8-15
     0x5     in8_15      read: inputs 8-15
-    0x6     irq_status  read: bit 0 set while an input-change interrupt is pending
+    0x6     irq_status  read: 0x5 while an input-change interrupt is pending, else 0
     ======  ==========  ========================================================
+
+    Why 0x5: Linux's driver decides whether the shared interrupt is the
+    card's from this register — 6.12 and later (regmap-irq) test bit 2,
+    6.1 tests bit 2 together with bit 0 or 1 — so a pending change sets
+    bits 0 and 2.
     """
 
     vendor_id = 0x494F
@@ -80,7 +86,7 @@ class Idio16(Device):
             if (old ^ lines) >> line & 1:
                 self.events.record("gpio", direction="in", line=line, value=lines >> line & 1)
         if old != lines and self.irq_enabled:
-            self.bar2["irq_status"] = 1
+            self.bar2["irq_status"] = IRQ_PENDING
             self.irq.raise_intx()
 
     # -- register behaviour -------------------------------------------------------------

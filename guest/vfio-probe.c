@@ -25,18 +25,8 @@
  * Numbers are JSON integers.  Exit status 0 when every step worked, 1 otherwise.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <libgen.h>
-#include <limits.h>
-#include <stdarg.h>
-#include <linux/vfio.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <unistd.h>
+#define VDEV_PROGRAM "vfio"
+#include "vfio-common.h"
 
 #define MAX_OPS 64
 
@@ -47,34 +37,6 @@ struct op {
 	unsigned width;
 	uint64_t value;
 };
-
-static int failures;
-
-/* One result line, written with a single write(2) so that it is not split. */
-static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void report(const char *fmt, ...)
-{
-	char line[1024];
-	va_list ap;
-	int n = snprintf(line, sizeof(line), "VDEV {");
-	va_start(ap, fmt);
-	n += vsnprintf(line + n, sizeof(line) - n - 3, fmt, ap);
-	va_end(ap);
-	if (n > (int)sizeof(line) - 3)
-		n = sizeof(line) - 3;
-	line[n++] = '}';
-	line[n++] = '\n';
-	fflush(stdout);
-	if (write(STDOUT_FILENO, line, n) < 0)
-		exit(2);
-}
-
-static void error(const char *op)
-{
-	int saved = errno;
-	failures++;
-	report("\"kind\":\"vfio.error\",\"op\":\"%s\",\"errno\":%d,\"message\":\"%s\"", op, saved, strerror(saved));
-}
 
 static int parse_op(char *text, int write, struct op *op)
 {
@@ -92,24 +54,13 @@ static int parse_op(char *text, int write, struct op *op)
 	return (op->width == 1 || op->width == 2 || op->width == 4 || op->width == 8) ? 0 : -1;
 }
 
-static int iommu_group(const char *addr)
-{
-	char link[PATH_MAX], target[PATH_MAX];
-	snprintf(link, sizeof(link), "/sys/bus/pci/devices/%s/iommu_group", addr);
-	ssize_t n = readlink(link, target, sizeof(target) - 1);
-	if (n < 0)
-		return -1;
-	target[n] = '\0';
-	return atoi(basename(target));
-}
-
 static void do_op(int device, const struct op *op, const struct vfio_region_info *regions, unsigned num_regions)
 {
 	uint64_t value = op->value;
 	const char *kind = op->write ? "vfio.write" : "vfio.read";
 	if (op->region >= num_regions) {
 		errno = EINVAL;
-		error(op->write ? "pwrite" : "pread");
+		report_error(op->write ? "pwrite" : "pread");
 		return;
 	}
 	off_t position = regions[op->region].offset + op->offset;
@@ -117,7 +68,7 @@ static void do_op(int device, const struct op *op, const struct vfio_region_info
 	if (n != (ssize_t)op->width) {
 		if (n >= 0)
 			errno = EIO;
-		error(op->write ? "pwrite" : "pread");
+		report_error(op->write ? "pwrite" : "pread");
 		return;
 	}
 	if (op->width < 8)
@@ -145,93 +96,39 @@ int main(int argc, char **argv)
 	}
 	const char *addr = argv[optind];
 
-	int group_id = iommu_group(addr);
-	if (group_id < 0) {
-		error("iommu_group");
+	struct vfio_dev dev;
+	if (vfio_open(addr, &dev) < 0)
 		goto done;
-	}
-	int container = open("/dev/vfio/vfio", O_RDWR);
-	if (container < 0) {
-		error("open /dev/vfio/vfio");
-		goto done;
-	}
-	if (ioctl(container, VFIO_GET_API_VERSION) != VFIO_API_VERSION) {
-		errno = EPROTO;
-		error("VFIO_GET_API_VERSION");
-		goto done;
-	}
-	if (ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) <= 0) {
-		errno = ENOTSUP;
-		error("VFIO_CHECK_EXTENSION");
-		goto done;
-	}
-	char path[64];
-	snprintf(path, sizeof(path), "/dev/vfio/%d", group_id);
-	int group = open(path, O_RDWR);
-	if (group < 0) {
-		error("open group");
-		goto done;
-	}
-	struct vfio_group_status status = {.argsz = sizeof(status)};
-	if (ioctl(group, VFIO_GROUP_GET_STATUS, &status) < 0) {
-		error("VFIO_GROUP_GET_STATUS");
-		goto done;
-	}
-	if (!(status.flags & VFIO_GROUP_FLAGS_VIABLE)) {
-		errno = EBUSY;
-		error("group not viable");
-		goto done;
-	}
-	if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container) < 0) {
-		error("VFIO_GROUP_SET_CONTAINER");
-		goto done;
-	}
-	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) {
-		error("VFIO_SET_IOMMU");
-		goto done;
-	}
-	int device = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, addr);
-	if (device < 0) {
-		error("VFIO_GROUP_GET_DEVICE_FD");
-		goto done;
-	}
-	struct vfio_device_info info = {.argsz = sizeof(info)};
-	if (ioctl(device, VFIO_DEVICE_GET_INFO, &info) < 0) {
-		error("VFIO_DEVICE_GET_INFO");
-		goto done;
-	}
 	report("\"kind\":\"vfio.device\",\"addr\":\"%s\",\"group\":%d,\"flags\":%u,\"num_regions\":%u,\"num_irqs\":%u",
-	       addr, group_id, info.flags, info.num_regions, info.num_irqs);
+	       addr, dev.group_id, dev.info.flags, dev.info.num_regions, dev.info.num_irqs);
 
-	struct vfio_region_info *regions = calloc(info.num_regions, sizeof(*regions));
-	for (unsigned i = 0; i < info.num_regions; i++) {
-		regions[i].argsz = sizeof(regions[i]);
-		regions[i].index = i;
-		if (ioctl(device, VFIO_DEVICE_GET_REGION_INFO, &regions[i]) < 0) {
+	struct vfio_region_info *regions = calloc(dev.info.num_regions, sizeof(*regions));
+	for (unsigned i = 0; i < dev.info.num_regions; i++) {
+		if (vfio_region(&dev, i, &regions[i]) < 0) {
 			if (errno == EINVAL) /* e.g. the VGA region of a device that is no VGA */
 				report("\"kind\":\"vfio.region\",\"index\":%u,\"absent\":true", i);
 			else
-				error("VFIO_DEVICE_GET_REGION_INFO");
+				report_error("VFIO_DEVICE_GET_REGION_INFO");
 			regions[i].size = 0;
 			continue;
 		}
 		report("\"kind\":\"vfio.region\",\"index\":%u,\"size\":%llu,\"offset\":%llu,\"flags\":%u", i,
 		       (unsigned long long)regions[i].size, (unsigned long long)regions[i].offset, regions[i].flags);
 	}
-	for (unsigned i = 0; i < info.num_irqs; i++) {
+	for (unsigned i = 0; i < dev.info.num_irqs; i++) {
 		struct vfio_irq_info irq = {.argsz = sizeof(irq), .index = i};
-		if (ioctl(device, VFIO_DEVICE_GET_IRQ_INFO, &irq) < 0) {
+		if (ioctl(dev.fd, VFIO_DEVICE_GET_IRQ_INFO, &irq) < 0) {
 			if (errno == EINVAL) /* e.g. the ERR index of a device without PCIe AER */
 				report("\"kind\":\"vfio.irq\",\"index\":%u,\"absent\":true", i);
 			else
-				error("VFIO_DEVICE_GET_IRQ_INFO");
+				report_error("VFIO_DEVICE_GET_IRQ_INFO");
 			continue;
 		}
 		report("\"kind\":\"vfio.irq\",\"index\":%u,\"count\":%u,\"flags\":%u", i, irq.count, irq.flags);
 	}
 	for (unsigned i = 0; i < num_ops; i++)
-		do_op(device, &ops[i], regions, info.num_regions);
+		do_op(dev.fd, &ops[i], regions, dev.info.num_regions);
 done:
-	report("\"kind\":\"vfio.done\",\"status\":%d", failures ? 1 : 0);
-	return failures ? 1 : 0;
+	report("\"kind\":\"vfio.done\",\"status\":%d", vdev_failures ? 1 : 0);
+	return vdev_failures ? 1 : 0;
 }

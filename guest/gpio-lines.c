@@ -1,0 +1,238 @@
+/*
+ * gpio-lines: drive and read the lines of the GPIO chip a PCI function's
+ * driver registered, through the GPIO character device (uAPI v2), the way
+ * an application would.
+ *
+ *   gpio-lines [-o LINE=VALUE]... [-i LINE]... [-e LINE [-t TIMEOUT_MS]] ADDR
+ *
+ * The chip is the gpiochipN under /sys/bus/pci/devices/ADDR (gpiolib makes
+ * it a child of the device whose driver added it); its /dev node comes from
+ * devtmpfs, which /init mounts.  Steps, each reported:
+ *   -o  request those lines as outputs (GPIO_V2_GET_LINE_IOCTL), set them
+ *       with GPIO_V2_LINE_SET_VALUES_IOCTL, read them back with
+ *       GPIO_V2_LINE_GET_VALUES_IOCTL (the driver reads its output latch);
+ *   -i  request those lines as inputs and read them (GET_VALUES);
+ *   -e  request LINE as an input with edge detection, say so, and wait
+ *       TIMEOUT_MS (5000) for one edge event (the driver's interrupt path).
+ *
+ * Output, one line each:
+ *   VDEV {"kind":"gpio.chip","addr":...,"path":"/dev/gpiochipN","name":...,"label":...,"lines":N}
+ *   VDEV {"kind":"gpio.set","lines":[...],"values":[...]}
+ *   VDEV {"kind":"gpio.outputs","lines":[...],"values":[...]}     (read back)
+ *   VDEV {"kind":"gpio.inputs","lines":[...],"values":[...]}
+ *   VDEV {"kind":"gpio.waiting","line":N}
+ *   VDEV {"kind":"gpio.edge","line":N,"rising":true|false,"seqno":N}  or  {"kind":"gpio.timeout","line":N}
+ *   VDEV {"kind":"gpio.error","op":...,"errno":N,"message":...}
+ *   VDEV {"kind":"gpio.done","status":N}
+ */
+#define _GNU_SOURCE
+#define VDEV_PROGRAM "gpio"
+#include "report.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/gpio.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+
+#define MAX_LINES GPIO_V2_LINES_MAX
+
+struct lines {
+	unsigned count;
+	unsigned offsets[MAX_LINES];
+	int values[MAX_LINES];
+};
+
+/* "0,1,0" from the low bits of a GPIO_V2 value bitmap, in request order. */
+static void format_values(char *text, size_t size, const struct lines *lines, uint64_t bits)
+{
+	size_t len = 0;
+	text[0] = '\0';
+	for (unsigned i = 0; i < lines->count; i++)
+		len += snprintf(text + len, size - len, "%s%d", i ? "," : "", (int)(bits >> i & 1));
+}
+
+static void format_offsets(char *text, size_t size, const struct lines *lines)
+{
+	size_t len = 0;
+	text[0] = '\0';
+	for (unsigned i = 0; i < lines->count; i++)
+		len += snprintf(text + len, size - len, "%s%u", i ? "," : "", lines->offsets[i]);
+}
+
+/* /dev/gpiochipN for the chip the driver of PCI function addr registered; -1 when there is none. */
+static int find_chip(const char *addr, char *path, size_t size)
+{
+	char dir_path[256];
+	snprintf(dir_path, sizeof(dir_path), "/sys/bus/pci/devices/%s", addr);
+	DIR *dir = opendir(dir_path);
+	if (!dir)
+		return -1;
+	int found = -1;
+	for (struct dirent *entry; found < 0 && (entry = readdir(dir));) {
+		if (strncmp(entry->d_name, "gpiochip", 8) == 0) {
+			snprintf(path, size, "/dev/%s", entry->d_name);
+			found = 0;
+		}
+	}
+	closedir(dir);
+	if (found < 0)
+		errno = ENODEV;
+	return found;
+}
+
+/* A line request for lines with flags; the request's fd, or -1. */
+static int request(int chip, const struct lines *lines, uint64_t flags)
+{
+	struct gpio_v2_line_request req = {.num_lines = lines->count, .config.flags = flags};
+	memcpy(req.offsets, lines->offsets, lines->count * sizeof(lines->offsets[0]));
+	snprintf(req.consumer, sizeof(req.consumer), "vdev-gpio-lines");
+	if (ioctl(chip, GPIO_V2_GET_LINE_IOCTL, &req) < 0)
+		return -1;
+	return req.fd;
+}
+
+static int get_values(int fd, const struct lines *lines, uint64_t *bits)
+{
+	struct gpio_v2_line_values values = {.mask = (lines->count == 64) ? ~0ULL : (1ULL << lines->count) - 1};
+	if (ioctl(fd, GPIO_V2_LINE_GET_VALUES_IOCTL, &values) < 0)
+		return -1;
+	*bits = values.bits;
+	return 0;
+}
+
+static void drive_outputs(int chip, const struct lines *outputs)
+{
+	char offsets[512], text[512];
+	int fd = request(chip, outputs, GPIO_V2_LINE_FLAG_OUTPUT);
+	if (fd < 0) {
+		report_error("request outputs");
+		return;
+	}
+	struct gpio_v2_line_values values = {.mask = (1ULL << outputs->count) - 1};
+	for (unsigned i = 0; i < outputs->count; i++)
+		values.bits |= (uint64_t)(outputs->values[i] & 1) << i;
+	format_offsets(offsets, sizeof(offsets), outputs);
+	if (ioctl(fd, GPIO_V2_LINE_SET_VALUES_IOCTL, &values) < 0) {
+		report_error("GPIO_V2_LINE_SET_VALUES_IOCTL");
+	} else {
+		format_values(text, sizeof(text), outputs, values.bits);
+		report("\"kind\":\"gpio.set\",\"lines\":[%s],\"values\":[%s]", offsets, text);
+	}
+	uint64_t bits;
+	if (get_values(fd, outputs, &bits) < 0) {
+		report_error("GPIO_V2_LINE_GET_VALUES_IOCTL outputs");
+	} else {
+		format_values(text, sizeof(text), outputs, bits);
+		report("\"kind\":\"gpio.outputs\",\"lines\":[%s],\"values\":[%s]", offsets, text);
+	}
+	close(fd);
+}
+
+static void read_inputs(int chip, const struct lines *inputs)
+{
+	char offsets[512], text[512];
+	int fd = request(chip, inputs, GPIO_V2_LINE_FLAG_INPUT);
+	if (fd < 0) {
+		report_error("request inputs");
+		return;
+	}
+	uint64_t bits;
+	if (get_values(fd, inputs, &bits) < 0) {
+		report_error("GPIO_V2_LINE_GET_VALUES_IOCTL inputs");
+	} else {
+		format_offsets(offsets, sizeof(offsets), inputs);
+		format_values(text, sizeof(text), inputs, bits);
+		report("\"kind\":\"gpio.inputs\",\"lines\":[%s],\"values\":[%s]", offsets, text);
+	}
+	close(fd);
+}
+
+static void wait_edge(int chip, unsigned line, int timeout_ms)
+{
+	struct lines one = {.count = 1, .offsets = {line}};
+	int fd = request(chip, &one, GPIO_V2_LINE_FLAG_INPUT | GPIO_V2_LINE_FLAG_EDGE_RISING |
+					     GPIO_V2_LINE_FLAG_EDGE_FALLING);
+	if (fd < 0) {
+		report_error("request edge events");
+		return;
+	}
+	report("\"kind\":\"gpio.waiting\",\"line\":%u", line);
+	struct pollfd ready = {.fd = fd, .events = POLLIN};
+	int n = poll(&ready, 1, timeout_ms);
+	struct gpio_v2_line_event event;
+	if (n < 0) {
+		report_error("poll");
+	} else if (n == 0) {
+		report("\"kind\":\"gpio.timeout\",\"line\":%u", line);
+		vdev_failures++;
+	} else if (read(fd, &event, sizeof(event)) != sizeof(event)) {
+		report_error("read edge event");
+	} else {
+		report("\"kind\":\"gpio.edge\",\"line\":%u,\"rising\":%s,\"seqno\":%u", event.offset,
+		       event.id == GPIO_V2_LINE_EVENT_RISING_EDGE ? "true" : "false", event.seqno);
+	}
+	close(fd);
+}
+
+static void usage(const char *argv0)
+{
+	fprintf(stderr, "usage: %s [-o LINE=VALUE]... [-i LINE]... [-e LINE [-t TIMEOUT_MS]] ADDR\n", argv0);
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	struct lines outputs = {0}, inputs = {0};
+	int edge_line = -1, timeout_ms = 5000, opt;
+	while ((opt = getopt(argc, argv, "o:i:e:t:")) != -1) {
+		char *end;
+		switch (opt) {
+		case 'o':
+			if (outputs.count == MAX_LINES)
+				usage(argv[0]);
+			outputs.offsets[outputs.count] = strtoul(optarg, &end, 0);
+			if (*end != '=')
+				usage(argv[0]);
+			outputs.values[outputs.count++] = atoi(end + 1);
+			break;
+		case 'i':
+			if (inputs.count == MAX_LINES)
+				usage(argv[0]);
+			inputs.offsets[inputs.count++] = strtoul(optarg, NULL, 0);
+			break;
+		case 'e': edge_line = atoi(optarg); break;
+		case 't': timeout_ms = atoi(optarg); break;
+		default: usage(argv[0]);
+		}
+	}
+	if (optind != argc - 1)
+		usage(argv[0]);
+	const char *addr = argv[optind];
+
+	char path[300];
+	int chip = -1;
+	if (find_chip(addr, path, sizeof(path)) < 0) {
+		report_error("find gpiochip");
+		goto done;
+	}
+	chip = open(path, O_RDWR | O_CLOEXEC);
+	struct gpiochip_info info;
+	if (chip < 0 || ioctl(chip, GPIO_GET_CHIPINFO_IOCTL, &info) < 0) {
+		report_error(path);
+		goto done;
+	}
+	report("\"kind\":\"gpio.chip\",\"addr\":\"%s\",\"path\":\"%s\",\"name\":\"%s\",\"label\":\"%s\",\"lines\":%u", addr,
+	       path, info.name, info.label, info.lines);
+	if (outputs.count)
+		drive_outputs(chip, &outputs);
+	if (inputs.count)
+		read_inputs(chip, &inputs);
+	if (edge_line >= 0)
+		wait_edge(chip, (unsigned)edge_line, timeout_ms);
+done:
+	report("\"kind\":\"gpio.done\",\"status\":%d", vdev_failures ? 1 : 0);
+	return vdev_failures ? 1 : 0;
+}
