@@ -57,15 +57,15 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO
 
 import trio
 
 from vdev import deps
+from vdev.qemu._once import EnteredOnce
 from vdev.qemu.cmdline import MEMORY_BACKEND_ID, DeviceSpec, MiB, device_arg
 from vdev.qemu.errors import QemuError, QemuStartError
 
@@ -293,7 +293,7 @@ class _Console:
     done: bool = False
 
 
-class GuestMachine:
+class GuestMachine(EnteredOnce):
     """A QEMU guest booting a Linux kernel with ``devices`` attached; an async context manager.
 
     ``kernel`` and ``initrd`` default to the ``bookworm`` set of ``make
@@ -376,25 +376,8 @@ class GuestMachine:
         self._started_at = 0.0
         self._deadline = float("inf")
         self._process: trio.Process | None = None
-        self._context: AbstractAsyncContextManager[None] | None = None
 
     # -- the context manager ----------------------------------------------------
-
-    async def __aenter__(self) -> GuestMachine:
-        if self._context is not None:
-            raise RuntimeError("a GuestMachine can only be started once")
-        self._context = self._lifetime()
-        await self._context.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._context is not None
-        return await self._context.__aexit__(exc_type, exc, tb)
 
     def _prepare(self, logs: ExitStack) -> tuple[BinaryIO, BinaryIO]:
         """Make the working directory, the initramfs and the command; open the logs."""

@@ -28,13 +28,13 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
-from types import TracebackType
 
 import trio
 
 from vdev import deps
+from vdev.qemu._once import EnteredOnce
 from vdev.qemu.cmdline import DeviceSpec, MiB, qemu_command
 from vdev.qemu.errors import QemuExitedError, QemuStartError, QmpClosedError
 from vdev.qemu.hotplug import hot_unplug
@@ -50,7 +50,7 @@ _KEPT_LOG_BYTES = 64 * 1024
 _GUEST_ALLOC_LIMIT = 2 << 30
 
 
-class QemuMachine:
+class QemuMachine(EnteredOnce):
     """A QEMU machine driven through qtest and QMP; an async context manager.
 
     Inside the block, :attr:`qtest` and :attr:`qmp` are connected clients.
@@ -98,7 +98,6 @@ class QemuMachine:
         self.command: list[str] = []
         #: Where QEMU's stdout and stderr go while it runs.
         self.log_path: Path | None = None
-        self._context: AbstractAsyncContextManager[None] | None = None
         self._process: trio.Process | None = None
         self._qtest: QTestClient | None = None
         self._qmp: QmpClient | None = None
@@ -113,22 +112,6 @@ class QemuMachine:
         self._kept_log: bytes | None = None
 
     # -- the context manager ----------------------------------------------------
-
-    async def __aenter__(self) -> QemuMachine:
-        if self._context is not None:
-            raise RuntimeError("a QemuMachine can only be started once")
-        self._context = self._lifetime()
-        await self._context.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._context is not None
-        return await self._context.__aexit__(exc_type, exc, tb)
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[None]:
