@@ -106,3 +106,18 @@ def test_bad_declarations_are_refused() -> None:
         Bar(3000)
     with pytest.raises(ValueError, match="mapped area"):
         Bar(8192, registers=[Register("x", 0)], mapped=[(0, 4096)])
+
+
+async def test_a_subclass_overrides_a_hook_by_method_name() -> None:
+    class Louder(Regs):
+        def wrote_a(self, value: int) -> None:
+            self.writes.append(value * 2)
+
+        async def read_slow(self) -> int:
+            return 0x10AD
+
+    d = Louder()
+    await wr(d, 0, 4, 21)
+    assert d.writes == [42]
+    assert await rd(d, 0x30, 4) == 0x10AD
+    assert Regs().bar0.registers.write_hooks["a"].__func__ is Regs.wrote_a  # the parent keeps its own

@@ -10,9 +10,8 @@ from typing import IO
 
 import trio
 
-from vdev import RO, RW, WO, Bar, Device, Msi, Register
+from vdev import Device
 from vdev.client import Client
-from vdev.model.capabilities import Capability
 from vdev.proxy import FaultPlan, Proxy, proxied
 from vdev.testing import served
 from vdev_devices.hello import Hello
@@ -24,35 +23,12 @@ HELLO_ID_VALUE = 0x48454C4F
 MSG_TIMEOUT_MS = 500
 
 
-class Impostor(Device):
-    """Hello's twin with another id register value: what a regression in ``Hello`` would look like.
+class Impostor(Hello):
+    """Hello with another id register value: what a regression in ``Hello`` would look like."""
 
-    A class of its own rather than a ``Hello`` subclass, because ``Bar``
-    specs are class attributes shared with the parent.
-    """
-
-    vendor_id, device_id, class_code = 0x1B36, 0x0F00, 0xFF0000
-    bar0 = Bar(
-        4096,
-        registers=[
-            Register("id", 0x00, access=RO),
-            Register("scratch", 0x04, access=RW, sticky=True),
-            Register("reads", 0x08, access=RO),
-            Register("doorbell", 0x0C, access=WO),
-        ],
-    )
-
-    def capabilities(self) -> list[Capability]:
-        return [Msi(vectors=1)]
-
-    @bar0.on_read("id")
     def read_id(self) -> int:
         self.bar0["reads"] += 1
         return 0x50494D49  # "IMIP"
-
-    @bar0.on_write("doorbell")
-    def ring(self, value: int) -> None:
-        self.irq.trigger(0)
 
 
 @dataclass

@@ -60,7 +60,8 @@ class Bar:
     """A BAR declared on a device class.
 
     Assign it to a class attribute named ``bar0`` … ``bar5`` (or pass
-    ``index``).  ``when_disabled``, ``mapping_when_disabled`` and
+    ``index``).  Hooks are looked up by method name on each device, so a
+    subclass changes a register's behaviour by overriding the method.  ``when_disabled``, ``mapping_when_disabled`` and
     ``prefault`` are the memory-enable policies of
     :mod:`vdev.model.memory_enable`.  Hooks are attached with the
     decorators::
@@ -166,6 +167,12 @@ class Bar:
         return (0x4 if self.is_64bit else 0x0) | (0x8 if self.prefetchable else 0x0)
 
 
+def _bind(device: Device, hook: Callable[..., Any]) -> Callable[..., Any]:
+    """The device's method of the hook's name, so a subclass that overrides it is the one called."""
+    method = getattr(device, hook.__name__, None)
+    return method if callable(method) else hook.__get__(device, type(device))
+
+
 class BarState:
     """One device instance's BAR: register values and the memfd behind mapped areas."""
 
@@ -173,7 +180,13 @@ class BarState:
         self.spec = spec
         self.index = spec.index if spec.index is not None else -1
         self.device = device
-        self.registers = RegisterFile(spec.registers, spec.read_hooks, spec.write_hooks, device)
+        self.registers = RegisterFile(
+            spec.registers,
+            {name: _bind(device, hook) for name, hook in spec.read_hooks.items()},
+            {name: _bind(device, hook) for name, hook in spec.write_hooks.items()},
+        )
+        self.raw_read = _bind(device, spec.raw_read) if spec.raw_read else None
+        self.raw_write = _bind(device, spec.raw_write) if spec.raw_write else None
         self.mapped = MappedMemory(f"vdev-{device.name}-bar{self.index}", spec.size) if spec.mapped else None
         #: Memory-enable policies, from the declaration; experiments may change them at any time.
         self.when_disabled = spec.when_disabled
@@ -212,8 +225,8 @@ class BarState:
         """A trapped read: mapped memory, raw handler, or registers, in that order."""
         if self.mapped is not None and self.mapped_area_at(offset, size):
             return self.memory[offset : offset + size]
-        if self.spec.raw_read is not None and not self.registers.covers(offset, size):
-            result = await call_hook(self.spec.raw_read, self.device, offset, size)
+        if self.raw_read is not None and not self.registers.covers(offset, size):
+            result = await call_hook(self.raw_read, offset, size)
             return result if isinstance(result, bytes) else int(result).to_bytes(size, "little")
         value = await self.registers.read(offset, size)
         return value.to_bytes(size, "little")
@@ -224,8 +237,8 @@ class BarState:
         if self.mapped is not None and self.mapped_area_at(offset, size):
             self.memory[offset : offset + size] = data
             return
-        if self.spec.raw_write is not None and not self.registers.covers(offset, size):
-            await call_hook(self.spec.raw_write, self.device, offset, data)
+        if self.raw_write is not None and not self.registers.covers(offset, size):
+            await call_hook(self.raw_write, offset, data)
             return
         await self.registers.write(offset, size, int.from_bytes(data, "little"))
 

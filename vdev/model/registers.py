@@ -104,6 +104,8 @@ class Register:
 
 ReadHook = Callable[[Any], "int | Awaitable[int]"]
 WriteHook = Callable[[Any, int], "None | Awaitable[None]"]
+BoundReadHook = Callable[[], "int | Awaitable[int]"]
+BoundWriteHook = Callable[[int], "None | Awaitable[None]"]
 
 
 def apply_write(masks: dict[Access, int], old: int, written: int, byte_mask: int) -> int:
@@ -128,15 +130,14 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
 class RegisterFile:
     """The live values of a set of registers, and access dispatch over them.
 
-    ``owner`` is the device instance the hooks are bound to.
+    The hooks are bound methods of the device instance.
     """
 
     def __init__(
         self,
         registers: Sequence[Register],
-        read_hooks: dict[str, ReadHook],
-        write_hooks: dict[str, WriteHook],
-        owner: Any,
+        read_hooks: dict[str, BoundReadHook],
+        write_hooks: dict[str, BoundWriteHook],
     ) -> None:
         self.registers = sorted(registers, key=lambda r: r.offset)
         for before, after in zip(self.registers, self.registers[1:]):
@@ -144,9 +145,8 @@ class RegisterFile:
                 raise ValueError(f"registers {before.name} and {after.name} overlap")
         self.by_name = {r.name: r for r in self.registers}
         self._masks = {r.name: r.access_masks() for r in self.registers}
-        self._read_hooks = read_hooks
-        self._write_hooks = write_hooks
-        self._owner = owner
+        self.read_hooks = read_hooks
+        self.write_hooks = write_hooks
         self.values = {r.name: r.reset for r in self.registers}
 
     def reset(self) -> None:
@@ -175,9 +175,9 @@ class RegisterFile:
         """Read ``size`` bytes at ``offset`` as a little-endian integer."""
         result = 0
         for register in self.overlapping(offset, size):
-            hook = self._read_hooks.get(register.name)
+            hook = self.read_hooks.get(register.name)
             if hook is not None:
-                self[register.name] = await call_hook(hook, self._owner)
+                self[register.name] = await call_hook(hook)
             value = self.values[register.name] & ~self._masks[register.name][Access.WO]
             shift = (register.offset - offset) * 8
             result |= value << shift if shift >= 0 else value >> -shift
@@ -197,6 +197,6 @@ class RegisterFile:
             old = self.values[register.name]
             new = apply_write(self._masks[register.name], old, written & full, covered & full)
             self.values[register.name] = new
-            hook = self._write_hooks.get(register.name)
+            hook = self.write_hooks.get(register.name)
             if hook is not None:
-                await call_hook(hook, self._owner, new)
+                await call_hook(hook, new)

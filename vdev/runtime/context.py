@@ -131,7 +131,7 @@ def needs_thread(device: Device) -> bool:
     """Whether any of the device's handlers is ``async`` (so it must be served threaded)."""
     hooks: list[Any] = [type(device).on_reset, type(device).on_quiesce]
     for bar in device.bars():
-        hooks += [*bar.spec.read_hooks.values(), *bar.spec.write_hooks.values(), bar.spec.raw_read, bar.spec.raw_write]
+        hooks += [*bar.registers.read_hooks.values(), *bar.registers.write_hooks.values(), bar.raw_read, bar.raw_write]
     return any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None)
 
 
