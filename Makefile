@@ -62,7 +62,8 @@ bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # The concurrent-fault experiment on vfio-pci's memory enable, one guest per kernel
-# (KERNELS="bookworm trixie" unless given): results/experiment.json, .png and console logs.
+# (KERNELS="bookworm trixie" unless given), REPEAT=N boots per kernel and mode:
+# results/experiment.json, .md (verdict pass counts over the repeats), .png and console logs.
 experiment: deps
 	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
-	$(PY) -m vdev.experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" $(EXPERIMENT_ARGS)
+	$(PY) -m vdev.experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),1) $(EXPERIMENT_ARGS)

@@ -232,6 +232,7 @@ provision_kernel() {
         basename "$( (find "$dir/root/lib/modules" "$dir/root/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d 2>/dev/null || true) | head -n1)" >"$dir/release"
         [[ -s "$dir/release" ]] || fail "no /lib/modules/<release> in ${packages[*]}"
         printf '%s\n' "$meta" >"$dir/version"
+        printf '%s\n' "${packages[0]%%=*}" >"$dir/package"
         printf '%s\n' "$size" >"$dir/download-bytes"
         rm -f "$dir/stamps"/*
         printf '%s\n' "$meta" >"$dir/stamps/kernel"
@@ -265,10 +266,11 @@ provision_kernel() {
         printf '%s\n' "$digest" >"$dir/stamps/initramfs"
     fi
 
-    local kernel=bzImage
+    local kernel=bzImage package
     [[ -f "$dir/vmlinux" ]] && kernel=vmlinux
-    printf '{"name": "%s", "suite": "%s", "package_version": "%s", "release": "%s", "kernel": "%s", "modules": [%s]}\n' \
-        "$name" "$suite" "$version" "$release" "$kernel" \
+    package=$(cat "$dir/package" 2>/dev/null || printf 'linux-image-%s' "$release")
+    printf '{"name": "%s", "suite": "%s", "package": "%s", "package_version": "%s", "release": "%s", "kernel": "%s", "modules": [%s]}\n' \
+        "$name" "$suite" "$package" "$version" "$release" "$kernel" \
         "$(sed 's/\.ko$//; s/.*/"&"/' "$dir/modules.order" | paste -sd, | sed 's/,/, /g')" >"$dir/kernel.json"
     say "$name: ready: linux $release ($version), $kernel + initramfs $(human "$(stat -c %s "$dir/initramfs.cpio.gz")")"
 }

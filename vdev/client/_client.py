@@ -156,18 +156,13 @@ class Client:
     ) -> Capabilities:
         """Send VERSION and check the server's answer against the spec's rules."""
         if capabilities is None:
-            capabilities = Capabilities(
-                max_msg_fds=DEFAULT_MAX_MSG_FDS, max_data_xfer_size=DEFAULT_MAX_DATA_XFER_SIZE
-            )
+            capabilities = Capabilities(max_msg_fds=DEFAULT_MAX_MSG_FDS, max_data_xfer_size=DEFAULT_MAX_DATA_XFER_SIZE)
         major, minor = version
-        reply = await self.request(
-            VersionRequest(major=major, minor=minor, capabilities=capabilities)
-        )
+        reply = await self.request(VersionRequest(major=major, minor=minor, capabilities=capabilities))
         _close_fds(reply.fds)
         if reply.major != major or reply.minor > minor:
             raise RemoteProtocolError(
-                f"server answered version {reply.major}.{reply.minor} "
-                f"to a proposal of {major}.{minor}",
+                f"server answered version {reply.major}.{reply.minor} to a proposal of {major}.{minor}",
                 EINVAL,
             )
         self.server_version = (reply.major, reply.minor)
@@ -203,13 +198,10 @@ class Client:
             _close_fds(reply.fds)
             raise VfioUserError(reply.errno, reply.command)
         expected = REPLY_TYPES.get(message.command)
-        if reply.command != message.command or (
-            expected is not None and not isinstance(reply, expected)
-        ):
+        if reply.command != message.command or (expected is not None and not isinstance(reply, expected)):
             _close_fds(reply.fds)
             raise RemoteProtocolError(
-                f"reply to {message.command!r} is {type(reply).__name__} "
-                f"for command {reply.command!r}",
+                f"reply to {message.command!r} is {type(reply).__name__} for command {reply.command!r}",
                 EINVAL,
             )
         return cast(ReplyT, reply)
@@ -257,9 +249,7 @@ class Client:
         _close_all(reply.fds)  # a reply to a read carries none; a misbehaving server's must not leak
         return reply.data
 
-    async def region_write(
-        self, index: int, offset: int, data: bytes, *, posted: bool = False
-    ) -> None:
+    async def region_write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> None:
         """Write through the socket (REGION_WRITE).
 
         ``posted`` sends it with NO_REPLY and returns at once, as QEMU does
@@ -332,17 +322,13 @@ class Client:
             flags, data = IrqSetFlag.DATA_NONE | action, b""
         else:
             flags, data = IrqSetFlag.DATA_BOOL | action, bytes(bool(w) for w in which)
-        await self.request(
-            SetIrqsRequest(flags=flags, index=index, start=start, count=count, data=data)
-        )
+        await self.request(SetIrqsRequest(flags=flags, index=index, start=start, count=count, data=data))
 
     async def disable_irqs(self, index: int, start: int = 0, count: int = 0) -> None:
         """Detach eventfds: all of type ``index`` (``count == 0``) or a range."""
         data_kind = IrqSetFlag.DATA_NONE if count == 0 else IrqSetFlag.DATA_EVENTFD
         await self.request(
-            SetIrqsRequest(
-                flags=data_kind | IrqSetFlag.ACTION_TRIGGER, index=index, start=start, count=count
-            )
+            SetIrqsRequest(flags=data_kind | IrqSetFlag.ACTION_TRIGGER, index=index, start=start, count=count)
         )
 
     async def device_reset(self) -> None:
@@ -350,9 +336,7 @@ class Client:
 
     # --- DMA ----------------------------------------------------------------------
 
-    async def dma_map_memfd(
-        self, iova: int, size: int, *, flags: DmaFlag = DmaFlag.READ | DmaFlag.WRITE
-    ) -> DmaRegion:
+    async def dma_map_memfd(self, iova: int, size: int, *, flags: DmaFlag = DmaFlag.READ | DmaFlag.WRITE) -> DmaRegion:
         """Share a new memfd of ``size`` bytes at ``iova``; the server may mmap it."""
         fd = os.memfd_create("vdev-dma", os.MFD_CLOEXEC)
         try:
@@ -382,9 +366,7 @@ class Client:
         self._dma.append(region)
         fds = () if region.fd is None else (region.fd,)
         try:
-            await self.request(
-                DmaMapRequest(address=region.iova, size=region.size, flags=region.flags, fds=fds)
-            )
+            await self.request(DmaMapRequest(address=region.iova, size=region.size, flags=region.flags, fds=fds))
         except BaseException:
             self._dma.remove(region)
             region.close()
@@ -468,9 +450,7 @@ class Client:
             finally:
                 if self._stream.torn:
                     self._fail(
-                        trio.BrokenResourceError(
-                            "a message was cut short by cancellation; the stream is out of sync"
-                        )
+                        trio.BrokenResourceError("a message was cut short by cancellation; the stream is out of sync")
                     )
 
     async def _receive_loop(self) -> None:

@@ -33,9 +33,7 @@ class DmaRegion:
     memory and records in ``accesses`` so a test can see what the device did.
     """
 
-    def __init__(
-        self, iova: int, size: int, flags: DmaFlag, memory: mmap.mmap, fd: int | None
-    ) -> None:
+    def __init__(self, iova: int, size: int, flags: DmaFlag, memory: mmap.mmap, fd: int | None) -> None:
         self.iova = iova
         self.size = size
         self.flags = flags
@@ -95,6 +93,4 @@ class DmaRegion:
 
     def _check(self, offset: int, count: int) -> None:
         if offset < 0 or count < 0 or offset + count > self.size:
-            raise ValueError(
-                f"[{offset:#x}, {offset + count:#x}) is outside the {self.size:#x}-byte region"
-            )
+            raise ValueError(f"[{offset:#x}, {offset + count:#x}) is outside the {self.size:#x}-byte region")

@@ -18,9 +18,7 @@ class MappedRegion:
     def __init__(self, info: RegionInfo) -> None:
         self.info = info
         self._maps: list[tuple[int, int, mmap.mmap]] = []  # (start, end, map)
-        prot = (mmap.PROT_READ if info.readable else 0) | (
-            mmap.PROT_WRITE if info.writable else 0
-        )
+        prot = (mmap.PROT_READ if info.readable else 0) | (mmap.PROT_WRITE if info.writable else 0)
         areas = info.mmap_areas
         try:
             for number, area in enumerate(areas):
@@ -64,6 +62,5 @@ class MappedRegion:
             if start <= offset and offset + count <= end:
                 return start, memory
         raise ValueError(
-            f"[{offset:#x}, {offset + count:#x}) of region {self.info.index} "
-            "is not inside one mapped area"
+            f"[{offset:#x}, {offset + count:#x}) of region {self.info.index} is not inside one mapped area"
         )

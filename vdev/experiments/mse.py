@@ -64,8 +64,9 @@ from typing import Any
 import trio
 
 from vdev.model.events import Event
+from vdev.provenance import Provenance, collect
 from vdev.qemu.cmdline import MiB
-from vdev.qemu.guest import GuestArtefacts, GuestError, GuestMachine, GuestResult, parse_result
+from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestMachine, GuestResult, parse_result
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.membar import MemBar
 
@@ -524,6 +525,12 @@ class MseRun:
     console_log: Path
     boot_seconds: float | None
     seconds: float
+    #: The components that ran (kernel package, QEMU, libvfio-user, vdev commit).
+    provenance: Provenance
+    #: Which of the kernel's repeats this was (from 1).
+    repeat: int = 1
+    #: The console around the first kernel problem, when the kernel reported one.
+    kernel_report: list[str] = field(default_factory=list)
 
     @property
     def report(self) -> GuestReport:
@@ -545,11 +552,14 @@ class MseRun:
         return {
             "kernel": self.kernel,
             "release": self.release,
+            "provenance": self.provenance.to_json(),
+            "repeat": self.repeat,
             "mode": self.config.mode,
             "config": asdict(self.config) | {"membar_mapping": self.config.membar_mapping},
             "command": self.config.guest_command(),
             "passed": self.passed,
             "verdicts": [asdict(verdict) for verdict in self.verdicts],
+            "kernel_report": self.kernel_report,
             "boot_seconds": self.boot_seconds,
             "seconds": round(self.seconds, 2),
             "console_log": str(self.console_log),
@@ -586,14 +596,21 @@ async def run_mse(
     workdir: Path,
     binary: str | os.PathLike[str] | None = None,
     on_result: Callable[[GuestResult], None] | None = None,
+    repeat: int = 1,
 ) -> MseRun:
     """Boot ``artefacts`` with membar attached, run ``mse-fault`` as ``config`` says, and judge it.
 
     The console log and QEMU's stderr stay in ``workdir``.  In server mode
     the server starts flipping MEM once the guest reports ``mse.ready``.
     ``on_result`` sees every guest result as it arrives (progress output).
+    A kernel problem on the console ends the run at once (the guest boots
+    with warnings and oopses panicking): the run comes back with
+    ``completed`` and ``kernel_clean`` failed and the kernel's report in
+    :attr:`MseRun.kernel_report`.  Any other failure of the guest raises
+    :class:`~vdev.qemu.guest.GuestError`, never wrapped in an exception group.
     """
     started = time.monotonic()
+    provenance = collect(artefacts, qemu=Path(binary) if binary is not None else None)
     device = MemBar(size=config.size, mapping=config.membar_mapping)
     # A short directory: UNIX socket paths are limited to 107 bytes, workdir may be deep.
     socket_dir = Path(tempfile.mkdtemp(prefix="vdev-mse-"))
@@ -608,9 +625,17 @@ async def run_mse(
         timeout=config.timeout,
         binary=binary,
         workdir=workdir,
-        check_kernel=False,
     )
     toggle = functools.partial(device.command_control.toggle_every, config.toggle_period, count=config.toggles)
+    run = functools.partial(
+        MseRun,
+        kernel=artefacts.name,
+        release=artefacts.release,
+        config=config,
+        console_log=workdir / "console.log",
+        provenance=provenance,
+        repeat=repeat,
+    )
     try:
         async with served(device, socket), machine as vm, trio.open_nursery() as nursery:
             async for result in vm:
@@ -623,6 +648,23 @@ async def run_mse(
             # Read BAR0 with MEM on, as the last owner left it or as the device sets it now.
             device.command_control.force(memory=True)
             memory = bytes(device.bar(0).memory)
+    except BaseException as exc:
+        error = guest_error_in(exc)
+        if error is None:
+            raise
+        if not isinstance(error, GuestKernelError):
+            raise error from exc
+        return run(
+            results=[dict(result.data) for result in machine.results],
+            server=ServerLog.from_events(device.events),
+            verdicts=[
+                Verdict("completed", False, f"ended by a kernel problem after {time.monotonic() - started:.1f} s"),
+                Verdict("kernel_clean", False, error.problems[0].strip()),
+            ],
+            boot_seconds=machine.boot_seconds,
+            seconds=time.monotonic() - started,
+            kernel_report=error.report,
+        )
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
     results: list[Mapping[str, Any]] = [dict(result.data) for result in vm.results]
@@ -634,35 +676,77 @@ async def run_mse(
         kernel_problems=vm.kernel_problems,
         console=vm.console_log.read_text(errors="replace"),
     )
-    return MseRun(
-        kernel=artefacts.name,
-        release=artefacts.release,
-        config=config,
+    return run(
         results=results,
         server=server,
         verdicts=verdicts,
-        console_log=vm.console_log,
         boot_seconds=vm.boot_seconds,
         seconds=time.monotonic() - started,
     )
 
 
+def guest_error_in(exc: BaseException) -> GuestError | None:
+    """The guest harness's error in ``exc``, looking inside exception groups (nurseries wrap it)."""
+    if isinstance(exc, GuestError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = guest_error_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
 # -- the report ---------------------------------------------------------------------------
 
 
-def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> dict[str, Any]:
-    """``experiment.json``: the machine, every run's data and verdicts, and a per-kernel summary."""
-    summary: dict[str, Any] = {}
+def verdict_counts(runs: Sequence[MseRun]) -> dict[str, dict[str, dict[str, int]]]:
+    """Kernel -> mode -> verdict -> how many of that kernel's repeats passed it (``"runs"``: how many ran).
+
+    A verdict a run never reached (it ended early) counts as not passed.
+    """
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    names: dict[tuple[str, str], list[str]] = {}
     for run in runs:
-        entry = summary.setdefault(run.kernel, {"release": run.release})
-        data = run.to_json()
-        entry[run.config.mode] = {
-            "passed": run.passed,
-            "failed": [v.name for v in run.verdicts if not v.passed],
-            "sigbus": data["sigbus"]["total"],
-            "first_touch_us_quiet_median": _us(data["first_touch_ns"]["quiet_median"]),
-            "first_touch_us_under_load_median": _us(data["first_touch_ns"]["under_load_median"]),
-            "walk_us_median": _us(statistics.median(data["walk_ns"]) if data["walk_ns"] else None),
+        key = (run.kernel, run.config.mode)
+        for verdict in run.verdicts:
+            if verdict.name not in names.setdefault(key, []):
+                names[key].append(verdict.name)
+    for run in runs:
+        key = (run.kernel, run.config.mode)
+        entry = counts.setdefault(run.kernel, {}).setdefault(run.config.mode, {"runs": 0})
+        entry["runs"] += 1
+        passed = {verdict.name for verdict in run.verdicts if verdict.passed}
+        for name in names[key]:
+            entry[name] = entry.get(name, 0) + (name in passed)
+    return counts
+
+
+def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> dict[str, Any]:
+    """``experiment.json``: the machine, every run's data and verdicts, and a per-kernel summary.
+
+    The summary gives, per kernel and mode, how many of the repeats passed
+    each verdict and the components that ran; the medians are over all repeats.
+    """
+    summary: dict[str, Any] = {}
+    counts = verdict_counts(runs)
+    for run in runs:
+        entry = summary.setdefault(run.kernel, {"release": run.release, "provenance": run.provenance.to_json()})
+        mode = run.config.mode
+        if mode in entry:
+            continue
+        same = [r.to_json() for r in runs if r.kernel == run.kernel and r.config.mode == mode]
+        quiet = [ns for data in same for ns in data["first_touch_ns"]["quiet"]]
+        loaded = [ns for data in same for ns in data["first_touch_ns"]["under_load"]]
+        walks = [ns for data in same for ns in data["walk_ns"]]
+        entry[mode] = {
+            "repeats": len(same),
+            "passed_all": sum(data["passed"] for data in same),
+            "verdicts_passed": {k: v for k, v in counts[run.kernel][mode].items() if k != "runs"},
+            "sigbus": [data["sigbus"]["total"] for data in same],
+            "first_touch_us_quiet_median": _us(statistics.median(quiet) if quiet else None),
+            "first_touch_us_under_load_median": _us(statistics.median(loaded) if loaded else None),
+            "walk_us_median": _us(statistics.median(walks) if walks else None),
         }
     document = {
         "experiment": "mse-fault: concurrent faults on a vfio-pci BAR mapping while COMMAND.MEM toggles",
@@ -675,6 +759,28 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return document
+
+
+def markdown_summary(runs: Sequence[MseRun]) -> str:
+    """A table per kernel and mode: each verdict's passes out of the repeats, and the components that ran."""
+    lines: list[str] = []
+    for kernel, modes in verdict_counts(runs).items():
+        first = next(run for run in runs if run.kernel == kernel)
+        p = first.provenance
+        lines += [
+            f"### {kernel}: {p.kernel_package} {p.kernel_package_version} ({first.release})",
+            "",
+            f"QEMU {p.qemu_package_version or p.qemu_version}, libvfio-user {(p.libvfio_user_revision or '?')[:12]}, "
+            f"vdev {p.vdev_commit or p.vdev_version}",
+            "",
+            "| mode | verdict | passed |",
+            "|---|---|---|",
+        ]
+        for mode, counts in modes.items():
+            total = counts["runs"]
+            lines += [f"| {mode} | `{name}` | {n}/{total} |" for name, n in counts.items() if name != "runs"]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _us(ns: float | None) -> float | None:
@@ -690,8 +796,13 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
 
     guest_runs = [run for run in runs if run.config.mode == "guest"]
     figure, (touch, walk, faults) = plt.subplots(1, 3, figsize=(15, 4.5))
-    labels = [f"{run.kernel}\n{run.release.split('-')[0].split('+')[0]}" for run in guest_runs]
-    reports = [run.report for run in guest_runs]
+    kernels = list(dict.fromkeys(run.kernel for run in guest_runs))
+    by_kernel = {kernel: [run for run in guest_runs if run.kernel == kernel] for kernel in kernels}
+    labels = [f"{kernel}\n{runs_of[0].provenance.kernel_package_version}" for kernel, runs_of in by_kernel.items()]
+    # Every repeat of a kernel pooled into one column.
+    reports = [
+        GuestReport.from_results(result for run in runs_of for result in run.results) for runs_of in by_kernel.values()
+    ]
 
     quiet = [[e["first_touch_ns"] / 1000 for e in report.latency] for report in reports]
     loaded = [
@@ -727,10 +838,18 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
     walk.set_title("reading every page of BAR0 after the first")
     walk.legend()
 
-    for run, report in zip(guest_runs, reports):
-        disabled = [e for e in report.epochs if e["state"] == "disabled" and e["phase"] == "toggle"]
-        faults.plot(range(1, len(disabled) + 1), [e["sigbus"] for e in disabled], marker="o", label=run.kernel)
-    faults.set_xlabel("disabled epoch (under load)")
+    for colour, (kernel, runs_of) in enumerate(by_kernel.items()):
+        for index, run in enumerate(runs_of):
+            report = run.report
+            disabled = [e for e in report.epochs if e["state"] == "disabled" and e["phase"] == "toggle"]
+            faults.plot(
+                range(1, len(disabled) + 1),
+                [e["sigbus"] for e in disabled],
+                marker="o",
+                color=f"C{colour}",
+                label=kernel if index == 0 else None,
+            )
+    faults.set_xlabel("disabled epoch (under load), one line per repeat")
     faults.set_ylabel("SIGBUS")
     faults.set_title(f"SIGBUS per disabled epoch ({guest_runs[0].config.threads if guest_runs else 0} threads)")
     faults.legend()
@@ -768,55 +887,69 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
     runs: list[MseRun] = []
     kernels, modes = args.kernels.split(), args.modes.split()
     logs = args.out / "experiment"
-    total = len(kernels) * len(modes)
+    total = len(kernels) * len(modes) * args.repeat
     for kernel in kernels:
         artefacts = GuestArtefacts.find(kernel)
-        for mode in modes:
-            config = MseConfig(
-                mode=mode,
-                threads=args.threads,
-                cycles=args.cycles,
-                period_ms=args.period_ms,
-                latency_cycles=args.latency_cycles,
-                seconds=args.seconds,
-                toggles=args.toggles,
-                toggle_period=args.toggle_period,
-                size=args.size,
-                misaligned=args.misaligned,
-            )
-            prefix = f"[{len(runs) + 1}/{total} {kernel} {mode}]"
-            print(f"{prefix} booting {artefacts.release}: {config.guest_command()}", file=sys.stderr, flush=True)
-            workdir = logs / f"{kernel}-{mode}"
-            workdir.mkdir(parents=True, exist_ok=True)
-            # The server's own log (libvfio-user's complaints while QEMU tears down, say)
-            # goes next to the console log instead of between the progress lines.
-            server_log = logging.FileHandler(workdir / "server.log", mode="w")
-            logging.getLogger("vdev").addHandler(server_log)
-            started = time.monotonic()
-            try:
-                run = await run_mse(artefacts, config, workdir=workdir, on_result=_Progress(prefix))
-            except GuestError as exc:
-                # Keep going: the other kernels' results are worth having, and the report says what broke.
-                failure = Verdict("completed", False, str(exc).splitlines()[0])
-                run = MseRun(
-                    kernel=kernel,
-                    release=artefacts.release,
-                    config=config,
-                    results=[],
-                    server=ServerLog(),
-                    verdicts=[failure],
-                    console_log=workdir / "console.log",
-                    boot_seconds=None,
-                    seconds=time.monotonic() - started,
+        for repeat in range(1, args.repeat + 1):
+            for mode in modes:
+                config = MseConfig(
+                    mode=mode,
+                    threads=args.threads,
+                    cycles=args.cycles,
+                    period_ms=args.period_ms,
+                    latency_cycles=args.latency_cycles,
+                    seconds=args.seconds,
+                    toggles=args.toggles,
+                    toggle_period=args.toggle_period,
+                    size=args.size,
+                    misaligned=args.misaligned,
                 )
-            finally:
-                logging.getLogger("vdev").removeHandler(server_log)
-                server_log.close()
-            for verdict in run.verdicts:
-                mark = "ok  " if verdict.passed else "FAIL"
-                print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
-            runs.append(run)
+                prefix = f"[{len(runs) + 1}/{total} {kernel} {mode} #{repeat}]"
+                print(
+                    f"{prefix} booting {artefacts.package} {artefacts.package_version}: {config.guest_command()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                workdir = logs / f"{kernel}-{mode}-{repeat}"
+                workdir.mkdir(parents=True, exist_ok=True)
+                run = await _run_one(artefacts, config, workdir, prefix, repeat)
+                for verdict in run.verdicts:
+                    mark = "ok  " if verdict.passed else "FAIL"
+                    print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
+                if run.kernel_report:
+                    report = "\n".join(f"{prefix}   | {line}" for line in run.kernel_report)
+                    print(f"{prefix}   the kernel's report:\n{report}", file=sys.stderr, flush=True)
+                runs.append(run)
     return runs
+
+
+async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, prefix: str, repeat: int) -> MseRun:
+    """One run; a guest that times out or exits early becomes a failed ``completed`` verdict, not an exception."""
+    # The server's own log (libvfio-user's complaints while QEMU tears down, say)
+    # goes next to the console log instead of between the progress lines.
+    server_log = logging.FileHandler(workdir / "server.log", mode="w")
+    logging.getLogger("vdev").addHandler(server_log)
+    started = time.monotonic()
+    try:
+        return await run_mse(artefacts, config, workdir=workdir, on_result=_Progress(prefix), repeat=repeat)
+    except GuestError as exc:
+        # Keep going: the other runs' results are worth having, and the report says what broke.
+        return MseRun(
+            kernel=artefacts.name,
+            release=artefacts.release,
+            config=config,
+            results=[],
+            server=ServerLog(),
+            verdicts=[Verdict("completed", False, str(exc).splitlines()[0])],
+            console_log=workdir / "console.log",
+            boot_seconds=None,
+            seconds=time.monotonic() - started,
+            provenance=collect(artefacts),
+            repeat=repeat,
+        )
+    finally:
+        logging.getLogger("vdev").removeHandler(server_log)
+        server_log.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -836,15 +969,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--toggle-period", type=float, default=defaults.toggle_period)
     parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
+    parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     runs = trio.run(_run_matrix, args)
     plot = args.out / "experiment.png"
     plot_runs(runs, plot)
     report = args.out / "experiment.json"
-    document = write_report(runs, report, plot=plot)
-    print(json.dumps(document["summary"], indent=2))
-    print(f"report: {report}; plot: {plot}; console logs under {args.out / 'experiment'}", file=sys.stderr)
+    write_report(runs, report, plot=plot)
+    summary = markdown_summary(runs)
+    (args.out / "experiment.md").write_text(summary)
+    print(summary)
+    print(
+        f"report: {report} (summary {args.out / 'experiment.md'}); plot: {plot}; "
+        f"console logs under {args.out / 'experiment'}",
+        file=sys.stderr,
+    )
     # Failed verdicts are findings (the report lists them); only a run that could not finish is an error.
     return 0 if all(run.verdict("completed").passed for run in runs) else 1
 

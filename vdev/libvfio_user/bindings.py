@@ -69,9 +69,7 @@ class DmaSg(ctypes.Structure):
 
 
 LOG_CB = ctypes.CFUNCTYPE(None, ctx_p, ctypes.c_int, ctypes.c_char_p)
-REGION_ACCESS_CB = ctypes.CFUNCTYPE(
-    ctypes.c_ssize_t, ctx_p, ctypes.c_void_p, ctypes.c_size_t, loff_t, ctypes.c_bool
-)
+REGION_ACCESS_CB = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctx_p, ctypes.c_void_p, ctypes.c_size_t, loff_t, ctypes.c_bool)
 RESET_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctx_p, ctypes.c_int)
 QUIESCE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctx_p)
 DMA_CB = ctypes.CFUNCTYPE(None, ctx_p, ctypes.POINTER(DmaInfo))

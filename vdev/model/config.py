@@ -229,9 +229,7 @@ class ConfigSpace:
             self.data[at] = new
         self._apply_bar_writes(offset, len(data))
         touched = tuple(
-            p
-            for p in self.capabilities
-            if p.offset < offset + len(data) and offset < p.offset + p.capability.size
+            p for p in self.capabilities if p.offset < offset + len(data) and offset < p.offset + p.capability.size
         )
         return ConfigWrite(
             offset=offset,

@@ -399,4 +399,3 @@ class Device:
 def _as_int(data: bytes) -> int | str:
     """A trace-friendly value: an integer for register-sized data, hex otherwise."""
     return int.from_bytes(data, "little") if len(data) <= 8 else data.hex()
-

@@ -118,8 +118,7 @@ class Connection:
         if header.size > self.max_message_size:
             raise self._fail(
                 RemoteProtocolError(
-                    f"message of {header.size} bytes exceeds the limit of "
-                    f"{self.max_message_size}",
+                    f"message of {header.size} bytes exceeds the limit of {self.max_message_size}",
                     EMSGSIZE,
                 )
             )

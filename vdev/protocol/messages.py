@@ -72,9 +72,7 @@ def _fixed(command: Command) -> Any:
 
 def _unpack(layout: struct.Struct, payload: bytes, what: str, offset: int = 0) -> tuple[Any, ...]:
     if len(payload) < offset + layout.size:
-        raise RemoteProtocolError(
-            f"{what} needs {offset + layout.size} payload bytes, got {len(payload)}", EINVAL
-        )
+        raise RemoteProtocolError(f"{what} needs {offset + layout.size} payload bytes, got {len(payload)}", EINVAL)
     return layout.unpack_from(payload, offset)
 
 
@@ -363,9 +361,7 @@ class DeviceInfoReply(_Sized, Reply):
     @classmethod
     def _decode_payload(cls, payload: bytes) -> Self:
         argsz, flags, num_regions, num_irqs = _unpack(_DEVICE_INFO, payload, "DEVICE_GET_INFO")
-        return cls(
-            argsz=argsz, flags=DeviceFlag(flags), num_regions=num_regions, num_irqs=num_irqs
-        )
+        return cls(argsz=argsz, flags=DeviceFlag(flags), num_regions=num_regions, num_irqs=num_irqs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -426,9 +422,7 @@ class RegionInfoReply(_Sized, Reply):
 
     @classmethod
     def _decode_payload(cls, payload: bytes) -> Self:
-        argsz, flags, index, cap_offset, size, offset = _unpack(
-            _REGION_INFO, payload, "DEVICE_GET_REGION_INFO"
-        )
+        argsz, flags, index, cap_offset, size, offset = _unpack(_REGION_INFO, payload, "DEVICE_GET_REGION_INFO")
         caps = decode_capabilities(payload, cap_offset) if flags & RegionFlag.CAPS else ()
         return cls(
             argsz=argsz,
@@ -507,10 +501,7 @@ class RegionIoFdsReply(_Sized, Reply):
     def encode_payload(self) -> bytes:
         argsz = self._wire_argsz()
         parts = [_IO_FDS.pack(argsz, self.flags, self.index, self.total)]
-        parts += [
-            _SUB_REGION.pack(s.offset, s.size, s.fd_index, s.type, s.flags, 0, s.data)
-            for s in self.sub_regions
-        ]
+        parts += [_SUB_REGION.pack(s.offset, s.size, s.fd_index, s.type, s.flags, 0, s.data) for s in self.sub_regions]
         return b"".join(parts)
 
     @classmethod
@@ -520,12 +511,9 @@ class RegionIoFdsReply(_Sized, Reply):
         # The spec sizes entries as (argsz - header) / count, not as 40 bytes.
         stride = (argsz - _IO_FDS.size) // count if count else 0
         if count and stride >= _SUB_REGION.size and len(payload) >= _IO_FDS.size + count * stride:
-            entries = (
-                _SUB_REGION.unpack_from(payload, _IO_FDS.size + i * stride) for i in range(count)
-            )
+            entries = (_SUB_REGION.unpack_from(payload, _IO_FDS.size + i * stride) for i in range(count))
             subs = tuple(
-                SubRegionFd(offset=o, size=s, fd_index=i, type=t, flags=f, data=d)
-                for o, s, i, t, f, _pad, d in entries
+                SubRegionFd(offset=o, size=s, fd_index=i, type=t, flags=f, data=d) for o, s, i, t, f, _pad, d in entries
             )
         return cls(
             argsz=argsz,
@@ -885,8 +873,7 @@ class RegionWriteMultiRequest(Request[RegionWriteMultiReply]):
         for write in self.writes:
             if len(write.data) > MULTI_WRITE_MAX_DATA:
                 raise LocalProtocolError(
-                    f"a coalesced write carries at most {MULTI_WRITE_MAX_DATA} bytes, "
-                    f"not {len(write.data)}",
+                    f"a coalesced write carries at most {MULTI_WRITE_MAX_DATA} bytes, not {len(write.data)}",
                     EINVAL,
                 )
             parts.append(_MULTI_WRITE.pack(write.offset, write.region, len(write.data), write.data))
@@ -901,8 +888,7 @@ class RegionWriteMultiRequest(Request[RegionWriteMultiReply]):
             offset, region, size, data = _unpack(_MULTI_WRITE, payload, "REGION_WRITE_MULTI", at)
             if size > MULTI_WRITE_MAX_DATA:
                 raise RemoteProtocolError(
-                    f"coalesced write {i} claims {size} bytes, at most "
-                    f"{MULTI_WRITE_MAX_DATA} fit",
+                    f"coalesced write {i} claims {size} bytes, at most {MULTI_WRITE_MAX_DATA} fit",
                     EINVAL,
                 )
             writes.append(MultiWrite(region=region, offset=offset, data=data[:size]))
@@ -1109,9 +1095,7 @@ def decode_message(header: Header, payload: bytes, fds: tuple[int, ...] = ()) ->
             reply_type = REPLY_TYPES.get(header.command)
             if reply_type is None:
                 return RawReply(command=command, payload=payload, msg_id=header.msg_id, fds=fds)
-            return dataclasses.replace(
-                _normalized(reply_type._decode_payload(payload)), msg_id=header.msg_id, fds=fds
-            )
+            return dataclasses.replace(_normalized(reply_type._decode_payload(payload)), msg_id=header.msg_id, fds=fds)
         if header.type == MessageType.COMMAND:
             request_type = REQUEST_TYPES.get(header.command)
             if request_type is None:

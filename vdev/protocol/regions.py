@@ -105,8 +105,7 @@ def decode_capabilities(payload: bytes, cap_offset: int) -> tuple[RegionCapabili
     while offset:
         if offset < REGION_INFO_SIZE or offset + _CAP_HEADER.size > len(payload):
             raise RemoteProtocolError(
-                f"region capability at offset {offset} lies outside the "
-                f"{len(payload)}-byte region info",
+                f"region capability at offset {offset} lies outside the {len(payload)}-byte region info",
                 EINVAL,
             )
         if offset in visited:
@@ -119,9 +118,7 @@ def decode_capabilities(payload: bytes, cap_offset: int) -> tuple[RegionCapabili
     return tuple(caps)
 
 
-def _decode_one(
-    payload: bytes, cap_id: int, version: int, start: int, next_offset: int
-) -> RegionCapability:
+def _decode_one(payload: bytes, cap_id: int, version: int, start: int, next_offset: int) -> RegionCapability:
     if cap_id == CAP_SPARSE_MMAP:
         _need(payload, start, _SPARSE_HEADER.size, "sparse mmap capability")
         count, _reserved = _SPARSE_HEADER.unpack_from(payload, start)

@@ -56,7 +56,8 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +78,40 @@ DEFAULT_GUEST = "bookworm"
 RESULT_MARKER = "VDEV "
 #: Kernel command-line words every guest gets (the caller's ``append`` follows).
 BASE_APPEND = "console=ttyS0 intel_iommu=on vfio_iommu_type1.allow_unsafe_interrupts=1 panic=-1"
-#: Console lines that mean the guest kernel is unhappy.
-KERNEL_PROBLEM = re.compile(r"\bBUG:|\bWARNING:|\bOops\b|Kernel panic|general protection fault")
+#: Added unless a run asks otherwise: a warning or an oops panics, so no problem is silently survived
+#: (with ``panic=-1`` and QEMU's ``-no-reboot`` the panic ends the machine at once).
+PANIC_ON_PROBLEM = "panic_on_warn=1 oops=panic"
+
+#: What the kernel prints when something is wrong, by name.  Each pattern is
+#: searched for anywhere in a console line (a timestamp or another message may
+#: precede it).  ``BUG:`` covers ``BUG: KFENCE``, soft lockups, bad page state
+#: and sleeping in atomic context; the others are reports that do not start
+#: with ``BUG:``, each seen in a real kernel's output.
+KERNEL_PROBLEM_PATTERNS: Mapping[str, str] = {
+    "bug": r"\bBUG:",
+    "kernel-bug-at": r"\bkernel BUG at\b",
+    "warning": r"\bWARNING:",
+    "oops": r"\bOops\b",
+    "invalid-opcode": r"\binvalid opcode: [0-9a-f]{4}\b",
+    "panic": r"\bKernel panic\b",
+    "general-protection": r"\bgeneral protection fault\b",
+    "unable-to-handle": r"\bUnable to handle kernel\b",
+    "oom-leaked": r"\bVM_FAULT_OOM leaked out to the #PF handler\b",
+    "hung-task": r"\bINFO: task \S.* blocked for more than \d+ seconds",
+    "rcu-stall": r"\brcu: INFO: \w+ (?:self-)?detected stalls?\b",
+    "list-corruption": r"\blist_(?:add|del) corruption\b",
+    "ubsan": r"\bUBSAN:",
+    "kasan": r"\bKASAN:",
+}
+#: Any of :data:`KERNEL_PROBLEM_PATTERNS`.
+KERNEL_PROBLEM = re.compile("|".join(KERNEL_PROBLEM_PATTERNS.values()))
+#: Lines after which a kernel report is complete, so the run can end without waiting out the grace time.
+_REPORT_END = re.compile(r"---\[ end (?:trace|Kernel panic)|\bKernel Offset:|\bRebooting in\b")
 
 _TAIL_LINES = 60
+#: Console lines kept before, and at most after, the first kernel problem in its report.
+_REPORT_BEFORE = 10
+_REPORT_AFTER = 80
 
 
 # -- artefacts ----------------------------------------------------------------------
@@ -108,7 +139,9 @@ class GuestArtefacts:
     initrd: Path
     #: The kernel release (``uname -r``).
     release: str
-    #: Debian's package version.
+    #: Debian's package the kernel image came from (``linux-image-<release>``).
+    package: str
+    #: That package's version.
     package_version: str
     #: The modules ``/init`` loads, in load order.
     modules: tuple[str, ...]
@@ -128,6 +161,8 @@ class GuestArtefacts:
             bzimage=where / "bzImage",
             initrd=where / "initramfs.cpio.gz",
             release=info["release"],
+            # Sets built before the manifest named the package: Debian names it after the release.
+            package=info.get("package", f"linux-image-{info['release']}"),
             package_version=info["package_version"],
             modules=tuple(info["modules"]),
         )
@@ -149,12 +184,33 @@ class GuestExitedError(GuestError):
 
 
 class GuestKernelError(GuestError):
-    """The guest kernel logged ``BUG:``, ``WARNING:``, an ``Oops`` or a panic."""
+    """The guest kernel reported a problem (a line matching :data:`KERNEL_PROBLEM_PATTERNS`)."""
 
-    def __init__(self, message: str, problems: Sequence[str]) -> None:
+    def __init__(self, message: str, problems: Sequence[str], report: Sequence[str] = ()) -> None:
         super().__init__(message)
         #: The offending console lines.
         self.problems = list(problems)
+        #: The console around the first problem: the lines before it and the report that followed.
+        self.report = list(report)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The names (keys of :data:`KERNEL_PROBLEM_PATTERNS`) of every kind of problem seen, in order."""
+        return kernel_problem_kinds(self.problems)
+
+
+def kernel_problem_kinds(lines: Iterable[str]) -> list[str]:
+    """The pattern names matching ``lines``, each once, in the order first seen.
+
+    >>> kernel_problem_kinds(["[ 1.5] kernel BUG at mm/memory.c:2402!", "invalid opcode: 0000 [#1] SMP"])
+    ['kernel-bug-at', 'invalid-opcode']
+    """
+    kinds: list[str] = []
+    for line in lines:
+        for name, regex in KERNEL_PROBLEM_PATTERNS.items():
+            if name not in kinds and re.search(regex, line):
+                kinds.append(name)
+    return kinds
 
 
 # -- results ------------------------------------------------------------------------
@@ -289,6 +345,11 @@ class _Console:
     results: list[GuestResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)
+    #: The last lines, so that a problem's report can start with what led to it.
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=_REPORT_BEFORE))
+    #: The first problem's line with the lines before it and after it (up to the report's end).
+    report: list[str] = field(default_factory=list)
+    report_complete: bool = False
     lines: int = 0
     done: bool = False
 
@@ -301,12 +362,17 @@ class GuestMachine(EnteredOnce):
     runs in order, each in its own ``sh -c`` between ``run.start`` and
     ``run.exit`` reports (one line each, in ``/vdev/run``); ``files`` (guest
     path -> bytes or text) are added to the initramfs, executable.  ``append`` is
-    added to the kernel command line after :data:`BASE_APPEND`.  ``timeout``
-    bounds the whole block: when it passes, the body is cancelled and
-    :class:`GuestTimeoutError` raised.  With ``check_kernel`` (the default) a
-    block that ends without error raises :class:`GuestKernelError` if the
-    kernel logged ``BUG:``/``WARNING:``/``Oops``/a panic (a guest program
-    printing those words counts too).  ``kernel_loglevel`` is the console
+    added to the kernel command line after :data:`BASE_APPEND` (and
+    :data:`PANIC_ON_PROBLEM` while ``panic_on_problem``, the default).
+    ``timeout`` bounds the whole block: when it passes, the body is cancelled
+    and :class:`GuestTimeoutError` raised.  With ``check_kernel`` (the
+    default) the first console line matching :data:`KERNEL_PROBLEM_PATTERNS`
+    ends the block: the reader waits up to ``problem_grace`` seconds for the
+    rest of the kernel's report (or its end marker), cancels the body and
+    raises :class:`GuestKernelError` with the lines around the problem — a
+    hung kernel is reported at once instead of at the timeout.  A guest
+    program printing those words counts too.  Without ``check_kernel`` the
+    problems are only recorded (:attr:`kernel_problems`).  ``kernel_loglevel`` is the console
     log level once modules are loaded (``None``: the kernel's default, all
     messages).  ``accel`` defaults to ``$VDEV_GUEST_ACCEL`` or ``tcg``.
     ``workdir`` keeps the console log (``console.log``), QEMU's stderr
@@ -331,6 +397,8 @@ class GuestMachine(EnteredOnce):
         extra_args: Sequence[str] = (),
         workdir: str | os.PathLike[str] | None = None,
         check_kernel: bool = True,
+        panic_on_problem: bool = True,
+        problem_grace: float = 3.0,
         kernel_loglevel: int | None = 5,
         stop_timeout: float = 2.0,
     ) -> None:
@@ -342,6 +410,8 @@ class GuestMachine(EnteredOnce):
         self._initrd = Path(initrd)
         self._devices = list(devices)
         words = [BASE_APPEND]
+        if panic_on_problem:
+            words.append(PANIC_ON_PROBLEM)
         if kernel_loglevel is not None:
             words.append(f"vdev.loglevel={kernel_loglevel}")
         if append:
@@ -364,6 +434,8 @@ class GuestMachine(EnteredOnce):
         self._extra_args = list(extra_args)
         self._workdir_given = Path(workdir) if workdir is not None else None
         self._check_kernel = check_kernel
+        self._problem_grace = problem_grace
+        self._stopped_by_problem = False
         self._stop_timeout = stop_timeout
         #: QEMU's full argument vector, once started.
         self.command: list[str] = []
@@ -417,12 +489,15 @@ class GuestMachine(EnteredOnce):
             self._process = process
             self._started_at = trio.current_time()
             self._deadline = self._started_at + self._timeout
+            body = trio.CancelScope(deadline=self._deadline)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_console, process, console)
+                if self._check_kernel:
+                    nursery.start_soon(self._end_at_kernel_problem, body)
                 try:
-                    with trio.CancelScope(deadline=self._deadline) as scope:
+                    with body:
                         yield
-                    if scope.cancelled_caught:
+                    if body.cancelled_caught and not self._stopped_by_problem:
                         waiting = f" while waiting for {self._waiting_for}" if self._waiting_for else ""
                         failure = GuestTimeoutError(
                             f"the guest machine ran out of its {self._timeout} s{waiting}" + self._recent_results()
@@ -439,6 +514,34 @@ class GuestMachine(EnteredOnce):
         if error is not None:
             raise error
 
+    async def _end_at_kernel_problem(self, body: trio.CancelScope) -> None:
+        """Cancel the body once the first kernel problem's report is complete (or ``problem_grace`` passed)."""
+        console = self._console
+        while not console.problems:
+            changed = self._changed
+            if console.done:
+                return
+            await changed.wait()
+        with trio.move_on_after(self._problem_grace):
+            while not (console.report_complete or console.done):
+                changed = self._changed
+                await changed.wait()
+        self._stopped_by_problem = True
+        body.cancel()
+
+    def kernel_error(self) -> GuestKernelError | None:
+        """The :class:`GuestKernelError` for what the console showed so far, ``None`` while it is clean."""
+        console = self._console
+        if not console.problems:
+            return None
+        kinds = ", ".join(kernel_problem_kinds(console.problems))
+        return GuestKernelError(
+            f"the guest kernel reported a problem ({kinds}): {console.problems[0].strip()}\n"
+            + "\n".join(console.report),
+            console.problems,
+            console.report,
+        )
+
     async def _stop(self, process: trio.Process) -> None:
         if process.poll() is None:
             process.terminate()
@@ -453,17 +556,15 @@ class GuestMachine(EnteredOnce):
                 await self._changed.wait()
 
     def _outcome(self, failure: BaseException | None) -> BaseException | None:
-        if failure is None:
-            if self._check_kernel and self._console.problems:
-                failure = GuestKernelError(
-                    f"the guest kernel reported {len(self._console.problems)} problem(s):\n"
-                    + "\n".join(self._console.problems),
-                    self._console.problems,
-                )
-            else:
-                return None
-        elif isinstance(failure, trio.Cancelled):
+        kernel = self.kernel_error() if self._check_kernel else None
+        if isinstance(failure, trio.Cancelled):
             return failure
+        if kernel is not None and (failure is None or isinstance(failure, GuestError)):
+            # The kernel's problem is the cause; the guest exiting (a panic) or going quiet follows from it.
+            kernel.__cause__ = failure
+            failure = kernel
+        if failure is None:
+            return None
         if self._console.problems and not isinstance(failure, GuestKernelError):
             failure.add_note("guest kernel problems:\n" + "\n".join(self._console.problems))
         failure.add_note(f"guest console (last lines):\n{self.console_tail(_TAIL_LINES)}")
@@ -495,8 +596,14 @@ class GuestMachine(EnteredOnce):
         console = self._console
         console.lines += 1
         line = raw.decode(errors="replace").rstrip("\r")
+        if console.problems and not console.report_complete:
+            console.report.append(line)
+            console.report_complete = bool(_REPORT_END.search(line)) or len(console.report) >= _REPORT_AFTER
         if KERNEL_PROBLEM.search(line):
+            if not console.problems:
+                console.report = [*console.recent, line]
             console.problems.append(line)
+        console.recent.append(line)
         try:
             data = parse_result(line)
         except ValueError:
@@ -533,8 +640,13 @@ class GuestMachine(EnteredOnce):
 
     @property
     def kernel_problems(self) -> list[str]:
-        """Console lines with ``BUG:``, ``WARNING:``, ``Oops``, a panic or a GP fault."""
+        """Console lines matching one of :data:`KERNEL_PROBLEM_PATTERNS`."""
         return list(self._console.problems)
+
+    @property
+    def kernel_report(self) -> list[str]:
+        """The console around the first kernel problem (empty while there is none)."""
+        return list(self._console.report)
 
     @property
     def malformed_results(self) -> list[str]:

@@ -38,9 +38,7 @@ async def hot_unplug(qmp: QmpClient, qtest: QTestClient, device_id: str) -> None
     try:
         bus_select = await qmp.qom_get(bus_path, "acpi-pcihp-bsel")
     except QmpCommandError as exc:
-        raise HotplugError(
-            f"cannot hot-unplug {device_id!r}: its bus {bus_path} has no ACPI hotplug"
-        ) from exc
+        raise HotplugError(f"cannot hot-unplug {device_id!r}: its bus {bus_path} has no ACPI hotplug") from exc
 
     async def eject() -> None:
         await qtest.outl(io_base + _BUS_SELECT, bus_select)

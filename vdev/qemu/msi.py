@@ -77,9 +77,7 @@ class MsiMailbox:
         return vector
 
 
-async def enable_msi(
-    function: PciFunction, address: int, *, data: int = 0x5A00, vectors: int = 1
-) -> MsiMailbox:
+async def enable_msi(function: PciFunction, address: int, *, data: int = 0x5A00, vectors: int = 1) -> MsiMailbox:
     """Point ``function``'s MSI at guest RAM ``address``, enable it, return the mailbox.
 
     The function also needs bus mastering (:meth:`PciFunction.enable`), or
@@ -94,9 +92,7 @@ async def enable_msi(
     if vectors not in (1, 2, 4, 8, 16, 32) or vectors > capable:
         raise ValueError(f"{function.address} supports up to {capable} MSI vectors, not {vectors}")
     if not 0 < data < 0x1_0000 or data & (vectors - 1):
-        raise ValueError(
-            f"MSI data {data:#x} must be a nonzero 16-bit value with the vector bits clear"
-        )
+        raise ValueError(f"MSI data {data:#x} must be a nonzero 16-bit value with the vector bits clear")
     if address % 4 or address >= 1 << (64 if is_64bit else 32):
         raise ValueError(f"{address:#x} is not a usable MSI address for {function.address}")
     await function.bus.qtest.writel(address, _EMPTY)

@@ -83,9 +83,7 @@ class PciWindows:
             host = "/machine/i440fx"
         else:
             raise PciError("the machine has neither a q35 nor an i440fx host bridge")
-        hole = range(
-            await qmp.qom_get(host, "pci-hole-start"), await qmp.qom_get(host, "pci-hole-end")
-        )
+        hole = range(await qmp.qom_get(host, "pci-hole-start"), await qmp.qom_get(host, "pci-hole-end"))
         hole64 = range(
             await qmp.qom_get(host, "pci-hole64-start"),
             await qmp.qom_get(host, "pci-hole64-end"),
@@ -227,10 +225,7 @@ class PciFunction:
         self._mapped: dict[int, tuple[BarInfo, int]] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"<PciFunction {self.address} {self.vendor_id:04x}:{self.device_id:04x}"
-            f" class {self.class_code:06x}>"
-        )
+        return f"<PciFunction {self.address} {self.vendor_id:04x}:{self.device_id:04x} class {self.class_code:06x}>"
 
     @property
     def bar_count(self) -> int:
@@ -365,16 +360,12 @@ class PciFunction:
         try:
             return self._mapped[index]
         except KeyError:
-            raise PciError(
-                f"BAR {index} of {self.address} is not mapped: call map_bars()"
-            ) from None
+            raise PciError(f"BAR {index} of {self.address} is not mapped: call map_bars()") from None
 
     def _bar_target(self, index: int, offset: int, size: int) -> tuple[BarInfo, int]:
         bar, address = self._mapped_bar(index)
         if not 0 <= offset <= bar.size - size:
-            raise ValueError(
-                f"{size}-byte access at {offset:#x} is outside BAR {index} ({bar.size:#x} bytes)"
-            )
+            raise ValueError(f"{size}-byte access at {offset:#x} is outside BAR {index} ({bar.size:#x} bytes)")
         return bar, address + offset
 
     async def bar_read(self, index: int, offset: int, size: int) -> int:

@@ -76,13 +76,7 @@ class PortConfigAccess:
         self._lock = trio.Lock()
 
     def _select(self, address: PciAddress, offset: int) -> int:
-        return (
-            0x8000_0000
-            | address.bus << 16
-            | address.device << 11
-            | address.function << 8
-            | offset & 0xFC
-        )
+        return 0x8000_0000 | address.bus << 16 | address.device << 11 | address.function << 8 | offset & 0xFC
 
     async def read(self, address: PciAddress, offset: int, size: int) -> int:
         """Read ``size`` bytes at ``offset`` (below 0x100: mechanism #1 has no extended space)."""
@@ -107,13 +101,7 @@ class EcamConfigAccess:
         self._base = base
 
     def _addr(self, address: PciAddress, offset: int) -> int:
-        return (
-            self._base
-            | address.bus << 20
-            | address.device << 15
-            | address.function << 12
-            | offset
-        )
+        return self._base | address.bus << 20 | address.device << 15 | address.function << 12 | offset
 
     async def read(self, address: PciAddress, offset: int, size: int) -> int:
         """Read ``size`` bytes at ``offset`` (below 0x1000)."""

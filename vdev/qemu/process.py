@@ -91,9 +91,7 @@ class QemuMachine(EnteredOnce):
         self._stop_timeout = stop_timeout
         self._workdir = Path(workdir) if workdir is not None else None
         #: Guest RAM for the test's own buffers (DMA, MSI mailboxes).
-        self.guest_memory = GuestMemoryAllocator(
-            GUEST_RAM_START, min(memory, _GUEST_ALLOC_LIMIT)
-        )
+        self.guest_memory = GuestMemoryAllocator(GUEST_RAM_START, min(memory, _GUEST_ALLOC_LIMIT))
         #: QEMU's full argument vector, once started.
         self.command: list[str] = []
         #: Where QEMU's stdout and stderr go while it runs.
@@ -189,9 +187,7 @@ class QemuMachine(EnteredOnce):
 
     async def _shutdown(self, process: trio.Process) -> None:
         self._stopping = True
-        qemu_leaving = process.poll() is not None or (
-            self._qtest is not None and self._qtest.peer_closed
-        )
+        qemu_leaving = process.poll() is not None or (self._qtest is not None and self._qtest.peer_closed)
         if qemu_leaving and not self._exit_expected:
             self._unexpected_exit = True
         if self._qmp is not None:
@@ -224,9 +220,7 @@ class QemuMachine(EnteredOnce):
                 what = f"exited with status {self.returncode} before connecting"
             else:
                 what = f"failed to start: {failure}"
-            error = QemuStartError(
-                f"QEMU {what}\ncommand: {' '.join(self.command)}{self._tail_section()}"
-            )
+            error = QemuStartError(f"QEMU {what}\ncommand: {' '.join(self.command)}{self._tail_section()}")
             error.__cause__ = failure
             return error
         if failure is not None:

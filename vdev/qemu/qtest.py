@@ -184,9 +184,7 @@ class QTestClient:
                 try:
                     reply = await self._replies.receive()
                 except trio.EndOfChannel:
-                    raise QTestClosedError(
-                        f"qtest stream closed before QEMU answered {line!r}"
-                    ) from None
+                    raise QTestClosedError(f"qtest stream closed before QEMU answered {line!r}") from None
                 self._owed_replies -= 1
         if reply == "OK" or reply.startswith("OK "):
             return reply.split()[1:]

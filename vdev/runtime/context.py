@@ -250,9 +250,7 @@ class DeviceContext:
         if device.rom_size:
             self._setup_region(RegionIndex.ROM, device.rom_size, VFU_REGION_FLAG_READ)
         self._setup_irqs()
-        self._check(
-            lib.vfu_setup_device_reset_cb(ctx, self._keep(bindings.RESET_CB(self._on_reset))), "reset callback"
-        )
+        self._check(lib.vfu_setup_device_reset_cb(ctx, self._keep(bindings.RESET_CB(self._on_reset))), "reset callback")
         if type(device).on_quiesce is not Device.on_quiesce or device.faults.has("quiesce"):
             lib.vfu_setup_device_quiesce_cb(ctx, self._keep(bindings.QUIESCE_CB(self._on_quiesce)))
         self._check(
@@ -599,8 +597,13 @@ class DeviceContext:
 
         def trigger() -> None:
             if self._ctx is not None and self._lib.vfu_irq_trigger(self._ctx, vector) < 0:
-                log.debug("%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector,
-                          os.strerror(ctypes.get_errno()))
+                log.debug(
+                    "%s: %s vector %d not delivered: %s",
+                    self.device.name,
+                    irq_type.name,
+                    vector,
+                    os.strerror(ctypes.get_errno()),
+                )
 
         self._lock.run_or_defer(trigger)
 
