@@ -34,13 +34,18 @@ its stamps are intact.
 
 Usage::
 
-    make experiment KERNELS="bookworm trixie"
-    python -m vdev.experiments.mse --kernels "bookworm trixie" --out results
+    make experiment KERNELS="bookworm trixie" REPEAT=3
+    python -m vdev.experiments.mse --kernels "bookworm trixie" --repeat 3 --out results
 
-writes ``results/experiment.json`` and ``results/experiment.png``, and keeps
-every console log (and the server's log) under ``results/experiment/``.  The
-exit status is 1 only when a run could not finish; failed verdicts are
-findings, printed and listed in the report.
+writes ``results/experiment.json`` (every run, with the kernel package and
+version, QEMU, libvfio-user and vdev commit it ran with),
+``results/experiment.md`` (per kernel and mode, how many of the repeats
+passed each verdict) and ``results/experiment.png``, and keeps every console
+log (and the server's log) under ``results/experiment/``.  A kernel problem
+on the console ends that run at once, with the kernel's report in the
+output and the JSON.  The exit status is 1 only when a run could not
+finish; a failed verdict is printed and counted, and is called a finding
+only when it fails in every repeat.
 """
 
 from __future__ import annotations
@@ -430,7 +435,7 @@ def _fork_child(child: Mapping[str, Any]) -> Verdict:
 
 
 def _kernel_clean(problems: Sequence[str]) -> Verdict:
-    return Verdict("kernel_clean", not problems, "; ".join(problems[:3]) or "no BUG/WARNING/Oops on the console")
+    return Verdict("kernel_clean", not problems, "; ".join(problems[:3]) or "no kernel problem on the console")
 
 
 def _guest_saw_server_toggles(report: GuestReport, server: ServerLog) -> Verdict:
