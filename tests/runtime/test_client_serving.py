@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from vdev import Bar, Device, DmaError, Register
+from vdev import WO, Bar, Device, DmaError, MsiX, Register
 from vdev.client import Client, Interrupt
-from vdev.protocol.constants import IrqIndex
+from vdev.protocol.constants import IrqIndex, IrqSetFlag
 from vdev.runtime import DeviceContext
 from vdev_devices.edu import Edu
 
@@ -120,6 +120,52 @@ async def test_msi_and_intx_reach_the_client(vdev_client: Connect) -> None:
     assert device.irq.mode == "msi"
 
 
+class Ringer(Device):
+    """Two MSI-X vectors, table at BAR0+0x800, PBA at BAR0+0xc00; the doorbell signals vector ``n``."""
+
+    vendor_id = 0x1B36
+    device_id = 0x5158
+    bar0 = Bar(4096, registers=[Register("doorbell", 0x0, access=WO)])
+
+    def capabilities(self) -> list[MsiX]:
+        return [MsiX(vectors=2, table_bar=0, table_offset=0x800, pba_bar=0, pba_offset=0xC00)]
+
+    @bar0.on_write("doorbell")
+    def ring(self, value: int) -> None:
+        self.irq.trigger(value)
+
+
+async def test_msix_masking_is_the_clients_set_irqs_and_eventfds_not_the_table(vdev_client: Connect) -> None:
+    device = Ringer()
+    client = await vdev_client(device)
+    await config_write(client, 0x04, 0x6, 2)
+    msix_at = 0x40
+    assert await config_read(client, msix_at, 1) == 0x11
+    await config_write(client, msix_at + 2, 0x8000, 2)  # enable, no function mask
+
+    async def ring(vector: int) -> None:
+        await client.region_write(0, 0x0, vector.to_bytes(4, "little"))
+
+    async def pba() -> int:
+        return int.from_bytes(await client.region_read(0, 0xC00, 8), "little")
+
+    await ring(0)  # no eventfd yet: held
+    assert await pba() == 0b01
+    first, second = await client.set_irqs(IrqIndex.MSIX, 0, 2)
+    with trio.fail_after(5):  # installing the eventfd delivers it (just after SET_IRQS is answered)
+        assert await first.wait() == 1
+    assert await pba() == 0
+    table_entry_1 = 0x800 + 16
+    assert await client.region_read(0, table_entry_1 + 12, 4) == (1).to_bytes(4, "little")  # reset: masked
+    await ring(1)  # the table's mask bit is the client's business: it does not gate
+    assert second.pending() == 1
+    await client.signal_irqs(IrqIndex.MSIX, 1, 1, action=IrqSetFlag.ACTION_MASK)
+    await ring(1)
+    assert second.pending() == 0 and await pba() == 0b10
+    await client.signal_irqs(IrqIndex.MSIX, 1, 1, action=IrqSetFlag.ACTION_UNMASK)
+    assert second.pending() == 1 and await pba() == 0
+
+
 class Quiescing(Device):
     """A device whose DMA engine needs a moment to stop."""
 
@@ -175,5 +221,3 @@ async def test_a_sleeping_handler_blocks_only_its_device(vdev_client: Connect) -
             assert struct.unpack("<I", await fast_client.region_read(0, 0x04, 4))[0] == ~value & 0xFFFFFFFF
         order.append("fast")
     assert order == ["fast", "slow"]
-
-

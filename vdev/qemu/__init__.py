@@ -43,7 +43,7 @@ from vdev.qemu.guest import (
 )
 from vdev.qemu.hotplug import hot_unplug
 from vdev.qemu.memory import GuestMemoryAllocator
-from vdev.qemu.msi import MsiMailbox, enable_msi
+from vdev.qemu.msi import MsiMailbox, MsixTable, enable_msi, enable_msix
 from vdev.qemu.pci import (
     BarInfo,
     BarKind,
@@ -84,6 +84,7 @@ __all__ = [
     "GuestMemoryAllocator",
     "HotplugError",
     "MsiMailbox",
+    "MsixTable",
     "PciAddress",
     "PciAllocator",
     "PciBus",
@@ -104,6 +105,7 @@ __all__ = [
     "QmpEvents",
     "device_arg",
     "enable_msi",
+    "enable_msix",
     "enable_q35_ecam",
     "hot_unplug",
     "q35_intx_gsi",

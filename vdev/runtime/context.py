@@ -24,6 +24,11 @@ How the C library and Trio meet (the design, written where it lives):
   runs, so a handler may trigger interrupts or do DMA on its own context;
   an interrupt fired from Trio while C code holds the lock is queued and
   fired by the lock's holder on release, so Trio never blocks on the lock.
+* libvfio-user tells the server neither which eventfds the client installed
+  nor when: a trigger without one fails with ENOENT, and nothing announces
+  SET_IRQS.  An MSI-X vector whose trigger failed so is held pending by the
+  model; while one is, the runtime peeks at each message's header and, after
+  a SET_IRQS, lets the model try the held vectors again.
 * All device code runs on the Trio thread.  An exception in a handler
   becomes ``-1``/``errno`` for the library (an error reply to that access)
   and a log line naming the device, region, offset and register; it never
@@ -70,11 +75,16 @@ from vdev.model.dma import DmaError, DmaRegion
 from vdev.model.faults import Fault, InjectedError
 from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
+from vdev.protocol.errors import RemoteProtocolError
+from vdev.protocol.header import HEADER_SIZE, Command, Header
 
 log = logging.getLogger("vdev")
 
 _DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
+# libvfio-user logs these as errors, but they describe a client doing what
+# clients do (not wiring every interrupt), so they are debug output here.
+_ROUTINE_MESSAGES = ("no fd for interrupt",)
 
 
 class ContextLock:
@@ -196,6 +206,9 @@ class DeviceContext:
         self._nursery: trio.Nursery | None = None
         self._quiesced = trio.Event()
         self._declared_threaded = needs_thread(device)
+        # MSI-X vectors whose trigger found no eventfd; filled by whichever
+        # thread fired them, emptied into the model on the Trio thread.
+        self._without_eventfd: collections.deque[int] = collections.deque()
         self.connected = False
 
     @property
@@ -367,20 +380,27 @@ class DeviceContext:
 
     async def _run_once(self) -> tuple[int, int]:
         """Wait until the client sent something, then let libvfio-user handle it."""
-        await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-        if self.threaded:
-            async with self._trio_side:
-                return await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
-        # The inline path runs to completion without yielding, so the lock is
-        # taken without the extra trip through the scheduler `async with` costs.
+        fd = self._lib.vfu_get_poll_fd(self._ctx)
+        await trio.lowlevel.wait_readable(fd)
+        set_irqs = self.device.irq.awaiting_eventfds and _next_command(fd) == Command.DEVICE_SET_IRQS
         try:
-            self._trio_side.acquire_nowait()
-        except trio.WouldBlock:
-            await self._trio_side.acquire()
-        try:
-            return self._locked(self._lib.vfu_run_ctx)
+            if self.threaded:
+                async with self._trio_side:
+                    return await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
+            # The inline path runs to completion without yielding, so the lock is
+            # taken without the extra trip through the scheduler `async with` costs.
+            try:
+                self._trio_side.acquire_nowait()
+            except trio.WouldBlock:
+                await self._trio_side.acquire()
+            try:
+                return self._locked(self._lib.vfu_run_ctx)
+            finally:
+                self._trio_side.release()
         finally:
-            self._trio_side.release()
+            self._note_missing_eventfds()
+            if set_irqs:
+                self.device.irq.eventfds_changed()
 
     def _peer_allowed(self, connection_fd: int) -> bool:
         """Check the client's uid (SO_PEERCRED) against the allow-list; hang up on a stranger.
@@ -432,6 +452,7 @@ class DeviceContext:
         finally:
             self.connected = False
             self.device.irq.sink = None
+            self.device.irq.client_gone()
             self.device.dma.port = None
             self.device.events.record("disconnect")
             log.info("%s: client detached", self.device.name)
@@ -578,7 +599,9 @@ class DeviceContext:
 
     def _on_log(self, _ctx: int, level: int, message: bytes) -> None:
         try:
-            log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s: libvfio-user: %s", self.device.name, message.decode())
+            text = message.decode()
+            level = logging.DEBUG if text.startswith(_ROUTINE_MESSAGES) else _LOG_LEVELS.get(level, logging.DEBUG)
+            log.log(level, "%s: libvfio-user: %s", self.device.name, text)
         except BaseException:
             return
 
@@ -596,16 +619,20 @@ class DeviceContext:
             return
 
         def trigger() -> None:
-            if self._ctx is not None and self._lib.vfu_irq_trigger(self._ctx, vector) < 0:
-                log.debug(
-                    "%s: %s vector %d not delivered: %s",
-                    self.device.name,
-                    irq_type.name,
-                    vector,
-                    os.strerror(ctypes.get_errno()),
-                )
+            if self._ctx is None or self._lib.vfu_irq_trigger(self._ctx, vector) >= 0:
+                return
+            code = ctypes.get_errno()
+            if code == errno.ENOENT and irq_type is IrqIndex.MSIX:
+                self._without_eventfd.append(vector)
+            log.debug("%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code))
 
         self._lock.run_or_defer(trigger)
+        self._note_missing_eventfds()
+
+    def _note_missing_eventfds(self) -> None:
+        """Tell the model (on the Trio thread) which MSI-X triggers found no eventfd."""
+        while self._without_eventfd:
+            self.device.irq.no_eventfd(IrqIndex.MSIX, self._without_eventfd.popleft())
 
     def _direct(self, address: int, size: int) -> int | None:
         """The server-side address of client memory, if the client mapped it with an fd."""
@@ -669,3 +696,20 @@ class DeviceContext:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
         finally:
             self._lock.release()
+
+
+def _next_command(fd: int) -> int | None:
+    """The command of the message waiting on ``fd``, read without consuming it (None if unknown)."""
+    connection = socket.socket(fileno=fd)
+    try:
+        data = connection.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    finally:
+        connection.detach()
+    if len(data) < HEADER_SIZE:
+        return None
+    try:
+        return Header.decode(data).command
+    except RemoteProtocolError:
+        return None  # libvfio-user will refuse the message itself
