@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from vdev.client import Client, ServerDisconnected, VfioUserError
-from vdev.client._transport import FdStream
 from vdev.protocol import (
     NEED_DATA,
     Capabilities,
@@ -43,6 +42,7 @@ from vdev.protocol import (
     VersionReply,
     VersionRequest,
 )
+from vdev.transport import FdStream
 
 
 class ScriptedServer:

@@ -1,4 +1,4 @@
-"""The concurrent-fault experiment (``vdev.experiments.mse``) on one guest kernel, sized for CI.
+"""The concurrent-fault experiment (``vdev_experiments.mse``) on one guest kernel, sized for CI.
 
 A guest binds ``membar`` to vfio-pci and ``mse-fault`` stamps BAR0 from four
 threads while MEM is toggled, first by the guest (through vfio's config
@@ -17,7 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vdev.experiments.mse import (
+from vdev.model.events import Event
+from vdev.provenance import Provenance
+from vdev.qemu.guest import GuestArtefacts
+from vdev_experiments.mse import (
     BEFORE,
     MseConfig,
     MseRun,
@@ -31,9 +34,6 @@ from vdev.experiments.mse import (
     verdict_counts,
     write_report,
 )
-from vdev.model.events import Event
-from vdev.provenance import Provenance
-from vdev.qemu.guest import GuestArtefacts
 
 
 def explain(run: MseRun) -> str:

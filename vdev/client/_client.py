@@ -18,7 +18,6 @@ from vdev.client._errors import ServerDisconnected, VfioUserError
 from vdev.client._info import DeviceInfo, IrqInfo, RegionInfo
 from vdev.client._irq import Interrupt
 from vdev.client._mapping import MappedRegion
-from vdev.client._transport import FdStream
 from vdev.protocol import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     HEADER_SIZE,
@@ -54,6 +53,7 @@ from vdev.protocol import (
     VersionRequest,
 )
 from vdev.protocol.messages import ReplyT
+from vdev.transport import FdStream
 
 #: The protocol version vdev proposes: what libvfio-user and QEMU speak.
 DEFAULT_VERSION = (0, 1)

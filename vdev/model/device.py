@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import trio
 
-from vdev.libvfio_user.constants import ResetType
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
@@ -44,14 +43,6 @@ class ResetKind(enum.Enum):
     DEVICE = "device"
     FLR = "flr"
     LOST_CONNECTION = "lost_connection"
-
-    @classmethod
-    def from_library(cls, reset_type: ResetType) -> ResetKind:
-        return {
-            ResetType.DEVICE: cls.DEVICE,
-            ResetType.FLR: cls.FLR,
-            ResetType.LOST_CONNECTION: cls.LOST_CONNECTION,
-        }[reset_type]
 
 
 @dataclass

@@ -80,6 +80,13 @@ from vdev.protocol.header import HEADER_SIZE, Command, Header
 
 log = logging.getLogger("vdev")
 
+#: The model's names for libvfio-user's reset reasons.
+_RESET_KINDS = {
+    ResetType.DEVICE: ResetKind.DEVICE,
+    ResetType.FLR: ResetKind.FLR,
+    ResetType.LOST_CONNECTION: ResetKind.LOST_CONNECTION,
+}
+
 _DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
 # libvfio-user logs these as errors, but they describe a client doing what
@@ -522,7 +529,7 @@ class DeviceContext:
 
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
         try:
-            self._to_trio(self.device.reset, ResetKind.from_library(ResetType(reset_type)))
+            self._to_trio(self.device.reset, _RESET_KINDS[ResetType(reset_type)])
             return 0
         except BaseException as exc:
             injected = isinstance(exc, InjectedError)

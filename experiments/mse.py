@@ -35,7 +35,7 @@ its stamps are intact.
 Usage::
 
     make experiment KERNELS="bookworm trixie" REPEAT=3
-    python -m vdev.experiments.mse --kernels "bookworm trixie" --repeat 3 --out results
+    python -m vdev_experiments.mse --kernels "bookworm trixie" --repeat 3 --out results
 
 writes ``results/experiment.json`` (every run, with the kernel package and
 version, QEMU, libvfio-user and vdev commit it ran with),
@@ -958,7 +958,7 @@ async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vdev.experiments.mse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vdev_experiments.mse", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--kernels", default=" ".join(DEFAULT_KERNELS), help="guest kernel sets (make guest KERNELS=...)"
     )

@@ -1,7 +1,9 @@
-"""The only code in the client that touches the socket: bytes and fds, nothing else.
+"""vfio-user's transport for Trio code: a UNIX stream socket that moves bytes and fds, nothing else.
 
-Framing and decoding live in ``vdev.protocol``; this shell just moves chunks
-between a UNIX stream socket and a ``Connection``.
+The client (:mod:`vdev.client`), the fault proxy and replay (:mod:`vdev.proxy`)
+and test peers (:mod:`vdev.testing`) all speak vfio-user over this one
+shell; framing and decoding live in the sans-IO :mod:`vdev.protocol`, so
+this module only moves chunks between the socket and a ``Connection``.
 """
 
 from __future__ import annotations
