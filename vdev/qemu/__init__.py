@@ -39,6 +39,7 @@ from vdev.qemu.guest import (
     extra_initrd,
     guest_command,
     guest_dir,
+    kernel_problem_kinds,
     parse_result,
 )
 from vdev.qemu.hotplug import hot_unplug
@@ -75,6 +76,7 @@ __all__ = [
     "extra_initrd",
     "guest_command",
     "guest_dir",
+    "kernel_problem_kinds",
     "parse_result",
     "BarInfo",
     "BarKind",

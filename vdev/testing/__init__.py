@@ -5,7 +5,7 @@ The pytest plugin (:mod:`vdev.testing.plugin`) is registered through the
 has vdev installed.
 """
 
-from vdev.testing.memory import first_touch_ns, resident_pages
-from vdev.testing.serving import served, vfio_user_pci
+from vdev.testing.memory import first_touch_ns, mapping_address, resident_pages
+from vdev.testing.serving import QemuAttached, served, vfio_user_pci
 
-__all__ = ["first_touch_ns", "resident_pages", "served", "vfio_user_pci"]
+__all__ = ["QemuAttached", "first_touch_ns", "mapping_address", "resident_pages", "served", "vfio_user_pci"]

@@ -38,6 +38,7 @@ def resident_pages(mapping: mmap.mmap, length: int | None = None) -> int:
         raise OSError(ctypes.get_errno(), "mincore failed")
     return sum(byte & 1 for byte in vector)
 
+
 __all__ = ["PAGE_SIZE", "first_touch_ns", "resident_pages"]
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +38,7 @@ import trio
 
 from vdev.model.device import Device
 from vdev.runtime.context import DeviceContext
-from vdev.testing.serving import served, vfio_user_pci
+from vdev.testing.serving import QemuAttached, served, vfio_user_pci
 
 T = TypeVar("T")
 
@@ -91,14 +90,6 @@ async def vdev_client(vdev_serve: Callable[[Device], Awaitable[DeviceContext]]) 
 
         yield connect
         nursery.cancel_scope.cancel()
-
-
-@dataclass
-class QemuAttached:
-    """A QEMU machine with a served device attached, and the device as QEMU's PCI code sees it."""
-
-    vm: Any
-    function: Any
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -31,3 +33,11 @@ async def served(device: Device, socket_path: Path) -> AsyncIterator[DeviceConte
             yield context
         finally:
             nursery.cancel_scope.cancel()
+
+
+@dataclass
+class QemuAttached:
+    """A QEMU machine with a served device attached, and the device as QEMU's PCI code sees it."""
+
+    vm: Any
+    function: Any
