@@ -577,6 +577,8 @@ class MseRun:
             },
             "walk_ns": [entry["walk_ns"] for entry in report.latency],
             "walk_mapped_ns": [entry["walk_mapped_ns"] for entry in report.latency],
+            "faults_per_enable": faults_per_enable(report.latency),
+            "faults_first_touch": [entry.get("faults_first_touch") for entry in report.latency],
             "sigbus": {
                 "total": sum(e["sigbus"] for e in report.epochs),
                 "unexplained": sum(e["sigbus_unexplained"] for e in report.epochs),
@@ -705,6 +707,21 @@ def guest_error_in(exc: BaseException) -> GuestError | None:
 # -- the report ---------------------------------------------------------------------------
 
 
+def faults_per_enable(latency: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Faults the guest took to reach every page of BAR0 once after each quiet enable (first touch plus walk).
+
+    The count that tells the kernels' fault paths apart: 1 when the first
+    fault maps the whole mapping (6.1), one per huge page when huge faults
+    serve an aligned mapping (6.12+), one per 4 KiB page otherwise, and 0
+    when the kernel has mapped everything before the first touch.
+    """
+    return [
+        entry["faults_first_touch"] + entry["faults_walk"]
+        for entry in latency
+        if entry.get("faults_first_touch", -1) >= 0 and entry.get("faults_walk", -1) >= 0
+    ]
+
+
 def verdict_counts(runs: Sequence[MseRun]) -> dict[str, dict[str, dict[str, int]]]:
     """Kernel -> mode -> verdict -> how many of that kernel's repeats passed it (``"runs"``: how many ran).
 
@@ -744,6 +761,7 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
         quiet = [ns for data in same for ns in data["first_touch_ns"]["quiet"]]
         loaded = [ns for data in same for ns in data["first_touch_ns"]["under_load"]]
         walks = [ns for data in same for ns in data["walk_ns"]]
+        faults = [n for data in same for n in data["faults_per_enable"]]
         entry[mode] = {
             "repeats": len(same),
             "passed_all": sum(data["passed"] for data in same),
@@ -752,6 +770,7 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
             "first_touch_us_quiet_median": _us(statistics.median(quiet) if quiet else None),
             "first_touch_us_under_load_median": _us(statistics.median(loaded) if loaded else None),
             "walk_us_median": _us(statistics.median(walks) if walks else None),
+            "faults_per_enable": sorted(faults),
         }
     document = {
         "experiment": "mse-fault: concurrent faults on a vfio-pci BAR mapping while COMMAND.MEM toggles",
@@ -785,6 +804,14 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
             total = counts["runs"]
             lines += [f"| {mode} | `{name}` | {n}/{total} |" for name, n in counts.items() if name != "runs"]
         lines.append("")
+        latency = [entry for run in runs if run.kernel == kernel for entry in run.report.latency]
+        faults = faults_per_enable(latency)
+        if faults:
+            lines += [
+                f"Faults to reach all {latency[0]['pages'] + 1} pages of BAR0 after a quiet enable: "
+                f"median {statistics.median(faults):g} (min {min(faults)}, max {max(faults)}, {len(faults)} enables).",
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from vdev_experiments.mse import (
     Verdict,
     analyse,
     check_stamps,
+    faults_per_enable,
     fnv1a,
     markdown_summary,
     run_mse,
@@ -65,6 +66,11 @@ async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     assert [child["forked"] for child in report.forks] == ["mapped", "zapped"]
     assert len(report.latency) == config.latency_cycles
     assert all(entry["first_touch_ns"] > 0 for entry in report.latency)
+    # The stock fault path: nothing is mapped right after an enable, the first touch faults, and once
+    # every page has been reached a second walk takes no fault at all.
+    assert all(entry["faults_first_touch"] >= 1 for entry in report.latency)
+    assert all(entry["faults_walk_again"] == 0 for entry in report.latency)
+    assert all(1 <= n <= report.device["pages"] for n in faults_per_enable(report.latency))
     assert run.console_log.exists()
 
 
@@ -211,3 +217,14 @@ def test_repeats_count_how_often_each_verdict_passed_and_a_run_cut_short_fails_w
     table = markdown_summary(runs)
     assert "| guest | `fork_mapped_child` | 1/3 |" in table
     assert "linux-image-bookworm 1.0-1" in table
+
+
+def test_faults_per_enable_adds_the_first_touch_to_the_walk_and_skips_unreadable_counts() -> None:
+    latency = [
+        {"faults_first_touch": 1, "faults_walk": 0},
+        {"faults_first_touch": 1, "faults_walk": 1023},
+        {"faults_first_touch": 0, "faults_walk": 0},
+        {"faults_first_touch": -1, "faults_walk": 5},
+        {"first_touch_ns": 5},
+    ]
+    assert faults_per_enable(latency) == [1, 1024, 0]
