@@ -101,6 +101,16 @@ class Interrupts:
             for vector in range(cap.vectors):
                 struct.pack_into("<QII", self.msix_table, vector * MSIX_ENTRY_SIZE, 0, 0, MSIX_VECTOR_CTRL_MASKBIT)
 
+    def vector_counts(self) -> dict[IrqIndex, int]:
+        """How many vectors of each type the device has: what GET_IRQ_INFO reports (0: none)."""
+        counts = dict.fromkeys(IrqIndex, 0)
+        counts.update({IrqIndex.INTX: 1 if self._device.intx else 0, IrqIndex.ERR: 1, IrqIndex.REQ: 1})
+        if self._msi_cap is not None:
+            counts[IrqIndex.MSI] = self._msi_cap.vectors
+        if self._msix_cap is not None:
+            counts[IrqIndex.MSIX] = self._msix_cap.vectors
+        return counts
+
     # -- which mode is on ----------------------------------------------------
 
     @property
