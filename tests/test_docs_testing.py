@@ -12,7 +12,7 @@ import trio
 DOC = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
 
 
-@pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+@pytest.mark.requires("qemu", "libvfio-user")
 async def test_the_documented_user_test_file_passes(tmp_path: Path) -> None:
     (code,) = re.findall(r"```python\n(# test_doorbell.py\n.*?)```", DOC.read_text(), flags=re.DOTALL)
     (tmp_path / "test_doorbell.py").write_text(code)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 
 def run_example(*args: str) -> str:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from mytimer import MyTimer  # noqa: E402
 
 
-@pytest.mark.usefixtures("qemu_binary")
+@pytest.mark.requires("qemu", "libvfio-user")
 async def test_qemu_reads_my_register_and_gets_the_timer_msi(vdev_socket_dir: Path) -> None:
     device = MyTimer()
     socket = vdev_socket_dir / "timer.sock"

@@ -22,7 +22,7 @@ from vdev.qemu import PciFunction, QemuMachine, enable_msi, q35_intx_gsi
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.edu import Edu
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 Observed = list[Any]
 Scenario = Callable[[QemuMachine, PciFunction], Awaitable[Observed]]

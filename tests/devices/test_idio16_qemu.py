@@ -11,7 +11,7 @@ from vdev.qemu import QemuMachine, q35_intx_gsi
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.idio16 import Idio16
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 
 async def test_lines_and_interrupt_as_the_linux_driver_uses_them(vdev_socket_dir: Path) -> None:

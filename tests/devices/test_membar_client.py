@@ -15,7 +15,7 @@ from vdev.runtime import DeviceContext
 from vdev.testing import first_touch_ns, resident_pages
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 CONFIG, COMMAND, MEM = 7, 0x04, 0x2
 Connect = Callable[[Device], Awaitable[Client]]

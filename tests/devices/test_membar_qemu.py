@@ -10,7 +10,7 @@ from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 MEMBAR = (0x1B36, 0x0F01)
 

@@ -24,7 +24,7 @@ from vdev.runtime import DeviceContext
 from vdev_devices.edu import Edu
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 Serve = Callable[[Device], Awaitable[DeviceContext]]
 CASES = all_cases()
 

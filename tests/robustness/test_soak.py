@@ -21,7 +21,7 @@ from vdev.client import Client
 from vdev.runtime import DeviceContext
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 CYCLES = int(os.environ.get("VDEV_SOAK_CYCLES", "200"))
 RSS_GROWTH_BOUND = 16 << 20
 Serve = Callable[[Device], Awaitable[DeviceContext]]

@@ -17,7 +17,7 @@ from vdev.runtime import DeviceContext, ServeError
 from vdev.testing import served
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 
 async def test_socket_is_private_and_removed(vdev_socket_dir: Path) -> None:

@@ -18,7 +18,7 @@ from vdev.protocol.constants import IrqIndex, IrqSetFlag
 from vdev.runtime import DeviceContext
 from vdev_devices.edu import Edu
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 CONFIG = 7
 Connect = Callable[[Device], Awaitable[Client]]

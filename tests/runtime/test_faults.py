@@ -19,7 +19,7 @@ from vdev.protocol.constants import IrqIndex
 from vdev_devices.edu import Edu
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 Connect = Callable[[Device], Awaitable[Client]]
 
 

@@ -11,7 +11,7 @@ from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 HELLO = (0x1B36, 0x0F00)
 
 

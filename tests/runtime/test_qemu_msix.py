@@ -18,7 +18,7 @@ from vdev import RO, WO, Bar, Device, MsiX, Register
 from vdev.qemu import MsixTable, PciFunction, QemuMachine, enable_msix
 from vdev.testing import served, vfio_user_pci
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 
 class Ringer(Device):

@@ -14,7 +14,7 @@ from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 PCI_STATUS, PCI_CAPABILITY_LIST = 0x06, 0x34
 
