@@ -343,7 +343,7 @@ class Device:
         self._command_changed = trio.Event()
         self.on_command(old, new)
         if old.intx_disable and not new.intx_disable:
-            self.irq.deliver_unmasked_pending()
+            self.irq.intx_unmasked()
 
     async def _capability_writes(self, change: ConfigWrite) -> None:
         for placed in change.capabilities:
