@@ -314,18 +314,18 @@ async def _rw1c(check: _Check, device: Device, offset: int, bits: int, what: str
     await check.write(offset, 0, 2)
     if await check.read(offset, 2) & bits != bits:
         check.fail(f"{what}: writing 0 cleared RW1C bits")
-    remaining = bits
+    remaining = await check.read(offset, 2) & bits
     for bit in range(16):
-        if not bits >> bit & 1:
+        if not remaining >> bit & 1:
             continue
         await check.write(offset, 1 << bit, 2)
-        remaining &= ~(1 << bit)
-        value = await check.read(offset, 2)
+        value = await check.read(offset, 2) & bits
         if value & (1 << bit):
             check.fail(f"{what}: writing 1 to RW1C bit {bit} does not clear it")
-        if value & bits != remaining:
-            check.fail(f"{what}: writing 1 to bit {bit} changed other RW1C bits ({value & bits:#06x})")
-            remaining = value & bits
+        others = remaining & ~(1 << bit)
+        if value & ~(1 << bit) != others:
+            check.fail(f"{what}: writing 1 to bit {bit} changed other RW1C bits ({others:#06x} became {value:#06x})")
+        remaining = value
 
 
 async def _interrupt_line_and_reserved(check: _Check) -> None:
