@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import trio
 
@@ -61,19 +60,17 @@ async def served(device: Device, socket_path: Path) -> AsyncIterator[DeviceConte
             nursery.cancel_scope.cancel()
 
 
-@dataclass
-class QemuAttached:
+class QemuAttached(NamedTuple):
     """A QEMU machine with a served device attached, and the device as QEMU's PCI code sees it.
 
     ``vm`` is the :class:`~vdev.qemu.QemuMachine` (qtest, QMP, guest
     memory; ``await attached.vm.quit()`` ends this client early, the device
-    keeps being served), ``function`` the :class:`~vdev.qemu.PciFunction`,
-    ``context`` the :class:`~vdev.runtime.DeviceContext` serving the device.
+    keeps being served), ``function`` the :class:`~vdev.qemu.PciFunction`:
+    ``vm, function = await vdev_qemu(device)``.
     """
 
     vm: QemuMachine
     function: PciFunction
-    context: DeviceContext
 
 
 @asynccontextmanager
@@ -103,7 +100,7 @@ async def qemu_attached(
         function = await (await vm.pci_bus()).find(device.vendor_id, device.device_id)
         await function.map_bars()
         await function.enable(memory="memory" in enable, io="io" in enable, master="master" in enable)
-        yield QemuAttached(vm, function, context)
+        yield QemuAttached(vm, function)
 
 
 class ServeDevice(Protocol):
