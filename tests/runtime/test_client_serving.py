@@ -17,6 +17,7 @@ from vdev_devices.edu import Edu
 
 pytestmark = pytest.mark.requires("libvfio-user")
 
+
 async def edu_dma(client: Client, intx: Interrupt, source: int, destination: int, count: int, to_ram: bool) -> None:
     """Run one edu DMA transfer and wait for its completion interrupt.
 

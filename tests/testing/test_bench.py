@@ -179,3 +179,19 @@ async def test_the_bench_attaches_as_a_client_and_detaches_on_exit() -> None:
         assert device.irq.sink is bench.irqs and device.dma.port is bench.memory
     assert device.irq.sink is None and device.dma.port is None
     assert [e.kind for e in device.events if e.kind in ("connect", "disconnect")] == ["connect", "disconnect"]
+
+
+class Crashing(Device):
+    """Background work that fails at once."""
+
+    vendor_id = 0x1B36
+    device_id = 0xC4A5
+
+    async def run(self) -> None:
+        raise RuntimeError("the device's own task failed")
+
+
+async def test_a_failing_run_task_fails_the_test_instead_of_being_logged() -> None:
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="own task failed"), flatten_subgroups=True):
+        async with open_bench(Crashing()):
+            await trio.sleep_forever()
