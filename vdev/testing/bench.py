@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import trio
 
@@ -60,6 +60,8 @@ from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
 
 __all__ = ["Bench", "ClientMemory", "DmaTransfer", "Fired", "RecordingSink", "open_bench"]
+
+D = TypeVar("D", bound=Device)
 
 
 @dataclass(frozen=True)
@@ -168,14 +170,15 @@ class ClientMemory:
         memory[at : at + len(data)] = data
 
 
-class Bench:
+class Bench(Generic[D]):
     """One device on the bench; made by :func:`open_bench` (or the ``vdev_bench`` fixture).
 
     Methods that reach the device are ``async`` (its handlers may be); the
-    SET_IRQS ones only change interrupt state and are plain.
+    SET_IRQS ones only change interrupt state and are plain.  The bench is
+    generic in the device's class, so ``bench.device`` has your device's type.
     """
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: D) -> None:
         #: The device under test; its state may be inspected at any time.
         self.device = device
         #: The client's eventfds and every interrupt that reached them.
@@ -318,7 +321,7 @@ class Bench:
 
 
 @asynccontextmanager
-async def open_bench(device: Device, *, wired: bool = True) -> AsyncIterator[Bench]:
+async def open_bench(device: D, *, wired: bool = True) -> AsyncIterator[Bench[D]]:
     """Put ``device`` on the bench for the ``async with`` block, attached as to a client.
 
     The device's :meth:`~vdev.Device.run` and the tasks it starts run in the

@@ -67,6 +67,7 @@ from vdev.testing.serving import (
 )
 
 T = TypeVar("T")
+D = TypeVar("D", bound=Device)
 
 #: The QEMU machines a test attached, so a failed test's report can show their stderr.
 _MACHINES = pytest.StashKey[list[Any]]()
@@ -96,8 +97,8 @@ async def vdev_bench() -> AsyncIterator[OpenBench]:
     """Factory putting devices on the in-process bench for the rest of the test."""
     async with trio.open_nursery() as nursery:
 
-        async def put_on_bench(device: Device, *, wired: bool = True) -> Bench:
-            bench: Bench = await nursery.start(_hold, open_bench(device, wired=wired))
+        async def put_on_bench(device: D, *, wired: bool = True) -> Bench[D]:
+            bench: Bench[D] = await nursery.start(_hold, open_bench(device, wired=wired))
             return bench
 
         yield put_on_bench

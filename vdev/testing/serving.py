@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 import trio
 
@@ -33,6 +33,8 @@ __all__ = [
     "served",
     "vfio_user_pci",
 ]
+
+D = TypeVar("D", bound=Device)
 
 #: A COMMAND bit :func:`qemu_attached` (and ``vdev_qemu``) can turn on.
 CommandBit = Literal["memory", "io", "master"]
@@ -118,7 +120,7 @@ class ConnectClient(Protocol):
 class OpenBench(Protocol):
     """The ``vdev_bench`` fixture: ``await vdev_bench(device)`` puts it on the bench until the test ends."""
 
-    def __call__(self, device: Device, *, wired: bool = True) -> Awaitable[Bench]: ...
+    def __call__(self, device: D, *, wired: bool = True) -> Awaitable[Bench[D]]: ...
 
 
 class AttachQemu(Protocol):
