@@ -37,7 +37,8 @@ def public_definitions(package: ModuleType) -> set[str]:
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, value in vars(module).items():
             own = getattr(value, "__module__", None) == module.__name__
-            if own and not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value)):
+            hook = name.startswith("pytest_")  # a pytest plugin's hooks are pytest's interface, not the package's
+            if own and not name.startswith("_") and not hook and (inspect.isclass(value) or inspect.isfunction(value)):
                 defined.add(name)
     return defined
 

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from vdev.model.events import Event
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts
@@ -42,6 +44,7 @@ def explain(run: MseRun) -> str:
     return "\n".join([*lines, f"console log: {run.console_log}"])
 
 
+@pytest.mark.requires("libvfio-user")
 async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, tmp_path: Path
 ) -> None:
@@ -74,6 +77,7 @@ async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     assert run.console_log.exists()
 
 
+@pytest.mark.requires("libvfio-user")
 async def test_server_toggling_is_invisible_to_the_guests_mappings(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, tmp_path: Path
 ) -> None:

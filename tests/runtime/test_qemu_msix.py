@@ -7,18 +7,14 @@ the way a guest driver does and watch the messages land in guest RAM.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
-
 import pytest
 import trio
 
 from vdev import RO, WO, Bar, Device, MsiX, Register
 from vdev.qemu import MsixTable, PciFunction, QemuMachine, enable_msix
-from vdev.testing import served, vfio_user_pci
+from vdev.testing import AttachQemu
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 
 class Ringer(Device):
@@ -39,15 +35,10 @@ class Ringer(Device):
         self.irq.trigger(value)
 
 
-@asynccontextmanager
-async def ringer_in_qemu(socket_dir: Path) -> AsyncIterator[tuple[Ringer, QemuMachine, PciFunction]]:
+async def ringer_in_qemu(vdev_qemu: AttachQemu) -> tuple[Ringer, QemuMachine, PciFunction]:
     device = Ringer()
-    socket = socket_dir / "ringer.sock"
-    async with served(device, socket), QemuMachine(devices=[vfio_user_pci(socket)]) as vm:
-        function = await (await vm.pci_bus()).find(0x1B36, 0x5158)
-        await function.map_bars()
-        await function.enable(memory=True, io=False, master=True)
-        yield device, vm, function
+    vm, function = await vdev_qemu(device, enable={"memory", "master"})
+    return device, vm, function
 
 
 async def ring(function: PciFunction, vector: int) -> None:
@@ -61,53 +52,53 @@ async def delivered(table: MsixTable, vector: int) -> int:
         return await table.mailboxes[vector].wait()
 
 
-async def test_both_vectors_write_their_messages_to_guest_ram(vdev_socket_dir: Path) -> None:
-    async with ringer_in_qemu(vdev_socket_dir) as (device, vm, function):
-        table = await enable_msix(function, vm.guest_memory.alloc(64))
-        assert device.irq.mode == "msix"  # QEMU forwards the enable bit
-        for vector in (0, 1, 1, 0):
-            await ring(function, vector)
-            assert await delivered(table, vector) == vector
-        assert await table.pending() == set()
+async def test_both_vectors_write_their_messages_to_guest_ram(vdev_qemu: AttachQemu) -> None:
+    device, vm, function = await ringer_in_qemu(vdev_qemu)
+    table = await enable_msix(function, vm.guest_memory.alloc(64))
+    assert device.irq.mode == "msix"  # QEMU forwards the enable bit
+    for vector in (0, 1, 1, 0):
+        await ring(function, vector)
+        assert await delivered(table, vector) == vector
+    assert await table.pending() == set()
 
 
-async def test_a_vector_the_guest_masks_waits_and_fires_on_unmask(vdev_socket_dir: Path) -> None:
-    async with ringer_in_qemu(vdev_socket_dir) as (_device, vm, function):
-        table = await enable_msix(function, vm.guest_memory.alloc(64))
-        await table.mask(0)
-        await ring(function, 0)
-        await ring(function, 1)
-        # Vector 1 was signalled after vector 0: once its message has landed,
-        # QEMU has seen vector 0's signal too, and kept it back.
-        assert await delivered(table, 1) == 1
-        assert await table.mailboxes[0].take() is None
-        await table.unmask(0)
-        assert await delivered(table, 0) == 0
+async def test_a_vector_the_guest_masks_waits_and_fires_on_unmask(vdev_qemu: AttachQemu) -> None:
+    _device, vm, function = await ringer_in_qemu(vdev_qemu)
+    table = await enable_msix(function, vm.guest_memory.alloc(64))
+    await table.mask(0)
+    await ring(function, 0)
+    await ring(function, 1)
+    # Vector 1 was signalled after vector 0: once its message has landed,
+    # QEMU has seen vector 0's signal too, and kept it back.
+    assert await delivered(table, 1) == 1
+    assert await table.mailboxes[0].take() is None
+    await table.unmask(0)
+    assert await delivered(table, 0) == 0
 
 
-async def test_a_vector_masked_when_msix_is_enabled_is_held_pending_by_the_device(vdev_socket_dir: Path) -> None:
+async def test_a_vector_masked_when_msix_is_enabled_is_held_pending_by_the_device(vdev_qemu: AttachQemu) -> None:
     """QEMU installs no eventfd for a vector the guest masked: the device holds it, and the guest sees its PBA bit."""
-    async with ringer_in_qemu(vdev_socket_dir) as (device, vm, function):
-        table = await enable_msix(function, vm.guest_memory.alloc(64), masked={1})
-        await ring(function, 1)
-        assert device.irq.msix_pending == {1}
-        assert await table.pending() == {1}
-        assert await table.mailboxes[1].take() is None
-        await table.unmask(1)
-        assert await delivered(table, 1) == 1
-        assert await table.pending() == set()
-        await ring(function, 0)
-        assert await delivered(table, 0) == 0
+    device, vm, function = await ringer_in_qemu(vdev_qemu)
+    table = await enable_msix(function, vm.guest_memory.alloc(64), masked={1})
+    await ring(function, 1)
+    assert device.irq.msix_pending == {1}
+    assert await table.pending() == {1}
+    assert await table.mailboxes[1].take() is None
+    await table.unmask(1)
+    assert await delivered(table, 1) == 1
+    assert await table.pending() == set()
+    await ring(function, 0)
+    assert await delivered(table, 0) == 0
 
 
-async def test_the_function_mask_holds_every_vector_until_cleared(vdev_socket_dir: Path) -> None:
-    async with ringer_in_qemu(vdev_socket_dir) as (device, vm, function):
-        table = await enable_msix(function, vm.guest_memory.alloc(64))
-        await table.mask_function(True)
-        await ring(function, 0)
-        await ring(function, 1)
-        assert await table.pending() == {0, 1}
-        assert [await mailbox.take() for mailbox in table.mailboxes] == [None, None]
-        await table.mask_function(False)
-        assert [await delivered(table, vector) for vector in (0, 1)] == [0, 1]
-        assert device.irq.msix_pending == set()
+async def test_the_function_mask_holds_every_vector_until_cleared(vdev_qemu: AttachQemu) -> None:
+    device, vm, function = await ringer_in_qemu(vdev_qemu)
+    table = await enable_msix(function, vm.guest_memory.alloc(64))
+    await table.mask_function(True)
+    await ring(function, 0)
+    await ring(function, 1)
+    assert await table.pending() == {0, 1}
+    assert [await mailbox.take() for mailbox in table.mailboxes] == [None, None]
+    await table.mask_function(False)
+    assert [await delivered(table, vector) for vector in (0, 1)] == [0, 1]
+    assert device.irq.msix_pending == set()

@@ -24,10 +24,10 @@ import trio
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
-from vdev.model.dma import Dma
+from vdev.model.dma import Dma, DmaPort
 from vdev.model.events import EventLog
 from vdev.model.faults import Fault, FaultPlan, InjectedError
-from vdev.model.interrupts import Interrupts
+from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND
 from vdev.model.registers import call_hook
@@ -206,6 +206,23 @@ class Device:
         """The runtime gives the device the nursery its tasks live in (None when it stops)."""
         self._nursery = nursery
 
+    def attach_client(self, sink: IrqSink, port: DmaPort) -> None:
+        """A client attached: deliverable interrupts go to ``sink``, DMA to ``port``.
+
+        The runtime calls this with its libvfio-user context; the test
+        bench (:mod:`vdev.testing.bench`) with its recorder and memory.
+        """
+        self.irq.sink = sink
+        self.dma.port = port
+        self.events.record("connect")
+
+    def detach_client(self) -> None:
+        """The client went away: its eventfds, interrupt masks and DMA path went with it."""
+        self.irq.sink = None
+        self.irq.client_gone()
+        self.dma.port = None
+        self.events.record("disconnect")
+
     # -- overridable behaviour ----------------------------------------------------
 
     async def run(self) -> None:
@@ -326,7 +343,7 @@ class Device:
         self._command_changed = trio.Event()
         self.on_command(old, new)
         if old.intx_disable and not new.intx_disable:
-            self.irq.deliver_unmasked_pending()
+            self.irq.intx_unmasked()
 
     async def _capability_writes(self, change: ConfigWrite) -> None:
         for placed in change.capabilities:

@@ -101,6 +101,16 @@ class Interrupts:
             for vector in range(cap.vectors):
                 struct.pack_into("<QII", self.msix_table, vector * MSIX_ENTRY_SIZE, 0, 0, MSIX_VECTOR_CTRL_MASKBIT)
 
+    def vector_counts(self) -> dict[IrqIndex, int]:
+        """How many vectors of each type the device has: what GET_IRQ_INFO reports (0: none)."""
+        counts = dict.fromkeys(IrqIndex, 0)
+        counts.update({IrqIndex.INTX: 1 if self._device.intx else 0, IrqIndex.ERR: 1, IrqIndex.REQ: 1})
+        if self._msi_cap is not None:
+            counts[IrqIndex.MSI] = self._msi_cap.vectors
+        if self._msix_cap is not None:
+            counts[IrqIndex.MSIX] = self._msix_cap.vectors
+        return counts
+
     # -- which mode is on ----------------------------------------------------
 
     @property
@@ -250,7 +260,7 @@ class Interrupts:
         self._without_eventfd = set(range(cap.vectors)) if cap is not None else set()
 
     def deliver_unmasked_pending(self) -> None:
-        """Fire every pending vector that is no longer masked (after any unmask)."""
+        """Fire every pending MSI-X and MSI vector that is no longer masked (after any unmask)."""
         if self.msix_enabled:
             for vector in sorted(self.msix_pending):
                 if not self._msix_vector_held(vector):
@@ -262,6 +272,13 @@ class Interrupts:
                 if pending >> vector & 1 and not self._msi_vector_masked(vector):
                     self._msi_set_pending(vector, False)
                     self._fire(IrqIndex.MSI, vector)
+
+    def intx_unmasked(self) -> None:
+        """The client unmasked INTx (SET_IRQS, or INTx-disable cleared): a level still high fires again.
+
+        Only an unmask does: INTx has no pending bit, and any other config
+        write or SET_IRQS while the level is high must not signal it anew.
+        """
         if self.intx_level and self.mode == "intx":
             self._deliver_intx()
 
@@ -272,7 +289,10 @@ class Interrupts:
             self._client_masked[irq_type] |= vectors
         else:
             self._client_masked[irq_type] -= vectors
-            self.deliver_unmasked_pending()
+            if irq_type is IrqIndex.INTX:
+                self.intx_unmasked()
+            else:
+                self.deliver_unmasked_pending()
 
     # -- the MSI-X table and PBA as a trapped area -----------------------------
 

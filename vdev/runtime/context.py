@@ -69,7 +69,6 @@ from vdev.libvfio_user.constants import (
     ResetType,
 )
 from vdev.model.bars import BarKind
-from vdev.model.capabilities import Msi, MsiX
 from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaRegion
 from vdev.model.faults import Fault, InjectedError
@@ -293,15 +292,7 @@ class DeviceContext:
         self._check(result, f"vfu_setup_region({RegionIndex(index).name})")
 
     def _setup_irqs(self) -> None:
-        device = self.device
-        counts = {IrqIndex.INTX: 1 if device.intx else 0, IrqIndex.ERR: 1, IrqIndex.REQ: 1}
-        msi = device.config.find(Msi)
-        if msi is not None:
-            counts[IrqIndex.MSI] = msi.capability.vectors  # type: ignore[attr-defined]
-        msix = device.config.find(MsiX)
-        if msix is not None:
-            counts[IrqIndex.MSIX] = msix.capability.vectors  # type: ignore[attr-defined]
-        for irq_type, count in counts.items():
+        for irq_type, count in self.device.irq.vector_counts().items():
             if count:
                 self._check(self._lib.vfu_setup_device_nr_irqs(self._ctx, irq_type, count), "vfu_setup_device_nr_irqs")
                 if irq_type in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
@@ -380,9 +371,7 @@ class DeviceContext:
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
         self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
         self.connected = True
-        self.device.irq.sink = self
-        self.device.dma.port = self
-        self.device.events.record("connect")
+        self.device.attach_client(self, self)
         log.info("%s: client attached on %s", self.device.name, self.socket_path)
 
     async def _run_once(self) -> tuple[int, int]:
@@ -458,10 +447,7 @@ class DeviceContext:
                 log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
         finally:
             self.connected = False
-            self.device.irq.sink = None
-            self.device.irq.client_gone()
-            self.device.dma.port = None
-            self.device.events.record("disconnect")
+            self.device.detach_client()
             log.info("%s: client detached", self.device.name)
 
     # -- callbacks (worker thread) -------------------------------------------------
