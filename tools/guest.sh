@@ -276,35 +276,14 @@ provision_kernel() {
 }
 
 build_initramfs() {
-    local name=$1 dir=$2 release=$3 stage=$2/initramfs.d
+    local name=$1 dir=$2 release=$3
     say "$name: building initramfs"
-    rm -rf "$stage"
-    mkdir -p "$stage"/{bin,dev,etc,lib/modules,proc,sys,tmp,run,vdev,root}
-    ln -s bin "$stage/sbin"
-    mkdir -p "$stage/usr"
-    ln -s ../bin "$stage/usr/bin"
-    ln -s ../bin "$stage/usr/sbin"
-    cp "$busybox" "$stage/bin/busybox"
-    local applet
-    for applet in $("$busybox" --list); do
-        [[ "$applet" == busybox ]] || ln -s busybox "$stage/bin/$applet"
-    done
-    python3 "$tools/artefacts.py" modules --root "$dir/root" --release "$release" \
-        --list "$sources/modules" --out "$stage/lib/modules" >"$dir/modules.log" ||
-        fail "could not collect the kernel modules for $name (see the message above)"
-    cp "$stage/lib/modules/load.order" "$dir/modules.order"
+    python3 "$tools/artefacts.py" initramfs --root "$dir/root" --release "$release" --list "$sources/modules" \
+        --busybox "$busybox" --init "$sources/init" --scripts "$sources/bin" --programs "$guest/programs" \
+        --out "$dir/initramfs.cpio.gz" --load-order "$dir/modules.order" >"$dir/modules.log" ||
+        fail "could not build the initramfs for $name (see the message above)"
     say "$name: modules: $(tail -n1 "$dir/modules.log")"
     grep '^  module' "$dir/modules.log" | sed "s/^  /guest: $name: /" >&2 || true
-    cp "$sources/init" "$stage/init"
-    chmod 755 "$stage/init"
-    if [[ -d "$sources/bin" ]]; then
-        cp "$sources/bin"/* "$stage/bin/"
-        chmod 755 "$stage/bin"/*
-    fi
-    cp "$guest/programs"/* "$stage/bin/" 2>/dev/null || true
-    python3 "$tools/artefacts.py" cpio --dir "$stage" --out "$dir/initramfs.cpio.gz" --node /dev/console:600:5:1 ||
-        fail "could not write the initramfs for $name"
-    rm -rf "$stage"
 }
 
 # --- main ------------------------------------------------------------------------
