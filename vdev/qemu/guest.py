@@ -57,7 +57,7 @@ import stat
 import subprocess
 import tempfile
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +142,17 @@ class GuestArtefacts:
     initrd: Path
     #: The kernel release (``uname -r``).
     release: str
-    #: Debian's package the kernel image came from (``linux-image-<release>``).
-    package: str
+    #: Debian's package the kernel image came from (``linux-image-<release>``); ``None`` for a kernel of
+    #: the user's own build (:func:`vdev.guest.find_kernel`).
+    package: str | None
     #: That package's version.
-    package_version: str
+    package_version: str | None
     #: The modules ``/init`` loads, in load order.
     modules: tuple[str, ...]
+    #: The patch whose rebuilt modules replace the stock ones in :attr:`initrd` (``vdev guest --patch``).
+    patch: str | None = None
+    #: That patch's SHA-256.
+    patch_sha256: str | None = None
 
     @classmethod
     def find(cls, name: str = DEFAULT_GUEST, directory: Path | None = None) -> GuestArtefacts:
@@ -380,7 +385,11 @@ class GuestMachine(EnteredOnce):
     messages).  ``accel`` defaults to ``$VDEV_GUEST_ACCEL`` or ``tcg``.
     ``workdir`` keeps the console log (``console.log``), QEMU's stderr
     (``qemu.log``) and the combined initramfs; without it a temporary
-    directory is used and removed unless the block fails.
+    directory is used and removed unless the block fails.  ``on_output``
+    sees every chunk of console output as it arrives, before it is cut into
+    lines (a shell prompt has no newline).  ``console_input`` is a file
+    descriptor QEMU reads as the serial console's input (a terminal, for a
+    person at the console); by default the console has none.
     """
 
     def __init__(
@@ -404,6 +413,8 @@ class GuestMachine(EnteredOnce):
         problem_grace: float = 3.0,
         kernel_loglevel: int | None = 5,
         stop_timeout: float = 2.0,
+        on_output: Callable[[bytes], None] | None = None,
+        console_input: int | None = None,
     ) -> None:
         if kernel is None or initrd is None:
             artefacts = GuestArtefacts.find()
@@ -440,6 +451,8 @@ class GuestMachine(EnteredOnce):
         self._problem_grace = problem_grace
         self._stopped_by_problem = False
         self._stop_timeout = stop_timeout
+        self._on_output = on_output
+        self._console_input = console_input
         #: QEMU's full argument vector, once started.
         self.command: list[str] = []
         #: The working directory (console log, QEMU's stderr, the combined initramfs).
@@ -485,7 +498,10 @@ class GuestMachine(EnteredOnce):
             stderr, console = self._prepare(logs)
             try:
                 process = await trio.lowlevel.open_process(
-                    self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+                    self.command,
+                    stdin=subprocess.DEVNULL if self._console_input is None else self._console_input,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
                 )
             except OSError as exc:
                 raise QemuStartError(f"cannot run QEMU {self.command[0]}: {exc}") from exc
@@ -586,6 +602,8 @@ class GuestMachine(EnteredOnce):
                 break
             log.write(chunk)
             log.flush()
+            if self._on_output is not None:
+                self._on_output(bytes(chunk))
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 self._take_line(line)
