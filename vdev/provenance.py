@@ -4,7 +4,8 @@ A result about a kernel, QEMU or libvfio-user is worth only as much as the
 record of which builds produced it.  ``uname -r`` does not name a Debian
 package version (6.1.0-50-amd64 has been several), so a report carries the
 package name and version the guest kernel came from, QEMU's package version
-and its own ``--version``, the libvfio-user revision, and the vdev commit.
+and its own ``--version``, the libvfio-user revision, the vdev commit, and the
+patch whose rebuilt modules the guest loaded in place of the stock ones.
 Every field is read from what was provisioned, never assumed; what cannot be
 read is recorded as ``None`` rather than guessed.
 """
@@ -36,6 +37,9 @@ class Provenance:
     kernel_package: str | None = None
     kernel_package_version: str | None = None
     kernel_release: str | None = None
+    #: The patch whose rebuilt modules replaced the stock ones, and its SHA-256.
+    kernel_patch: str | None = None
+    kernel_patch_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,4 +93,6 @@ def collect(artefacts: GuestArtefacts | None = None, *, qemu: Path | None = None
         kernel_package=artefacts.package if artefacts else None,
         kernel_package_version=artefacts.package_version if artefacts else None,
         kernel_release=artefacts.release if artefacts else None,
+        kernel_patch=artefacts.patch if artefacts else None,
+        kernel_patch_sha256=artefacts.patch_sha256 if artefacts else None,
     )

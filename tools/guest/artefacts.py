@@ -466,7 +466,9 @@ def main(argv: list[str]) -> int:
         if args.command == "vmlinux":
             print(extract_vmlinux(args.bzimage, args.out))
         elif args.command == "modules":
-            summary = resolve_modules(_module_source(args), parse_module_list(args.list), args.out, optional=args.optional)
+            summary = resolve_modules(
+                _module_source(args), parse_module_list(args.list), args.out, optional=args.optional
+            )
             print(" ".join(summary["order"]))
         elif args.command == "initramfs":
             summary = build_initramfs(
