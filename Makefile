@@ -65,8 +65,13 @@ bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # The concurrent-fault experiment on vfio-pci's memory enable, one guest per kernel
-# (KERNELS="bookworm trixie" unless given), REPEAT=N boots per kernel and mode:
-# results/experiment.json, .md (verdict pass counts over the repeats), .png and console logs.
+# (KERNELS="bookworm trixie" unless given; KERNEL=NAME|PATH for one, a path being a kernel
+# of your own), REPEAT=N boots per kernel and mode, PATCH=FILE.diff to rebuild the vfio
+# modules it touches (Debian sets): results/experiment.json, .md (verdict pass counts over
+# the repeats), .png and console logs.  Only set names go to tools/guest.sh, which also
+# provides the busybox and guest programs a kernel of your own boots with.
+EXPERIMENT_KERNELS = $(or $(KERNELS),$(KERNEL),bookworm trixie)
 experiment: deps
-	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
-	$(PY) -m vdev_experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),1) $(EXPERIMENT_ARGS)
+	@tools/guest.sh $(foreach k,$(EXPERIMENT_KERNELS),$(if $(findstring /,$(k)),,$(k)))
+	$(PY) -m vdev_experiments.mse --kernels "$(EXPERIMENT_KERNELS)" --repeat $(or $(REPEAT),1) \
+		$(if $(PATCH),--patch "$(PATCH)") $(EXPERIMENT_ARGS)

@@ -68,6 +68,7 @@ from typing import Any
 
 import trio
 
+from vdev.guest import GuestSetupError, describe, find_kernel, patched
 from vdev.model.events import Event
 from vdev.provenance import Provenance, collect
 from vdev.qemu.cmdline import MiB
@@ -604,6 +605,7 @@ async def run_mse(
     binary: str | os.PathLike[str] | None = None,
     on_result: Callable[[GuestResult], None] | None = None,
     repeat: int = 1,
+    patch: str | os.PathLike[str] | None = None,
 ) -> MseRun:
     """Boot ``artefacts`` with membar attached, run ``mse-fault`` as ``config`` says, and judge it.
 
@@ -615,8 +617,12 @@ async def run_mse(
     ``completed`` and ``kernel_clean`` failed and the kernel's report in
     :attr:`MseRun.kernel_report`.  Any other failure of the guest raises
     :class:`~vdev.qemu.guest.GuestError`, never wrapped in an exception group.
+    ``patch`` puts the modules it touches, rebuilt (:func:`vdev.guest.patched`), in
+    place of the stock ones.
     """
     started = time.monotonic()
+    if patch is not None:
+        artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, patch))
     provenance = collect(artefacts, qemu=Path(binary) if binary is not None else None)
     device = MemBar(size=config.size, mapping=config.membar_mapping)
     # A short directory: UNIX socket paths are limited to 107 bytes, workdir may be deep.
@@ -661,11 +667,18 @@ async def run_mse(
             raise
         if not isinstance(error, GuestKernelError):
             raise error from exc
+        server = ServerLog.from_events(device.events)
+        # The epoch it happened in, by the doorbells the server saw (0: MEM on since the start).
+        epoch = server.doorbells[-1] if server.doorbells else "none yet"
         return run(
             results=[dict(result.data) for result in machine.results],
-            server=ServerLog.from_events(device.events),
+            server=server,
             verdicts=[
-                Verdict("completed", False, f"ended by a kernel problem after {time.monotonic() - started:.1f} s"),
+                Verdict(
+                    "completed",
+                    False,
+                    f"ended by a kernel problem after {time.monotonic() - started:.1f} s, in guest epoch {epoch}",
+                ),
                 Verdict("kernel_clean", False, error.problems[0].strip()),
             ],
             boot_seconds=machine.boot_seconds,
@@ -791,8 +804,11 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
     for kernel, modes in verdict_counts(runs).items():
         first = next(run for run in runs if run.kernel == kernel)
         p = first.provenance
+        package = f"{p.kernel_package} {p.kernel_package_version}" if p.kernel_package else "no Debian package"
+        if p.kernel_patch:
+            package += f", vfio modules rebuilt with `{p.kernel_patch}` (sha256 {(p.kernel_patch_sha256 or '')[:12]})"
         lines += [
-            f"### {kernel}: {p.kernel_package} {p.kernel_package_version} ({first.release})",
+            f"### {kernel}: {package} ({first.release})",
             "",
             f"QEMU {p.qemu_package_version or p.qemu_version}, libvfio-user {(p.libvfio_user_revision or '?')[:12]}, "
             f"vdev {p.vdev_commit or p.vdev_version}",
@@ -803,6 +819,15 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
         for mode, counts in modes.items():
             total = counts["runs"]
             lines += [f"| {mode} | `{name}` | {n}/{total} |" for name, n in counts.items() if name != "runs"]
+        problems = [
+            f"* {run.config.mode} #{run.repeat}: `{verdict.detail}`"
+            for run in runs
+            if run.kernel == kernel
+            for verdict in run.verdicts
+            if verdict.name == "kernel_clean" and not verdict.passed
+        ]
+        if problems:
+            lines += ["", "Kernel problems (each run's first report line):", "", *problems]
         lines.append("")
         latency = [entry for run in runs if run.kernel == kernel for entry in run.report.latency]
         faults = faults_per_enable(latency)
@@ -855,7 +880,8 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
             label="4 threads faulting" if index == 0 else None,
         )
     touch.set_xticks(range(len(labels)), labels)
-    touch.set_yscale("log")
+    if any(quiet) or any(loaded):  # runs a kernel problem ended early measured nothing
+        touch.set_yscale("log")
     touch.set_ylabel("µs")
     touch.set_title("first BAR0 access after MEM is set")
     touch.legend()
@@ -921,7 +947,14 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
     logs = args.out / "experiment"
     total = len(kernels) * len(modes) * args.repeat
     for kernel in kernels:
-        artefacts = GuestArtefacts.find(kernel)
+        say = functools.partial(print, f"[{kernel}]", file=sys.stderr, flush=True)
+        artefacts = await trio.to_thread.run_sync(
+            functools.partial(find_kernel, kernel, require=("vfio_pci",), progress=say)
+        )
+        # A kernel of one's own is named by its (absolute) path; its logs go under the last component.
+        label = Path(artefacts.name).name
+        if args.patch is not None:
+            artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, args.patch, progress=say))
         for repeat in range(1, args.repeat + 1):
             for mode in modes:
                 config = MseConfig(
@@ -936,13 +969,10 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     size=args.size,
                     misaligned=args.misaligned,
                 )
-                prefix = f"[{len(runs) + 1}/{total} {kernel} {mode} #{repeat}]"
-                print(
-                    f"{prefix} booting {artefacts.package} {artefacts.package_version}: {config.guest_command()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                workdir = logs / f"{kernel}-{mode}-{repeat}"
+                prefix = f"[{len(runs) + 1}/{total} {label} {mode} #{repeat}]"
+                print(f"{prefix} booting {describe(collect(artefacts))}", file=sys.stderr, flush=True)
+                print(f"{prefix} running {config.guest_command()}", file=sys.stderr, flush=True)
+                workdir = logs / f"{label}-{mode}-{repeat}"
                 workdir.mkdir(parents=True, exist_ok=True)
                 run = await _run_one(artefacts, config, workdir, prefix, repeat)
                 for verdict in run.verdicts:
@@ -1002,11 +1032,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
+    parser.add_argument(
+        "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
-    runs = trio.run(_run_matrix, args)
+    try:
+        runs = trio.run(_run_matrix, args)
+    except GuestSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     plot = args.out / "experiment.png"
     plot_runs(runs, plot)
     report = args.out / "experiment.json"

@@ -256,7 +256,7 @@ class _ParamAction(argparse.Action):
 
 
 def _cmd_guest(args: argparse.Namespace) -> int:
-    from vdev.guest import GuestSetupError, KernelError, run_on_terminal
+    from vdev.guest import GuestSetupError, ModuleBuildError, run_on_terminal
 
     devices: list[Device] = []
     for index, (reference, pairs) in enumerate(args.devices):
@@ -289,11 +289,11 @@ def _cmd_guest(args: argparse.Namespace) -> int:
             append=args.append,
             workdir=args.workdir,
         )
-    except KernelError as exc:
-        raise UsageError(str(exc)) from None
-    except (GuestSetupError, LibraryError, ServeError) as exc:
+    except (ModuleBuildError, LibraryError, ServeError) as exc:
         print(f"vdev: error: {exc}", file=sys.stderr)
         return 1
+    except GuestSetupError as exc:  # a kernel, socket or file named on the command line that is not there
+        raise UsageError(str(exc)) from None
     finally:
         for device in devices:
             device.close()

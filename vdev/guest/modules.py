@@ -12,7 +12,7 @@ image's exact version:
 * ``linux-headers-<release>`` with the ``-common`` headers and
   ``linux-kbuild`` it depends on, unpacked (not installed).  The
   ``-<flavour>`` half includes the ``-common`` half's Makefile by an
-  absolute ``/usr/src`` path, which is pointed at the unpacked copy.
+  absolute ``/usr/src`` path, which is made relative to the unpacked copy.
 
 Then ``patch -p1`` and ``make -C <headers> M=<directory> modules`` per
 directory, with the compiler the headers name (``gcc-12`` for 6.1).  The
@@ -53,7 +53,7 @@ from pathlib import Path
 
 from vdev import deps
 from vdev.guest.errors import ModuleBuildError
-from vdev.qemu.guest import GuestArtefacts, extra_initrd
+from vdev.qemu.guest import GuestArtefacts, extra_initrd, guest_dir
 
 Progress = Callable[[str], None]
 
@@ -231,21 +231,25 @@ def _load_manifest(entry: Path, patch: Path) -> PatchedModules | None:
 
 
 class _Apt:
-    """The host's apt, or the private one ``make deps`` configured (for kernels the host's suite lacks)."""
+    """The host's apt, or the private one ``make deps`` configured (for kernels the host's suite lacks).
+
+    Only asked, never updated: the kernel set was resolved from these lists,
+    so its headers and source are in them unless the archive dropped the
+    version since (then updating would not bring it back).
+    """
 
     def __init__(self, name: str, config: Path | None) -> None:
         self.name = name
         self.config = config
-        self.updated = False
 
-    def _run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def _run(self, tool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         if self.config is not None:
             env["APT_CONFIG"] = str(self.config)
         try:
-            return subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=cwd, check=False)
+            return subprocess.run([tool, *args], capture_output=True, text=True, env=env, cwd=cwd, check=False)
         except FileNotFoundError:
-            raise ModuleBuildError(f"building patched modules needs {args[0]} (a Debian host)") from None
+            raise ModuleBuildError(f"building patched modules needs {tool} (a Debian host)") from None
 
     def records(self, names: Sequence[str], version: str) -> dict[str, dict[str, str]]:
         """Package name -> its fields, for each of ``names`` this apt has at ``version`` (one query for all)."""
@@ -260,11 +264,6 @@ class _Apt:
     def versions(self, package: str) -> list[str]:
         listed = self._run("apt-cache", "madison", package).stdout
         return [row.split("|")[1].strip() for row in listed.splitlines() if row.count("|") >= 2]
-
-    def update(self) -> None:
-        if not self.updated:
-            self.updated = True
-            self._run("apt-get", "update", "-qq")
 
     def download(self, specs: Sequence[str], into: Path) -> None:
         done = self._run("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *specs, cwd=into)
@@ -307,7 +306,8 @@ class _DebianKernel:
         with _locked(where):
             manifest = where / "packages.json"
             if not manifest.is_file():
-                cls._download(where, version, source, headers, say)
+                refresh = f'remove {guest_dir() / artefacts.name} and run `make guest KERNELS="{artefacts.name}"`'
+                cls._download(where, version, source, headers, refresh, say)
             recorded = json.loads(manifest.read_text())
         headers_dir = where / "root" / "usr" / "src" / headers
         variables = (
@@ -320,13 +320,13 @@ class _DebianKernel:
         return cls(headers_dir, where / f"{source}.tar.xz", name, tuple(recorded["packages"]))
 
     @staticmethod
-    def _download(where: Path, version: str, source: str, headers: str, say: Progress) -> None:
-        found = _find_apt(headers, version) or _find_apt(headers, version, update=True)
+    def _download(where: Path, version: str, source: str, headers: str, refresh: str, say: Progress) -> None:
+        found = _find_apt(headers, version)
         if found is None:
             offered = sorted({v for candidate in _apts() for v in candidate.versions(headers)}) or ["none"]
             raise ModuleBuildError(
                 f"Debian's archive (as apt sees it) has no {headers} {version} to build modules against "
-                f"(it has: {', '.join(offered)}); rebuild the kernel set with `make guest` to follow the archive"
+                f"(it has: {', '.join(offered)}); to follow the archive, {refresh}"
             )
         apt, record = found
         alternatives = re.split(r"[,|]", record.get("Depends", ""))
@@ -357,16 +357,15 @@ class _DebianKernel:
             else:
                 _dpkg_deb("-x", str(deb), str(where / "root"))
         makefile = where / "root" / "usr" / "src" / headers / "Makefile"
-        makefile.write_text(makefile.read_text().replace("include /usr/src/", f"include {where / 'root'}/usr/src/"))
+        # make -C runs in the headers directory, next to the -common half: a relative include survives a moved cache.
+        makefile.write_text(makefile.read_text().replace("include /usr/src/", "include ../"))
         shutil.rmtree(debs)
         (where / "packages.json").write_text(json.dumps({"packages": specs, "download_bytes": size}) + "\n")
 
 
-def _find_apt(headers: str, version: str, *, update: bool = False) -> tuple[_Apt, dict[str, str]] | None:
+def _find_apt(headers: str, version: str) -> tuple[_Apt, dict[str, str]] | None:
     """The first apt that has ``headers`` at ``version``, and that package's record."""
     for apt in _apts():
-        if update:
-            apt.update()
         record = apt.records([headers], version).get(headers)
         if record is not None:
             return apt, record
