@@ -620,9 +620,9 @@ async def run_mse(
     ``patch`` puts the modules it touches, rebuilt (:func:`vdev.guest.patched`), in
     place of the stock ones.
     """
-    started = time.monotonic()
     if patch is not None:
         artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, patch))
+    started = time.monotonic()
     provenance = collect(artefacts, qemu=Path(binary) if binary is not None else None)
     device = MemBar(size=config.size, mapping=config.membar_mapping)
     # A short directory: UNIX socket paths are limited to 107 bytes, workdir may be deep.

@@ -291,6 +291,27 @@ class _DebianKernel:
     #: The compiler the headers build with (``gcc-12``).
     compiler: str
     built_from: tuple[str, ...]
+    #: The cache entry; ``source/`` in it holds the directories unpacked so far, unpatched.
+    where: Path
+
+    def sources(self, directories: Sequence[str], say: Progress) -> Path:
+        """The unpatched source tree's top, with ``directories`` in it (unpacked once, for every patch)."""
+        pristine = self.where / "source"
+        top = pristine / self.tarball.name.removesuffix(".tar.xz")
+        with _locked(self.where):
+            missing = [d for d in directories if not (pristine / f".{d.replace('/', '+')}.done").exists()]
+            if missing:
+                started = time.monotonic()
+                for directory in missing:
+                    shutil.rmtree(top / directory, ignore_errors=True)
+                found = extract_directories(self.tarball, missing, pristine)
+                if pristine / found != top:
+                    raise ModuleBuildError(f"{self.tarball.name} unpacks into {found}/, not {top.name}/")
+                for directory in missing:
+                    (pristine / f".{directory.replace('/', '+')}.done").touch()
+                elapsed = time.monotonic() - started
+                say(f"unpacked {', '.join(missing)} from {self.tarball.name} in {elapsed:.1f} s")
+        return top
 
     @classmethod
     def provision(cls, artefacts: GuestArtefacts, say: Progress) -> _DebianKernel:
@@ -317,7 +338,7 @@ class _DebianKernel:
         name = compiler.group(1) if compiler else "gcc"
         if shutil.which(name) is None:
             raise ModuleBuildError(f"{headers} builds with {name}, which this host lacks (apt-get install {name})")
-        return cls(headers_dir, where / f"{source}.tar.xz", name, tuple(recorded["packages"]))
+        return cls(headers_dir, where / f"{source}.tar.xz", name, tuple(recorded["packages"]), where)
 
     @staticmethod
     def _download(where: Path, version: str, source: str, headers: str, refresh: str, say: Progress) -> None:
@@ -441,12 +462,11 @@ def _build(packages: _DebianKernel, patch: Path, touched: Sequence[str], entry: 
     directories = sorted({str(Path(name).parent) for name in touched})
     # A directory's build descends into its subdirectories: build only the outermost.
     directories = [d for d in directories if not any(d.startswith(other + "/") for other in directories)]
+    pristine = packages.sources(directories, say)
     shutil.rmtree(entry, ignore_errors=True)
-    entry.mkdir(parents=True)
-    started = time.monotonic()
-    top = extract_directories(packages.tarball, directories, entry / "src")
-    tree = entry / "src" / top
-    say(f"unpacked {', '.join(directories)} from {packages.tarball.name} in {time.monotonic() - started:.1f} s")
+    tree = entry / "src" / pristine.name
+    for directory in directories:
+        shutil.copytree(pristine / directory, tree / directory, symlinks=True)
     log = entry / "build.log"
     applied = _run_logged(
         [

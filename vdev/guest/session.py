@@ -169,12 +169,12 @@ async def run_guest(
     """
     say = progress or (lambda line: None)
     plan = await trio.to_thread.run_sync(
-        lambda: _prepare(kernel, command, len(devices), sockets, vfio, patch, files or {}, binary, say)
+        lambda: _prepare(kernel, command, len(devices), sockets, vfio, patch, files or {}, binary, workdir, say)
     )
     words = [append] if append else []
     if interactive:
         words.append("vdev.shell=1")
-    directory = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vdev-guest-"))
+    directory = plan.workdir
     accel = os.environ.get("VDEV_GUEST_ACCEL", "tcg")
     output = _Console(on_output, say, raw=interactive)
     socket_dir = Path(tempfile.mkdtemp(prefix="vdev-g-"))  # short: UNIX socket paths are limited to 107 bytes
@@ -252,6 +252,8 @@ class _Plan:
     addresses: list[str]
     files: dict[str, bytes | str]
     run: list[str]
+    #: Where the logs go (made).
+    workdir: Path
 
 
 def _prepare(
@@ -263,6 +265,7 @@ def _prepare(
     patch: str | os.PathLike[str] | None,
     files: Mapping[str, bytes | str | os.PathLike[str]],
     binary: str | os.PathLike[str] | None,
+    workdir: str | os.PathLike[str] | None,
     say: Progress,
 ) -> _Plan:
     """The kernel (patched), the components, the files and ``/init``'s commands: the blocking part of a run."""
@@ -289,7 +292,9 @@ def _prepare(
     if command is not None:
         guest_files[COMMAND_SCRIPT] = command_script(command)
         run.append(COMMAND_SCRIPT)
-    return _Plan(artefacts, provenance, external, addresses, guest_files, run)
+    directory = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vdev-guest-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return _Plan(artefacts, provenance, external, addresses, guest_files, run, directory)
 
 
 def _clean_up(socket_dir: Path, workdir: Path) -> None:
