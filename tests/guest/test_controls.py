@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from vdev.experiments.mse import MseConfig, MseRun, run_mse
 from vdev.qemu.guest import GuestArtefacts
+from vdev_experiments.mse import MseConfig, MseRun, run_mse
 
 CONTROLS = Path(__file__).resolve().parents[2] / "controls"
 #: The stock module's run in test_mse_fault.py, sized for CI.

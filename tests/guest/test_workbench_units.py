@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from vdev_experiments.mse import MseConfig, MseRun, ServerLog, Verdict, markdown_summary
 from vdev.guest import (
     EXIT_FAILED,
     EXIT_KERNEL_PROBLEM,
@@ -38,6 +37,7 @@ from vdev.guest.modules import _touched_modules, extract_directories
 from vdev.guest.session import COMMAND_SCRIPT, _Console
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts, GuestKernelError, GuestResult, GuestTimeoutError
+from vdev_experiments.mse import MseConfig, MseRun, ServerLog, Verdict, markdown_summary
 
 CONTROLS = Path(__file__).resolve().parents[2] / "controls"
 

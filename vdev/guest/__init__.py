@@ -19,7 +19,14 @@ The command line is ``vdev guest``; the pytest fixture ``vdev_guest``
 
 from vdev.guest.errors import GuestSetupError, KernelError, ModuleBuildError
 from vdev.guest.kernels import find_kernel, kernel_sets, own_kernel
-from vdev.guest.modules import PatchedModules, build_patched_modules, patch_files, patched, with_patched_modules
+from vdev.guest.modules import (
+    PatchedModules,
+    build_patched_modules,
+    extract_directories,
+    patch_files,
+    patched,
+    with_patched_modules,
+)
 from vdev.guest.session import (
     EXIT_FAILED,
     EXIT_KERNEL_PROBLEM,
@@ -44,6 +51,7 @@ __all__ = [
     "build_patched_modules",
     "command_script",
     "describe",
+    "extract_directories",
     "files_from_copy",
     "find_kernel",
     "kernel_sets",
