@@ -13,11 +13,11 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from vdev.guest import EXIT_KERNEL_PROBLEM, GuestOutcome, files_from_copy
+from vdev.guest import EXIT_KERNEL_PROBLEM, files_from_copy
 from vdev.qemu.guest import GuestArtefacts
+from vdev.testing import BootGuest
 from vdev_devices.hello import Hello
 
 TIMEOUT = 300
@@ -120,7 +120,7 @@ async def test_the_fixture_copies_files_and_binds_devices_to_vfio_pci(
     qemu_binary: Path,
     guest_artefacts: GuestArtefacts,
     tmp_path: Path,
-    vdev_guest: Callable[..., Awaitable[GuestOutcome]],
+    vdev_guest: BootGuest,
 ) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "check.sh").write_text("readlink /sys/bus/pci/devices/0000:00:03.0/driver\n")
