@@ -176,7 +176,7 @@ async def run_guest(
         words.append("vdev.shell=1")
     directory = plan.workdir
     accel = os.environ.get("VDEV_GUEST_ACCEL", "tcg")
-    output = _Console(on_output, say, raw=interactive)
+    console = _Console(on_output, say, raw=interactive)
     socket_dir = Path(tempfile.mkdtemp(prefix="vdev-g-"))  # short: UNIX socket paths are limited to 107 bytes
     own_sockets = [socket_dir / f"{index}-{device.name}.sock" for index, device in enumerate(devices)]
     machine = GuestMachine(
@@ -196,7 +196,7 @@ async def run_guest(
         binary=binary,
         workdir=directory,
         panic_on_problem=panic_on_problem,
-        on_output=output.feed,
+        on_output=console.feed,
         console_input=console_input,
     )
     outcome = GuestOutcome(artefacts=plan.artefacts, provenance=plan.provenance, console_log=directory / "console.log")
@@ -236,7 +236,7 @@ async def run_guest(
         vdev_log.propagate = propagates
         server_log.close()
         _clean_up(socket_dir, directory)
-    outcome.output = output.text
+    outcome.output = console.text
     outcome.results = machine.results
     outcome.boot_seconds = machine.boot_seconds
     return outcome
