@@ -968,6 +968,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     toggle_period=args.toggle_period,
                     size=args.size,
                     misaligned=args.misaligned,
+                    reset=not args.no_reset,
                 )
                 prefix = f"[{len(runs) + 1}/{total} {label} {mode} #{repeat}]"
                 print(f"{prefix} booting {describe(collect(artefacts))}", file=sys.stderr, flush=True)
@@ -1031,6 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--toggle-period", type=float, default=defaults.toggle_period)
     parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
+    parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
     parser.add_argument(
         "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
