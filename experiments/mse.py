@@ -108,6 +108,10 @@ class MseConfig:
     latency_cycles: int = 6
     reset: bool = True
     fork: bool = True
+    #: Guest mode: enables under load at the end, every toucher released together after each
+    #: (``threads`` threads in the program and in each of ``storm_processes`` children).
+    storm_cycles: int = 1000
+    storm_processes: int = 2
     #: Map BAR0 one page off its natural alignment, which rules out huge-page
     #: faults (6.12+), to compare first-touch costs with and without them.
     misaligned: bool = False
@@ -123,7 +127,8 @@ class MseConfig:
     mapping: str = ""
     smp: int = 2
     memory_mib: int = 256
-    timeout: float = 120.0
+    #: The whole run's bound; a kernel problem ends it at once, so this only catches a silent hang.
+    timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -151,6 +156,7 @@ class MseConfig:
         words = ["mse-fault", "-m", self.mode, "-t", str(self.threads)] + (["-u"] if self.misaligned else [])
         if self.mode == "guest":
             words += ["-c", str(self.cycles), "-p", str(self.period_ms), "-l", str(self.latency_cycles)]
+            words += ["-s", str(self.storm_cycles), "-P", str(self.storm_processes)]
             words += [] if self.reset else ["-R"]
             words += [] if self.fork else ["-F"]
         else:
@@ -170,6 +176,7 @@ class GuestReport:
     latency: list[Mapping[str, Any]] = field(default_factory=list)
     eio: Mapping[str, Any] | None = None
     reset: Mapping[str, Any] | None = None
+    storm: Mapping[str, Any] | None = None
     forks: list[Mapping[str, Any]] = field(default_factory=list)
     stamps: list[Mapping[str, Any]] = field(default_factory=list)
     readback: Mapping[str, Any] | None = None
@@ -180,6 +187,7 @@ class GuestReport:
     def from_results(cls, results: Iterable[Mapping[str, Any]]) -> GuestReport:
         report = cls()
         single = {"mse.device": "device", "mse.eio": "eio", "mse.reset": "reset", "mse.readback": "readback"}
+        single |= {"mse.storm": "storm"}
         lists = {"mse.epoch": report.epochs, "mse.latency": report.latency, "mse.fork": report.forks}
         lists |= {"mse.stamps": report.stamps, "mse.error": report.errors}
         for result in results:
@@ -349,6 +357,11 @@ def _epochs_match_server(report: GuestReport, server: ServerLog) -> Verdict:
             mismatches.append(f"epoch {number} (enabled): server saw MEM changes {changes}")
         elif state == "reset" and not server.resets.get(number):
             mismatches.append(f"epoch {number} (reset): server saw no reset")
+        elif state == "storm":
+            cycles = report.storm["cycles"] if report.storm else 0
+            if changes != [False, True] * cycles:
+                off, on = changes.count(False), changes.count(True)
+                mismatches.append(f"epoch {number} (storm of {cycles} cycles): server saw {off} off and {on} on")
     detail = "; ".join(mismatches[:5]) or f"{len(report.epochs)} epochs agree with {len(server.doorbells)} doorbells"
     return Verdict("epochs_match_server", not mismatches, detail)
 
@@ -375,6 +388,18 @@ def _faults_exercised(report: GuestReport) -> Verdict:
         sum(counts) > 0,
         f"SIGBUS in the {len(counts)} disabled epochs under load: {counts}",
     )
+
+
+def _storm(storm: Mapping[str, Any]) -> Verdict:
+    """Every storm cycle ran, no toucher took a SIGBUS with MEM on, and the child processes were well."""
+    ok = storm["cycles"] == storm["requested"] and storm["sigbus"] == 0 and storm["children_ok"]
+    detail = (
+        f"{storm['cycles']}/{storm['requested']} enables with {storm['touchers']} touchers "
+        f"({storm['threads']} threads x {storm['processes'] + 1} processes), {storm['touches']} touches, "
+        f"{storm['sigbus']} SIGBUS, {storm['faults']} faults ({storm['faults_per_cycle_min']}-"
+        f"{storm['faults_per_cycle_max']} per enable), {storm['remaps']} remaps, {storm['splits']} vma splits"
+    )
+    return Verdict("storm_no_sigbus_while_enabled", ok, detail)
 
 
 def _no_store_while_disabled(report: GuestReport) -> Verdict:
@@ -501,6 +526,8 @@ def analyse(
         if report.reset is not None:
             verdicts.append(_reset_stalls(report, server))
         verdicts += [_fork_child(child) for child in report.forks]
+        if report.storm is not None:
+            verdicts.append(_storm(report.storm))
     else:
         verdicts += [
             _guest_saw_server_toggles(report, server),
@@ -589,6 +616,7 @@ class MseRun:
                 ],
             },
             "stores": sum(s["stores"] for s in report.stamps),
+            "storm": report.storm,
             "reset": report.reset,
             "fork": report.forks,
             "eio": report.eio,
@@ -784,6 +812,8 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
             "first_touch_us_under_load_median": _us(statistics.median(loaded) if loaded else None),
             "walk_us_median": _us(statistics.median(walks) if walks else None),
             "faults_per_enable": sorted(faults),
+            "storm_enables": sum(data["storm"]["cycles"] for data in same if data["storm"]),
+            "storm_sigbus": sum(data["storm"]["sigbus"] for data in same if data["storm"]),
         }
     document = {
         "experiment": "mse-fault: concurrent faults on a vfio-pci BAR mapping while COMMAND.MEM toggles",
@@ -829,6 +859,15 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
         if problems:
             lines += ["", "Kernel problems (each run's first report line):", "", *problems]
         lines.append("")
+        storms = [run.report.storm for run in runs if run.kernel == kernel and run.report.storm]
+        if storms:
+            lines += [
+                f"Enables under load (storm): {sum(s['cycles'] for s in storms)} in {len(storms)} runs, "
+                f"{storms[0]['touchers']} touchers each, {sum(s['sigbus'] for s in storms)} SIGBUS with MEM on, "
+                f"{min(s['faults_per_cycle_min'] for s in storms)}-{max(s['faults_per_cycle_max'] for s in storms)} "
+                "faults per enable.",
+                "",
+            ]
         latency = [entry for run in runs if run.kernel == kernel for entry in run.report.latency]
         faults = faults_per_enable(latency)
         if faults:
@@ -928,7 +967,17 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
 class _Progress:
     """One line per milestone of a run, so a person watching sees it move."""
 
-    SHOWN = ("init.ready", "mse.bound", "mse.ready", "mse.reset", "mse.fork", "mse.done", "mse.error")
+    SHOWN = (
+        "init.ready",
+        "mse.bound",
+        "mse.ready",
+        "mse.reset",
+        "mse.fork",
+        "mse.storm.progress",
+        "mse.storm",
+        "mse.done",
+        "mse.error",
+    )
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -969,6 +1018,8 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     size=args.size,
                     misaligned=args.misaligned,
                     reset=not args.no_reset,
+                    storm_cycles=args.storm_cycles,
+                    storm_processes=args.storm_processes,
                 )
                 prefix = f"[{len(runs) + 1}/{total} {label} {mode} #{repeat}]"
                 print(f"{prefix} booting {describe(collect(artefacts))}", file=sys.stderr, flush=True)
@@ -1031,6 +1082,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--toggles", type=int, default=defaults.toggles)
     parser.add_argument("--toggle-period", type=float, default=defaults.toggle_period)
     parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
+    parser.add_argument(
+        "--storm-cycles", type=int, default=defaults.storm_cycles, help="enables under load after the quiet phases"
+    )
+    parser.add_argument(
+        "--storm-processes", type=int, default=defaults.storm_processes, help="child processes in the storm"
+    )
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
     parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")

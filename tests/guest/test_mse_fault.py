@@ -48,7 +48,7 @@ def explain(run: MseRun) -> str:
 async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, tmp_path: Path
 ) -> None:
-    config = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3)
+    config = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3, storm_cycles=40)
     run = await run_mse(guest_artefacts, config, workdir=tmp_path, binary=qemu_binary)
     print(explain(run))
     write_report([run], tmp_path / "experiment.json", plot=None)
@@ -74,6 +74,10 @@ async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     assert all(entry["faults_first_touch"] >= 1 for entry in report.latency)
     assert all(entry["faults_walk_again"] == 0 for entry in report.latency)
     assert all(1 <= n <= report.device["pages"] for n in faults_per_enable(report.latency))
+    # The storm: every enable under load ran, with threads in three processes released together.
+    assert report.storm is not None
+    assert (report.storm["cycles"], report.storm["processes"], report.storm["sigbus"]) == (40, 2, 0)
+    assert report.storm["faults_per_cycle_min"] >= 1
     assert run.console_log.exists()
 
 
@@ -232,3 +236,42 @@ def test_faults_per_enable_adds_the_first_touch_to_the_walk_and_skips_unreadable
         {"first_touch_ns": 5},
     ]
     assert faults_per_enable(latency) == [1, 1024, 0]
+
+
+def _storm(cycles: int, sigbus: int = 0, requested: int | None = None) -> dict[str, Any]:
+    return {
+        "kind": "mse.storm",
+        "epoch": 3,
+        "cycles": cycles,
+        "requested": cycles if requested is None else requested,
+        "threads": 2,
+        "processes": 1,
+        "touchers": 4,
+        "touches": 16 * cycles,
+        "sigbus": sigbus,
+        "faults": 4 * cycles,
+        "faults_per_cycle_min": 4,
+        "faults_per_cycle_max": 4,
+        "remaps": 0,
+        "splits": 0,
+        "children_ok": True,
+        "ns": 1,
+    }
+
+
+def test_a_storm_fails_on_a_sigbus_with_mem_on_on_a_short_run_and_on_a_server_log_that_disagrees() -> None:
+    storm_epoch = {**_epoch(3, "enabled"), "state": "storm", "phase": "storm"}
+    server = ServerLog.from_events(
+        [_doorbell(0), _doorbell(3), _command(0x103, 0x101), _command(0x101, 0x103), _doorbell(4)]
+    )
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+
+    def verdicts(storm: dict[str, Any], log: ServerLog = server) -> dict[str, Verdict]:
+        results = [_epoch(0, "enabled"), storm_epoch, _epoch(4, "enabled"), storm, done]
+        return {v.name: v for v in analyse("guest", results, log, bytes(4096))}
+
+    assert verdicts(_storm(1))["storm_no_sigbus_while_enabled"].passed
+    assert verdicts(_storm(1))["epochs_match_server"].passed
+    assert not verdicts(_storm(1, sigbus=1))["storm_no_sigbus_while_enabled"].passed
+    assert not verdicts(_storm(1, requested=2))["storm_no_sigbus_while_enabled"].passed
+    assert not verdicts(_storm(2))["epochs_match_server"].passed  # two cycles claimed, one off/on seen
