@@ -25,7 +25,7 @@ from vdev_experiments.mse import MseConfig, MseRun, run_mse
 
 CONTROLS = Path(__file__).resolve().parents[2] / "controls"
 #: The stock module's run in test_mse_fault.py, sized for CI.
-CONFIG = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3)
+CONFIG = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3, storm_cycles=40)
 
 
 @pytest.fixture
