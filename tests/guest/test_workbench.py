@@ -17,8 +17,9 @@ from pathlib import Path
 
 from vdev.guest import EXIT_KERNEL_PROBLEM, files_from_copy
 from vdev.qemu.guest import GuestArtefacts
-from vdev.testing import BootGuest
+from vdev.testing import BootGuest, served
 from vdev_devices.hello import Hello
+from vdev_devices.idio16 import Idio16
 
 TIMEOUT = 300
 
@@ -116,24 +117,35 @@ def test_without_a_command_the_console_is_the_guests(qemu_binary: Path, guest_ar
     assert "Linux version" in console  # the whole console, boot included
 
 
-async def test_the_fixture_copies_files_and_binds_devices_to_vfio_pci(
+async def test_the_fixture_attaches_served_and_external_devices_copies_files_and_binds_vfio_pci(
     qemu_binary: Path,
     guest_artefacts: GuestArtefacts,
     tmp_path: Path,
+    vdev_socket_dir: Path,
     vdev_guest: BootGuest,
 ) -> None:
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "check.sh").write_text("readlink /sys/bus/pci/devices/0000:00:03.0/driver\n")
-    device = Hello()
-    outcome = await vdev_guest(
-        "sh data/check.sh",
-        kernel=guest_artefacts,
-        devices=[device],
-        vfio=True,
-        files=files_from_copy(str(tmp_path / "data")),
+    (tmp_path / "data" / "check.sh").write_text(
+        "for f in /sys/bus/pci/devices/0000:00:0[34].0; do\n"
+        "  echo $(cat $f/vendor) $(basename $(readlink $f/driver))\n"
+        "done\n"
     )
+    external = vdev_socket_dir / "external.sock"
+    # Any vfio-user server listening on a socket; here one this test runs, with a device of another vendor.
+    async with served(Idio16(), external):
+        outcome = await vdev_guest(
+            "sh data/check.sh",
+            kernel=guest_artefacts,
+            devices=[Hello()],
+            sockets=[external],
+            vfio=True,
+            files=files_from_copy(str(tmp_path / "data")),
+        )
     assert outcome.status == 0, outcome.console_log.read_text()
-    assert outcome.output.strip().endswith("/vfio-pci")
+    assert outcome.output.split("\n")[:2] == [
+        f"0x{Hello.vendor_id:04x} vfio-pci",
+        f"0x{Idio16.vendor_id:04x} vfio-pci",
+    ], outcome.output
     assert outcome.kernel_error is None
     assert outcome.provenance.kernel_package == guest_artefacts.package
     assert outcome.console_log.is_relative_to(tmp_path)
