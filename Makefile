@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment
+.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment finding-idio16
 
 all: test
 
@@ -70,3 +70,9 @@ bench: deps
 experiment: deps
 	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
 	$(PY) -m vdev_experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),1) $(EXPERIMENT_ARGS)
+
+# Finding 1 of docs/findings.md (gpio-pci-idio-16's regmap-irq NULL call) with its control, REPEAT=N boots
+# per kernel and variant: results/findings/idio16-regmap-irq/ (outcome counts, runs, console excerpts).
+finding-idio16: deps
+	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
+	$(PY) -m tools.findings.idio16 --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),3) $(FINDING_ARGS)
