@@ -120,8 +120,8 @@ async def run_all(kernels: Sequence[str], repeats: int, out: Path) -> int:
                 runs.append(record)
                 console += [f"=== {name} ({key}) {variant} run {repeat}: {record['outcome']}", *excerpt, ""]
                 unknown += record["outcome"] == OTHER
-                irq0 = record.get("irq0")
-                print(f"{name} {variant} {repeat}/{repeats}: {record['outcome']} irq0 {irq0}", flush=True)
+                detail = record.get("error") or f"irq0 {record.get('irq0')}"
+                print(f"{name} {variant} {repeat}/{repeats}: {record['outcome']} {detail}", flush=True)
         outcomes["kernels"][key] = summarise(runs, artefacts, repeats)
         all_runs = [run for run in all_runs if run["package"] != key] + runs
         (out / "console" / f"{name}.txt").write_text("\n".join(console))
