@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment finding-idio16
+.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment finding-idio16 finding-qemu finding-libvfio-user
 
 all: test
 
@@ -76,3 +76,12 @@ experiment: deps
 finding-idio16: deps
 	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
 	$(PY) -m tools.findings.idio16 --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),3) $(FINDING_ARGS)
+
+# Findings 2 and 3 of docs/findings.md (QEMU with a reply cut short), REPEAT=N sessions per variant, and the
+# crash located in the QEMU binary with gdb: results/findings/qemu-partial-reply/.
+finding-qemu: deps
+	$(PY) -m tools.findings.qemu_partial_reply --repeat $(or $(REPEAT),20) --gdb $(FINDING_ARGS)
+
+# Finding 4 of docs/findings.md: the provisioned libvfio-user's bugs, each shown through vdev's client.
+finding-libvfio-user: deps
+	$(PY) -m tools.findings.libvfio_user $(FINDING_ARGS)
