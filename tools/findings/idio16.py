@@ -78,7 +78,9 @@ async def one_run(artefacts: GuestArtefacts, variant: str, workdir: Path) -> tup
     return record, console_excerpt(log) if log.exists() else []
 
 
-def summarise(runs: Sequence[dict[str, Any]], artefacts: GuestArtefacts, repeats: int) -> dict[str, Any]:
+def summarise(
+    runs: Sequence[dict[str, Any]], artefacts: GuestArtefacts, repeats: int, provenance: dict[str, Any]
+) -> dict[str, Any]:
     """The ``outcomes.json`` entry of one kernel set: outcome counts per variant and IRQ 0's count changes."""
     entry: dict[str, Any] = {"set": artefacts.name, "release": artefacts.release, "repeats": repeats}
     for variant in VARIANTS:
@@ -95,7 +97,7 @@ def summarise(runs: Sequence[dict[str, Any]], artefacts: GuestArtefacts, repeats
         ]
         for variant in VARIANTS
     }
-    entry["provenance"] = collect(artefacts).to_json()
+    entry["provenance"] = provenance
     entry["console"] = f"console/{artefacts.name}.txt"
     return entry
 
@@ -110,6 +112,7 @@ async def run_all(kernels: Sequence[str], repeats: int, out: Path) -> int:
     for name in kernels:
         artefacts = GuestArtefacts.find(name)
         key = f"{artefacts.package}={artefacts.package_version}"
+        provenance = collect(artefacts).to_json()  # before the runs: the code and components they use
         runs: list[dict[str, Any]] = []
         console: list[str] = []
         for repeat in range(1, repeats + 1):
@@ -122,7 +125,7 @@ async def run_all(kernels: Sequence[str], repeats: int, out: Path) -> int:
                 unknown += record["outcome"] == OTHER
                 detail = record.get("error") or f"irq0 {record.get('irq0')}"
                 print(f"{name} {variant} {repeat}/{repeats}: {record['outcome']} {detail}", flush=True)
-        outcomes["kernels"][key] = summarise(runs, artefacts, repeats)
+        outcomes["kernels"][key] = summarise(runs, artefacts, repeats, provenance)
         all_runs = [run for run in all_runs if run["package"] != key] + runs
         (out / "console" / f"{name}.txt").write_text("\n".join(console))
     outcomes_path.write_text(json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
