@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--gdb needs gdb")
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    provenance = collect().to_json()  # before the runs: the code and components they use
     with tempfile.TemporaryDirectory(prefix="vdev-qemu-gdb-") as tmp:
         log = Path(tmp) / "gdb.log"
         wrapper = _gdb_wrapper(Path(tmp), log) if args.gdb else None
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = {
         "repeats": args.repeat,
         "variants": counts,
-        "provenance": collect().to_json(),
+        "provenance": provenance,
         # The close variant is a race between QEMU's reads and the proxy's hangup: how busy the host was.
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
     }
