@@ -124,9 +124,10 @@ def recorded_outcome(artefacts: GuestArtefacts, evidence: Path = EVIDENCE) -> Ou
     entry = kernels.get(f"{artefacts.package}={artefacts.package_version}")
     if entry is None:
         return None
-    counts: dict[str, int] = entry["one_line"]
-    seen = [Outcome(name) for name, count in counts.items() if count]
-    return seen[0] if len(seen) == 1 and counts[seen[0]] == entry["repeats"] else None
+    seen = [name for name, count in entry["one_line"].items() if count]
+    if len(seen) != 1 or seen[0] not in set(Outcome) or entry["one_line"][seen[0]] != entry["repeats"]:
+        return None
+    return Outcome(seen[0])
 
 
 async def edge_run(
