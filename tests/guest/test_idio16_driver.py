@@ -36,6 +36,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.guest.idio16_edges import (
     ADDR,
     ALL_INPUT_LINES,
