@@ -72,7 +72,7 @@ class EdgeRun:
     edges: list[dict[str, Any]]
     #: The kernel's report around the NULL call (empty for an edge).
     report: list[str]
-    #: The card's BAR2 accesses from the edge request on: (kind, offset, value).
+    #: The card's BAR2 accesses from the input change on: (kind, offset, value).
     bar2: list[tuple[str, int, int]]
     #: IRQ 0's count before the edge request and after the run (``None``: the guest did not get there).
     irq0: tuple[int | None, int | None]
