@@ -1,7 +1,9 @@
 """The idio16 edge test's judge, without a guest: what counts as the known regmap-irq NULL call and what does not.
 
-The report below is the console of a Debian 6.12.117-1 guest (tools/findings/idio16.py,
-docs/evidence/idio16-regmap-irq/console/trixie.txt), timestamps and all.  Each
+The report below is the console of a Debian 6.12.117-1 guest running the
+trigger of tools/findings/idio16.py (a run like those in
+docs/evidence/idio16-regmap-irq/console/trixie.txt), a few register lines
+left out.  Each
 variant changes one thing a different bug would change, and must no longer
 count as the known one — so the guest test fails on it instead of passing.
 """
