@@ -45,7 +45,6 @@ import inspect
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -54,6 +53,7 @@ from typing import Any
 
 import trio
 
+from vdev import sockets
 from vdev.libvfio_user import bindings
 from vdev.libvfio_user.bindings import Library
 from vdev.libvfio_user.constants import (
@@ -156,26 +156,11 @@ class ServeError(Exception):
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Make ``path`` free for a new listening socket, refusing to clobber anything.
-
-    A leftover socket nobody listens on is removed; a live one, or a path that
-    is not a socket, is an error.
-    """
+    """Make ``path`` free for a new listening socket, refusing to clobber anything (see :mod:`vdev.sockets`)."""
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ServeError(f"{path} belongs to a server that is still running")
+        sockets.prepare_socket_path(path)
+    except sockets.SocketPathError as exc:
+        raise ServeError(str(exc)) from None
 
 
 class DeviceContext:
