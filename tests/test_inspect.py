@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -53,3 +54,22 @@ async def test_inspect_reports_an_unreachable_socket_in_one_line() -> None:
     )
     assert result.returncode == 1
     assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+async def test_inspect_gives_up_in_time_and_names_who_holds_the_device(
+    vdev_serve: Callable[[Device], Awaitable[DeviceContext]],
+) -> None:
+    """Issue 15: with another client attached, ``vdev inspect`` waited for ever, saying nothing."""
+    from vdev.client import Client
+
+    context = await vdev_serve(MemBar(size="1M"))
+    command = [sys.executable, "-m", "vdev", "inspect", str(context.socket_path), "--timeout", "0.5"]
+    async with Client.connect(context.socket_path) as holder:
+        assert await holder.region_read(7, 0, 2) == b"\x36\x1b"
+        with trio.fail_after(30):
+            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1
+    assert "did not answer within 0.5 s" in lines[0] and f"held by pid {os.getpid()} (" in lines[0]
+    with trio.fail_after(30):
+        assert (await inspect(str(context.socket_path), "--timeout", "5")).startswith("1b36:0f01")

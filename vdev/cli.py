@@ -169,10 +169,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from vdev import inspect as inspection
     from vdev.client import ServerDisconnected, VfioUserError
 
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, not {args.timeout}")
+
+    async def gather() -> inspection.Report:
+        with trio.fail_after(args.timeout):
+            return await inspection.gather(args.socket)
+
     try:
-        report = trio.run(inspection.gather, args.socket)
+        report = trio.run(gather)
     except (OSError, ServerDisconnected, VfioUserError) as exc:
         print(f"vdev: error: cannot inspect {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        attached, waiting = inspection.holders(args.socket)
+        held = ", ".join(str(peer) for peer in attached) or "no client this user can see (is the server stuck?)"
+        queue = f"; {waiting} more client(s) waiting" if waiting else ""
+        print(
+            f"vdev: error: {args.socket} did not answer within {args.timeout:g} s: a vfio-user server serves one"
+            f" client at a time, and it is held by {held}{queue}",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(inspection.as_json(report), indent=2))
@@ -301,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser = commands.add_parser("inspect", help="connect to a vfio-user server and describe its device")
     inspect_parser.add_argument("socket", help="the server's socket path")
     inspect_parser.add_argument("--json", action="store_true")
+    inspect_parser.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up if the server has not answered by then"
+    )
     inspect_parser.set_defaults(handler=_cmd_inspect)
 
     doctor_parser = commands.add_parser("doctor", help="check that libvfio-user and QEMU are usable")

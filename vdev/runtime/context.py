@@ -173,6 +173,7 @@ class DeviceContext:
         library: Library | None = None,
         *,
         stall_timeout: float = 1.0,
+        negotiation_timeout: float = 5.0,
         allowed_uids: frozenset[int] | None = None,
         socket_mode: int = 0o600,
     ) -> None:
@@ -192,6 +193,9 @@ class DeviceContext:
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
         self.stall_timeout = stall_timeout
+        #: Seconds a client that connected has to send VERSION before it is dropped.
+        self.negotiation_timeout = negotiation_timeout
+        self._hung_up = False
         self.allowed_uids = allowed_uids
         self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
@@ -344,15 +348,18 @@ class DeviceContext:
     async def _attach(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-            async with self._trio_side:
+            async with self._trio_side, trio.open_nursery() as nursery:
+                self._hung_up = False
+                nursery.start_soon(self._end_silent_negotiation)
                 result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
+                nursery.cancel_scope.cancel()
             if result == 0:
                 if self._peer_allowed(self._lib.vfu_get_poll_fd(self._ctx)):
                     break
                 while (await self._run_once())[1] not in _DISCONNECTED:
                     pass  # let libvfio-user see the hang-up and listen again
                 continue
-            if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            if code not in (errno.EAGAIN, errno.EWOULDBLOCK) and not self._hung_up:
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
         self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
         self.connected = True
@@ -382,6 +389,41 @@ class DeviceContext:
             self._note_missing_eventfds()
             if set_irqs:
                 self.device.irq.eventfds_changed()
+
+    async def _end_silent_negotiation(self) -> None:
+        """Hang up on a client that connected but sent no VERSION within ``negotiation_timeout``.
+
+        ``vfu_attach_ctx`` accepts a client and waits for its VERSION in one
+        blocking call, with no timeout, and an accepted UNIX socket inherits
+        none from the listening one; a peer that never speaks would hold the
+        device (and this task) for ever.  So when the deadline passes, the
+        connection libvfio-user accepted — the socket of this process bound
+        to our path that is not the listening one — is shut down, which
+        ends the wait like a hang-up.
+        """
+        await trio.sleep(self.negotiation_timeout)
+        path = os.fspath(self.socket_path)
+        for entry in os.scandir("/proc/self/fd"):
+            try:
+                if not os.readlink(entry.path).startswith("socket:"):
+                    continue
+                duplicate = os.dup(int(entry.name))
+            except OSError:
+                continue  # closed meanwhile
+            with socket.socket(fileno=duplicate) as connection:
+                try:
+                    if connection.family != socket.AF_UNIX or connection.getsockname() != path:
+                        continue
+                    if connection.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                        continue
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    continue
+            self._hung_up = True
+            self.device.events.record("violation", what="no VERSION in time", seconds=self.negotiation_timeout)
+            log.warning(
+                "%s: dropped a client that sent no VERSION within %g s", self.device.name, self.negotiation_timeout
+            )
 
     def _peer_allowed(self, connection_fd: int) -> bool:
         """Check the client's uid (SO_PEERCRED) against the allow-list; hang up on a stranger.
