@@ -204,7 +204,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(json.dumps(doctor.as_json(checks), indent=2))
     else:
         print(doctor.as_text(checks))
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if doctor.usable(checks) else 1
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
