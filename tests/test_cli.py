@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,6 +173,16 @@ def test_devices_lists_bundled_devices_with_parameters() -> None:
     hello = next(entry for entry in listing if entry["name"] == "hello")
     assert hello["id"] == "1b36:0f00"
     assert [p["name"] for p in hello["parameters"]] == ["ident"]
+
+
+def test_devices_text_shows_ids_in_hex_with_the_help_in_one_column() -> None:
+    """Issue 15: ``ident=1212501071`` in decimal, and each help text started where its value happened to end."""
+    lines = run_vdev("devices").stdout.splitlines()
+    params = [line for line in lines if line.lstrip().startswith("--param ")]
+    assert "--param ident=0x48454c4f" in next(line for line in params if "ident=" in line)
+    assert "--param split_bar4=false" in next(line for line in params if "split_bar4=" in line)
+    help_columns = {len(re.match(r"\s*--param \S+\s+", line).group()) for line in params}  # type: ignore[union-attr]
+    assert len(help_columns) == 1
 
 
 @pytest.mark.requires("qemu", "libvfio-user")

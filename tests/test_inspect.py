@@ -40,9 +40,22 @@ async def test_inspect_describes_a_served_device(vdev_serve: Callable[[Device], 
     bar0 = next(bar for bar in report["bars"] if bar["index"] == 0)
     assert bar0["kind"] == "mem64" and bar0["prefetchable"]
 
+    # Issue 15: BARs the device does not implement were reported as mem32.
+    assert {bar["index"]: bar["kind"] for bar in report["bars"]} == {
+        0: "mem64",
+        2: "mem32",
+        3: "unimplemented",
+        4: "mem32",
+        5: "unimplemented",
+    }
+
     text = await inspect(str(context.socket_path))
     assert text.startswith("1b36:0f01")
     assert "MSI-X: vectors=8" in text and "BAR0       1M rwm mmap [0x0+1M] (1 fd)" in text
+    # Issue 15: the BAR registers were listed among the regions.
+    regions_section = text.split("  regions:\n")[1].split("\n  BAR registers:\n")[0]
+    assert "register" not in regions_section and "BAR3" not in text
+    assert "    BAR0   0x0000000c (mem64, prefetchable)" in text.split("  BAR registers:\n")[1]
 
 
 async def test_inspect_reports_an_unreachable_socket_in_one_line() -> None:

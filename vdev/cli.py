@@ -155,14 +155,29 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
+    settings = {
+        (entry["name"], param["name"]): f"--param {param['name']}={_shown(param['default'])}"
+        for entry in listing
+        for param in entry.get("parameters", ())
+    }
+    width = max(map(len, settings.values()), default=0)
     for entry in listing:
         if "error" in entry:
             print(f"{entry['name']:12} BROKEN: {entry['error']}")
             continue
         print(f"{entry['name']:12} {entry['id']}  {entry['summary']}")
         for param in entry["parameters"]:
-            print(f"{'':14}--param {param['name']}={param['default']!s:10} {param['help']}")
+            print(f"{'':14}{settings[entry['name'], param['name']]:{width}}  {param['help']}")
     return 0
+
+
+def _shown(default: object) -> str:
+    """A parameter's default as one would type it: large integers (IDs, masks, sizes) in hex."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, int) and default >= 0x10000:
+        return hex(default)
+    return str(default)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

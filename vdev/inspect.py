@@ -127,13 +127,16 @@ def _capabilities(config: bytes) -> list[Capability]:
     return found
 
 
-def _bars(config: bytes) -> list[dict[str, Any]]:
+def _bars(config: bytes, sizes: dict[int, int]) -> list[dict[str, Any]]:
+    """The six BAR registers decoded; a BAR is unimplemented when its region is empty and it reads 0."""
     bars: list[dict[str, Any]] = []
     slot = 0
     while slot < 6:
         raw = _u(config, 0x10 + 4 * slot, 4)
         entry: dict[str, Any] = {"index": slot, "raw": raw}
-        if raw & 1:
+        if not raw and not sizes.get(slot):
+            entry["kind"] = "unimplemented"
+        elif raw & 1:
             entry["kind"] = "io"
         elif raw & 0x6 == 0x4:
             entry["kind"] = "mem64"
@@ -184,7 +187,7 @@ async def gather(path: str | os.PathLike[str]) -> Report:
         command=_u(config, 0x04, 2),
         status=_u(config, 0x06, 2),
         interrupt_pin=config[0x3D],
-        bars=_bars(config),
+        bars=_bars(config, {region.index: region.size for region in regions}),
         capabilities=_capabilities(config),
         regions=regions,
         irqs=irqs,
@@ -223,10 +226,11 @@ def as_text(report: Report) -> str:
         extra = f" mmap {sparse}" if sparse else (" mmap whole" if region.mappable else "")
         fds = f" ({region.fds} fd{'s' if region.fds != 1 else ''})" if region.fds else ""
         lines.append(f"    {region.name:6} {_size(region.size):>6} {access}{extra}{fds}")
+    lines.append("  BAR registers:")
     for bar in report.bars:
-        if bar["raw"] or any(r.index == bar["index"] and r.size for r in report.regions):
+        if bar["kind"] != "unimplemented":
             kind = bar["kind"] + (", prefetchable" if bar.get("prefetchable") else "")
-            lines.append(f"    BAR{bar['index']} register: {bar['raw']:#010x} ({kind})")
+            lines.append(f"    BAR{bar['index']}   {bar['raw']:#010x} ({kind})")
     lines.append("  capabilities:")
     for cap in report.capabilities:
         details = ", ".join(f"{key}={value}" for key, value in cap.details.items())
