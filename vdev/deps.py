@@ -4,7 +4,13 @@ Everything external — the libvfio-user shared library, the QEMU wrapper —
 lives in one cache folder so that a checkout, CI and a user's own project find
 them the same way.  Environment variables override each location, because a
 user who built libvfio-user or QEMU themselves should not have to provision
-ours.
+ours:
+
+* ``VDEV_DEPS_DIR`` — the cache folder itself.  An editable install finds
+  ``.deps`` in its checkout; an installed vdev (``pip install .``) has no
+  checkout, so it needs this, pointed at the ``.deps`` folder of a checkout
+  where ``make deps`` ran.
+* ``VDEV_LIBVFIO_USER``, ``VDEV_QEMU`` — one component each, anywhere.
 """
 
 from __future__ import annotations
@@ -16,12 +22,35 @@ from pathlib import Path
 PROVISION_COMMAND = "make deps"
 
 
+def checkout() -> Path | None:
+    """The vdev checkout this package runs from (an editable install), or None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "tools" / "provision.sh").is_file() else None
+
+
 def cache_dir() -> Path:
     """The provisioning cache: ``$VDEV_DEPS_DIR``, else ``.deps`` in the checkout."""
     configured = os.environ.get("VDEV_DEPS_DIR")
     if configured:
         return Path(configured)
     return Path(__file__).resolve().parent.parent / ".deps"
+
+
+def how_to_provide(variable: str | None = None, command: str = PROVISION_COMMAND) -> str:
+    """What to do about a missing component, for a message: the command, or the setting that is wrong.
+
+    ``variable`` names the environment variable that overrides the
+    component's location; when it is set, it is what needs fixing, not the
+    provisioning.  Outside a checkout the command alone cannot help: the
+    answer says to point ``VDEV_DEPS_DIR`` at a provisioned checkout.
+    """
+    if variable is not None and os.environ.get(variable):
+        return f"fix or unset {variable} (now {os.environ[variable]!r})"
+    if os.environ.get("VDEV_DEPS_DIR"):
+        return f"run `{command}` in a vdev checkout with VDEV_DEPS_DIR={os.environ['VDEV_DEPS_DIR']}"
+    if checkout() is None:
+        return f"run `{command}` in a vdev checkout and set VDEV_DEPS_DIR to its .deps folder"
+    return f"run `{command}`"
 
 
 def libvfio_user_path() -> Path:

@@ -44,8 +44,8 @@ import functools
 import inspect
 import logging
 import os
+import re
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -54,6 +54,7 @@ from typing import Any
 
 import trio
 
+from vdev import sockets
 from vdev.libvfio_user import bindings
 from vdev.libvfio_user.bindings import Library
 from vdev.libvfio_user.constants import (
@@ -88,9 +89,15 @@ _RESET_KINDS = {
 
 _DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
-# libvfio-user logs these as errors, but they describe a client doing what
-# clients do (not wiring every interrupt), so they are debug output here.
-_ROUTINE_MESSAGES = ("no fd for interrupt",)
+# libvfio-user logs these as warnings or errors, but they describe a client
+# doing what clients do, so they are debug output here: a trigger of an
+# interrupt the client did not wire, and QEMU unmapping DMA ranges it never
+# mapped (behind a vIOMMU it unmaps whole ranges: 60-280 per guest boot).
+_ROUTINE_MESSAGES = re.compile(
+    r"no fd for interrupt"
+    r"|failed to remove DMA region .*: No such file or directory$"
+    rf"|msg0x[0-9a-f]+: cmd {int(Command.DMA_UNMAP)} failed: No such file or directory$"
+)
 
 
 class ContextLock:
@@ -156,26 +163,11 @@ class ServeError(Exception):
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Make ``path`` free for a new listening socket, refusing to clobber anything.
-
-    A leftover socket nobody listens on is removed; a live one, or a path that
-    is not a socket, is an error.
-    """
+    """Make ``path`` free for a new listening socket, refusing to clobber anything (see :mod:`vdev.sockets`)."""
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ServeError(f"{path} belongs to a server that is still running")
+        sockets.prepare_socket_path(path)
+    except sockets.SocketPathError as exc:
+        raise ServeError(str(exc)) from None
 
 
 class DeviceContext:
@@ -188,6 +180,7 @@ class DeviceContext:
         library: Library | None = None,
         *,
         stall_timeout: float = 1.0,
+        negotiation_timeout: float = 5.0,
         allowed_uids: frozenset[int] | None = None,
         socket_mode: int = 0o600,
     ) -> None:
@@ -207,6 +200,9 @@ class DeviceContext:
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
         self.stall_timeout = stall_timeout
+        #: Seconds a client that connected has to send VERSION before it is dropped.
+        self.negotiation_timeout = negotiation_timeout
+        self._hung_up = False
         self.allowed_uids = allowed_uids
         self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
@@ -359,15 +355,18 @@ class DeviceContext:
     async def _attach(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-            async with self._trio_side:
+            async with self._trio_side, trio.open_nursery() as nursery:
+                self._hung_up = False
+                nursery.start_soon(self._end_silent_negotiation)
                 result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
+                nursery.cancel_scope.cancel()
             if result == 0:
                 if self._peer_allowed(self._lib.vfu_get_poll_fd(self._ctx)):
                     break
                 while (await self._run_once())[1] not in _DISCONNECTED:
                     pass  # let libvfio-user see the hang-up and listen again
                 continue
-            if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            if code not in (errno.EAGAIN, errno.EWOULDBLOCK) and not self._hung_up:
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
         self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
         self.connected = True
@@ -397,6 +396,41 @@ class DeviceContext:
             self._note_missing_eventfds()
             if set_irqs:
                 self.device.irq.eventfds_changed()
+
+    async def _end_silent_negotiation(self) -> None:
+        """Hang up on a client that connected but sent no VERSION within ``negotiation_timeout``.
+
+        ``vfu_attach_ctx`` accepts a client and waits for its VERSION in one
+        blocking call, with no timeout, and an accepted UNIX socket inherits
+        none from the listening one; a peer that never speaks would hold the
+        device (and this task) for ever.  So when the deadline passes, the
+        connection libvfio-user accepted — the socket of this process bound
+        to our path that is not the listening one — is shut down, which
+        ends the wait like a hang-up.
+        """
+        await trio.sleep(self.negotiation_timeout)
+        path = os.fspath(self.socket_path)
+        for entry in os.scandir("/proc/self/fd"):
+            try:
+                if not os.readlink(entry.path).startswith("socket:"):
+                    continue
+                duplicate = os.dup(int(entry.name))
+            except OSError:
+                continue  # closed meanwhile
+            with socket.socket(fileno=duplicate) as connection:
+                try:
+                    if connection.family != socket.AF_UNIX or connection.getsockname() != path:
+                        continue
+                    if connection.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                        continue
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    continue
+            self._hung_up = True
+            self.device.events.record("violation", what="no VERSION in time", seconds=self.negotiation_timeout)
+            log.warning(
+                "%s: dropped a client that sent no VERSION within %g s", self.device.name, self.negotiation_timeout
+            )
 
     def _peer_allowed(self, connection_fd: int) -> bool:
         """Check the client's uid (SO_PEERCRED) against the allow-list; hang up on a stranger.
@@ -514,6 +548,8 @@ class DeviceContext:
             log.debug("%s: could not record a handler error (loop closing)", self.device.name)
 
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
+        if reset_type == ResetType.LOST_CONNECTION and not self.connected:
+            return 0  # the context is destroyed with no client: nothing was lost
         try:
             self._to_trio(self.device.reset, _RESET_KINDS[ResetType(reset_type)])
             return 0
@@ -593,7 +629,7 @@ class DeviceContext:
     def _on_log(self, _ctx: int, level: int, message: bytes) -> None:
         try:
             text = message.decode()
-            level = logging.DEBUG if text.startswith(_ROUTINE_MESSAGES) else _LOG_LEVELS.get(level, logging.DEBUG)
+            level = logging.DEBUG if _ROUTINE_MESSAGES.match(text) else _LOG_LEVELS.get(level, logging.DEBUG)
             log.log(level, "%s: libvfio-user: %s", self.device.name, text)
         except BaseException:
             return
