@@ -24,6 +24,7 @@ from vdev.libvfio_user.bindings import LibraryError
 from vdev.model.device import Device
 from vdev.model.faults import FaultPlan, FaultPlanError
 from vdev.runtime import ServeError, serve
+from vdev.runtime.activation import activated_fd
 
 
 class UsageError(Exception):
@@ -91,13 +92,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 device.faults = FaultPlan.load(args.faults)
             except FaultPlanError as exc:
                 raise UsageError(str(exc)) from None
-        _check_socket_path(args.socket_path)
+        where: Path | int
+        if args.socket_path:
+            _check_socket_path(args.socket_path)
+            where = Path(args.socket_path)
+        else:
+            where = _inherited_socket(args.fd)
         trace: IO[str] | None = None
         if args.trace:
             trace = sys.stdout if args.trace == "-" else _open_output(args.trace, "trace file")
             device.events.write_to(trace)
         try:
-            return _serve_until_stopped(device, args)
+            return _serve_until_stopped(device, args, where)
         finally:
             if trace is not None and trace is not sys.stdout:
                 trace.close()
@@ -105,13 +111,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device.close()
 
 
-def _serve_until_stopped(device: Device, args: argparse.Namespace) -> int:
+def _serve_until_stopped(device: Device, args: argparse.Namespace, where: Path | int) -> int:
     allowed = frozenset(args.allow_uid) if args.allow_uid else None
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(serve, [(device, Path(args.socket_path))], allowed_uids=allowed))
-            print(f"vdev: serving {device.name} ({args.device}) on {args.socket_path}", file=sys.stderr, flush=True)
+            await nursery.start(functools.partial(serve, [(device, where)], allowed_uids=allowed))
+            print(f"vdev: serving {device.name} ({args.device}) on {_describe(where)}", file=sys.stderr, flush=True)
 
     try:
         trio.run(run)
@@ -129,6 +135,22 @@ def _single(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _inherited_socket(fd: int | None) -> int:
+    """The listening socket to serve on: ``--fd``, else one passed by socket activation."""
+    if fd is None:
+        try:
+            fd = activated_fd()
+        except ServeError as exc:
+            raise UsageError(str(exc)) from None
+    if fd is None:
+        raise UsageError("one of --socket-path or --fd is required (or socket activation: LISTEN_FDS, LISTEN_PID)")
+    return fd
+
+
+def _describe(where: Path | int) -> str:
+    return f"fd {where}" if isinstance(where, int) else str(where)
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
@@ -316,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_parser = commands.add_parser("serve", help="serve a device on a vfio-user socket")
     serve_parser.add_argument("device", help="a device name (see `vdev devices`) or module:Class")
-    serve_parser.add_argument("--socket-path", required=True, help="where to listen for a vfio-user client")
+    listen = serve_parser.add_mutually_exclusive_group()
+    listen.add_argument("--socket-path", help="where to listen for a vfio-user client")
+    listen.add_argument(
+        "--fd", type=int, metavar="N", help="serve on listening socket N, inherited from the parent process"
+    )
     serve_parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="device parameter")
     serve_parser.add_argument("--name", help="the device's name in logs and traces")
     serve_parser.add_argument("--trace", metavar="FILE", help="write every device event as a JSON line ('-': stdout)")

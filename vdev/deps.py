@@ -69,6 +69,20 @@ def libvfio_user_revision_file() -> Path:
     return libvfio_user_path().resolve().parent.parent / "REVISION"
 
 
+def libvfio_user_patches_file() -> Path:
+    """The file recording the patch set ``make deps`` applied to that library.
+
+    Next to ``REVISION``: a ``set <sha256>`` line for the whole series, then
+    ``<sha256> <patch file>`` per patch.  A library built otherwise has none.
+    """
+    return libvfio_user_revision_file().with_name("PATCHES")
+
+
+def libvfio_user_unpatched_path() -> Path:
+    """The same revision built without vdev's patches, as a user's own build would be (for the suite)."""
+    return cache_dir() / "libvfio-user-unpatched" / "lib" / "libvfio-user.so.0"
+
+
 def libvfio_user_sample(name: str) -> Path:
     """A C sample server built from the same libvfio-user source (benchmarks, comparisons)."""
     return cache_dir() / "libvfio-user" / "samples" / name

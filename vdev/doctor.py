@@ -31,17 +31,40 @@ class Check:
     fix: str = ""
     #: Whether vdev cannot serve or test without it (the exit status counts only these).
     required: bool = True
+    #: libvfio-user only: each of vdev's patches (file name) and whether the library has it.
+    patches: dict[str, bool] = field(default_factory=dict)
+
+
+def _patch_set(record: Path) -> str:
+    """What ``make deps`` recorded about the patch set it applied, in one line."""
+    try:
+        lines = record.read_text().splitlines()
+    except OSError:
+        return "none recorded (not built by `make deps`)"
+    digest = lines[0].removeprefix("set ")[:12] if lines else "?"
+    return f"{digest} ({len(lines) - 1} patches, recorded in {record})"
 
 
 def check_libvfio_user() -> Check:
+    """Found, loadable, a supported revision; and which of vdev's fixes it carries.
+
+    A library without vdev's patches (a user's own build) is usable: vdev
+    serves with it, and what needs a missing patch says so when used.
+    """
     path = deps.libvfio_user_path()
     try:
         found, revision = bindings.check(path)
-        bindings.load()
+        library = bindings.load()
     except bindings.LibraryError as exc:
         problem = str(exc).partition("; run")[0]  # the fix has a line of its own
         return Check("libvfio-user", False, str(path), problem=problem, fix=deps.how_to_provide("VDEV_LIBVFIO_USER"))
-    return Check("libvfio-user", True, str(found), {"revision": revision})
+    details: dict[str, str | bool] = {
+        "revision": revision,
+        "patch set": _patch_set(deps.libvfio_user_patches_file()),
+        "fixes": f"{len(library.fixes)} of {len(bindings.FIXES)}",
+    }
+    patches = {fix.patch: library.has(fix.name) for fix in bindings.FIXES}
+    return Check("libvfio-user", True, str(found), details, patches=patches)
 
 
 def _run(command: list[str]) -> str:
@@ -126,6 +149,7 @@ def as_text(checks: list[Check]) -> str:
         optional = "" if check.required or check.ok else " (optional)"
         lines.append(f"{status} {check.name:13} {check.path}{optional}")
         lines.extend(f"        {key}: {value}" for key, value in check.details.items())
+        lines.extend(f"          {'present' if has else 'MISSING'}  {patch}" for patch, has in check.patches.items())
         if not check.ok:
             lines.append(f"        problem: {check.problem}")
             lines.append(f"        fix: {check.fix}")

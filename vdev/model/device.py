@@ -343,6 +343,10 @@ class Device:
             await trio.sleep(fault.seconds)
         elif fault.action == "errno":
             raise InjectedError(fault.errno, f"{on} of {self.describe(region, offset)}")
+        elif fault.action == "err":
+            self.irq.report_error()
+        elif fault.action == "req":
+            self.irq.request_release()
         return fault
 
     async def _bar_access(self, region: int, offset: int, size: int, data: bytes | None) -> bytes:

@@ -33,6 +33,10 @@ How the C library and Trio meet (the design, written where it lives):
   becomes ``-1``/``errno`` for the library (an error reply to that access)
   and a log line naming the device, region, offset and register; it never
   crosses into C.
+* A context listens on a socket path it creates, or on a listening socket
+  it is handed (an fd from a parent process or from socket activation).
+  The latter, and signalling ERR/REQ, need vdev's libvfio-user patches;
+  without them they fail with :class:`~vdev.libvfio_user.bindings.MissingFixError`.
 """
 
 from __future__ import annotations
@@ -162,6 +166,26 @@ class ServeError(Exception):
     """A device could not be set up for serving (bad socket path, library refusal)."""
 
 
+def listening_socket_path(fd: int) -> Path:
+    """Where the inherited socket ``fd`` listens; :class:`ServeError` if it is not a listening UNIX socket.
+
+    Checked here, before libvfio-user sees the fd, so that a wrong fd gets a
+    plain one-line error whatever the library.
+    """
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise ServeError(f"fd {fd} is not an open socket: {exc.strerror}") from None
+    with probe:
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM or not listening:
+            raise ServeError(f"fd {fd} is not a listening UNIX stream socket")
+        name = probe.getsockname()
+    if isinstance(name, bytes):  # an abstract address
+        return Path("@" + name.lstrip(b"\0").decode(errors="replace"))
+    return Path(name or f"(unnamed socket, fd {fd})")
+
+
 def prepare_socket_path(path: Path) -> None:
     """Make ``path`` free for a new listening socket, refusing to clobber anything (see :mod:`vdev.sockets`)."""
     try:
@@ -171,12 +195,17 @@ def prepare_socket_path(path: Path) -> None:
 
 
 class DeviceContext:
-    """Serves one :class:`Device` on one socket path, one client at a time, forever."""
+    """Serves one :class:`Device` on one socket, one client at a time, forever.
+
+    ``socket_path`` is where to create the listening socket, or the fd of a
+    socket that already listens (inherited from a parent process); the
+    context then owns that fd, and :attr:`socket_path` is its address.
+    """
 
     def __init__(
         self,
         device: Device,
-        socket_path: str | os.PathLike[str],
+        socket_path: str | os.PathLike[str] | int,
         library: Library | None = None,
         *,
         stall_timeout: float = 1.0,
@@ -185,7 +214,13 @@ class DeviceContext:
         socket_mode: int = 0o600,
     ) -> None:
         self.device = device
-        self.socket_path = Path(socket_path)
+        #: The inherited listening socket served on, if one was given.
+        self.listen_fd: int | None = None
+        if isinstance(socket_path, int):
+            self.listen_fd = socket_path
+            self.socket_path = listening_socket_path(socket_path)
+        else:
+            self.socket_path = Path(socket_path)
         self._lib = library or bindings.load()
         self._ctx: int | None = None
         self._lock = ContextLock()
@@ -232,16 +267,24 @@ class DeviceContext:
         return callback
 
     def create(self) -> None:
-        """Create and realize the context; the socket exists (mode 0600) when this returns."""
+        """Create and realize the context; the socket exists (mode 0600 if created here) when this returns."""
         lib, device = self._lib, self.device
-        prepare_socket_path(self.socket_path)
-        ctx = lib.vfu_create_ctx(
-            VFU_TRANS_SOCK, os.fsencode(self.socket_path), LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
-        )
+        if self.listen_fd is not None:
+            lib.require("listen_fd")
+            ctx = lib.vfu_create_ctx_from_fd(
+                VFU_TRANS_SOCK, self.listen_fd, LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
+            )
+            where = f"fd {self.listen_fd} ({self.socket_path})"
+        else:
+            prepare_socket_path(self.socket_path)
+            ctx = lib.vfu_create_ctx(
+                VFU_TRANS_SOCK, os.fsencode(self.socket_path), LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
+            )
+            where = str(self.socket_path)
         if not ctx:
-            raise ServeError(f"{device.name}: cannot listen on {self.socket_path}: {os.strerror(ctypes.get_errno())}")
+            raise ServeError(f"{device.name}: cannot listen on {where}: {os.strerror(ctypes.get_errno())}")
         self._ctx = ctx
-        self._owns_socket = True
+        self._owns_socket = self.listen_fd is None
         try:
             self._setup()
         except BaseException:
@@ -250,7 +293,8 @@ class DeviceContext:
 
     def _setup(self) -> None:
         lib, device, ctx = self._lib, self.device, self._ctx
-        os.chmod(self.socket_path, self.socket_mode)
+        if self._owns_socket:
+            os.chmod(self.socket_path, self.socket_mode)
         # The library logs at syslog levels; asking for debug messages only when
         # vdev's logger wants them keeps a callback into Python off the hot path.
         level = 7 if log.isEnabledFor(logging.DEBUG) else 6
@@ -261,6 +305,14 @@ class DeviceContext:
         for bar in device.bars():
             flags = VFU_REGION_FLAG_RW | (0 if bar.spec.kind is BarKind.IO else VFU_REGION_FLAG_MEM)
             areas = [(area.offset, area.size) for area in bar.spec.mapped]
+            if len(areas) > 1 and not lib.has("region_fd"):
+                log.warning(
+                    "%s: BAR%d has %d mapped areas; QEMU refuses it: %s",
+                    device.name,
+                    bar.index,
+                    len(areas),
+                    bindings.MissingFixError(lib.path, bindings.FIXES_BY_NAME["region_fd"]),
+                )
             self._setup_region(bar.index, bar.size, flags, areas, bar.fd)
         if device.rom_size:
             self._setup_region(RegionIndex.ROM, device.rom_size, VFU_REGION_FLAG_READ)
@@ -637,23 +689,29 @@ class DeviceContext:
     # -- IrqSink and DmaPort (Trio thread) -------------------------------------------
 
     def fire(self, irq_type: IrqIndex, vector: int) -> None:
-        """Signal the client's eventfd (libvfio-user knows which type is active)."""
+        """Signal the client's eventfd (libvfio-user knows which of INTx/MSI/MSI-X is active).
+
+        ERR and REQ need vdev's libvfio-user patch: without it this raises
+        :class:`~vdev.libvfio_user.bindings.MissingFixError` at once, to the
+        device code that asked.
+        """
+        deliver, level = self._lib.vfu_irq_trigger, logging.DEBUG
+        args: tuple[int, ...] = (vector,)
         if irq_type in (IrqIndex.ERR, IrqIndex.REQ):
-            log.warning(
-                "%s: libvfio-user %s has no API to signal %s interrupts",
-                self.device.name,
-                self._lib.revision[:12],
-                irq_type.name,
-            )
-            return
+            self._lib.require("irq_trigger_err_req")
+            deliver = self._lib.vfu_irq_trigger_err if irq_type is IrqIndex.ERR else self._lib.vfu_irq_trigger_req
+            # Rare and asked for on purpose: a lost one deserves a warning.
+            args, level = (), logging.WARNING
 
         def trigger() -> None:
-            if self._ctx is None or self._lib.vfu_irq_trigger(self._ctx, vector) >= 0:
+            if self._ctx is None or deliver(self._ctx, *args) >= 0:
                 return
             code = ctypes.get_errno()
             if code == errno.ENOENT and irq_type is IrqIndex.MSIX:
                 self._without_eventfd.append(vector)
-            log.debug("%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code))
+            log.log(
+                level, "%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code)
+            )
 
         self._lock.run_or_defer(trigger)
         self._note_missing_eventfds()
@@ -719,7 +777,8 @@ class DeviceContext:
             prot = 2 if write else 1  # PROT_WRITE / PROT_READ
             if lib.vfu_addr_to_sgl(self._ctx, address, size, ctypes.byref(sgl), 1, prot) < 0:
                 raise DmaError(f"{self.device.name}: {address:#x}+{size:#x} is not mapped by the client")
-            sgl.dma_addr, sgl.offset = sgl.dma_addr + sgl.offset, 0  # see bindings.DmaSg
+            if not lib.has("sgl_offset"):
+                sgl.dma_addr, sgl.offset = sgl.dma_addr + sgl.offset, 0  # see bindings.DmaSg
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
             if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
