@@ -258,13 +258,21 @@ def load() -> Library:
     """Load libvfio-user once per process (``$VDEV_LIBVFIO_USER`` or the deps cache)."""
     global _loaded
     if _loaded is None:
-        path, revision = check()
-        try:
-            cdll = ctypes.CDLL(str(path), use_errno=True)
-        except OSError as exc:
-            raise LibraryError(f"cannot load libvfio-user from {path}: {exc}") from None
-        _loaded = Library(path=path, revision=revision, cdll=cdll, fixes=_declare(cdll, path))
+        _loaded = open_library(*check())
     return _loaded
+
+
+def open_library(path: Path, revision: str) -> Library:
+    """Load the libvfio-user at ``path`` (of ``revision``), whatever :func:`load` uses.
+
+    For comparing builds in one process, as the suite does with the
+    unpatched one; serving code takes its library from :func:`load`.
+    """
+    try:
+        cdll = ctypes.CDLL(str(path), use_errno=True)
+    except OSError as exc:
+        raise LibraryError(f"cannot load libvfio-user from {path}: {exc}") from None
+    return Library(path=path, revision=revision, cdll=cdll, fixes=_declare(cdll, path))
 
 
 def _declare(cdll: ctypes.CDLL, path: Path) -> frozenset[str]:
