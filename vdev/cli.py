@@ -25,6 +25,7 @@ from vdev.model.device import Device
 from vdev.model.faults import FaultPlan, FaultPlanError
 from vdev.runtime import ServeError, serve
 from vdev.runtime.activation import activated_fd
+from vdev.runtime.context import listening_socket_path
 
 
 class UsageError(Exception):
@@ -139,18 +140,19 @@ def _single(exc: BaseException) -> BaseException:
 
 def _inherited_socket(fd: int | None) -> int:
     """The listening socket to serve on: ``--fd``, else one passed by socket activation."""
-    if fd is None:
-        try:
+    try:
+        if fd is None:
             fd = activated_fd()
-        except ServeError as exc:
-            raise UsageError(str(exc)) from None
-    if fd is None:
-        raise UsageError("one of --socket-path or --fd is required (or socket activation: LISTEN_FDS, LISTEN_PID)")
+        if fd is None:
+            raise UsageError("one of --socket-path or --fd is required (or socket activation: LISTEN_FDS, LISTEN_PID)")
+        listening_socket_path(fd)
+    except ServeError as exc:
+        raise UsageError(str(exc)) from None
     return fd
 
 
 def _describe(where: Path | int) -> str:
-    return f"fd {where}" if isinstance(where, int) else str(where)
+    return f"fd {where} ({listening_socket_path(where)})" if isinstance(where, int) else str(where)
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
