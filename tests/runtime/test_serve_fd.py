@@ -9,16 +9,13 @@ kernel queues the connection on the listening socket.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.runtime.inherited import ACTIVATE, finish, listening, run, start
 from vdev import deps
 from vdev.qemu import QemuMachine
 from vdev.testing import vfio_user_pci
@@ -26,63 +23,6 @@ from vdev.testing import vfio_user_pci
 pytestmark = pytest.mark.requires("libvfio-user")
 
 HELLO = (0x1B36, 0x0F00)
-
-#: What the parent runs in its child: the socket to fd 3, then exec.  ACTIVATION is
-#: empty, or "FDS PID" for LISTEN_FDS and LISTEN_PID ("self": the child's own pid).
-LAUNCH = """
-import os, sys
-fd, activation, *command = sys.argv[1:]
-os.dup2(int(fd), 3)
-if activation:
-    fds, pid = activation.split()
-    os.environ.update(LISTEN_FDS=fds, LISTEN_PID=str(os.getpid()) if pid == "self" else pid)
-os.execv(sys.executable, [sys.executable, "-m", "vdev", *command])
-"""
-ACTIVATE = "1 self"
-
-
-@contextmanager
-def listening(path: Path) -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(path))
-        listener.listen()
-        yield listener
-
-
-def start(
-    listener: socket.socket, activation: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
-    """``vdev ARGS`` with ``listener`` as its fd 3, and LISTEN_* as ``activation`` says (see LAUNCH)."""
-    fd = listener.fileno()
-    return subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, str(fd), activation, *args],
-        pass_fds=[fd],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def run(fd: int, activation: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", LAUNCH, str(fd), activation, *args],
-        pass_fds=[fd],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def finish(server: subprocess.Popen[str], *, stop: bool = False) -> tuple[int, str]:
-    if stop:
-        server.send_signal(signal.SIGTERM)
-    try:
-        _, stderr = server.communicate(timeout=60)
-    finally:
-        if server.poll() is None:
-            server.kill()
-    return server.returncode, stderr
 
 
 @pytest.mark.requires("qemu")
