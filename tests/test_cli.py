@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from vdev import deps
 from vdev.qemu import QemuMachine
 from vdev.testing import vfio_user_pci
 
 VDEV = [sys.executable, "-m", "vdev"]
+PATCHES = Path(__file__).parent.parent / "tools" / "libvfio-user-patches"
+RECORD = deps.libvfio_user_patches_file()
 
 
 def run_vdev(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -193,6 +196,26 @@ def test_doctor_reports_components() -> None:
     checks = {check["name"]: check for check in report["checks"]}
     assert checks["libvfio-user"]["details"]["revision"]
     assert checks["qemu"]["details"]["vfio-user-pci"] is True
+    # make deps applied every patch of tools/libvfio-user-patches, and the library shows each fix.
+    patches = sorted(path.name for path in PATCHES.glob("*.patch"))
+    assert sorted(checks["libvfio-user"]["patches"]) == patches and all(checks["libvfio-user"]["patches"].values())
+    assert checks["libvfio-user"]["details"]["patch set"].endswith(f"({len(patches)} patches, recorded in {RECORD})")
+    text = run_vdev("doctor").stdout
+    assert all(f"present  {patch}" in text for patch in patches)
+
+
+@pytest.mark.requires("libvfio-user-unpatched")
+def test_doctor_says_which_fixes_an_unpatched_library_lacks() -> None:
+    env = {**os.environ, "VDEV_LIBVFIO_USER": str(deps.libvfio_user_unpatched_path())}
+    env.pop("VDEV_LIBVFIO_USER_REVISION", None)
+    result = subprocess.run(
+        [*VDEV, "doctor", "--json"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    libvfio_user = next(check for check in json.loads(result.stdout)["checks"] if check["name"] == "libvfio-user")
+    assert libvfio_user["ok"]  # usable: vdev serves with it
+    assert libvfio_user["details"]["patch set"] == "none recorded (not built by `make deps`)"
+    assert libvfio_user["details"]["fixes"] == f"0 of {len(list(PATCHES.glob('*.patch')))}"
+    assert not any(libvfio_user["patches"].values())
 
 
 def test_doctor_blames_a_bad_setting_not_the_provisioning(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import trio
 
 from vdev import WO, Bar, Device, DmaError, Msi, MsiX, Register
 from vdev.client import Client, Interrupt
+from vdev.libvfio_user import Library
 from vdev.protocol.constants import IrqIndex, IrqSetFlag
 from vdev.testing import ConnectClient, ServeDevice, served
 from vdev_devices.edu import Edu
@@ -301,3 +302,17 @@ async def test_a_server_that_never_had_a_client_stops_without_a_reset(vdev_socke
     async with served(device, vdev_socket_dir / "hello.sock"):
         pass
     assert not device.events.of_kind("reset")
+
+
+async def test_a_library_without_vdevs_patches_still_serves(
+    vdev_socket_dir: Path, unpatched_libvfio_user: Library
+) -> None:
+    """A user's own libvfio-user build: no fix of tools/libvfio-user-patches, and the device works."""
+    assert unpatched_libvfio_user.fixes == frozenset()
+    device = Edu()
+    path = vdev_socket_dir / "edu.sock"
+    async with served(device, path, library=unpatched_libvfio_user), Client.connect(path) as client:
+        await client.enable(memory=True, io=False, master=False)
+        assert await client.read32(0, 0x00) == 0x010000ED
+        await client.write32(0, 0x04, 0x1234)
+        assert await client.read32(0, 0x04) == ~0x1234 & 0xFFFF_FFFF
