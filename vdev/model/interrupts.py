@@ -161,7 +161,7 @@ class Interrupts:
         self._fire(IrqIndex.ERR, 0)
 
     def request_release(self) -> None:
-        """Signal REQ: ask the client to release the device (QEMU asks the guest to unplug it)."""
+        """Signal REQ: ask the client to release the device (QEMU 11.1's vfio-user-pci sets no REQ eventfd)."""
         self._fire(IrqIndex.REQ, 0)
 
     # -- rules ----------------------------------------------------------------
