@@ -183,7 +183,7 @@ def test_devices_text_shows_ids_in_hex_with_the_help_in_one_column() -> None:
     lines = run_vdev("devices").stdout.splitlines()
     params = [line for line in lines if line.lstrip().startswith("--param ")]
     assert "--param ident=0x48454c4f" in next(line for line in params if "ident=" in line)
-    assert "--param split_bar4=false" in next(line for line in params if "split_bar4=" in line)
+    assert "--param split_bar4=true" in next(line for line in params if "split_bar4=" in line)
     help_columns = {len(re.match(r"\s*--param \S+\s+", line).group()) for line in params}  # type: ignore[union-attr]
     assert len(help_columns) == 1
 
