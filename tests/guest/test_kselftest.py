@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from vdev.qemu.guest import GuestArtefacts
 from vdev_experiments.kselftest import (
     NO_IOMMUFD,
     ProgramRun,
@@ -27,7 +28,6 @@ from vdev_experiments.kselftest import (
     summary,
     write_report,
 )
-from vdev.qemu.guest import GuestArtefacts
 
 LISTING = """\
 # FIXTURE            VARIANT                   TEST
