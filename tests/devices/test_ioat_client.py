@@ -23,8 +23,6 @@ from vdev.model.faults import Fault, FaultPlan
 from vdev.protocol.constants import IrqIndex
 from vdev_devices.ioat import Ioat
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
-
 Connect = Callable[[Device], Awaitable[Client]]
 
 CONFIG = 7
