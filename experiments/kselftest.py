@@ -454,6 +454,7 @@ async def run_kselftests(
     finally:
         logging.getLogger("vdev").removeHandler(collector)
         shutil.rmtree(socket_dir, ignore_errors=True)
+    (workdir / "initrd.img").unlink(missing_ok=True)  # the harness's combined initramfs: a build artefact
     for run in runs:
         run.settle()
     qemu_log = workdir / "qemu.log"
