@@ -95,7 +95,7 @@ _U64 = (1 << 64) - 1
 #: range: a version not listed must pass every verdict, and a failure there is news to investigate.
 KNOWN_FAILURES: Mapping[tuple[str, str], Mapping[str, str]] = {
     ("linux-image-6.1.0-56-amd64", "6.1.192-2"): {
-        "fork_mapped_child": "docs/findings.md#5-debian-61192-2-a-forked-child-keeps-live-bar-mappings-after-memory-is-disabled",
+        "fork_mapped_child": "docs/findings.md, section 5 (Debian 6.1.192-2: a forked child keeps live BAR mappings)",
     },
 }
 
