@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the artefacts a vdev guest test boots: Debian kernels, an uncompressed
 # vmlinux of each, and an initramfs per kernel with busybox, the vfio modules,
-# /init and the static guest programs from guest/.
+# /init and the static guest programs from guest/; and the kernel's own vfio
+# selftests, built from the source of the newest kernel of the run.
 #
 # Usage: tools/guest.sh [KERNEL...]        (make guest KERNELS="bookworm trixie")
-#   KERNEL is a Debian suite whose linux-image-amd64 to use:
-#     bookworm                 the host's own apt (6.1)           - the default
-#     trixie                   the private apt of `make deps` (6.12)
-#     trixie-backports | sid   the private apt (newest kernels)
+#   KERNEL names a set: a Debian suite whose linux-image-amd64 to use, at the
+#   version tools/guest/kernels.pin gives it:
+#     bookworm, bookworm-security  the host's own apt (6.1)     - the default
+#     trixie                       the private apt of `make deps` (6.12)
+#     trixie-backports | sid       the private apt (newest kernels)
 #
 # Everything lands in .deps/guest/ (or $VDEV_DEPS_DIR/guest):
 #   <kernel>/root/               the unpacked kernel packages
@@ -17,6 +19,8 @@
 #   <kernel>/kernel.json         what was built from which package version
 #   programs/                    the guest programs, compiled with gcc -static
 #   busybox/                     Debian's busybox-static, unpacked
+#   kselftest/bin/               the vfio selftests, static (when a 7.x kernel is built)
+#   kselftest/manifest.json      which linux-source they came from
 #
 # Each step leaves a stamp: downloads happen once per kernel (delete
 # .deps/guest/<kernel> to fetch a newer one); the initramfs is rebuilt when
@@ -33,7 +37,7 @@ guest=$cache/guest
 sources=$repo_root/guest
 tools=$repo_root/tools/guest
 apt_conf=$cache/apt/apt.conf
-host_packages=(gcc libc6-dev zstd python3)
+host_packages=(gcc libc6-dev zstd python3 make xz-utils uuid-dev)
 
 stamp_ok() { [[ -f "$1" ]] && [[ "$(cat "$1")" == "$2" ]]; }
 human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || printf '%s bytes' "$1"; }
@@ -43,7 +47,7 @@ human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || printf '%s bytes' "$1";
 # --- apt: the host's for bookworm, the private one of `make deps` otherwise -----
 # Run apt for kernel $1: host_apt or private_apt.
 apt_for() {
-    if [[ "$1" == bookworm ]]; then
+    if [[ "$1" == bookworm* ]]; then
         printf 'host\n'
     else
         printf 'private\n'
@@ -105,8 +109,28 @@ download() {
 }
 
 # linux-image-amd64's version in suite $2 (apt $1), updating stale lists once.
+# The version kernel set $1 is pinned to in tools/guest/kernels.pin (none with VDEV_GUEST_UNPINNED=1).
+pinned_version() {
+    [[ -n "${VDEV_GUEST_UNPINNED:-}" ]] && return 0
+    awk -v n="$1" '$1 == n {print $2}' "$tools/kernels.pin"
+}
+
+# Whether apt $1 offers linux-image-amd64 at version $2.
+offered() {
+    run_apt "$1" apt-cache madison linux-image-amd64 | awk '{print $3}' | grep -qFx "$2"
+}
+
+# The linux-image-amd64 version to provision for set $3: its pin, else the newest suite $2 offers.
 resolve_meta() {
-    local which=$1 suite=$2 meta
+    local which=$1 suite=$2 name=$3 meta pin
+    pin=$(pinned_version "$name")
+    if [[ -n "$pin" ]]; then
+        offered "$which" "$pin" || { update_lists "$which" && offered "$which" "$pin"; } ||
+            fail "$name is pinned to linux-image-amd64 $pin in tools/guest/kernels.pin, which apt does not offer" \
+                "(it has: $(run_apt "$which" apt-cache madison linux-image-amd64 | awk '{printf "%s ", $3}'))"
+        printf '%s\n' "$pin"
+        return
+    fi
     meta=$(meta_version "$which" "$suite")
     if [[ -z "$meta" ]] && update_lists "$which"; then
         meta=$(meta_version "$which" "$suite")
@@ -200,9 +224,10 @@ provision_kernel() {
     dir=$guest/$name
     mkdir -p "$dir/stamps"
 
-    if ! [[ -f "$dir/stamps/kernel" && -f "$dir/bzImage" && -f "$dir/release" ]]; then
-        local meta packages=() deb
-        meta=$(resolve_meta "$which" "$suite")
+    local meta
+    meta=$(resolve_meta "$which" "$suite" "$name")
+    if ! [[ -f "$dir/bzImage" && -f "$dir/release" ]] || ! stamp_ok "$dir/stamps/kernel" "$meta"; then
+        local packages=() deb
         packages=($(kernel_packages "$which" "$meta" "$suite"))
         ((${#packages[@]})) || exit 1 # kernel_packages said why
         say "$name: downloading ${packages[*]}"
@@ -212,7 +237,7 @@ provision_kernel() {
         if ! (cd "$dir/debs" && try_download "$which" "${packages[@]}"); then
             # The lists may name versions the mirror has dropped: refresh, resolve again.
             update_lists "$which" || true
-            meta=$(resolve_meta "$which" "$suite")
+            meta=$(resolve_meta "$which" "$suite" "$name")
             packages=($(kernel_packages "$which" "$meta" "$suite"))
             (cd "$dir/debs" && try_download "$which" "${packages[@]}") ||
                 fail "could not download ${packages[*]} (apt-get download; log: $dir/debs/download.log)"
@@ -286,9 +311,90 @@ build_initramfs() {
     grep '^  module' "$dir/modules.log" | sed "s/^  /guest: $name: /" >&2 || true
 }
 
+# --- the kernel's vfio selftests ---------------------------------------------------
+# tools/testing/selftests/vfio of Debian's linux-source for the newest kernel of
+# the run (7.x: 7.2 and 7.3 carry them), built statically as the kernel's own
+# Makefile builds them.  The guest gets them per run (vdev.kselftest adds them to
+# the initramfs it boots), not in every initramfs: only those runs pay for them,
+# and rebuilding either never rebuilds the other.
+#
+# Choices:
+#   * Only the directories the build reads are unpacked from the 1.6 GB source
+#     tree (xz decompresses the whole stream anyway: that is most of the cost).
+#   * The UAPI headers come from linux-libc-dev of the same version, which is
+#     Debian's `make headers` of that source, instead of running it here.
+#   * tools/guest/kselftest_iommu_mode.c is linked into every program (LDLIBS):
+#     it selects the library's IOMMU mode from $VDEV_IOMMU_MODE, since Debian's
+#     kernels have no iommufd, the library's default.  No selftest source changes.
+kselftest_programs=(vfio_pci_device_test vfio_dma_mapping_test vfio_dma_mapping_mmio_test vfio_pci_driver_test)
+kselftest_members=(
+    tools/testing/selftests/lib.mk tools/testing/selftests/kselftest.h
+    tools/testing/selftests/kselftest_harness.h tools/testing/selftests/kselftest
+    tools/testing/selftests/vfio tools/include tools/arch/x86/include scripts/subarch.include
+    include/linux/pci_ids.h drivers/dma/ioat drivers/dma/idxd drivers/net/ethernet/intel/igb
+)
+
+provision_kselftests() {
+    local name newest="" release newest_release=""
+    for name in "$@"; do
+        release=$(cat "$guest/$name/release")
+        if [[ -z "$newest" || "$(printf '%s\n%s\n' "$newest_release" "$release" | sort -V | tail -n1)" == "$release" ]]; then
+            newest=$name newest_release=$release
+        fi
+    done
+    local upstream=${newest_release%%[+-]*}
+    if ((${upstream%%.*} < 7)); then
+        [[ -f "$guest/kselftest/manifest.json" ]] ||
+            say "vfio selftests: not built (they come from a 7.x kernel's source: make guest KERNELS=trixie-backports)"
+        return
+    fi
+    local series version which out=$guest/kselftest digest program
+    series=$(cut -d. -f1,2 <<<"$upstream")
+    version=$(cat "$guest/$newest/version")
+    which=$(apt_for "$newest")
+    digest=$({
+        printf '%s\n' "linux-source-$series=$version" "${kselftest_programs[*]}" "${kselftest_members[*]}"
+        cat "$tools/kselftest_iommu_mode.c"
+    } | sha256sum | cut -d' ' -f1)
+    if stamp_ok "$out/stamp" "$digest" && [[ -x "$out/bin/${kselftest_programs[-1]}" ]]; then
+        return
+    fi
+    say "vfio selftests: building from linux-source-$series $version"
+    local started=$SECONDS work=$out.tmp
+    rm -rf "$work" "$out"
+    mkdir -p "$work/debs" "$work/src" "$work/build" "$work/bin"
+    (cd "$work/debs" && download "$which" "linux-source-$series=$version" "linux-libc-dev=$version")
+    local top=linux-source-$series members=() member
+    for member in "${kselftest_members[@]}"; do members+=("$top/$member"); done
+    dpkg-deb --fsys-tarfile "$work/debs"/linux-source-"$series"_*.deb | tar -xO "./usr/src/$top.tar.xz" |
+        xz -T0 -dc | tar -x -C "$work/src" -f - "${members[@]}" ||
+        fail "could not unpack tools/testing/selftests/vfio from linux-source-$series $version"
+    dpkg-deb -x "$work/debs"/linux-libc-dev_*.deb "$work/headers" || fail "could not unpack linux-libc-dev $version"
+    rm -rf "$work/debs"
+    local headers=$work/headers/usr/include targets=()
+    for program in "${kselftest_programs[@]}"; do targets+=("$work/build/$program"); done
+    gcc -c -O2 -Wall -Werror -o "$work/build/kselftest_iommu_mode.o" "$tools/kselftest_iommu_mode.c" ||
+        fail "could not compile $tools/kselftest_iommu_mode.c"
+    make -C "$work/src/$top/tools/testing/selftests/vfio" -j2 OUTPUT="$work/build" \
+        KHDR_INCLUDES="-isystem $headers -isystem $headers/x86_64-linux-gnu" EXTRA_CFLAGS=-static \
+        LDLIBS="-luuid $work/build/kselftest_iommu_mode.o" "${targets[@]}" >"$work/build.log" 2>&1 ||
+        fail "the vfio selftests did not build; see $work/build.log"
+    cp "${targets[@]}" "$work/bin/"
+    local seconds=$((SECONDS - started))
+    printf '{"source_package": "linux-source-%s", "source_version": "%s", "headers_package": "linux-libc-dev", "kernel": "%s", "release": "%s", "programs": [%s], "iommu_mode_variable": "VDEV_IOMMU_MODE", "build_seconds": %d}\n' \
+        "$series" "$version" "$newest" "$newest_release" \
+        "$(printf '"%s", ' "${kselftest_programs[@]}" | sed 's/, $//')" "$seconds" >"$work/manifest.json"
+    rm -rf "$work/src" "$work/headers" "$work/build"
+    mv "$work" "$out"
+    printf '%s\n' "$digest" >"$out/stamp"
+    say "vfio selftests: ready in $seconds s: ${kselftest_programs[*]} ($(human "$(cat "$out"/bin/* | wc -c)"))"
+}
+
 # --- main ------------------------------------------------------------------------
 kernels=("$@")
-((${#kernels[@]})) || kernels=(bookworm)
+# The suite's sets: bookworm (the stock module the controls and most evidence are about) and
+# bookworm-security (Debian 6.1.192-2, whose fork ordering tests/guest/test_mse_fault.py asserts).
+((${#kernels[@]})) || kernels=(bookworm bookworm-security)
 ensure_host_packages
 mkdir -p "$guest"
 provision_busybox
@@ -296,3 +402,4 @@ build_programs
 for kernel in "${kernels[@]}"; do
     provision_kernel "$kernel"
 done
+provision_kselftests "${kernels[@]}"

@@ -37,11 +37,6 @@ from vdev import deps
 from vdev.guest.errors import KernelError
 from vdev.qemu.guest import GUEST_BUILD_COMMAND, GuestArtefacts, guest_dir
 
-#: The vdev checkout: ``vdev guest`` with a kernel of one's own uses its ``tools/guest`` and ``guest/``.
-_CHECKOUT = Path(__file__).resolve().parents[2]
-ARTEFACTS_TOOL = _CHECKOUT / "tools" / "guest" / "artefacts.py"
-GUEST_SOURCES = _CHECKOUT / "guest"
-
 _ELF_MAGIC = b"\x7fELF"
 
 Progress = Callable[[str], None]
@@ -191,10 +186,17 @@ def _image_for(root: Path, release: str | None) -> Path | None:
     return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
+def _checkout() -> Path:
+    """The vdev checkout, whose ``tools/guest`` and ``guest/`` make the initramfs for a kernel of one's own."""
+    root = deps.checkout()
+    if root is None:
+        raise KernelError("a kernel of your own needs vdev's checkout (tools/guest/artefacts.py, guest/)")
+    return root
+
+
 def _run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    if not ARTEFACTS_TOOL.is_file():
-        raise KernelError(f"a kernel of your own needs vdev's checkout (tools/guest/artefacts.py, guest/): {_CHECKOUT}")
-    return subprocess.run([sys.executable, str(ARTEFACTS_TOOL), *args], capture_output=True, text=True, check=False)
+    tool = _checkout() / "tools" / "guest" / "artefacts.py"
+    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, check=False)
 
 
 def _bootable(image: Path, say: Progress) -> Path:
@@ -227,6 +229,7 @@ def _initramfs(path: Path, module_args: list[str], say: Progress) -> tuple[Path,
     programs = guest_dir() / "programs"
     if not busybox.is_file() or not programs.is_dir():
         raise KernelError(f"a guest initramfs needs busybox and the guest programs from `{GUEST_BUILD_COMMAND}`")
+    sources = _checkout() / "guest"
     out_dir = deps.kernel_build_dir() / "kernels" / hashlib.sha256(str(path).encode()).hexdigest()[:24]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "source").write_text(f"{path}\n")
@@ -236,14 +239,14 @@ def _initramfs(path: Path, module_args: list[str], say: Progress) -> tuple[Path,
         "initramfs",
         *module_args,
         "--list",
-        str(GUEST_SOURCES / "modules"),
+        str(sources / "modules"),
         "--optional",
         "--busybox",
         str(busybox),
         "--init",
-        str(GUEST_SOURCES / "init"),
+        str(sources / "init"),
         "--scripts",
-        str(GUEST_SOURCES / "bin"),
+        str(sources / "bin"),
         "--programs",
         str(programs),
         "--out",

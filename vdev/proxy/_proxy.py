@@ -40,6 +40,7 @@ from vdev.proxy._framing import Frame, FrameReader, Unframed
 from vdev.proxy._inject import FaultInjector, Hangup, InjectedFault, RequestTracker, Send
 from vdev.proxy._plan import Direction, FaultPlan
 from vdev.proxy._transcript import TranscriptWriter, frame_record
+from vdev.sockets import prepare_socket_path, same_socket
 from vdev.transport import FdStream
 
 log = logging.getLogger("vdev.proxy")
@@ -100,6 +101,8 @@ class Proxy:
         fault_log: IO[str] | None = None,
         connect_patience: float = 5.0,
     ) -> None:
+        if same_socket(listen, connect):
+            raise ValueError(f"the proxy cannot listen on the socket it connects to ({listen})")
         self.listen_path = Path(listen)
         self.connect_path = Path(connect)
         self.injector = FaultInjector(plan)
@@ -110,15 +113,21 @@ class Proxy:
         self.injected: list[InjectedFault] = []
         #: Clients accepted so far.
         self.connections = 0
+        #: Client connections ended so far (both of their sockets closed).
+        self.closed = 0
         self._index = 0
         self._started = time.monotonic()
         self._changed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and relay until cancelled; the socket exists once started."""
+        """Listen and relay until cancelled; the socket exists once started.
+
+        A live server's socket at the listening path is never replaced
+        (:class:`~vdev.sockets.SocketPathError`); a stale one is.
+        """
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with listener:
-            self.listen_path.unlink(missing_ok=True)  # noqa: ASYNC240 - a local socket path
+            prepare_socket_path(self.listen_path)
             await listener.bind(os.fspath(self.listen_path))
             try:
                 os.chmod(self.listen_path, 0o600)
@@ -139,6 +148,15 @@ class Proxy:
             await self._changed.wait()
         return list(self.injected)
 
+    async def wait_closed(self, count: int = 1) -> None:
+        """Wait until at least ``count`` client connections have ended, both of their sockets closed.
+
+        After a ``Close`` fault this is the moment the client can see the
+        hangup: everything sent before it is in the client's socket, then EOF.
+        """
+        while self.closed < count:
+            await self._changed.wait()
+
     # -- sessions ----------------------------------------------------------------------
 
     async def _session(self, sock: trio.socket.SocketType, number: int) -> None:
@@ -156,6 +174,8 @@ class Proxy:
             downstream.close()
             upstream.close()
             log.info("proxy: connection %d closed", number)
+            self.closed += 1
+            self._notify()
 
     def _next_index(self) -> int:
         index = self._index
@@ -169,6 +189,9 @@ class Proxy:
         if self._fault_log is not None:
             self._fault_log.write(line + "\n")
             self._fault_log.flush()
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 

@@ -111,6 +111,13 @@ KERNEL_PROBLEM = re.compile("|".join(KERNEL_PROBLEM_PATTERNS.values()))
 #: Lines after which a kernel report is complete, so the run can end without waiting out the grace time.
 _REPORT_END = re.compile(r"---\[ end (?:trace|Kernel panic)|\bKernel Offset:|\bRebooting in\b")
 
+#: A line of a call trace: ``handle_nested_irq+0x95/0xe0`` (a leading ``?`` marks the unwinder's guess).
+_FRAME = re.compile(r"^\s*(?:\[[\s\d.]+\]\s*)?(\?\s+)?([A-Za-z_.$][\w.$]*)\+0x[0-9a-f]+/0x[0-9a-f]+")
+#: Where a call trace ends: the task's or the interrupt stack's end, or the report's next section.
+_TRACE_END = re.compile(r"</TASK>|Modules linked in:|---\[ end ")
+#: The instruction pointer line of a report: ``RIP: 0010:0x0``, ``RIP: 0010:regmap_irq_thread+0x206/0x680``.
+_RIP = re.compile(r"\bRIP: (?:[0-9a-f]{4}:)?(\S+)")
+
 _TAIL_LINES = 60
 #: Console lines kept before, and at most after, the first kernel problem in its report.
 _REPORT_BEFORE = 10
@@ -206,6 +213,16 @@ class GuestKernelError(GuestError):
         """The names (keys of :data:`KERNEL_PROBLEM_PATTERNS`) of every kind of problem seen, in order."""
         return kernel_problem_kinds(self.problems)
 
+    @property
+    def call_trace(self) -> list[str]:
+        """The functions of the report's first call trace, innermost first (see :func:`kernel_call_trace`)."""
+        return kernel_call_trace(self.report)
+
+    @property
+    def rip(self) -> str | None:
+        """Where the report says the CPU was: ``0x0`` for a call through a NULL pointer (see :func:`kernel_rip`)."""
+        return kernel_rip(self.report)
+
 
 def kernel_problem_kinds(lines: Iterable[str]) -> list[str]:
     """The pattern names matching ``lines``, each once, in the order first seen.
@@ -219,6 +236,45 @@ def kernel_problem_kinds(lines: Iterable[str]) -> list[str]:
             if name not in kinds and re.search(regex, line):
                 kinds.append(name)
     return kinds
+
+
+def kernel_call_trace(lines: Iterable[str]) -> list[str]:
+    """The function names of the first ``Call Trace:`` in ``lines``, innermost first.
+
+    Frames the unwinder only guessed (``?``) are left out, so what remains
+    is the chain of calls that led to the report; module names and offsets
+    are dropped.
+
+    >>> kernel_call_trace(["[ 4.3] Call Trace:", "[ 4.3]  <TASK>", "[ 4.3]  handle_nested_irq+0x95/0xe0",
+    ...                    "[ 4.3]  ? __pfx_irq_thread+0x10/0x10", "[ 4.3]  regmap_irq_thread+0x206/0x680 [regmap]",
+    ...                    "[ 4.3]  </TASK>", "[ 4.3]  kthread+0xd2/0x100"])
+    ['handle_nested_irq', 'regmap_irq_thread']
+    """
+    functions: list[str] = []
+    inside = False
+    for line in lines:
+        if not inside:
+            inside = "Call Trace:" in line
+            continue
+        if _TRACE_END.search(line):
+            break
+        frame = _FRAME.match(line)
+        if frame is not None and frame[1] is None:
+            functions.append(frame[2])
+    return functions
+
+
+def kernel_rip(lines: Iterable[str]) -> str | None:
+    """The instruction pointer of the first ``RIP:`` line in ``lines`` (without the code segment), if any.
+
+    >>> kernel_rip(["[ 4.3] Oops: 0010 [#1] SMP NOPTI", "[ 4.3] RIP: 0010:0x0"])
+    '0x0'
+    """
+    for line in lines:
+        found = _RIP.search(line)
+        if found is not None:
+            return found[1]
+    return None
 
 
 # -- results ------------------------------------------------------------------------
