@@ -4,7 +4,7 @@ When software clears MEM, Linux's vfio-pci zaps user mappings of the BARs;
 faults raise SIGBUS and ``pread``/``pwrite`` fail with EIO until MEM is set
 again, and pages come back on fault.  That fault path was reworked in 2021
 (concurrent faults), 6.10 (zap by address space, whole-mapping prefault)
-and 6.12 (huge-page faults), each time with fallout (shared/DESIGN.md §1).
+and 6.12 (huge-page faults), each time with fallout (docs/experiment.md).
 This experiment runs one workload against several guest kernels:
 
 1. a guest boots with vdev's ``membar`` device attached over vfio-user;
