@@ -7,6 +7,7 @@ repeated runs.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -45,12 +46,29 @@ def progress(message: str) -> None:
     print(f"  … {message}", file=sys.stderr, flush=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used so far, in nanosecond resolution (/proc/PID/schedstat).
+def thread_cpu(pid: int) -> dict[int, int]:
+    """CPU nanoseconds each live thread of a process has used so far (/proc/PID/task/TID/schedstat).
 
-    /proc/PID/stat counts clock ticks (10 ms), too coarse for per-access costs.
+    /proc/PID/stat counts clock ticks (10 ms), too coarse for per-access
+    costs, and /proc/PID/schedstat covers the main thread only.
     """
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    used = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            used[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+    return used
+
+
+def cpu_seconds_since(pid: int, before: dict[int, int]) -> float:
+    """CPU seconds the process's threads used since :func:`thread_cpu` returned ``before``.
+
+    Threads started since count whole; a thread that ended meanwhile is
+    missed (the servers measured here keep theirs for their whole life).
+    """
+    now = thread_cpu(pid)
+    return sum(used - before.get(tid, 0) for tid, used in now.items()) / 1e9
 
 
 def wait_for_path(path: Path, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -64,10 +82,16 @@ def wait_for_path(path: Path, process: subprocess.Popen[bytes], timeout: float =
 
 
 @contextmanager
-def server_process(argv: list[str], socket: Path, cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
-    """A vfio-user server in its own process (so its CPU time can be read), stopped afterwards."""
+def server_process(
+    argv: list[str], socket: Path, cwd: Path = REPO, cpus: set[int] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A vfio-user server in its own process (so its CPU time can be read), stopped afterwards.
+
+    ``cpus`` pins it (and every thread it starts) to those CPUs.
+    """
     socket.unlink(missing_ok=True)
-    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
     try:
         wait_for_path(socket, process)
         yield process

@@ -115,27 +115,33 @@ class Fault:
 
 
 class FaultPlan:
-    """The faults one device suffers, with the seeded chance that decides probabilistic ones."""
+    """The faults one device suffers, with the seeded chance that decides probabilistic ones.
+
+    A plan is fixed once made (assign a new one to change it), so that what
+    it means for every access is worked out here, once: an event no rule
+    is about costs one dictionary lookup.
+    """
 
     def __init__(self, faults: Sequence[Fault] = (), *, seed: int = 0) -> None:
-        self.faults = list(faults)
+        self.faults = tuple(faults)
         self.seed = seed
         self._random = random.Random(seed)
-
-    @property
-    def needs_thread(self) -> bool:
-        """Whether some fault makes a handler wait (the device must be served threaded)."""
-        return any(fault.action in WAITING_ACTIONS for fault in self.faults)
+        self._by_event: dict[str, tuple[Fault, ...]] = {}
+        for fault in self.faults:
+            self._by_event[fault.on] = (*self._by_event.get(fault.on, ()), fault)
+        #: Whether some fault makes a handler wait (the device's handlers then run on the Trio thread).
+        self.needs_thread = any(fault.action in WAITING_ACTIONS for fault in self.faults)
 
     def has(self, on: str) -> bool:
-        return any(fault.on == on for fault in self.faults)
+        """Whether any rule is about events of kind ``on``."""
+        return on in self._by_event
 
     def pick(
         self, on: str, *, region: int | None = None, offset: int | None = None, vector: int | None = None
     ) -> Fault | None:
         """The fault to inject now for this event, if any (counting matches as it goes)."""
-        for fault in self.faults:
-            if fault.on != on or not fault.covers(region, offset, vector):
+        for fault in self._by_event.get(on, ()):
+            if not fault.covers(region, offset, vector):
                 continue
             fault.matched += 1
             if fault.matched <= fault.after:

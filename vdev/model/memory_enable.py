@@ -130,6 +130,11 @@ class CommandControl:
         """Flip MEM after every ``every`` trapped BAR accesses (0 stops it)."""
         self._access_schedule = (every, self.accesses + every) if every > 0 else None
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether accesses are being counted towards a toggle (:meth:`toggle_after_accesses`)."""
+        return self._access_schedule is not None
+
     def count_access(self) -> None:
         """Called by the device for every trapped BAR access."""
         self.accesses += 1

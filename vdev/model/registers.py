@@ -12,7 +12,9 @@ Rules this module enforces, so device code never has to:
   covers are affected.
 * Hooks run after the write has been applied (``on_write(value)``) and
   before the read is answered (``on_read() -> value``); either may be
-  ``async``.  Hooks run in the device's Trio task, never in a C callback.
+  ``async``.  Hooks run under the device's lock: plain ones in the thread
+  serving the device, ``async`` ones in a Trio task (see
+  :mod:`vdev.runtime.context`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,11 @@ class RegisterFile:
                 raise ValueError(f"registers {before.name} and {after.name} overlap")
         self.by_name = {r.name: r for r in self.registers}
         self._masks = {r.name: r.access_masks() for r in self.registers}
+        self._full = {r.name: (1 << (8 * r.width)) - 1 for r in self.registers}
+        #: What a read returns of each register's value: every bit but the write-only ones.
+        self._readable = {r.name: self._full[r.name] & ~self._masks[r.name][Access.WO] for r in self.registers}
+        #: Each register by (offset, width): the access that is exactly one whole register.
+        self.whole: dict[tuple[int, int], Register] = {(r.offset, r.width): r for r in self.registers}
         self.read_hooks = read_hooks
         self.write_hooks = write_hooks
         self.values = {r.name: r.reset for r in self.registers}
@@ -171,6 +178,24 @@ class RegisterFile:
         register = self.by_name[name]
         self.values[name] = value & ((1 << (8 * register.width)) - 1)
 
+    def read_whole(self, register: Register) -> int:
+        """Read one whole register whose read hook, if any, is plain."""
+        name = register.name
+        hook = self.read_hooks.get(name)
+        if hook is not None:
+            self.values[name] = hook() & self._full[name]  # type: ignore[operator]
+        return self.values[name] & self._readable[name]
+
+    def write_whole(self, register: Register, value: int) -> None:
+        """Write one whole register whose write hook, if any, is plain."""
+        name = register.name
+        full = self._full[name]
+        new = apply_write(self._masks[name], self.values[name], value & full, full)
+        self.values[name] = new
+        hook = self.write_hooks.get(name)
+        if hook is not None:
+            hook(new)
+
     async def read(self, offset: int, size: int) -> int:
         """Read ``size`` bytes at ``offset`` as a little-endian integer."""
         result = 0
@@ -178,7 +203,7 @@ class RegisterFile:
             hook = self.read_hooks.get(register.name)
             if hook is not None:
                 self[register.name] = await call_hook(hook)
-            value = self.values[register.name] & ~self._masks[register.name][Access.WO]
+            value = self.values[register.name] & self._readable[register.name]
             shift = (register.offset - offset) * 8
             result |= value << shift if shift >= 0 else value >> -shift
         return result & ((1 << (8 * size)) - 1)
@@ -187,7 +212,7 @@ class RegisterFile:
         """Write ``size`` bytes of ``value`` at ``offset`` with each register's semantics."""
         for register in self.overlapping(offset, size):
             shift = (register.offset - offset) * 8
-            full = (1 << (8 * register.width)) - 1
+            full = self._full[register.name]
             if shift >= 0:
                 written = value >> shift
                 covered = ((1 << (8 * size)) - 1) >> shift

@@ -1,33 +1,55 @@
-"""One device served through one libvfio-user context, driven from Trio.
+"""One device served through one libvfio-user context: a thread per device, Trio for the rest.
 
-How the C library and Trio meet (the design, written where it lives):
+How the C library, Python threads and Trio meet (the design, written where
+it lives):
 
-* The context is created with ``LIBVFIO_USER_FLAG_ATTACH_NB``.  A Trio task
-  waits on ``vfu_get_poll_fd()`` (fetched again after every attach and
-  disconnect, since it changes) and, when it is readable, calls
-  ``vfu_run_ctx``.  ``vfu_attach_ctx`` always runs in a worker thread: it
-  waits for the client's VERSION message.
-* libvfio-user's callbacks are synchronous; vdev handlers may be ``async``.
-  So a device is served in one of two ways, chosen per device:
-
-  - **inline** (every handler is a plain function): ``vfu_run_ctx`` runs on
-    the Trio thread and each callback drives the device's handler coroutine
-    to completion on the spot.  No thread hop: this is the fast path.
-  - **threaded** (some handler is ``async``): ``vfu_run_ctx`` runs in a
-    worker thread; a callback hands the access to the Trio thread with
-    ``trio.from_thread.run`` and blocks until the handler has finished.  An
-    awaiting handler stalls only this device; every other device and task
-    runs on.  Four thread wake-ups per access are the price.
-
-* libvfio-user is not thread-safe per context, so every call into a context
-  holds :class:`ContextLock`.  A callback releases it while the handler
-  runs, so a handler may trigger interrupts or do DMA on its own context;
-  an interrupt fired from Trio while C code holds the lock is queued and
-  fired by the lock's holder on release, so Trio never blocks on the lock.
-* All device code runs on the Trio thread.  An exception in a handler
-  becomes ``-1``/``errno`` for the library (an error reply to that access)
-  and a log line naming the device, region, offset and register; it never
-  crosses into C.
+* **A serving thread per device.**  The context is created with
+  ``LIBVFIO_USER_FLAG_ATTACH_NB``.  Each device gets one OS thread that
+  blocks in ``poll(2)`` on ``vfu_get_poll_fd()`` (fetched again after every
+  attach and disconnect, since it changes) and calls ``vfu_attach_ctx`` and
+  ``vfu_run_ctx`` itself; ctypes releases the GIL for the wait and for the
+  library's own work.  A message therefore costs one wake-up of one thread,
+  the library's work and the handler — like libvfio-user's C samples — and
+  no event-loop round trip.  A device whose client misbehaves (stalls
+  half-way through a message, floods it) holds only its own thread.
+* **Plain handlers run right there**, in the serving thread, inside the
+  library's callback.  The common access (one whole register, see
+  :meth:`~vdev.model.device.Device.quick_read`) is served without a
+  coroutine; anything else drives the model's coroutine to completion on
+  the spot (:func:`complete_now`).
+* **``async`` handlers run in Trio**, because only there can they await.
+  The callback hands the access to the device's job task (a Trio task that
+  sleeps in ``wait_task_rescheduled``) with one ``run_sync_soon`` and
+  blocks on a lock the task releases when the handler has finished: two
+  wake-ups per access, the fewest a hand-over allows.  An awaiting handler
+  stalls only its own device.  A BAR is handed over only if one of its
+  hooks is ``async`` (config space only if ``on_reset`` is), so a device
+  mixing both kinds keeps the fast path for its plain registers.  A fault
+  plan that makes accesses wait sends every access of the device to Trio.
+* **One lock for device state.**  Device code never runs concurrently
+  with other code of the same device: the serving thread holds
+  :attr:`Device.lock <vdev.model.device.Device.lock>` around each plain
+  handler, and an instrument (:class:`DeviceTasks`) holds it around every
+  step of the device's own Trio tasks — :meth:`Device.run`, work started
+  with :meth:`Device.start_soon`, the job task running ``async`` handlers.
+  One access at a time per device follows from the one serving thread.
+  What a handler asks of Trio from the serving thread (starting a task,
+  waking a waiter) is passed to the Trio thread by the model.
+* **The context lock.**  libvfio-user is not thread-safe per context, so
+  every call into a context holds :class:`ContextLock`, which is
+  re-entrant for its holder: a plain handler triggering an interrupt or
+  doing message DMA calls straight into the library from inside the
+  callback.  An interrupt fired from Trio while another thread holds the
+  lock is queued and fired by that thread on release, so the Trio thread
+  never blocks on it; Trio's other calls into C (quiesce, DMA from
+  background work) run in worker threads.  A callback handing an access
+  to Trio lets go of the lock until the handler is done.
+* **Nothing per access that nobody asked for**: access events are built
+  only while someone listens (:mod:`vdev.model.events`), fault plans are
+  indexed by event kind (:mod:`vdev.model.faults`).
+* An exception in a handler becomes ``-1``/``errno`` for the library (an
+  error reply to that access) and a log line naming the device, region,
+  offset and register; it never crosses into C, and the device goes on.
 """
 
 from __future__ import annotations
@@ -35,15 +57,16 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import functools
 import inspect
 import logging
 import os
+import select
 import socket
 import stat
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,27 +101,73 @@ _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging
 
 
 class ContextLock:
-    """Serialises calls into one libvfio-user context without ever blocking Trio."""
+    """Serialises calls into one libvfio-user context; re-entrant for its holder, never blocks Trio.
+
+    Re-entrant so that a handler running inside a callback (the holder's
+    thread) may call into the same context: trigger an interrupt, do
+    message DMA.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
 
     def acquire(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            self._depth += 1
+            return
         self._lock.acquire()
+        self._owner, self._depth = me, 1
 
     def release(self) -> None:
-        """Run what was deferred while we held the lock, then let go."""
+        """Let go once; on the last release run what was deferred meanwhile, then unlock."""
+        if self._depth > 1:
+            self._depth -= 1
+            return
         while True:
             while self._deferred:
                 self._deferred.popleft()()
+            self._owner, self._depth = None, 0
             self._lock.release()
             if not self._deferred or not self._lock.acquire(blocking=False):
                 return
+            self._owner, self._depth = threading.get_ident(), 1
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the lock (it is inside a callback, say)."""
+        return self._owner == threading.get_ident()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextmanager
+    def let_go(self) -> Iterator[None]:
+        """Release the lock entirely for a while, if this thread holds it, then take it back as it was."""
+        if not self.held_here():
+            yield
+            return
+        depth, self._depth = self._depth, 1
+        self.release()
+        try:
+            yield
+        finally:
+            self.acquire()
+            self._depth = depth
 
     def run_or_defer(self, call: Callable[[], None]) -> None:
-        """Run ``call`` now if the context is free, else when its holder releases it."""
-        if self._lock.acquire(blocking=False):
+        """Run ``call`` now if the context is free (or ours), else when its holder releases it."""
+        if self._owner == threading.get_ident():
+            call()
+        elif self._lock.acquire(blocking=False):
+            self._owner, self._depth = threading.get_ident(), 1
             try:
                 call()
             finally:
@@ -108,14 +177,14 @@ class ContextLock:
 
 
 class HandlerSuspendedError(RuntimeError):
-    """An inline device's handler awaited something that really waits."""
+    """A handler run outside Trio awaited something that really waits."""
 
 
 def complete_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Run a coroutine that is not expected to wait, to completion, right here.
 
-    Inline devices have only plain handlers, so the framework's ``async``
-    plumbing around them finishes on the first step.
+    Plain handlers are called through the model's ``async`` plumbing, which
+    finishes on the first step when nothing in it really waits.
     """
     try:
         coroutine.send(None)
@@ -123,16 +192,106 @@ def complete_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
         return finished.value
     coroutine.close()
     raise HandlerSuspendedError(
-        "a handler awaited inside an inline device; make that handler `async def` so the device is served threaded"
+        "a handler awaited outside Trio; make that handler `async def` so its accesses are run in Trio"
     )
 
 
-def needs_thread(device: Device) -> bool:
-    """Whether any of the device's handlers is ``async`` (so it must be served threaded)."""
-    hooks: list[Any] = [type(device).on_reset, type(device).on_quiesce]
+def trio_regions(device: Device) -> frozenset[int]:
+    """The regions whose accesses must run in Trio: those reaching an ``async`` hook."""
+    regions = set()
     for bar in device.bars():
-        hooks += [*bar.registers.read_hooks.values(), *bar.registers.write_hooks.values(), bar.raw_read, bar.raw_write]
-    return any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None)
+        hooks = [*bar.registers.read_hooks.values(), *bar.registers.write_hooks.values(), bar.raw_read, bar.raw_write]
+        if any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None):
+            regions.add(bar.index)
+    if inspect.iscoroutinefunction(device.on_reset):
+        regions.add(RegionIndex.CONFIG)  # an FLR written to config space resets the device
+    return frozenset(regions)
+
+
+class DeviceTasks(trio.abc.Instrument):
+    """Holds each device's lock around every step of that device's Trio tasks.
+
+    A device's tasks are those of the nursery its context serves it in, and
+    their descendants.  One instrument per Trio run (see :func:`device_tasks`).
+    Trio calls ``task_exited`` before ``after_task_step``, so the lock taken
+    for a step is remembered for that step, not looked up again.
+    """
+
+    def __init__(self) -> None:
+        self._nurseries: dict[trio.Nursery, threading.RLock] = {}
+        self._locks: dict[trio.lowlevel.Task, threading.RLock] = {}
+        self._held: threading.RLock | None = None
+
+    def adopt(self, nursery: trio.Nursery, lock: threading.RLock) -> None:
+        """Tasks spawned in ``nursery`` (and their children) hold ``lock`` while they run."""
+        self._nurseries[nursery] = lock
+
+    def forget(self, nursery: trio.Nursery) -> None:
+        self._nurseries.pop(nursery, None)
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        nursery = task.parent_nursery
+        if nursery is None:
+            return
+        lock = self._nurseries.get(nursery)
+        if lock is None and nursery.parent_task is not None:
+            lock = self._locks.get(nursery.parent_task)
+        if lock is not None:
+            self._locks[task] = lock
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self._locks.pop(task, None)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        lock = self._locks.get(task)
+        if lock is not None:
+            lock.acquire()
+            self._held = lock
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+
+_DEVICE_TASKS: trio.lowlevel.RunVar[DeviceTasks] = trio.lowlevel.RunVar("vdev_device_tasks")
+
+
+def device_tasks() -> DeviceTasks:
+    """This Trio run's :class:`DeviceTasks` instrument, installed on first use."""
+    try:
+        return _DEVICE_TASKS.get()
+    except LookupError:
+        instrument = DeviceTasks()
+        trio.lowlevel.add_instrument(instrument)
+        _DEVICE_TASKS.set(instrument)
+        return instrument
+
+
+class _Job:
+    """Device code handed from a callback to the device's Trio task, and what came of it."""
+
+    __slots__ = ("args", "done", "error", "function", "value")
+
+    def __init__(self, function: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
+        self.function = function
+        self.args = args
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finish(self, value: Any, error: BaseException | None = None) -> None:
+        """Record the outcome and wake the thread waiting for it."""
+        self.value, self.error = value, error
+        self.done.release()
+
+    def wait(self) -> Any:
+        """Block until the job has run; its value, or its exception raised here."""
+        self.done.acquire()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class ServeError(Exception):
@@ -180,11 +339,6 @@ class DeviceContext:
         self._lib = library or bindings.load()
         self._ctx: int | None = None
         self._lock = ContextLock()
-        # Held by the Trio task that is calling into C through a worker thread
-        # (or inline), so that the Trio thread itself never blocks on _lock.
-        self._trio_side = trio.Lock()
-        # >0 while device code runs on behalf of a libvfio-user callback.
-        self._callback_depth = 0
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._callbacks: list[Any] = []
@@ -194,14 +348,23 @@ class DeviceContext:
         self.allowed_uids = allowed_uids
         self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
-        self._quiesced = trio.Event()
-        self._declared_threaded = needs_thread(device)
+        self._trio_regions = trio_regions(device)
+        self._thread: threading.Thread | None = None
+        self._thread_failure: BaseException | None = None
+        self._stopping = False
+        self._wake_fd = -1
+        # Set while no asynchronous quiesce is pending (the serving thread waits on it).
+        self._quiesced = threading.Event()
+        self._quiesced.set()
+        # The job task: parked (waiting for a job), busy, or gone.
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._job_task: trio.lowlevel.Task | None = None
+        self._jobs_closed = False
         self.connected = False
 
-    @property
-    def threaded(self) -> bool:
-        """Served threaded: some handler is ``async``, or a fault plan makes handlers wait."""
-        return self._declared_threaded or self.device.faults.needs_thread
+    def _in_trio(self, region: int) -> bool:
+        """Whether an access to ``region`` is run in Trio (an ``async`` hook, or a waiting fault)."""
+        return region in self._trio_regions or self.device.faults.needs_thread
 
     # -- setup ---------------------------------------------------------------
 
@@ -306,7 +469,7 @@ class DeviceContext:
             except FileNotFoundError:
                 pass
 
-    # -- serving ---------------------------------------------------------------
+    # -- serving (Trio side) ---------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the context, then accept clients one after another until cancelled."""
@@ -314,15 +477,25 @@ class DeviceContext:
         self._trio_thread = threading.get_ident()
         if self._ctx is None:
             self.create()
+        tasks = device_tasks()
+        thread_exited = trio.Event()
+        self._jobs_closed = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                tasks.adopt(nursery, self.device.lock)
                 self.device.attach_nursery(nursery)
                 nursery.start_soon(self._run_device_task)
-                task_status.started()
-                while True:
-                    await self._attach()
-                    await self._run_until_disconnect()
+                nursery.start_soon(self._run_jobs)
+                try:
+                    self._start_thread(thread_exited)
+                    task_status.started()
+                    await thread_exited.wait()
+                    raise ServeError(f"{self.device.name}: the serving thread failed") from self._thread_failure
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._stop_thread(thread_exited)
+            tasks.forget(nursery)
         finally:
             self.device.attach_nursery(None)
             self.device.irq.sink = None
@@ -336,51 +509,148 @@ class DeviceContext:
         except Exception:
             log.exception("%s: the device's run() task failed; it keeps serving without it", self.device.name)
 
+    def _start_thread(self, exited: trio.Event) -> None:
+        self._stopping = False
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        token = self._trio_token
+        assert token is not None
+
+        def serving_thread() -> None:
+            try:
+                self._serve_clients()
+            except BaseException as exc:
+                self._thread_failure = exc
+                log.exception("%s: the serving thread failed", self.device.name)
+            finally:
+                try:
+                    token.run_sync_soon(exited.set)
+                except trio.RunFinishedError:
+                    pass
+
+        self._thread = threading.Thread(target=serving_thread, name=f"vdev {self.device.name}", daemon=True)
+        self._thread.start()
+
+    async def _stop_thread(self, exited: trio.Event) -> None:
+        """Wake the serving thread and wait until it has ended (at most a stalled client's timeout)."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        os.eventfd_write(self._wake_fd, 1)
+        self._quiesced.set()
+        await exited.wait()
+        self._thread = None
+        os.close(self._wake_fd)
+        self._wake_fd = -1
+
+    async def _run_jobs(self) -> None:
+        """The device's job task: runs the ``async`` handlers callbacks hand over, one at a time."""
+        try:
+            while True:
+                if not self._jobs:
+                    self._job_task = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                job = self._jobs.popleft()
+                try:
+                    value = await job.function(*job.args)
+                except BaseException as exc:
+                    job.finish(None, exc)
+                    if not isinstance(exc, Exception):
+                        raise  # cancelled: the device is shutting down
+                else:
+                    job.finish(value)
+        finally:
+            self._job_task = None
+            self._jobs_closed = True
+            while self._jobs:
+                self._jobs.popleft().finish(None, ServeError(f"{self.device.name} is shutting down"))
+
+    def _start_job(self, job: _Job) -> None:
+        """On the Trio thread: queue ``job`` for the job task, waking it if it sleeps."""
+        if self._jobs_closed:
+            job.finish(None, ServeError(f"{self.device.name} is shutting down"))
+            return
+        self._jobs.append(job)
+        task, self._job_task = self._job_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    # -- serving (the device's thread) -------------------------------------------------
+
+    def _wait_readable(self, fd: int) -> bool:
+        """Block until ``fd`` is readable; False if the thread is being stopped instead."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
+        poller.poll()
+        return not self._stopping
+
     def _locked(self, function: Callable[..., int], *args: Any) -> tuple[int, int]:
         """Call into the context holding its lock; returns (result, errno)."""
-        self._lock.acquire()
-        try:
+        with self._lock.held():
             result = function(self._ctx, *args)
             return result, ctypes.get_errno() if result < 0 else 0
-        finally:
-            self._lock.release()
 
-    async def _attach(self) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-            async with self._trio_side:
-                result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
-            if result == 0:
-                if self._peer_allowed(self._lib.vfu_get_poll_fd(self._ctx)):
-                    break
-                while (await self._run_once())[1] not in _DISCONNECTED:
-                    pass  # let libvfio-user see the hang-up and listen again
-                continue
+    def _serve_clients(self) -> None:
+        """The serving thread: attach clients one after another and serve each until it leaves."""
+        while not self._stopping:
+            if self._attach():
+                self._serve_client()
+
+    def _attach(self) -> bool:
+        """Wait for a client and attach it; False if none could be (or the thread is stopping)."""
+        if not self._wait_readable(self._lib.vfu_get_poll_fd(self._ctx)):
+            return False
+        result, code = self._locked(self._lib.vfu_attach_ctx)
+        if result < 0:
             if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
-        self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
-        self.connected = True
-        self.device.irq.sink = self
-        self.device.dma.port = self
-        self.device.events.record("connect")
+            return False
+        connection = self._lib.vfu_get_poll_fd(self._ctx)
+        if not self._peer_allowed(connection):
+            while self._wait_readable(connection) and self._locked(self._lib.vfu_run_ctx)[1] not in _DISCONNECTED:
+                pass  # let libvfio-user see the hang-up and listen again
+            return False
+        self._limit_stalls(connection)
+        with self.device.lock:
+            self.connected = True
+            self.device.irq.sink = self
+            self.device.dma.port = self
+            self.device.events.record("connect")
         log.info("%s: client attached on %s", self.device.name, self.socket_path)
+        return True
 
-    async def _run_once(self) -> tuple[int, int]:
-        """Wait until the client sent something, then let libvfio-user handle it."""
-        await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-        if self.threaded:
-            async with self._trio_side:
-                return await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
-        # The inline path runs to completion without yielding, so the lock is
-        # taken without the extra trip through the scheduler `async with` costs.
+    def _serve_client(self) -> None:
+        """Serve the attached client's messages until it disconnects (the hot loop: keep it lean)."""
+        poller = select.poll()
+        poller.register(self._lib.vfu_get_poll_fd(self._ctx), select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
+        wait, run, ctx, lock = poller.poll, self._lib.vfu_run_ctx, self._ctx, self._lock
         try:
-            self._trio_side.acquire_nowait()
-        except trio.WouldBlock:
-            await self._trio_side.acquire()
-        try:
-            return self._locked(self._lib.vfu_run_ctx)
+            while True:
+                wait()
+                if self._stopping:
+                    return
+                lock.acquire()
+                try:
+                    result = run(ctx)
+                    code = ctypes.get_errno() if result < 0 else 0
+                finally:
+                    lock.release()
+                if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    continue
+                if code == errno.EBUSY:
+                    self._quiesced.wait()
+                    continue
+                if code in _DISCONNECTED:
+                    return
+                log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
         finally:
-            self._trio_side.release()
+            with self.device.lock:
+                self.connected = False
+                self.device.irq.sink = None
+                self.device.dma.port = None
+                self.device.events.record("disconnect")
+            log.info("%s: client detached", self.device.name)
 
     def _peer_allowed(self, connection_fd: int) -> bool:
         """Check the client's uid (SO_PEERCRED) against the allow-list; hang up on a stranger.
@@ -398,7 +668,8 @@ class DeviceContext:
             if uid in self.allowed_uids:
                 return True
             connection.shutdown(socket.SHUT_RDWR)
-        self.device.events.record("violation", what="peer not allowed", uid=uid, pid=pid)
+        with self.device.lock:
+            self.device.events.record("violation", what="peer not allowed", uid=uid, pid=pid)
         log.warning("%s: refused a client with uid %d (pid %d): not in the allow-list", self.device.name, uid, pid)
         return False
 
@@ -407,9 +678,9 @@ class DeviceContext:
 
         libvfio-user reads a message body (and a DMA reply) with a blocking
         ``MSG_WAITALL`` receive; a client that sends a header and stops
-        would hold it forever — and an inline device holds the Trio thread
-        meanwhile.  A receive timeout turns that into a failed read, which
-        ends that client's connection and nothing else.
+        would hold the serving thread forever, and with it the device (and
+        its shutdown).  A receive timeout turns that into a failed read,
+        which ends that client's connection and nothing else.
         """
         seconds = int(self.stall_timeout)
         timeval = struct.pack("ll", seconds, int((self.stall_timeout - seconds) * 1e6))
@@ -417,53 +688,50 @@ class DeviceContext:
         with socket.socket(fileno=duplicate) as connection:
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
-    async def _run_until_disconnect(self) -> None:
-        try:
-            while True:
-                result, code = await self._run_once()
-                if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    continue
-                if code == errno.EBUSY:
-                    await self._quiesced.wait()
-                    continue
-                if code in _DISCONNECTED:
-                    return
-                log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
-        finally:
-            self.connected = False
-            self.device.irq.sink = None
-            self.device.dma.port = None
-            self.device.events.record("disconnect")
-            log.info("%s: client detached", self.device.name)
+    # -- callbacks (the thread calling into the library) ------------------------------
 
-    # -- callbacks (worker thread) -------------------------------------------------
+    def _run_device_code(self, in_trio: bool, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        """Run device code for a callback: here under the device's lock, or handed to Trio.
 
-    def _to_trio(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Run device code for a callback, with the context lock released meanwhile.
-
-        On the Trio thread (inline devices, and callbacks made while the
-        context is destroyed) the coroutine is completed on the spot; from a
-        worker thread it is handed to Trio and waited for.
+        Handed to Trio (``in_trio``) it runs in the device's job task while
+        this thread waits with the context lock let go, so the handler may
+        await, trigger interrupts and do DMA.  Callbacks made on the Trio
+        thread itself (while the context is destroyed) complete on the spot.
         """
-        self._lock.release()
-        self._callback_depth += 1
-        try:
-            if threading.get_ident() == self._trio_thread or self._trio_token is None:
-                return complete_now(function(*args))  # type: ignore[arg-type]
-            return trio.from_thread.run(function, *args, trio_token=self._trio_token)
-        finally:
-            self._callback_depth -= 1
-            self._lock.acquire()
+        if in_trio and threading.get_ident() != self._trio_thread and self._trio_token is not None:
+            job = _Job(function, args)
+            with self._lock.let_go():
+                try:
+                    self._trio_token.run_sync_soon(self._start_job, job)
+                except trio.RunFinishedError:
+                    raise ServeError(f"{self.device.name} is shutting down") from None
+                return job.wait()
+        with self.device.lock:
+            return complete_now(function(*args))
 
     def _region_callback(self, region: int) -> Callable[..., int]:
-        def access(_ctx: int, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        device = self.device
+        lock, quick_read, quick_write = device.lock, device.quick_read, device.quick_write
+        string_at, memmove = ctypes.string_at, ctypes.memmove
+
+        def access(_ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
             try:
-                if is_write:
-                    data = ctypes.string_at(buf, count)
-                    self._to_trio(self.device.region_write, region, offset, data)
-                else:
-                    data = self._to_trio(self.device.region_read, region, offset, count)
-                    ctypes.memmove(buf, data, count)
+                if self._in_trio(region):
+                    if is_write:
+                        self._run_device_code(True, device.region_write, region, offset, string_at(buf, count))
+                    else:
+                        memmove(buf, self._run_device_code(True, device.region_read, region, offset, count), count)
+                    return count
+                with lock:
+                    if is_write:
+                        data = string_at(buf, count)
+                        if not quick_write(region, offset, data):
+                            complete_now(device.region_write(region, offset, data))
+                    else:
+                        answer = quick_read(region, offset, count)
+                        if answer is None:
+                            answer = complete_now(device.region_read(region, offset, count))
+                        memmove(buf, answer, count)
                 return count
             except BaseException as exc:  # nothing may cross into C
                 return self._failed_access(exc, region, offset, count, is_write)
@@ -479,29 +747,22 @@ class DeviceContext:
             self.device.describe(region, offset),
             type(exc).__name__,
             exc,
-            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled)),
+            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled, ServeError)),
         )
-        self._note_error(region, offset, count, exc)
+        try:
+            with self.device.lock:
+                self.device.events.record(
+                    "handler_error", region=region, offset=offset, size=count, error=f"{type(exc).__name__}: {exc}"
+                )
+        except BaseException:
+            log.debug("%s: could not record a handler error", self.device.name)
         bindings.set_c_errno(exc.errno if isinstance(exc, InjectedError) else errno.EIO)
         return -1
 
-    def _note_error(self, region: int, offset: int, count: int, exc: BaseException) -> None:
-        try:
-            record = functools.partial(
-                self.device.events.record,
-                "handler_error",
-                region=region,
-                offset=offset,
-                size=count,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            self._to_trio(self._async_call, record)
-        except BaseException:
-            log.debug("%s: could not record a handler error (loop closing)", self.device.name)
-
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
         try:
-            self._to_trio(self.device.reset, ResetKind.from_library(ResetType(reset_type)))
+            in_trio = inspect.iscoroutinefunction(self.device.on_reset) or self.device.faults.needs_thread
+            self._run_device_code(in_trio, self.device.reset, ResetKind.from_library(ResetType(reset_type)))
             return 0
         except BaseException as exc:
             injected = isinstance(exc, InjectedError)
@@ -512,14 +773,15 @@ class DeviceContext:
     def _on_quiesce(self, _ctx: int) -> int:
         """Quiesce now (plain hook) or answer EBUSY and finish in a Trio task (async hook, or a fault)."""
         try:
-            fault = self._to_trio(self._async_call, self.device.faults.pick, "quiesce")
-            if fault is None and not inspect.iscoroutinefunction(type(self.device).on_quiesce):
-                self._to_trio(self._async_call, self.device.on_quiesce)
-                self._to_trio(self._async_call, functools.partial(self.device.events.record, "quiesce", done=True))
-                return 0
-            self._quiesced = trio.Event()
-            assert self._nursery is not None
-            self._to_trio(self._async_call, self._nursery.start_soon, self._quiesce_later, fault)
+            with self.device.lock:
+                fault = self.device.faults.pick("quiesce")
+                if fault is None and not inspect.iscoroutinefunction(self.device.on_quiesce):
+                    self.device.on_quiesce()
+                    self.device.events.record("quiesce", done=True)
+                    return 0
+            assert self._nursery is not None and self._trio_token is not None
+            self._quiesced.clear()
+            self.device._on_trio(self._nursery.start_soon, self._quiesce_later, fault)
         except BaseException as exc:
             log.error("%s: quiesce failed: %s", self.device.name, exc, exc_info=True)
             bindings.set_c_errno(errno.EIO)
@@ -530,7 +792,7 @@ class DeviceContext:
     async def _quiesce_later(self, fault: Fault | None) -> None:
         """Await the device's quiesce hook (and an injected busy spell), then let libvfio-user go on."""
         self.device.events.record("quiesce", done=False)
-        outcome = 0
+        outcome_errno = 0
         try:
             if fault is not None:
                 self.device.events.record("fault", **fault.describe())
@@ -538,39 +800,39 @@ class DeviceContext:
             await call_hook(self.device.on_quiesce)
         except Exception:
             log.exception("%s: on_quiesce failed; the client's request fails", self.device.name)
-            outcome = errno.EIO
-        self.device.events.record("quiesce", done=True, error=outcome)
-        async with self._trio_side:
-            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome)
+            outcome_errno = errno.EIO
+        self.device.events.record("quiesce", done=True, error=outcome_errno)
+        try:
+            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome_errno)
+        finally:
+            self._quiesced.set()
         if result < 0:
             log.warning("%s: vfu_device_quiesced: %s", self.device.name, os.strerror(code))
-        self._quiesced.set()
 
     def _on_dma_map(self, _ctx: int, info_p: Any) -> None:
         info = info_p.contents
         iova, size, vaddr = info.iova.iov_base or 0, info.iova.iov_len, info.vaddr
         try:
             self._dma_vaddrs[iova] = vaddr or 0
-            self._to_trio(self._async_call, self.device.dma.add, DmaRegion(iova, size, bool(vaddr)))
+            with self.device.lock:
+                self.device.dma.add(DmaRegion(iova, size, bool(vaddr)))
         except BaseException as exc:
             log.error("%s: DMA map callback failed: %s", self.device.name, exc)
 
     def _on_dma_unmap(self, _ctx: int, info_p: Any) -> None:
         iova = info_p.contents.iova.iov_base or 0
         try:
-            self._to_trio(self._async_call, self.device.dma.remove, iova)
+            with self.device.lock:
+                self.device.dma.remove(iova)
             self._dma_vaddrs.pop(iova, None)
         except BaseException as exc:
             log.error("%s: DMA unmap callback failed: %s", self.device.name, exc)
 
-    @staticmethod
-    async def _async_call(function: Callable[..., Any], *args: Any) -> Any:
-        return function(*args)
-
     def _irq_state_callback(self, irq_type: IrqIndex) -> Callable[..., None]:
         def state(_ctx: int, start: int, count: int, mask: bool) -> None:
             try:
-                self._to_trio(self._async_call, self.device.irq.client_mask, irq_type, start, count, mask)
+                with self.device.lock:
+                    self.device.irq.client_mask(irq_type, start, count, mask)
             except BaseException as exc:
                 log.error("%s: IRQ state callback failed: %s", self.device.name, exc)
 
@@ -634,30 +896,24 @@ class DeviceContext:
     async def _message_dma(self, address: int, size: int, buffer: Any, write: bool) -> None:
         """DMA through DMA_READ/DMA_WRITE messages: a round trip to the client.
 
-        The wait for the client's reply never happens on the Trio thread when
-        it can be avoided, because the client may be a Trio task of this
-        very process (vdev's own test client).  From background work it
-        runs in a worker thread while this context's Trio side is held, so
-        ``vfu_run_ctx`` cannot race it for the reply.  Inside a callback the
-        worker serving it is parked: a threaded device waits in a worker
-        thread too, an inline device — whose handlers must not suspend —
-        waits on the Trio thread (so a plain handler doing message DMA needs
-        an out-of-process client; make it ``async`` otherwise).
+        Inside a plain handler (this thread holds the context lock: it is
+        the serving thread, in a callback) the transfer is made right there.
+        Anywhere else — an ``async`` handler, background work — it runs in
+        a worker thread, never on the Trio thread, because the client may
+        be a Trio task of this very process (vdev's own test client); the
+        worker takes the context lock, so the serving thread cannot race it
+        for the client's reply.
         """
-        if self._callback_depth and not self.threaded:
+        if self._lock.held_here():
             self._sgl_transfer(address, size, buffer, write)
-        elif self._callback_depth:
-            await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
         else:
-            async with self._trio_side:
-                await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
+            await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
 
     def _sgl_transfer(self, address: int, size: int, buffer: Any, write: bool) -> None:
         """Message-based DMA (DMA_READ/DMA_WRITE to the client), holding the context lock."""
         lib = self._lib
         sgl = bindings.DmaSg()
-        self._lock.acquire()
-        try:
+        with self._lock.held():
             if self._ctx is None:
                 raise DmaError(f"{self.device.name}: device is shutting down")
             prot = 2 if write else 1  # PROT_WRITE / PROT_READ
@@ -667,5 +923,3 @@ class DeviceContext:
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
             if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
-        finally:
-            self._lock.release()

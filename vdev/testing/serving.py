@@ -22,9 +22,12 @@ async def served(device: Device, socket_path: Path) -> AsyncIterator[DeviceConte
     """Serve ``device`` on ``socket_path`` for the duration of the ``async with`` block.
 
     The socket exists when the block starts; on exit the server task is
-    cancelled, the context destroyed and the socket removed.
+    cancelled, the context destroyed and the socket removed.  The device's
+    event log keeps every trapped access too (``keep_accesses``), since
+    tests read it afterwards.
     """
     async with trio.open_nursery() as nursery:
+        device.events.keep_accesses = True
         context = DeviceContext(device, socket_path)
         await nursery.start(context.serve)
         try:
