@@ -7,10 +7,11 @@ repeated runs.
 
 from __future__ import annotations
 
-import os
+import functools
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,29 @@ class Row:
     ratio: float | None = None
     target: str = ""
     runs: list[float] = field(default_factory=list)
+
+
+@functools.cache
+def _build_dir() -> Path:
+    """Where this run compiles its C helpers: a temporary directory, removed at exit.
+
+    Not the deps cache, which may be shared between checkouts and is
+    written only by provisioning.
+    """
+    directory = tempfile.TemporaryDirectory(prefix="vdev-bench-build-")
+    _BUILDS.append(directory)
+    return Path(directory.name)
+
+
+_BUILDS: list[tempfile.TemporaryDirectory[str]] = []
+
+
+@functools.cache
+def c_program(source: Path, *flags: str) -> Path:
+    """Compile one of the benchmark's C helpers (``gcc -O2 FLAGS``), once per run."""
+    binary = _build_dir() / source.stem
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", *flags, "-o", str(binary), str(source)], check=True)
+    return binary
 
 
 def median_of(repeats: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
@@ -82,16 +106,10 @@ def wait_for_path(path: Path, process: subprocess.Popen[bytes], timeout: float =
 
 
 @contextmanager
-def server_process(
-    argv: list[str], socket: Path, cwd: Path = REPO, cpus: set[int] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A vfio-user server in its own process (so its CPU time can be read), stopped afterwards.
-
-    ``cpus`` pins it (and every thread it starts) to those CPUs.
-    """
+def server_process(argv: list[str], socket: Path, cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    """A vfio-user server in its own process (so its CPU time can be read), stopped afterwards."""
     socket.unlink(missing_ok=True)
-    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
-    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
+    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_path(socket, process)
         yield process

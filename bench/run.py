@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import client, memory, trapped
+from bench import client, guest, memory, trapped
 from bench.common import REPO, Row
 
-SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run}
+SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run, "guest": guest.run}
 
 
 def machine() -> dict[str, str]:
@@ -47,13 +47,23 @@ def fmt(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def spread(runs: list[float]) -> str:
+    """The range of the repeated measurements behind a median."""
+    if len(runs) < 2:
+        return ""
+    return f"{fmt(min(runs))}–{fmt(max(runs))}"
+
+
 def markdown(rows: list[Row], info: dict[str, str]) -> str:
-    lines = ["| benchmark | case | median | unit | ratio | vs | target |", "|---|---|---:|---|---:|---|---|"]
+    lines = [
+        "| benchmark | case | median | spread | unit | ratio | vs | target |",
+        "|---|---|---:|---:|---|---:|---|---|",
+    ]
     for row in rows:
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else ""
         lines.append(
-            f"| {row.benchmark} | {row.case} | {fmt(row.value)} | {row.unit} | {ratio} | {row.baseline} |"
-            f" {row.target} |"
+            f"| {row.benchmark} | {row.case} | {fmt(row.value)} | {spread(row.runs)} | {row.unit} | {ratio} |"
+            f" {row.baseline} | {row.target} |"
         )
     machine_line = ", ".join(f"{key}: {value}" for key, value in info.items())
     return f"Machine: {machine_line}\n\n" + "\n".join(lines) + "\n"

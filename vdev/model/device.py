@@ -37,7 +37,7 @@ from vdev.model.faults import Fault, FaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
-from vdev.model.registers import Register, call_hook
+from vdev.model.registers import call_hook
 from vdev.protocol.constants import RegionIndex
 
 T = TypeVar("T")
@@ -138,11 +138,7 @@ class Device:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._msix = self.config.find(MsiX)
-        self._whole_registers = self._plain_whole_registers()
-        self._decode_bits = {
-            index: PCI_COMMAND_IO if bar.decoding_bit == "io" else PCI_COMMAND_MEMORY
-            for index, bar in self._bars.items()
-        }
+        self._quick_reads, self._quick_writes = self._quick_lanes()
 
     # -- declaration hooks -----------------------------------------------------
 
@@ -272,68 +268,57 @@ class Device:
 
     # -- entry points for the runtime ---------------------------------------------
 
-    def _plain_whole_registers(self) -> dict[int, dict[tuple[int, int], Register]]:
-        """Per BAR, the registers :meth:`quick_read` and :meth:`quick_write` may serve.
+    def _quick_lanes(self) -> tuple[dict[tuple[int, int, int], Any], dict[tuple[int, int, int], Any]]:
+        """The accesses :meth:`quick_read` and :meth:`quick_write` serve: (region, offset, size) -> lane.
 
-        A register qualifies unless one of its hooks is ``async`` or it lies
-        in the MSI-X table or PBA (which the device answers itself).
-        Registers never lie in mapped areas, and a register always wins over
-        the BAR's raw handlers, so nothing else can claim such an access.
+        A lane is the register's reader or writer and its BAR's COMMAND
+        decode bit.  A register qualifies unless one of its hooks is
+        ``async`` or it lies in the MSI-X table or PBA (which the device
+        answers itself).  Registers never lie in mapped areas, and a register
+        always wins over the BAR's raw handlers, so nothing else can claim
+        such an access.
         """
         reserved: dict[int, list[range]] = {}
         if self._msix is not None:
             cap: MsiX = self._msix.capability  # type: ignore[assignment]
             reserved.setdefault(cap.table_bar, []).append(range(cap.table_offset, cap.table_offset + cap.table_size))
             reserved.setdefault(cap.pba_bar, []).append(range(cap.pba_offset, cap.pba_offset + cap.pba_size))
-        table: dict[int, dict[tuple[int, int], Register]] = {}
+        reads: dict[tuple[int, int, int], Any] = {}
+        writes: dict[tuple[int, int, int], Any] = {}
         for index, bar in self._bars.items():
             registers = bar.registers
-            table[index] = {
-                place: register
-                for place, register in registers.whole.items()
+            bit = PCI_COMMAND_IO if bar.decoding_bit == "io" else PCI_COMMAND_MEMORY
+            for register in registers.registers:
+                if any(area.start < register.end and register.offset < area.stop for area in reserved.get(index, ())):
+                    continue
                 if not any(
                     inspect.iscoroutinefunction(hooks.get(register.name))
                     for hooks in (registers.read_hooks, registers.write_hooks)
-                )
-                and not any(
-                    area.start < register.end and register.offset < area.stop for area in reserved.get(index, ())
-                )
-            }
-        return table
-
-    def _quick_register(self, region: int, offset: int, size: int, on: str) -> Register | None:
-        """The register a quick access may serve, or None when the access needs the general path.
-
-        Besides the register itself: its BAR decodes (COMMAND), no fault
-        rule is about this kind of access, and no schedule counts accesses
-        to toggle COMMAND.
-        """
-        registers = self._whole_registers.get(region)
-        if registers is None:
-            return None
-        register = registers.get((offset, size))
-        if (
-            register is None
-            or not self.config.data[PCI_COMMAND] & self._decode_bits[region]
-            or self.faults.has(on)
-            or self.command_control.scheduled
-        ):
-            return None
-        self.command_control.count_access()
-        return register
+                ):
+                    place = (index, register.offset, register.width)
+                    reads[place] = (registers.whole_reader(register), bit)
+                    writes[place] = (registers.whole_writer(register), bit)
+        return reads, writes
 
     def quick_read(self, region: int, offset: int, size: int) -> bytes | None:
         """Answer the common read right here, without coroutines; None means "use :meth:`region_read`".
 
-        The common read is one whole register of a decoding BAR with a plain
-        read hook or none (see :meth:`_quick_register`); it behaves exactly
-        as :meth:`region_read` would.  It is what keeps a plain handler's
-        access near the cost of the C library serving it.
+        The common read is one whole register (see :meth:`_quick_lanes`) of
+        a BAR that decodes, while no fault rule is about reads and no
+        schedule counts accesses; it behaves exactly as :meth:`region_read`
+        would.  It is what keeps a plain handler's access near the cost of
+        the C library serving it.
         """
-        register = self._quick_register(region, offset, size, "read")
-        if register is None:
+        lane = self._quick_reads.get((region, offset, size))
+        if (
+            lane is None
+            or not self.config.data[PCI_COMMAND] & lane[1]
+            or "read" in self.faults.kinds
+            or self.command_control.access_schedule is not None
+        ):
             return None
-        value = self._bars[region].registers.read_whole(register)
+        self.command_control.accesses += 1
+        value: int = lane[0]()
         if self.events.accesses_wanted:
             self.events.record("region_read", region=region, offset=offset, size=size, value=value)
         return value.to_bytes(size, "little")
@@ -341,13 +326,19 @@ class Device:
     def quick_write(self, region: int, offset: int, data: bytes) -> bool:
         """Apply the common write right here (see :meth:`quick_read`); False means "use :meth:`region_write`"."""
         size = len(data)
-        register = self._quick_register(region, offset, size, "write")
-        if register is None:
+        lane = self._quick_writes.get((region, offset, size))
+        if (
+            lane is None
+            or not self.config.data[PCI_COMMAND] & lane[1]
+            or "write" in self.faults.kinds
+            or self.command_control.access_schedule is not None
+        ):
             return False
+        self.command_control.accesses += 1
         value = int.from_bytes(data, "little")
         if self.events.accesses_wanted:
             self.events.record("region_write", region=region, offset=offset, size=size, value=value)
-        self._bars[region].registers.write_whole(register, value)
+        lane[0](value)
         return True
 
     async def region_read(self, region: int, offset: int, size: int) -> bytes:

@@ -129,12 +129,14 @@ class FaultPlan:
         self._by_event: dict[str, tuple[Fault, ...]] = {}
         for fault in self.faults:
             self._by_event[fault.on] = (*self._by_event.get(fault.on, ()), fault)
+        #: The kinds of event (``on``) some rule is about.
+        self.kinds = frozenset(self._by_event)
         #: Whether some fault makes a handler wait (the device's handlers then run on the Trio thread).
         self.needs_thread = any(fault.action in WAITING_ACTIONS for fault in self.faults)
 
     def has(self, on: str) -> bool:
         """Whether any rule is about events of kind ``on``."""
-        return on in self._by_event
+        return on in self.kinds
 
     def pick(
         self, on: str, *, region: int | None = None, offset: int | None = None, vector: int | None = None

@@ -150,8 +150,6 @@ class RegisterFile:
         self._full = {r.name: (1 << (8 * r.width)) - 1 for r in self.registers}
         #: What a read returns of each register's value: every bit but the write-only ones.
         self._readable = {r.name: self._full[r.name] & ~self._masks[r.name][Access.WO] for r in self.registers}
-        #: Each register by (offset, width): the access that is exactly one whole register.
-        self.whole: dict[tuple[int, int], Register] = {(r.offset, r.width): r for r in self.registers}
         self.read_hooks = read_hooks
         self.write_hooks = write_hooks
         self.values = {r.name: r.reset for r in self.registers}
@@ -178,23 +176,39 @@ class RegisterFile:
         register = self.by_name[name]
         self.values[name] = value & ((1 << (8 * register.width)) - 1)
 
-    def read_whole(self, register: Register) -> int:
-        """Read one whole register whose read hook, if any, is plain."""
-        name = register.name
-        hook = self.read_hooks.get(name)
-        if hook is not None:
-            self.values[name] = hook() & self._full[name]  # type: ignore[operator]
-        return self.values[name] & self._readable[name]
+    def whole_reader(self, register: Register) -> Callable[[], int]:
+        """A function reading one whole register as :meth:`read` would, for a plain read hook or none.
 
-    def write_whole(self, register: Register, value: int) -> None:
-        """Write one whole register whose write hook, if any, is plain."""
-        name = register.name
-        full = self._full[name]
-        new = apply_write(self._masks[name], self.values[name], value & full, full)
-        self.values[name] = new
+        Everything it needs is looked up once, here: it is what a device's
+        busiest accesses run (see :meth:`Device.quick_read <vdev.model.device.Device.quick_read>`).
+        """
+        values, name, full, readable = (
+            self.values,
+            register.name,
+            self._full[register.name],
+            self._readable[register.name],
+        )
+        hook = self.read_hooks.get(name)
+        if hook is None:
+            return lambda: values[name] & readable
+
+        def read() -> int:
+            value = values[name] = hook() & full  # type: ignore[operator]
+            return value & readable
+
+        return read
+
+    def whole_writer(self, register: Register) -> Callable[[int], None]:
+        """A function writing one whole register as :meth:`write` would, for a plain write hook or none."""
+        values, name, masks, full = self.values, register.name, self._masks[register.name], self._full[register.name]
         hook = self.write_hooks.get(name)
-        if hook is not None:
-            hook(new)
+
+        def write(value: int) -> None:
+            new = values[name] = apply_write(masks, values[name], value & full, full)
+            if hook is not None:
+                hook(new)
+
+        return write
 
     async def read(self, offset: int, size: int) -> int:
         """Read ``size`` bytes at ``offset`` as a little-endian integer."""
