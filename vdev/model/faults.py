@@ -42,7 +42,7 @@ ACTIONS: dict[str, frozenset[str]] = {
     "reset": frozenset({"fail"}),
     "quiesce": frozenset({"busy"}),
 }
-#: Actions that make the device wait, so it must be served threaded.
+#: Actions that make the device wait, so its accesses must run in Trio.
 WAITING_ACTIONS = frozenset({"delay", "busy"})
 
 
@@ -131,7 +131,7 @@ class FaultPlan:
             self._by_event[fault.on] = (*self._by_event.get(fault.on, ()), fault)
         #: The kinds of event (``on``) some rule is about.
         self.kinds = frozenset(self._by_event)
-        #: Whether some fault makes a handler wait (the device's handlers then run on the Trio thread).
+        #: Whether some fault makes a handler wait (the device's accesses then run in Trio).
         self.needs_thread = any(fault.action in WAITING_ACTIONS for fault in self.faults)
 
     def has(self, on: str) -> bool:
