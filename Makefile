@@ -49,11 +49,14 @@ demo: deps
 guest: deps
 	@tools/guest.sh $(KERNELS)
 
-# Style and types (not part of CI's gate): ruff and mypy over the package and devices.
+# Style and types: ruff (lint and format) over everything Python, mypy over the package,
+# devices and experiments.
+LINTED := vdev devices experiments tests bench examples tools
 lint: venv
 	@$(PY) -m pip install --quiet --disable-pip-version-check ruff mypy
-	$(PY) -m ruff check vdev devices tests bench examples tools
-	$(PY) -m mypy vdev devices
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy vdev devices experiments
 
 clean-deps:
 	rm -rf .deps
@@ -66,4 +69,4 @@ bench: deps
 # results/experiment.json, .md (verdict pass counts over the repeats), .png and console logs.
 experiment: deps
 	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
-	$(PY) -m vdev.experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),1) $(EXPERIMENT_ARGS)
+	$(PY) -m vdev_experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),1) $(EXPERIMENT_ARGS)

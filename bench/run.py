@@ -78,12 +78,13 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
     rows: list[Row] = []
+    info = machine()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or SUITES:
         print(f"{name}:", file=sys.stderr, flush=True)
         rows += SUITES[name](args.quick)
-    info = machine()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        # Written after every suite, so a later suite's failure keeps what was measured.
+        args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
     table = markdown(rows, info)
     args.markdown.write_text(table)
     print(table)

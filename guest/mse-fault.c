@@ -3,7 +3,8 @@
  * (COMMAND.MEM) handling, run in a guest against vdev's membar device.
  *
  *   mse-fault [-m guest|server] [-t THREADS] [-c CYCLES] [-p PERIOD_MS]
- *             [-d SECONDS] [-l LATENCY_CYCLES] [-R] [-F] [-u] [ADDR]
+ *             [-d SECONDS] [-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS]
+ *             [-R] [-F] [-u] [ADDR]
  *
  * Without ADDR the first 1b36:0f01 function is used; it is bound to vfio-pci
  * (driver_override) and opened through its IOMMU group.  BAR0 (RAM in the
@@ -44,7 +45,10 @@
  *           each epoch, CYCLES (8) times off and on.  Before that, a
  *           VFIO_DEVICE_RESET while the workers fault (unless -R); after
  *           it, LATENCY_CYCLES (6) quiet off/on cycles timing the first
- *           touch and a walk of every page, and the fork case (unless -F).
+ *           touch and a walk of every page, the fork case (unless -F), and
+ *           STORM_CYCLES (0) enables under load with THREADS threads in this
+ *           process and in each of STORM_PROCS (2) children released
+ *           together after each enable (see storm_phase).
  *   server  the device's server flips MEM (the test drives it); a watcher
  *           polls COMMAND through the config region for SECONDS (3) and
  *           starts an epoch, with its doorbell, when MEM changes.
@@ -60,12 +64,19 @@
  *     (sigbus_offsets: the first few faulting offsets in BAR0; bar0_pread: a pread of BAR0 right
  *     after a disabling flip; doorbell: the one rung before the flip that ended the epoch, in server
  *     mode right after the guest saw that flip)
- *   VDEV {"kind":"mse.latency","cycle":N,"epoch":N,"first_touch_ns":N,"walk_ns":N,"walk_mapped_ns":N,"pages":N}
+ *   VDEV {"kind":"mse.latency","cycle":N,"epoch":N,"first_touch_ns":N,"walk_ns":N,"walk_mapped_ns":N,"pages":N,
+ *         "faults_first_touch":N,"faults_walk":N,"faults_walk_again":N}
+ *     (faults_*: the main thread's minor faults over the first touch of page 0, the walk of the other pages,
+ *     and a second walk; -1 if getrusage failed)
  *   VDEV {"kind":"mse.eio","bar0_pread_disabled":{"EIO":N,...},"bar2_pwrite_disabled":{...},"bar0_pread_enabled":"ok"}
  *   VDEV {"kind":"mse.reset","result":"ok|errno name","ns":N,"max_stall_ns":N,"sigbus":N,"stamps":N,"command":N}
  *   VDEV {"kind":"mse.fork","forked":"mapped|zapped","inherited_before":"ok","fresh_before":"ok",
  *         "inherited_disabled":"sigbus","inherited_value":N,"fresh_disabled":"sigbus","pread_disabled":"EIO",
  *         "inherited_after":"ok","fresh_after":"ok","sigbus":N,"status":N}   (one per child, see fork_phase)
+ *   VDEV {"kind":"mse.storm.progress","cycles":N,"sigbus":N,"ns":N}      (every 100 storm cycles)
+ *   VDEV {"kind":"mse.storm","epoch":N,"cycles":N,"requested":N,"threads":N,"processes":N,"touchers":N,
+ *         "touches":N,"sigbus":N,"faults":N,"faults_per_cycle_min":N,"faults_per_cycle_max":N,"remaps":N,
+ *         "splits":N,"children_ok":true|false,"ns":N}
  *   VDEV {"kind":"mse.stamps","thread":N,"stores":N,"sigbus":N,"stamped":N,"hash":N}
  *   VDEV {"kind":"mse.readback","mismatches":N,"checked":N}
  *   VDEV {"kind":"mse.done","status":N,"mode":...,"epochs":N,"sigbus":N,"sigbus_enabled":N,
@@ -87,6 +98,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -100,8 +112,8 @@
 #define FNV_OFFSET UINT64_C(0xcbf29ce484222325)
 #define FNV_PRIME UINT64_C(0x100000001b3)
 
-enum state { ENABLED, DISABLED, RESET };
-static const char *const state_names[] = {"enabled", "disabled", "reset"};
+enum state { ENABLED, DISABLED, RESET, STORM };
+static const char *const state_names[] = {"enabled", "disabled", "reset", "storm"};
 
 struct epoch {
 	enum state state;
@@ -146,7 +158,7 @@ static _Atomic int workers_stop;
 static _Atomic int timing_stores;	/* workers time each store (the reset phase) */
 static int64_t program_start;
 
-static struct thread_log *logs[MAX_THREADS + 2]; /* workers, main thread, a fork child */
+static struct thread_log *logs[2 * MAX_THREADS + 2]; /* workers, main thread, a fork child, storm touchers */
 static unsigned num_logs;
 
 static __thread sigjmp_buf *tl_jump;
@@ -458,25 +470,53 @@ static void toggle_phase(unsigned cycles, unsigned period_ms)
 	sleep_ms(period_ms);
 }
 
-/* Quiet off/on cycles (no workers): the first touch after enable, then a walk over every page. */
+/* -- counting faults and present pages ------------------------------------------------ */
+
+/* This thread's minor faults so far: a vfio-pci BAR fault is one (it never does I/O). */
+static long minor_faults(void)
+{
+	struct rusage usage;
+	return getrusage(RUSAGE_THREAD, &usage) == 0 ? usage.ru_minflt : -1;
+}
+
+/*
+ * Quiet off/on cycles (no workers).  After each enable: the first touch of
+ * page 0 with its cost in time and in faults, then a walk of every other
+ * page and a second walk, each with its fault count.  The number of faults
+ * an enable costs tells the kernels' fault paths apart: one per vma (the
+ * whole mapping on the first fault), one per huge page, one per 4 KiB page,
+ * or none when the kernel mapped BAR0 before the first touch.  Counting is
+ * the only way to see which pages were present: /proc/self/pagemap and
+ * mincore() both pass over VM_PFNMAP mappings as holes (walk_page_test()
+ * in mm/pagewalk.c), so they report nothing for a BAR.
+ */
 static void latency_phase(unsigned cycles)
 {
 	for (unsigned i = 0; i < cycles; i++) {
 		flip_off("latency");
 		sleep_ms(5);
-		flip_on("latency", 1);
+		flip_on("latency", 0);
 		uint32_t e = atomic_load(&current_epoch);
 		uint64_t value;
+		long f0 = minor_faults();
 		int64_t t0 = now_ns();
-		for (size_t page = 1; page < pages; page++)
-			guarded(bar0, page * PAGE, &value, 0);
+		if (guarded(bar0, 0, &value, 0) == 0)
+			epochs[e].first_touch_ns = now_ns() - t0;
+		long f1 = minor_faults();
 		int64_t t1 = now_ns();
 		for (size_t page = 1; page < pages; page++)
 			guarded(bar0, page * PAGE, &value, 0);
 		int64_t t2 = now_ns();
+		long f2 = minor_faults();
+		for (size_t page = 1; page < pages; page++)
+			guarded(bar0, page * PAGE, &value, 0);
+		int64_t t3 = now_ns();
+		long f3 = minor_faults();
 		report("\"kind\":\"mse.latency\",\"cycle\":%u,\"epoch\":%u,\"first_touch_ns\":%lld,\"walk_ns\":%lld,"
-		       "\"walk_mapped_ns\":%lld,\"pages\":%zu",
-		       i, e, (long long)epochs[e].first_touch_ns, (long long)(t1 - t0), (long long)(t2 - t1), pages - 1);
+		       "\"walk_mapped_ns\":%lld,\"pages\":%zu,\"faults_first_touch\":%ld,\"faults_walk\":%ld,"
+		       "\"faults_walk_again\":%ld",
+		       i, e, (long long)epochs[e].first_touch_ns, (long long)(t2 - t1), (long long)(t3 - t2), pages - 1,
+		       f1 - f0, f2 - f1, f3 - f2);
 	}
 }
 
@@ -767,11 +807,204 @@ static uint8_t *map_bar0(size_t *alignment, int misalign)
 	return map;
 }
 
+/*
+ * The storm: concurrency at scale.  STORM_CYCLES times the main thread
+ * clears MEM (vfio-pci zaps), changes the mappings now and then, sets MEM,
+ * and releases every toucher at once through a barrier; each touches the
+ * first and the last page of the mappings it owns (guarded loads), then
+ * meets the others at a second barrier.  Touchers: THREADS threads in this
+ * process on BAR0's mapping (one vma, the 2021 race) and on a second one
+ * starting a page into the BAR (a non-zero offset); and STORM_PROCS child
+ * processes with THREADS threads each, on the mapping they inherited and on
+ * one they made themselves.  Between cycles the offset mapping is unmapped
+ * and mapped afresh (every 8th cycle) and one page in the middle of it is
+ * unmapped and mapped back on its own (every 16th: a vma split).  All of it
+ * is one epoch, state "storm", whose MEM changes the server must see as
+ * off/on pairs; the touches happen with MEM on, so any SIGBUS is a kernel
+ * bug.  Faults are counted per toucher (getrusage) and summed per cycle.
+ */
+struct storm {
+	pthread_barrier_t start, done;
+	_Atomic int stop;
+	_Atomic uint64_t touches, sigbus, faults;
+	_Atomic uint64_t cycle_faults; /* this cycle's, reset by the controller */
+	uint8_t *offset_map;	     /* the parent's mapping at BAR0 + PAGE (touchers in the parent use it) */
+};
+
+static struct storm *storm;
+
+struct toucher {
+	pthread_t thread;
+	struct thread_log *log; /* made by the creating thread: new_log() is not thread-safe */
+	uint8_t *own;		/* a mapping of the whole BAR this toucher's process made, or NULL */
+	int child;
+};
+
+/* First and last page of a mapping of `length` bytes; the number of SIGBUS. */
+static unsigned touch_ends(uint8_t *map, size_t length)
+{
+	uint64_t value;
+	unsigned sigbus = 0;
+	sigbus += guarded(map, 0, &value, 0) < 0;
+	sigbus += guarded(map, length - PAGE, &value, 0) < 0;
+	return sigbus;
+}
+
+static void *toucher(void *arg)
+{
+	struct toucher *self = arg;
+	tl_log = self->log;
+	for (;;) {
+		pthread_barrier_wait(&storm->start);
+		if (atomic_load(&storm->stop))
+			break;
+		long f0 = minor_faults();
+		unsigned sigbus = touch_ends(bar0, bar0_region.size);
+		unsigned touched = 2;
+		if (self->own) {
+			sigbus += touch_ends(self->own, bar0_region.size);
+			touched += 2;
+		}
+		if (!self->child) {
+			sigbus += touch_ends(storm->offset_map, bar0_region.size - PAGE);
+			touched += 2;
+		}
+		long faults = minor_faults() - f0;
+		atomic_fetch_add(&storm->touches, touched);
+		atomic_fetch_add(&storm->sigbus, sigbus);
+		atomic_fetch_add(&storm->faults, (uint64_t)faults);
+		atomic_fetch_add(&storm->cycle_faults, (uint64_t)faults);
+		pthread_barrier_wait(&storm->done);
+	}
+	return NULL;
+}
+
+static uint8_t *map_bar0_at(uint8_t *where, size_t length, size_t offset)
+{
+	return mmap(where, length, PROT_READ | PROT_WRITE, MAP_SHARED | (where ? MAP_FIXED : 0), dev.fd,
+		    (off_t)(bar0_region.offset + offset));
+}
+
+/* A storm child process: its threads touch the inherited mapping and one of its own until told to stop. */
+static void storm_child(unsigned nthreads)
+{
+	uint8_t *own = map_bar0_at(NULL, bar0_region.size, 0);
+	struct toucher touchers[MAX_THREADS];
+	for (unsigned i = 0; i < nthreads; i++) {
+		touchers[i] = (struct toucher){.log = new_log(MAX_THREADS + 1), .own = own == MAP_FAILED ? NULL : own, .child = 1};
+		pthread_create(&touchers[i].thread, NULL, toucher, &touchers[i]);
+	}
+	for (unsigned i = 0; i < nthreads; i++)
+		pthread_join(touchers[i].thread, NULL);
+	_exit(own == MAP_FAILED ? 3 : 0);
+}
+
+static int storm_phase(unsigned cycles, unsigned nthreads, unsigned procs)
+{
+	storm = mmap(NULL, sizeof(*storm), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (storm == MAP_FAILED) {
+		report_error("mmap storm state");
+		return -1;
+	}
+	pthread_barrierattr_t shared;
+	pthread_barrierattr_init(&shared);
+	pthread_barrierattr_setpshared(&shared, PTHREAD_PROCESS_SHARED);
+	unsigned parties = 1 + nthreads * (1 + procs);
+	pthread_barrier_init(&storm->start, &shared, parties);
+	pthread_barrier_init(&storm->done, &shared, parties);
+	storm->offset_map = map_bar0_at(NULL, bar0_region.size - PAGE, PAGE);
+	if (storm->offset_map == MAP_FAILED) {
+		report_error("mmap BAR0 at an offset");
+		return -1;
+	}
+	pid_t children[16];
+	for (unsigned p = 0; p < procs; p++) {
+		children[p] = fork();
+		if (children[p] == 0)
+			storm_child(nthreads);
+	}
+	struct toucher touchers[MAX_THREADS];
+	for (unsigned i = 0; i < nthreads; i++) {
+		touchers[i] = (struct toucher){.log = new_log(MAX_THREADS + 1)};
+		pthread_create(&touchers[i].thread, NULL, toucher, &touchers[i]);
+	}
+
+	uint32_t e = next_epoch();
+	epochs[e - 1].doorbell = doorbell(e);
+	begin_epoch(e, STORM, "storm");
+	atomic_store(&current_epoch, e);
+	atomic_store(&settled_epoch, ENABLING);
+	size_t middle = (bar0_region.size - PAGE) / 2 / PAGE * PAGE;
+	uint64_t fewest = UINT64_MAX, most = 0, remaps = 0, splits = 0, churn_failures = 0;
+	int64_t t0 = now_ns();
+	unsigned done;
+	for (done = 0; done < cycles; done++) {
+		if (set_memory(0)) {
+			report_error("config write MEM off (storm)");
+			break;
+		}
+		if (done % 8 == 7) {
+			munmap(storm->offset_map, bar0_region.size - PAGE);
+			storm->offset_map = map_bar0_at(NULL, bar0_region.size - PAGE, PAGE);
+			churn_failures += storm->offset_map == MAP_FAILED;
+			remaps++;
+		}
+		if (done % 16 == 15 && middle) {
+			munmap(storm->offset_map + middle, PAGE);
+			churn_failures += map_bar0_at(storm->offset_map + middle, PAGE, PAGE + middle) == MAP_FAILED;
+			splits++;
+		}
+		if (churn_failures) {
+			errno = ENOMEM;
+			report_error("mmap BAR0 again (storm churn)");
+			break;
+		}
+		if (set_memory(1)) {
+			report_error("config write MEM on (storm)");
+			break;
+		}
+		atomic_store(&storm->cycle_faults, 0);
+		pthread_barrier_wait(&storm->start);
+		pthread_barrier_wait(&storm->done);
+		uint64_t faults = atomic_load(&storm->cycle_faults);
+		fewest = faults < fewest ? faults : fewest;
+		most = faults > most ? faults : most;
+		if ((done + 1) % 100 == 0)
+			report("\"kind\":\"mse.storm.progress\",\"cycles\":%u,\"sigbus\":%llu,\"ns\":%lld", done + 1,
+			       (unsigned long long)atomic_load(&storm->sigbus), (long long)(now_ns() - t0));
+	}
+	int64_t took = now_ns() - t0;
+	atomic_store(&storm->stop, 1);
+	pthread_barrier_wait(&storm->start);
+	for (unsigned i = 0; i < nthreads; i++)
+		pthread_join(touchers[i].thread, NULL);
+	int children_ok = 1;
+	for (unsigned p = 0; p < procs; p++) {
+		int status = 0;
+		waitpid(children[p], &status, 0);
+		children_ok = children_ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+	}
+	uint32_t after = next_epoch();
+	begin_epoch(after, ENABLED, "storm");
+	atomic_store(&current_epoch, after);
+	atomic_store(&settled_epoch, after);
+	epochs[e].doorbell = doorbell(after);
+	uint64_t sigbus = atomic_load(&storm->sigbus);
+	report("\"kind\":\"mse.storm\",\"epoch\":%u,\"cycles\":%u,\"requested\":%u,\"threads\":%u,\"processes\":%u,"
+	       "\"touchers\":%u,\"touches\":%llu,\"sigbus\":%llu,\"faults\":%llu,\"faults_per_cycle_min\":%llu,"
+	       "\"faults_per_cycle_max\":%llu,\"remaps\":%llu,\"splits\":%llu,\"children_ok\":%s,\"ns\":%lld",
+	       e, done, cycles, nthreads, procs, parties - 1, (unsigned long long)atomic_load(&storm->touches),
+	       (unsigned long long)sigbus, (unsigned long long)atomic_load(&storm->faults),
+	       (unsigned long long)(done ? fewest : 0), (unsigned long long)most, (unsigned long long)remaps,
+	       (unsigned long long)splits, children_ok ? "true" : "false", (long long)took);
+	return done == cycles && children_ok && sigbus == 0 ? 0 : 1;
+}
+
 static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s [-m guest|server] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] "
-		"[-l LATENCY_CYCLES] [-R] [-F] [-u] [ADDR]\n",
+		"[-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS] [-R] [-F] [-u] [ADDR]\n",
 		argv0);
 	exit(2);
 }
@@ -779,9 +1012,10 @@ static void usage(const char *argv0)
 int main(int argc, char **argv)
 {
 	const char *mode = "guest";
-	unsigned nthreads = 4, cycles = 8, period_ms = 20, seconds = 3, latency_cycles = 6;
+	unsigned nthreads = 4, cycles = 8, period_ms = 20, seconds = 3, latency_cycles = 6, storm_cycles = 0,
+		 storm_procs = 2;
 	int do_reset = 1, do_fork = 1, misalign = 0, opt;
-	while ((opt = getopt(argc, argv, "m:t:c:p:d:l:RFu")) != -1) {
+	while ((opt = getopt(argc, argv, "m:t:c:p:d:l:s:P:RFu")) != -1) {
 		switch (opt) {
 		case 'm': mode = optarg; break;
 		case 't': nthreads = strtoul(optarg, NULL, 0); break;
@@ -789,6 +1023,8 @@ int main(int argc, char **argv)
 		case 'p': period_ms = strtoul(optarg, NULL, 0); break;
 		case 'd': seconds = strtoul(optarg, NULL, 0); break;
 		case 'l': latency_cycles = strtoul(optarg, NULL, 0); break;
+		case 's': storm_cycles = strtoul(optarg, NULL, 0); break;
+		case 'P': storm_procs = strtoul(optarg, NULL, 0); break;
 		case 'R': do_reset = 0; break;
 		case 'F': do_fork = 0; break;
 		case 'u': misalign = 1; break;
@@ -797,7 +1033,7 @@ int main(int argc, char **argv)
 	}
 	int server_mode = strcmp(mode, "server") == 0;
 	if ((!server_mode && strcmp(mode, "guest") != 0) || nthreads < 1 || nthreads > MAX_THREADS ||
-	    2 * (cycles + latency_cycles) + 5 >= MAX_EPOCHS || optind < argc - 1)
+	    2 * (cycles + latency_cycles) + 8 >= MAX_EPOCHS || storm_procs > 16 || optind < argc - 1)
 		usage(argv[0]);
 	program_start = now_ns();
 
@@ -876,6 +1112,7 @@ int main(int argc, char **argv)
 		latency_phase(latency_cycles);
 	}
 	int fork_result = do_fork && !server_mode ? fork_phase() : 0;
+	int storm_result = storm_cycles && !server_mode ? storm_phase(storm_cycles, nthreads, storm_procs) : 0;
 
 	uint32_t last = atomic_load(&current_epoch);
 	/* Close the last epoch in the server's log: what follows (closing the device resets it) is no epoch's. */
@@ -906,6 +1143,8 @@ int main(int argc, char **argv)
 			failed[num_failed++] = "eio";
 		if (fork_result)
 			failed[num_failed++] = "fork";
+		if (storm_result)
+			failed[num_failed++] = "storm";
 	}
 	char names[128] = "";
 	for (unsigned i = 0, len = 0; i < num_failed; i++)

@@ -1,43 +1,92 @@
-"""Shared fixtures for vdev's own suite.
+"""What vdev's own suite needs from the machine, decided in one place.
 
-Tests that need a provisioned component ask for it through a fixture here.
-Outside CI a missing component skips the test with the command that provides
-it; with ``CI=true`` it fails, because CI must run every test for real.
+A test names the provisioned components it needs with the marker
+``@pytest.mark.requires("qemu", "libvfio-user", …)``; a test that uses a
+fixture which serves a device (``vdev_serve``, ``vdev_client``,
+``vdev_qemu``) needs libvfio-user (and QEMU for ``vdev_qemu``) without
+saying so.  Before such a test runs, :func:`pytest_runtest_setup` looks for
+every component: outside CI a missing one skips the test with the command
+that provides it; with ``CI=true`` it fails the test, because CI must run
+every test for real.  Fixtures that find something else (guest kernels) go
+through the same :func:`unavailable`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from vdev import deps
 
+#: Component name → (where it is provisioned, what to call it in a message).
+COMPONENTS: dict[str, tuple[Callable[[], Path], str]] = {
+    "qemu": (deps.qemu_path, "QEMU"),
+    "libvfio-user": (deps.libvfio_user_path, "libvfio-user"),
+    "sample-server": (lambda: deps.libvfio_user_sample("server"), "libvfio-user sample server"),
+}
 
-def require(path: Path, what: str) -> Path:
-    """Return ``path`` if it exists; otherwise skip (locally) or fail (in CI)."""
-    if path.exists():
-        return path
-    message = f"{what} not found at {path}; run `{deps.PROVISION_COMMAND}`"
+#: Fixtures that serve a device, and the components that takes.
+IMPLIED_BY_FIXTURES: dict[str, tuple[str, ...]] = {
+    "vdev_serve": ("libvfio-user",),
+    "vdev_client": ("libvfio-user",),
+    "vdev_qemu": ("libvfio-user", "qemu"),
+}
+
+
+def unavailable(message: str) -> NoReturn:
+    """Something a test needs is missing: skip it locally, fail it in CI."""
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
 
 
+def require(name: str) -> Path:
+    """The path of component ``name``, or :func:`unavailable` with the command that provides it."""
+    find, what = COMPONENTS[name]
+    path = find()
+    if not path.exists():
+        unavailable(f"{what} not found at {path}; run `{deps.PROVISION_COMMAND}`")
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"requires(*components): the provisioned components the test needs ({', '.join(COMPONENTS)}); "
+        "skipped outside CI when missing, failed in CI",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    needed: set[str] = set()
+    for mark in item.iter_markers("requires"):
+        unknown = set(mark.args) - set(COMPONENTS)
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown component(s) {sorted(unknown)} in requires()")
+        needed.update(mark.args)
+    for fixture in getattr(item, "fixturenames", ()):
+        needed.update(IMPLIED_BY_FIXTURES.get(fixture, ()))
+    for name in sorted(needed):
+        require(name)
+
+
+@pytest.fixture
+def missing() -> Callable[[str], NoReturn]:
+    """:func:`unavailable`, for fixtures in other directories (conftest modules cannot import each other)."""
+    return unavailable
+
+
 @pytest.fixture
 def qemu_binary() -> Path:
     """The provisioned QEMU wrapper."""
-    return require(deps.qemu_path(), "QEMU")
-
-
-@pytest.fixture
-def libvfio_user_library() -> Path:
-    """The provisioned libvfio-user shared library."""
-    return require(deps.libvfio_user_path(), "libvfio-user")
+    return require("qemu")
 
 
 @pytest.fixture
 def libvfio_user_sample_server() -> Path:
     """libvfio-user's C sample server, built from the same source (a reference peer)."""
-    return require(deps.libvfio_user_sample("server"), "libvfio-user sample server")
+    return require("sample-server")

@@ -56,7 +56,7 @@ def test_devices_lists_bundled_devices_with_parameters() -> None:
     assert [p["name"] for p in hello["parameters"]] == ["ident"]
 
 
-@pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+@pytest.mark.requires("qemu", "libvfio-user")
 def test_doctor_reports_components() -> None:
     result = run_vdev("doctor", "--json")
     report = json.loads(result.stdout)
@@ -81,7 +81,7 @@ def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+@pytest.mark.requires("qemu", "libvfio-user")
 async def test_serve_traces_what_qemu_does_and_stops_cleanly_on_sigterm(vdev_socket_dir: Path) -> None:
     socket = vdev_socket_dir / "hello.sock"
     trace = vdev_socket_dir / "trace.jsonl"

@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 
 def run_example(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-    )
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -34,7 +32,7 @@ def test_edu_from_the_python_client() -> None:
     output = run_example("examples/edu_client.py")
     assert "edu identification: 0x010000ed" in output
     assert "10! = 3628800" in output
-    assert "b\"hello from the client's memory\"" in output
+    assert 'b"hello from the client\'s memory"' in output
 
 
 def test_edu_factorial_in_qemu_with_an_interrupt() -> None:

@@ -13,7 +13,7 @@ from vdev import Device
 from vdev.runtime import DeviceContext
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 
 async def inspect(socket: str, *args: str) -> str:

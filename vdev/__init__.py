@@ -1,28 +1,75 @@
 """vdev: emulated PCI devices in Python, served over vfio-user to real clients such as QEMU.
 
 The public surface for writing devices is assembled here; the layers live
-in subpackages: :mod:`vdev.libvfio_user` (ctypes bindings), :mod:`vdev.model`
-(the device model), :mod:`vdev.runtime` (Trio runtime), :mod:`vdev.cli`.
+in subpackages, bottom to top: :mod:`vdev.protocol` (the sans-IO vfio-user
+codec) and :mod:`vdev.libvfio_user` (ctypes bindings), :mod:`vdev.model`
+(the device model), :mod:`vdev.runtime` (the Trio runtime),
+:mod:`vdev.client`, :mod:`vdev.proxy`, :mod:`vdev.qemu` and
+:mod:`vdev.testing` (the test kit), :mod:`vdev.cli`.
+
+The names below are imported on first use, not when the package is: a
+program that needs only the codec (``import vdev.protocol``) must not load
+Trio, ctypes or libvfio-user because it sits inside this package.
 """
 
-from vdev.model.bars import Bar, BarKind, MappedArea
-from vdev.model.capabilities import (
-    Capability,
-    DeviceSerialNumber,
-    Msi,
-    MsiX,
-    PciExpress,
-    PowerManagement,
-    RawCapability,
-    VendorSpecific,
-    VendorSpecificExtended,
-)
-from vdev.model.config import Command
-from vdev.model.device import Device, Param, ResetKind
-from vdev.model.dma import DmaError
-from vdev.model.events import Event, EventLog
-from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, Field, Register
-from vdev.runtime import DeviceContext, ServeError, serve
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vdev.model.bars import Bar, BarKind, MappedArea
+    from vdev.model.capabilities import (
+        Capability,
+        DeviceSerialNumber,
+        Msi,
+        MsiX,
+        PciExpress,
+        PowerManagement,
+        RawCapability,
+        VendorSpecific,
+        VendorSpecificExtended,
+    )
+    from vdev.model.config import Command
+    from vdev.model.device import Device, Param, ResetKind
+    from vdev.model.dma import DmaError
+    from vdev.model.events import Event, EventLog
+    from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, Field, Register
+    from vdev.runtime import DeviceContext, ServeError, serve
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "Bar": "vdev.model.bars",
+    "BarKind": "vdev.model.bars",
+    "MappedArea": "vdev.model.bars",
+    "Capability": "vdev.model.capabilities",
+    "DeviceSerialNumber": "vdev.model.capabilities",
+    "Msi": "vdev.model.capabilities",
+    "MsiX": "vdev.model.capabilities",
+    "PciExpress": "vdev.model.capabilities",
+    "PowerManagement": "vdev.model.capabilities",
+    "RawCapability": "vdev.model.capabilities",
+    "VendorSpecific": "vdev.model.capabilities",
+    "VendorSpecificExtended": "vdev.model.capabilities",
+    "Command": "vdev.model.config",
+    "Device": "vdev.model.device",
+    "Param": "vdev.model.device",
+    "ResetKind": "vdev.model.device",
+    "DmaError": "vdev.model.dma",
+    "Event": "vdev.model.events",
+    "EventLog": "vdev.model.events",
+    "RO": "vdev.model.registers",
+    "RW": "vdev.model.registers",
+    "RW1C": "vdev.model.registers",
+    "W1S": "vdev.model.registers",
+    "WO": "vdev.model.registers",
+    "Access": "vdev.model.registers",
+    "Field": "vdev.model.registers",
+    "Register": "vdev.model.registers",
+    "DeviceContext": "vdev.runtime",
+    "ServeError": "vdev.runtime",
+    "serve": "vdev.runtime",
+}
 
 __all__ = [
     "RO",
@@ -56,3 +103,16 @@ __all__ = [
     "VendorSpecificExtended",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vdev' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

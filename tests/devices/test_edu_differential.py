@@ -11,38 +11,34 @@ moment of real time, so both converge to the same final observations.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from vdev.qemu import PciFunction, QemuMachine, enable_msi, q35_intx_gsi
-from vdev.testing import served, vfio_user_pci
+from vdev.testing import AttachQemu
 from vdev_devices.edu import Edu
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 Observed = list[Any]
 Scenario = Callable[[QemuMachine, PciFunction], Awaitable[Observed]]
 SLOT = 3
 
 
-async def run_against(target: str, scenario: Scenario, socket_dir: Path) -> Observed:
-    async with AsyncExitStack() as stack:
-        if target == "qemu":
-            spec: Any = f"edu,addr={SLOT:#x}"
-        else:
-            socket = socket_dir / "edu.sock"
-            await stack.enter_async_context(served(Edu(dma_delay=0.01), socket))
-            spec = vfio_user_pci(socket, addr=f"{SLOT:#x}")
-        vm = await stack.enter_async_context(QemuMachine(devices=[spec]))
+async def run_against_qemus_edu(scenario: Scenario) -> Observed:
+    async with QemuMachine(devices=[f"edu,addr={SLOT:#x}"]) as vm:
         function = await (await vm.pci_bus()).find(0x1234, 0x11E8)
         await function.map_bars()
         await function.enable(memory=True, io=False, master=True)
         return await scenario(vm, function)
-    raise AssertionError("unreachable")
+
+
+async def run_against_vdevs_edu(scenario: Scenario, vdev_qemu: AttachQemu) -> Observed:
+    device = Edu(dma_delay=0.01)
+    vm, function = await vdev_qemu(device, enable={"memory", "master"}, properties={"addr": f"{SLOT:#x}"})
+    return await scenario(vm, function)
 
 
 async def settle(vm: QemuMachine, done: Callable[[], Awaitable[bool]]) -> int:
@@ -177,13 +173,13 @@ SCENARIOS = [identity_and_config, liveness_and_access_sizes, factorial_with_intx
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.__name__ for s in SCENARIOS])
-async def test_vdev_edu_answers_like_qemus_edu(scenario: Scenario, vdev_socket_dir: Path) -> None:
-    reference = await run_against("qemu", scenario, vdev_socket_dir)
-    ours = await run_against("vdev", scenario, vdev_socket_dir)
+async def test_vdev_edu_answers_like_qemus_edu(scenario: Scenario, vdev_qemu: AttachQemu) -> None:
+    reference = await run_against_qemus_edu(scenario)
+    ours = await run_against_vdevs_edu(scenario, vdev_qemu)
     assert ours == reference
 
 
-async def test_message_dma_through_qemu_without_shared_memory(vdev_socket_dir: Path) -> None:
+async def test_message_dma_through_qemu_without_shared_memory(vdev_qemu: AttachQemu) -> None:
     """Without shareable guest RAM QEMU maps DMA without fds: every transfer is a DMA_READ/DMA_WRITE message.
 
     DESIGN.md suspected QEMU's DMA message layout (a u32 count) would shift
@@ -194,23 +190,19 @@ async def test_message_dma_through_qemu_without_shared_memory(vdev_socket_dir: P
     would be taken for that reply (see docs/limitations.md).
     """
     device = Edu(dma_delay=0)
-    socket = vdev_socket_dir / "edu.sock"
-    async with served(device, socket), QemuMachine(shared_memory=False, devices=[vfio_user_pci(socket)]) as vm:
-        edu = await (await vm.pci_bus()).find(0x1234, 0x11E8)
-        await edu.map_bars()
-        await edu.enable(memory=True, io=False, master=True)
-        assert not any(event.data["mapped"] for event in device.events.of_kind("dma_map"))
-        gsi = q35_intx_gsi(edu.address, 1)
-        await vm.qtest.irq_intercept_in("ioapic")
-        source, destination = vm.guest_memory.alloc(4096), vm.guest_memory.alloc(4096)
-        pattern = bytes((i * 7 + 3) & 0xFF for i in range(100))
-        await vm.qtest.memwrite(source, pattern)
-        for src, dst, command in ((source, 0x40000, 0x5), (0x40000, destination + 8, 0x7)):
-            for offset, value in ((0x80, src), (0x88, dst), (0x90, len(pattern)), (0x98, command)):
-                await edu.bar_writeq(0, offset, value)
-            with trio.fail_after(10):
-                await vm.qtest.wait_irq(gsi, raised=True)
-            await edu.bar_writel(0, 0x64, 0x100)
-            with trio.fail_after(10):
-                await vm.qtest.wait_irq(gsi, raised=False)
-        assert await vm.qtest.memread(destination, 116) == bytes(8) + pattern + bytes(8)
+    vm, edu = await vdev_qemu(device, enable={"memory", "master"}, shared_memory=False)
+    assert not any(event.data["mapped"] for event in device.events.of_kind("dma_map"))
+    gsi = q35_intx_gsi(edu.address, 1)
+    await vm.qtest.irq_intercept_in("ioapic")
+    source, destination = vm.guest_memory.alloc(4096), vm.guest_memory.alloc(4096)
+    pattern = bytes((i * 7 + 3) & 0xFF for i in range(100))
+    await vm.qtest.memwrite(source, pattern)
+    for src, dst, command in ((source, 0x40000, 0x5), (0x40000, destination + 8, 0x7)):
+        for offset, value in ((0x80, src), (0x88, dst), (0x90, len(pattern)), (0x98, command)):
+            await edu.bar_writeq(0, offset, value)
+        with trio.fail_after(10):
+            await vm.qtest.wait_irq(gsi, raised=True)
+        await edu.bar_writel(0, 0x64, 0x100)
+        with trio.fail_after(10):
+            await vm.qtest.wait_irq(gsi, raised=False)
+    assert await vm.qtest.memread(destination, 116) == bytes(8) + pattern + bytes(8)

@@ -4,37 +4,28 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 
-from vdev import Device
 from vdev.client import Client, VfioUserError
-from vdev.runtime import DeviceContext
-from vdev.testing import first_touch_ns, resident_pages
+from vdev.testing import ConnectClient, ServeDevice, first_touch_ns, resident_pages
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
-CONFIG, COMMAND, MEM = 7, 0x04, 0x2
-Connect = Callable[[Device], Awaitable[Client]]
-Serve = Callable[[Device], Awaitable[DeviceContext]]
+COMMAND, MEM, MASTER = 0x04, 0x2, 0x4
 
 
-async def set_command(client: Client, value: int) -> None:
-    await client.region_write(CONFIG, COMMAND, value.to_bytes(2, "little"))
-
-
-async def test_master_abort_reads_all_ones_and_counts_violations(vdev_client: Connect) -> None:
+async def test_master_abort_reads_all_ones_and_counts_violations(vdev_client: ConnectClient) -> None:
     device = MemBar(size="1M")
     client = await vdev_client(device)
     await client.region_write(2, 0x00, (5).to_bytes(8, "little"))  # dropped: MEM is off
     assert await client.region_read(2, 0x00, 8) == b"\xff" * 8
     assert await client.region_read(4, 0x1000, 4) == b"\xff" * 4
-    await set_command(client, MEM)
+    await client.enable(memory=True, io=False, master=False)
     assert await client.region_read(2, 0x00, 8) == bytes(8)
-    assert int.from_bytes(await client.region_read(2, 0x20, 8), "little") == 3
+    assert await client.read64(2, 0x20) == 3
     violations = device.events.of_kind("violation")
     assert [(v.data["region"], v.data["offset"], v.data["size"], v.data["access"]) for v in violations] == [
         (2, 0x00, 8, "write"),
@@ -43,15 +34,15 @@ async def test_master_abort_reads_all_ones_and_counts_violations(vdev_client: Co
     ]
 
 
-async def test_error_policy_answers_with_an_error(vdev_client: Connect) -> None:
+async def test_error_policy_answers_with_an_error(vdev_client: ConnectClient) -> None:
     client = await vdev_client(MemBar(size="1M", disabled_access="error"))
     with pytest.raises(VfioUserError):
         await client.region_read(2, 0x00, 4)
-    await set_command(client, MEM)
+    await client.enable(memory=True, io=False, master=False)
     assert await client.region_read(2, 0x00, 4) == bytes(4)
 
 
-async def test_pass_policy_reaches_the_handler(vdev_client: Connect) -> None:
+async def test_pass_policy_reaches_the_handler(vdev_client: ConnectClient) -> None:
     device = MemBar(size="1M", disabled_access="pass")
     client = await vdev_client(device)
     await client.region_write(2, 0x00, (9).to_bytes(8, "little"))
@@ -65,10 +56,10 @@ from vdev.client import Client
 
 async def main(path):
     async with Client.connect(path) as client:
-        await client.region_write(7, 4, (2).to_bytes(2, "little"))
+        await client.enable(memory=True, io=False, master=False)
         bar0 = await client.map_region(0)
         bar0.write(0x1000, b"kept")
-        await client.region_write(7, 4, (0).to_bytes(2, "little"))
+        await client.enable(memory=False, io=False, master=False)
         print("touching", flush=True)
         bar0.read(0x1000, 4)
         print("survived", flush=True)
@@ -77,7 +68,7 @@ trio.run(main, sys.argv[1])
 """
 
 
-async def test_revoke_kills_a_client_touching_its_mapping_and_keeps_the_contents(vdev_serve: Serve) -> None:
+async def test_revoke_kills_a_client_touching_its_mapping_and_keeps_the_contents(vdev_serve: ServeDevice) -> None:
     device = MemBar(size="1M", mapping="revoke")
     context = await vdev_serve(device)
     result = await trio.run_process(
@@ -88,20 +79,20 @@ async def test_revoke_kills_a_client_touching_its_mapping_and_keeps_the_contents
     with trio.fail_after(10):
         await device.events.wait_for("disconnect")
     async with Client.connect(context.socket_path) as client:
-        await set_command(client, MEM)
+        await client.enable(memory=True, io=False, master=False)
         bar0 = await client.map_region(0)
         assert bar0.read(0x1000, 4) == b"kept"
 
 
 @pytest.mark.parametrize("prefault", ["populate", "lazy"])
-async def test_prefault_policy_decides_residency_when_enable_returns(vdev_client: Connect, prefault: str) -> None:
+async def test_prefault_policy_decides_residency_when_enable_returns(vdev_client: ConnectClient, prefault: str) -> None:
     device = MemBar(size="4M", mapping="revoke", prefault=prefault)
     client = await vdev_client(device)
-    await set_command(client, MEM)
+    await client.enable(memory=True, io=False, master=False)
     bar0 = await client.map_region(0)
     bar0.write(0x3000, b"data")
-    await set_command(client, 0)
-    await set_command(client, MEM)  # answered only after the policy ran
+    await client.enable(memory=False, io=False, master=False)
+    await client.enable(memory=True, io=False, master=False)  # answered only after the policy ran
     ((_, mapping),) = bar0.areas
     resident = resident_pages(mapping)
     pages = (4 << 20) // 4096
@@ -113,23 +104,23 @@ async def test_prefault_policy_decides_residency_when_enable_returns(vdev_client
     assert bar0.read(0x3000, 4) == b"data"
 
 
-async def test_forced_and_held_memory_enable(vdev_client: Connect) -> None:
+async def test_forced_and_held_memory_enable(vdev_client: ConnectClient) -> None:
     device = MemBar(size="1M")
     client = await vdev_client(device)
     device.command_control.force(memory=True)
-    assert int.from_bytes(await client.region_read(CONFIG, COMMAND, 2), "little") & MEM
+    assert await client.config_read(COMMAND, 2) & MEM
     device.command_control.hold(memory=False)
-    await set_command(client, MEM | 0x4)
-    command = int.from_bytes(await client.region_read(CONFIG, COMMAND, 2), "little")
-    assert command & 0x4 and not command & MEM  # MASTER took, MEM is held off
+    await client.enable(memory=True, io=False, master=True)
+    command = await client.config_read(COMMAND, 2)
+    assert command & MASTER and not command & MEM  # MASTER took, MEM is held off
     device.command_control.release()
-    await set_command(client, MEM)
+    await client.enable(memory=True, io=False, master=False)
     assert device.command.memory
     sources = [e.data["source"] for e in device.events.of_kind("command")]
     assert sources == ["device", "device", "client", "client"]
 
 
-async def test_toggle_schedules(vdev_client: Connect) -> None:
+async def test_toggle_schedules(vdev_client: ConnectClient) -> None:
     device = MemBar(size="1M", disabled_access="pass")
     client = await vdev_client(device)
     device.command_control.toggle_after_accesses(3)
@@ -147,5 +138,3 @@ def test_parameters_are_checked() -> None:
     with pytest.raises(ValueError):
         MemBar(mapping="sometimes")
     assert MemBar(size="64K").bar(0).size == 64 << 10
-
-

@@ -2,94 +2,71 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from vdev.qemu import QemuMachine
-from vdev.testing import served, vfio_user_pci
+from vdev.testing import AttachQemu
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
-
-MEMBAR = (0x1B36, 0x0F01)
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 
 @pytest.mark.parametrize("mapping", ["keep", "revoke"])
-async def test_clearing_mem_hides_the_bars_from_the_server_and_keeps_bar0(
-    vdev_socket_dir: Path, mapping: str
-) -> None:
+async def test_clearing_mem_hides_the_bars_from_the_server_and_keeps_bar0(vdev_qemu: AttachQemu, mapping: str) -> None:
     device = MemBar(size="1M", mapping=mapping)
-    socket = vdev_socket_dir / "membar.sock"
-    async with served(device, socket), QemuMachine(devices=[vfio_user_pci(socket)]) as vm:
-        function = await (await vm.pci_bus()).find(*MEMBAR)
-        assert (await function.bars())[0].size == 1 << 20
-        await function.map_bars()
-        await function.enable(memory=True, io=False, master=True)
-        await function.bar_writeq(0, 0x1000, 0x1122_3344_5566_7788)  # straight into the mapping
-        await function.bar_writeq(0, 0xF_FFF8, 0xAAAA_BBBB_CCCC_DDDD)
-        assert device.bar(0).memory[0x1000:0x1008] == (0x1122_3344_5566_7788).to_bytes(8, "little")
-        await function.bar_writel(2, 0x00, 7)  # epoch, trapped
+    function = (await vdev_qemu(device, enable={"memory", "master"})).function
+    assert (await function.bars())[0].size == 1 << 20
+    await function.bar_writeq(0, 0x1000, 0x1122_3344_5566_7788)  # straight into the mapping
+    await function.bar_writeq(0, 0xF_FFF8, 0xAAAA_BBBB_CCCC_DDDD)
+    assert device.bar(0).memory[0x1000:0x1008] == (0x1122_3344_5566_7788).to_bytes(8, "little")
+    await function.bar_writel(2, 0x00, 7)  # epoch, trapped
 
-        device.events.clear()
-        await function.enable(memory=False, io=False, master=True)
-        assert await function.bar_readl(2, 0x00) != 7  # BAR2 left the address space
-        await function.bar_writel(2, 0x00, 8)
-        assert await function.bar_readq(0, 0x1000) != 0x1122_3344_5566_7788  # so did BAR0
-        kinds = [event.kind for event in device.events]
-        assert kinds[:2] == ["config_write", "command"]
-        assert not [k for k in kinds if k in ("region_read", "region_write", "violation")]
-        if mapping == "revoke":
-            assert device.bar(0).mapped is not None and device.bar(0).mapped.revoked
+    device.events.clear()
+    await function.enable(memory=False, io=False, master=True)
+    assert await function.bar_readl(2, 0x00) != 7  # BAR2 left the address space
+    await function.bar_writel(2, 0x00, 8)
+    assert await function.bar_readq(0, 0x1000) != 0x1122_3344_5566_7788  # so did BAR0
+    kinds = [event.kind for event in device.events]
+    assert kinds[:2] == ["config_write", "command"]
+    assert not [k for k in kinds if k in ("region_read", "region_write", "violation")]
+    if mapping == "revoke":
+        assert device.bar(0).mapped is not None and device.bar(0).mapped.revoked
 
-        await function.enable(memory=True, io=False, master=True)
-        assert await function.bar_readq(0, 0x1000) == 0x1122_3344_5566_7788
-        assert await function.bar_readq(0, 0xF_FFF8) == 0xAAAA_BBBB_CCCC_DDDD
-        assert await function.bar_readq(2, 0x00) == 7
+    await function.enable(memory=True, io=False, master=True)
+    assert await function.bar_readq(0, 0x1000) == 0x1122_3344_5566_7788
+    assert await function.bar_readq(0, 0xF_FFF8) == 0xAAAA_BBBB_CCCC_DDDD
+    assert await function.bar_readq(2, 0x00) == 7
     commands = [event.data for event in device.events.of_kind("command")]
     assert [c["memory"] for c in commands] == [False, True]
     assert all(c["source"] == "client" for c in commands)
 
 
-async def test_device_clears_its_own_mem_and_qemu_reads_the_forced_value(vdev_socket_dir: Path) -> None:
+async def test_device_clears_its_own_mem_and_qemu_reads_the_forced_value(vdev_qemu: AttachQemu) -> None:
     device = MemBar(size="1M")
-    socket = vdev_socket_dir / "membar.sock"
-    async with served(device, socket), QemuMachine(devices=[vfio_user_pci(socket)]) as vm:
-        function = await (await vm.pci_bus()).find(*MEMBAR)
-        await function.map_bars()
-        await function.enable(memory=True, io=False, master=True)
-        await function.bar_writel(2, 0x18, 1)  # self_disable
-        assert not device.command.memory
-        commands = device.events.of_kind("command")
-        assert commands[-1].data["source"] == "device" and not commands[-1].data["memory"]
+    function = (await vdev_qemu(device, enable={"memory", "master"})).function
+    await function.bar_writel(2, 0x18, 1)  # self_disable
+    assert not device.command.memory
+    commands = device.events.of_kind("command")
+    assert commands[-1].data["source"] == "device" and not commands[-1].data["memory"]
 
 
-async def test_populate_makes_every_page_resident_before_the_enable_is_answered(vdev_socket_dir: Path) -> None:
+async def test_populate_makes_every_page_resident_before_the_enable_is_answered(vdev_qemu: AttachQemu) -> None:
     device = MemBar(size="4M", mapping="revoke", prefault="populate")
-    socket = vdev_socket_dir / "membar.sock"
-    async with served(device, socket), QemuMachine(devices=[vfio_user_pci(socket)]) as vm:
-        function = await (await vm.pci_bus()).find(*MEMBAR)
-        await function.map_bars()
-        await function.enable(memory=True, io=False, master=True)
-        mapped = device.bar(0).mapped
-        assert mapped is not None
-        assert mapped.resident_pages() == (4 << 20) // 4096
-        await function.enable(memory=False, io=False, master=True)
-        assert mapped.revoked
-        await function.enable(memory=True, io=False, master=True)
-        assert mapped.resident_pages() == (4 << 20) // 4096
+    function = (await vdev_qemu(device, enable={"memory", "master"})).function
+    mapped = device.bar(0).mapped
+    assert mapped is not None
+    assert mapped.resident_pages() == (4 << 20) // 4096
+    await function.enable(memory=False, io=False, master=True)
+    assert mapped.revoked
+    await function.enable(memory=True, io=False, master=True)
+    assert mapped.resident_pages() == (4 << 20) // 4096
 
 
-async def test_lazy_leaves_untouched_pages_out(vdev_socket_dir: Path) -> None:
+async def test_lazy_leaves_untouched_pages_out(vdev_qemu: AttachQemu) -> None:
     device = MemBar(size="4M", mapping="revoke", prefault="lazy")
-    socket = vdev_socket_dir / "membar.sock"
-    async with served(device, socket), QemuMachine(devices=[vfio_user_pci(socket)]) as vm:
-        function = await (await vm.pci_bus()).find(*MEMBAR)
-        await function.map_bars()
-        await function.enable(memory=True, io=False, master=True)
-        await function.bar_writel(0, 0x3000, 0x5A5A5A5A)
-        await function.enable(memory=False, io=False, master=True)
-        await function.enable(memory=True, io=False, master=True)
-        mapped = device.bar(0).mapped
-        assert mapped is not None and mapped.resident_pages() == 1
-        assert await function.bar_readl(0, 0x3000) == 0x5A5A5A5A
+    function = (await vdev_qemu(device, enable={"memory", "master"})).function
+    await function.bar_writel(0, 0x3000, 0x5A5A5A5A)
+    await function.enable(memory=False, io=False, master=True)
+    await function.enable(memory=True, io=False, master=True)
+    mapped = device.bar(0).mapped
+    assert mapped is not None and mapped.resident_pages() == 1
+    assert await function.bar_readl(0, 0x3000) == 0x5A5A5A5A

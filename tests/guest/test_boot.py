@@ -34,6 +34,7 @@ def guest(qemu_binary: Path, artefacts: GuestArtefacts, **options: object) -> Gu
     return GuestMachine(binary=qemu_binary, kernel=artefacts.kernel, initrd=artefacts.initrd, **options)  # type: ignore[arg-type]
 
 
+@pytest.mark.requires("libvfio-user")
 async def test_guest_binds_hello_to_vfio_pci_and_reads_bar0(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:

@@ -41,6 +41,8 @@ OUTPUTS_SET = {0: 1, 3: 1, 9: 1, 15: 1, 4: 0}
 INPUT_LINES = [16, 17, 18, 22, 31]  # chip lines 16-31 are the card's inputs 0-15
 FILTER_CTL, IRQ_CTL, IN0_7 = 0x3, 0x2, 0x1
 
+pytestmark = pytest.mark.requires("libvfio-user")
+
 
 def version(release: str) -> tuple[int, int]:
     match = re.match(r"(\d+)\.(\d+)", release)

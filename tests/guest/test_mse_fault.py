@@ -1,4 +1,4 @@
-"""The concurrent-fault experiment (``vdev.experiments.mse``) on one guest kernel, sized for CI.
+"""The concurrent-fault experiment (``vdev_experiments.mse``) on one guest kernel, sized for CI.
 
 A guest binds ``membar`` to vfio-pci and ``mse-fault`` stamps BAR0 from four
 threads while MEM is toggled, first by the guest (through vfio's config
@@ -17,7 +17,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vdev.experiments.mse import (
+import pytest
+
+from vdev.model.events import Event
+from vdev.provenance import Provenance
+from vdev.qemu.guest import GuestArtefacts
+from vdev_experiments.mse import (
     BEFORE,
     MseConfig,
     MseRun,
@@ -25,15 +30,13 @@ from vdev.experiments.mse import (
     Verdict,
     analyse,
     check_stamps,
+    faults_per_enable,
     fnv1a,
     markdown_summary,
     run_mse,
     verdict_counts,
     write_report,
 )
-from vdev.model.events import Event
-from vdev.provenance import Provenance
-from vdev.qemu.guest import GuestArtefacts
 
 
 def explain(run: MseRun) -> str:
@@ -41,10 +44,11 @@ def explain(run: MseRun) -> str:
     return "\n".join([*lines, f"console log: {run.console_log}"])
 
 
+@pytest.mark.requires("libvfio-user")
 async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, tmp_path: Path
 ) -> None:
-    config = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3)
+    config = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3, storm_cycles=40)
     run = await run_mse(guest_artefacts, config, workdir=tmp_path, binary=qemu_binary)
     print(explain(run))
     write_report([run], tmp_path / "experiment.json", plot=None)
@@ -65,9 +69,19 @@ async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     assert [child["forked"] for child in report.forks] == ["mapped", "zapped"]
     assert len(report.latency) == config.latency_cycles
     assert all(entry["first_touch_ns"] > 0 for entry in report.latency)
+    # The stock fault path: nothing is mapped right after an enable, the first touch faults, and once
+    # every page has been reached a second walk takes no fault at all.
+    assert all(entry["faults_first_touch"] >= 1 for entry in report.latency)
+    assert all(entry["faults_walk_again"] == 0 for entry in report.latency)
+    assert all(1 <= n <= report.device["pages"] for n in faults_per_enable(report.latency))
+    # The storm: every enable under load ran, with threads in three processes released together.
+    assert report.storm is not None
+    assert (report.storm["cycles"], report.storm["processes"], report.storm["sigbus"]) == (40, 2, 0)
+    assert report.storm["faults_per_cycle_min"] >= 1
     assert run.console_log.exists()
 
 
+@pytest.mark.requires("libvfio-user")
 async def test_server_toggling_is_invisible_to_the_guests_mappings(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, tmp_path: Path
 ) -> None:
@@ -211,3 +225,53 @@ def test_repeats_count_how_often_each_verdict_passed_and_a_run_cut_short_fails_w
     table = markdown_summary(runs)
     assert "| guest | `fork_mapped_child` | 1/3 |" in table
     assert "linux-image-bookworm 1.0-1" in table
+
+
+def test_faults_per_enable_adds_the_first_touch_to_the_walk_and_skips_unreadable_counts() -> None:
+    latency = [
+        {"faults_first_touch": 1, "faults_walk": 0},
+        {"faults_first_touch": 1, "faults_walk": 1023},
+        {"faults_first_touch": 0, "faults_walk": 0},
+        {"faults_first_touch": -1, "faults_walk": 5},
+        {"first_touch_ns": 5},
+    ]
+    assert faults_per_enable(latency) == [1, 1024, 0]
+
+
+def _storm(cycles: int, sigbus: int = 0, requested: int | None = None) -> dict[str, Any]:
+    return {
+        "kind": "mse.storm",
+        "epoch": 3,
+        "cycles": cycles,
+        "requested": cycles if requested is None else requested,
+        "threads": 2,
+        "processes": 1,
+        "touchers": 4,
+        "touches": 16 * cycles,
+        "sigbus": sigbus,
+        "faults": 4 * cycles,
+        "faults_per_cycle_min": 4,
+        "faults_per_cycle_max": 4,
+        "remaps": 0,
+        "splits": 0,
+        "children_ok": True,
+        "ns": 1,
+    }
+
+
+def test_a_storm_fails_on_a_sigbus_with_mem_on_on_a_short_run_and_on_a_server_log_that_disagrees() -> None:
+    storm_epoch = {**_epoch(3, "enabled"), "state": "storm", "phase": "storm"}
+    server = ServerLog.from_events(
+        [_doorbell(0), _doorbell(3), _command(0x103, 0x101), _command(0x101, 0x103), _doorbell(4)]
+    )
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+
+    def verdicts(storm: dict[str, Any], log: ServerLog = server) -> dict[str, Verdict]:
+        results = [_epoch(0, "enabled"), storm_epoch, _epoch(4, "enabled"), storm, done]
+        return {v.name: v for v in analyse("guest", results, log, bytes(4096))}
+
+    assert verdicts(_storm(1))["storm_no_sigbus_while_enabled"].passed
+    assert verdicts(_storm(1))["epochs_match_server"].passed
+    assert not verdicts(_storm(1, sigbus=1))["storm_no_sigbus_while_enabled"].passed
+    assert not verdicts(_storm(1, requested=2))["storm_no_sigbus_while_enabled"].passed
+    assert not verdicts(_storm(2))["epochs_match_server"].passed  # two cycles claimed, one off/on seen

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 
-from vdev.model.memory import MappedMemory, resident_pages
+from vdev.model.memory import MappedMemory
+from vdev.testing.memory import resident_pages
 
 # A client: maps the memfd once, then reads 4 bytes at each offset it is sent.
 CLIENT = """

@@ -52,7 +52,7 @@ from vdev_devices.edu import Edu
 from vdev_devices.hello import Hello
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 
 def on_id_reply(fault: object, **selectors: object) -> FaultPlan:

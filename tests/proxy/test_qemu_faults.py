@@ -51,7 +51,7 @@ from vdev.qemu import QemuExitedError, QemuMachine, QTestClosedError
 from vdev.testing import vfio_user_pci
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
 ALL_ONES = 0xFFFF_FFFF
 

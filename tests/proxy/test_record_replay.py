@@ -76,7 +76,7 @@ def first_id_reply(records: list[Record]) -> Record:
     )
 
 
-@pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+@pytest.mark.requires("qemu", "libvfio-user")
 async def test_a_qemu_session_replays_without_divergence_and_catches_a_changed_device(
     vdev_socket_dir: Path,
 ) -> None:
@@ -129,7 +129,7 @@ async def edu_dma(client: Client, intx: Interrupt, source: int, destination: int
     await client.region_write(0, 0x64, (0x100).to_bytes(4, "little"))
 
 
-@pytest.mark.usefixtures("libvfio_user_library")
+@pytest.mark.requires("libvfio-user")
 async def test_server_dma_is_answered_from_recreated_memory(vdev_socket_dir: Path) -> None:
     transcript = io.StringIO()
     pattern = bytes(range(7, 207))
@@ -208,7 +208,7 @@ def test_comparison_rules() -> None:
 # --- the command line --------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+@pytest.mark.requires("qemu", "libvfio-user")
 async def test_vdev_replay_exit_status_and_report(vdev_socket_dir: Path) -> None:
     path = await record_qemu_session(vdev_socket_dir)
     records = load_transcript(path)
@@ -241,7 +241,7 @@ async def test_vdev_replay_exit_status_and_report(vdev_socket_dir: Path) -> None
     assert bad.returncode == 2 and "not JSON" in bad.stderr.decode() and len(bad.stderr.splitlines()) == 1
 
 
-@pytest.mark.usefixtures("libvfio_user_library")
+@pytest.mark.requires("libvfio-user")
 async def test_vdev_proxy_records_and_logs_faults_from_a_toml_plan(vdev_socket_dir: Path) -> None:
     plan = vdev_socket_dir / "plan.toml"
     plan.write_text(
@@ -290,7 +290,7 @@ async def test_vdev_proxy_refuses_a_bad_plan_in_one_line(tmp_path: Path) -> None
 # --- the documentation ---------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("qemu_binary", "libvfio_user_library")
+@pytest.mark.requires("qemu", "libvfio-user")
 async def test_the_documented_recording_and_regression_test_work(tmp_path: Path) -> None:
     text = DOC.read_text()
     (recorder,) = re.findall(r"```python\n(# record_hello\.py.*?)```", text, flags=re.DOTALL)

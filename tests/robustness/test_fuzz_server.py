@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 HEADER = struct.Struct("=HHIII")
 VERSION_REQUEST = HEADER.pack(1, 1, 16 + 4 + 3, 0, 0) + struct.pack("=HH", 0, 1) + b"{}\0"

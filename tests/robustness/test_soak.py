@@ -21,7 +21,7 @@ from vdev.client import Client
 from vdev.runtime import DeviceContext
 from vdev_devices.membar import MemBar
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
+pytestmark = pytest.mark.requires("libvfio-user")
 CYCLES = int(os.environ.get("VDEV_SOAK_CYCLES", "200"))
 RSS_GROWTH_BOUND = 16 << 20
 Serve = Callable[[Device], Awaitable[DeviceContext]]
@@ -37,7 +37,7 @@ def rss_bytes() -> int:
 
 async def polite_cycle(path: Path, cycle: int) -> None:
     async with Client.connect(path) as client:
-        await client.region_write(7, 0x04, (0x2).to_bytes(2, "little"))
+        await client.enable(memory=True, io=False, master=False)
         await client.region_write(2, 0x00, struct.pack("<Q", cycle))
         assert struct.unpack("<Q", await client.region_read(2, 0x00, 8))[0] == cycle
         bar0 = await client.map_region(0)

@@ -6,30 +6,16 @@ memfd or as private memory served through DMA_READ/DMA_WRITE messages.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Awaitable, Callable
-
 import pytest
 import trio
 
-from vdev import Bar, Device, DmaError, Register
+from vdev import WO, Bar, Device, DmaError, Msi, MsiX, Register
 from vdev.client import Client, Interrupt
-from vdev.protocol.constants import IrqIndex
-from vdev.runtime import DeviceContext
+from vdev.protocol.constants import IrqIndex, IrqSetFlag
+from vdev.testing import ConnectClient, ServeDevice
 from vdev_devices.edu import Edu
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
-
-CONFIG = 7
-Connect = Callable[[Device], Awaitable[Client]]
-
-
-async def config_write(client: Client, offset: int, value: int, size: int) -> None:
-    await client.region_write(CONFIG, offset, value.to_bytes(size, "little"))
-
-
-async def config_read(client: Client, offset: int, size: int) -> int:
-    return int.from_bytes(await client.region_read(CONFIG, offset, size), "little")
+pytestmark = pytest.mark.requires("libvfio-user")
 
 
 async def edu_dma(client: Client, intx: Interrupt, source: int, destination: int, count: int, to_ram: bool) -> None:
@@ -42,18 +28,18 @@ async def edu_dma(client: Client, intx: Interrupt, source: int, destination: int
     """
     command = 0x1 | 0x4 | (0x2 if to_ram else 0)
     for offset, value in ((0x80, source), (0x88, destination), (0x90, count), (0x98, command)):
-        await client.region_write(0, offset, value.to_bytes(8, "little"))
+        await client.write64(0, offset, value)
     with trio.fail_after(10):
         await intx.wait()
-    assert int.from_bytes(await client.region_read(0, 0x24, 4), "little") == 0x100
-    await client.region_write(0, 0x64, (0x100).to_bytes(4, "little"))
+    assert await client.read32(0, 0x24) == 0x100
+    await client.write32(0, 0x64, 0x100)
 
 
 @pytest.mark.parametrize("kind", ["memfd", "private"])
-async def test_dma_both_ways(vdev_client: Connect, kind: str) -> None:
+async def test_dma_both_ways(vdev_client: ConnectClient, kind: str) -> None:
     device = Edu(dma_delay=0)
     client = await vdev_client(device)
-    await config_write(client, 0x04, 0x6, 2)  # MEM | MASTER
+    await client.enable(memory=True, io=False, master=True)
     (intx,) = await client.set_irqs(IrqIndex.INTX, 0, 1)
     iova = 0x10_0000
     region = await (client.dma_map_memfd if kind == "memfd" else client.dma_map_private)(iova, 0x4000)
@@ -73,10 +59,10 @@ async def test_dma_both_ways(vdev_client: Connect, kind: str) -> None:
     assert device.events.of_kind("dma_unmap")
 
 
-async def test_dma_without_bus_mastering_is_refused(vdev_client: Connect) -> None:
+async def test_dma_without_bus_mastering_is_refused(vdev_client: ConnectClient) -> None:
     device = Edu(dma_delay=0)
     client = await vdev_client(device)
-    await config_write(client, 0x04, 0x2, 2)  # MEM only
+    await client.enable(memory=True, io=False, master=False)
     (intx,) = await client.set_irqs(IrqIndex.INTX, 0, 1)
     region = await client.dma_map_memfd(0x10_0000, 0x1000)
     region.write(0, b"secret")
@@ -88,36 +74,82 @@ async def test_dma_without_bus_mastering_is_refused(vdev_client: Connect) -> Non
     assert len(violations) == 2 and violations[0]["address"] == 0x10_0000
 
 
-async def test_dma_outside_mapped_memory_is_refused(vdev_client: Connect) -> None:
+async def test_dma_outside_mapped_memory_is_refused(vdev_client: ConnectClient) -> None:
     device = Edu(dma_delay=0)
     client = await vdev_client(device)
-    await config_write(client, 0x04, 0x6, 2)
+    await client.enable(memory=True, io=False, master=True)
     await client.dma_map_memfd(0x10_0000, 0x1000)
     with pytest.raises(DmaError, match="not inside memory the client mapped"):
         await device.dma.write(0x10_0F00, bytes(0x200))
 
 
-async def test_msi_and_intx_reach_the_client(vdev_client: Connect) -> None:
+async def test_msi_and_intx_reach_the_client(vdev_client: ConnectClient) -> None:
     device = Edu()
     client = await vdev_client(device)
-    await config_write(client, 0x04, 0x6, 2)
+    await client.enable(memory=True, io=False, master=True)
     (intx,) = await client.set_irqs(IrqIndex.INTX, 0, 1)
-    await client.region_write(0, 0x60, (0x8).to_bytes(4, "little"))  # raise
+    await client.write32(0, 0x60, 0x8)  # raise
     with trio.fail_after(5):
         await intx.wait()
-    assert device.irq.intx_level and await config_read(client, 0x06, 2) & 0x8
-    await client.region_write(0, 0x64, (0x8).to_bytes(4, "little"))  # acknowledge
-    assert not device.irq.intx_level and not await config_read(client, 0x06, 2) & 0x8
+    assert device.irq.intx_level and await client.config_read(0x06, 2) & 0x8
+    await client.write32(0, 0x64, 0x8)  # acknowledge
+    assert not device.irq.intx_level and not await client.config_read(0x06, 2) & 0x8
 
     msi_at = 0x40
-    assert await config_read(client, msi_at, 1) == 0x05
-    control = await config_read(client, msi_at + 2, 2)
-    await config_write(client, msi_at + 2, control | 0x1, 2)
+    assert await client.config_read(msi_at, 1) == 0x05
+    control = await client.config_read(msi_at + 2, 2)
+    await client.config_write(msi_at + 2, control | 0x1, 2)
     (msi,) = await client.set_irqs(IrqIndex.MSI, 0, 1)
-    await client.region_write(0, 0x60, (0x2).to_bytes(4, "little"))
+    await client.write32(0, 0x60, 0x2)
     with trio.fail_after(5):
         assert await msi.wait() >= 1
     assert device.irq.mode == "msi"
+
+
+class Ringer(Device):
+    """Two MSI-X vectors, table at BAR0+0x800, PBA at BAR0+0xc00; the doorbell signals vector ``n``."""
+
+    vendor_id = 0x1B36
+    device_id = 0x5158
+    bar0 = Bar(4096, registers=[Register("doorbell", 0x0, access=WO)])
+
+    def capabilities(self) -> list[MsiX]:
+        return [MsiX(vectors=2, table_bar=0, table_offset=0x800, pba_bar=0, pba_offset=0xC00)]
+
+    @bar0.on_write("doorbell")
+    def ring(self, value: int) -> None:
+        self.irq.trigger(value)
+
+
+async def test_msix_masking_is_the_clients_set_irqs_and_eventfds_not_the_table(vdev_client: ConnectClient) -> None:
+    device = Ringer()
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=True)
+    msix_at = 0x40
+    assert await client.config_read(msix_at, 1) == 0x11
+    await client.config_write(msix_at + 2, 0x8000, 2)  # enable, no function mask
+
+    async def ring(vector: int) -> None:
+        await client.write32(0, 0x0, vector)
+
+    async def pba() -> int:
+        return await client.read64(0, 0xC00)
+
+    await ring(0)  # no eventfd yet: held
+    assert await pba() == 0b01
+    first, second = await client.set_irqs(IrqIndex.MSIX, 0, 2)
+    with trio.fail_after(5):  # installing the eventfd delivers it (just after SET_IRQS is answered)
+        assert await first.wait() == 1
+    assert await pba() == 0
+    table_entry_1 = 0x800 + 16
+    assert await client.read32(0, table_entry_1 + 12) == 1  # reset: masked
+    await ring(1)  # the table's mask bit is the client's business: it does not gate
+    assert second.pending() == 1
+    await client.signal_irqs(IrqIndex.MSIX, 1, 1, action=IrqSetFlag.ACTION_MASK)
+    await ring(1)
+    assert second.pending() == 0 and await pba() == 0b10
+    await client.signal_irqs(IrqIndex.MSIX, 1, 1, action=IrqSetFlag.ACTION_UNMASK)
+    assert second.pending() == 1 and await pba() == 0
 
 
 class Quiescing(Device):
@@ -132,48 +164,104 @@ class Quiescing(Device):
         await trio.sleep(0.2)
 
 
-async def test_dma_map_waits_for_an_async_quiesce(vdev_serve: Callable[[Device], Awaitable[DeviceContext]]) -> None:
+async def test_dma_map_waits_for_an_async_quiesce(vdev_serve: ServeDevice) -> None:
     device = Quiescing()
     context = await vdev_serve(device)
     async with Client.connect(context.socket_path) as client:
-        await config_write(client, 0x04, 0x2, 2)
+        await client.enable(memory=True, io=False, master=False)
         await client.dma_map_memfd(0x10_0000, 0x1000)
         kinds = [e.kind for e in device.events if e.kind in ("quiesce", "dma_map")]
         assert kinds[-1] == "dma_map" and "quiesce" in kinds
         quiesces = device.events.of_kind("quiesce")
         assert quiesces[-1].data["done"] is True and quiesces[-1].t <= device.events.of_kind("dma_map")[0].t
-        assert await client.region_read(0, 0, 4) == bytes(4)
+        assert await client.read32(0, 0) == 0
+
+
+class Ringer2(Device):
+    """INTx and two MSI vectors with per-vector masking; the doorbell raises INTx or signals an MSI vector."""
+
+    vendor_id = 0x1B36
+    device_id = 0x5159
+    bar0 = Bar(4096, registers=[Register("doorbell", 0x0, access=WO), Register("lower", 0x4, access=WO)])
+
+    def capabilities(self) -> list[Msi]:
+        return [Msi(vectors=2, per_vector_mask=True)]
+
+    @bar0.on_write("doorbell")
+    def ring(self, value: int) -> None:
+        self.irq.trigger(value)
+
+    @bar0.on_write("lower")
+    def lower(self, _value: int) -> None:
+        self.irq.lower_intx()
+
+
+async def test_set_irqs_mask_and_unmask_reach_the_model_for_intx_and_msi(vdev_client: ConnectClient) -> None:
+    """libvfio-user hands SET_IRQS MASK/UNMASK to the device: a held interrupt fires on unmask."""
+    device = Ringer2()
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=True)
+    (intx,) = await client.set_irqs(IrqIndex.INTX)
+    await client.signal_irqs(IrqIndex.INTX, action=IrqSetFlag.ACTION_MASK)
+    await client.write32(0, 0x0, 0)
+    assert device.irq.intx_level and intx.pending() == 0
+    await client.signal_irqs(IrqIndex.INTX, action=IrqSetFlag.ACTION_UNMASK)
+    assert intx.pending() == 1  # the level is still high
+    await client.write32(0, 0x4, 0)
+
+    msi_at = 0x40
+    await client.config_write(msi_at + 2, 0x1 | 1 << 4, 2)  # enable, two vectors
+    msi = await client.set_irqs(IrqIndex.MSI, 0, 2)
+    await client.signal_irqs(IrqIndex.MSI, 1, 1, action=IrqSetFlag.ACTION_MASK)
+    await client.write32(0, 0x0, 1)
+    assert msi[1].pending() == 0 and await client.config_read(msi_at + 20) == 0b10
+    await client.signal_irqs(IrqIndex.MSI, 1, 1, action=IrqSetFlag.ACTION_UNMASK)
+    assert msi[1].pending() == 1 and await client.config_read(msi_at + 20) == 0
 
 
 class Sleepy(Device):
+    """A read that waits, in its handler, until the test lets it finish."""
+
     vendor_id = 0x1B36
     device_id = 0x5107
     bar0 = Bar(4096, registers=[Register("slow", 0)])
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = trio.Event()
+        self.release = trio.Event()
+
     @bar0.on_read("slow")
     async def read_slow(self) -> int:
-        await trio.sleep(1)
+        self.entered.set()
+        await self.release.wait()
         return 1
 
 
-async def test_a_sleeping_handler_blocks_only_its_device(vdev_client: Connect) -> None:
-    sleepy_client = await vdev_client(Sleepy())
+async def test_an_awaiting_handler_stalls_only_its_device(vdev_client: ConnectClient) -> None:
+    """The slow device's handler is inside its await while the other device answers 50 round trips.
+
+    Were the devices served one at a time, the fast accesses would wait for
+    the slow read, which waits for them: the deadline turns that into a failure.
+    """
+    sleepy = Sleepy()
+    sleepy_client = await vdev_client(sleepy)
     fast_client = await vdev_client(Edu())
     for client in (sleepy_client, fast_client):
-        await config_write(client, 0x04, 0x2, 2)
+        await client.enable(memory=True, io=False, master=False)
     order: list[str] = []
 
     async def slow_read() -> None:
-        await sleepy_client.region_read(0, 0, 4)
+        assert await sleepy_client.read32(0, 0) == 1
         order.append("slow")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(slow_read)
-        await trio.sleep(0.05)
-        for value in range(50):
-            await fast_client.region_write(0, 0x04, struct.pack("<I", value))
-            assert struct.unpack("<I", await fast_client.region_read(0, 0x04, 4))[0] == ~value & 0xFFFFFFFF
-        order.append("fast")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_read)
+            await sleepy.entered.wait()
+            for value in range(50):
+                await fast_client.write32(0, 0x04, value)
+                assert await fast_client.read32(0, 0x04) == ~value & 0xFFFFFFFF
+            order.append("fast")
+            sleepy.release.set()
     assert order == ["fast", "slow"]
-
-

@@ -6,36 +6,30 @@ import errno
 import json
 import struct
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from vdev import Device
-from vdev.client import Client, VfioUserError
+from vdev.client import VfioUserError
 from vdev.model.faults import Fault, FaultPlan, FaultPlanError
 from vdev.protocol.constants import IrqIndex
+from vdev.testing import ConnectClient
 from vdev_devices.edu import Edu
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
-Connect = Callable[[Device], Awaitable[Client]]
-
-
-async def enable_memory(client: Client, master: bool = False) -> None:
-    await client.region_write(7, 0x04, (0x6 if master else 0x2).to_bytes(2, "little"))
+pytestmark = pytest.mark.requires("libvfio-user")
 
 
 def u32(data: bytes) -> int:
     return struct.unpack("<I", data)[0]
 
 
-async def test_errno_fault_answers_the_access_with_it(vdev_client: Connect) -> None:
+async def test_errno_fault_answers_the_access_with_it(vdev_client: ConnectClient) -> None:
     device = Hello()
     device.faults = FaultPlan([Fault(on="read", action="errno", region=0, offset=0x4, errno=errno.EACCES, count=1)])
     client = await vdev_client(device)
-    await enable_memory(client)
+    await client.enable(memory=True, io=False, master=False)
     with pytest.raises(VfioUserError) as failure:
         await client.region_read(0, 0x4, 4)
     assert failure.value.errno == errno.EACCES
@@ -43,7 +37,7 @@ async def test_errno_fault_answers_the_access_with_it(vdev_client: Connect) -> N
     assert [e.data["action"] for e in device.events.of_kind("fault")] == ["errno"]
 
 
-async def test_corrupt_and_drop(vdev_client: Connect) -> None:
+async def test_corrupt_and_drop(vdev_client: ConnectClient) -> None:
     device = Hello()
     device.faults = FaultPlan(
         [
@@ -52,40 +46,47 @@ async def test_corrupt_and_drop(vdev_client: Connect) -> None:
         ]
     )
     client = await vdev_client(device)
-    await enable_memory(client)
+    await client.enable(memory=True, io=False, master=False)
     assert u32(await client.region_read(0, 0x0, 4)) == 0x48454C4F ^ 0xFF
     await client.region_write(0, 0x4, struct.pack("<I", 1))
     await client.region_write(0, 0x4, struct.pack("<I", 2))  # dropped
     assert device.bar0["scratch"] == 1
 
 
-async def test_a_delayed_access_delays_only_its_device(vdev_client: Connect) -> None:
+async def test_a_delayed_access_delays_only_its_device(vdev_client: ConnectClient) -> None:
+    """The other device answers 20 reads while the slow one is inside its injected delay.
+
+    The slow read is known to be waiting once its ``fault`` event is
+    recorded.  Had the devices not been served independently, the fast reads
+    would have waited for the slow one, which would then have finished first.
+    """
     slow, fast = Hello(name="slow"), Hello(name="fast")
     slow.faults = FaultPlan([Fault(on="read", action="delay", seconds=1.0, region=0, offset=0x0)])
     slow_client, fast_client = await vdev_client(slow), await vdev_client(fast)
-    await enable_memory(slow_client)
-    await enable_memory(fast_client)
+    await slow_client.enable(memory=True, io=False, master=False)
+    await fast_client.enable(memory=True, io=False, master=False)
     order = []
 
     async def slow_read() -> None:
-        assert u32(await slow_client.region_read(0, 0x0, 4)) == 0x48454C4F
+        assert await slow_client.read32(0, 0x0) == 0x48454C4F
         order.append("slow")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(slow_read)
-        await trio.sleep(0.05)
-        for _ in range(20):
-            assert u32(await fast_client.region_read(0, 0x0, 4)) == 0x48454C4F
-        order.append("fast")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_read)
+            await slow.events.wait_for("fault")
+            for _ in range(20):
+                assert await fast_client.read32(0, 0x0) == 0x48454C4F
+            order.append("fast")
     assert order == ["fast", "slow"]
 
 
 @pytest.mark.parametrize(("action", "expected"), [("drop", 0), ("duplicate", 2), ("storm", 25)])
-async def test_interrupt_faults(vdev_client: Connect, action: str, expected: int) -> None:
+async def test_interrupt_faults(vdev_client: ConnectClient, action: str, expected: int) -> None:
     device = Hello()
     device.faults = FaultPlan([Fault(on="irq", action=action, times=25)])
     client = await vdev_client(device)
-    await enable_memory(client)
+    await client.enable(memory=True, io=False, master=False)
     (intx,) = await client.set_irqs(IrqIndex.INTX, 0, 1)
     await client.region_write(0, 0x0C, struct.pack("<I", 1))  # doorbell: one interrupt
     assert u32(await client.region_read(0, 0x0, 4))  # orders after the doorbell
@@ -93,11 +94,11 @@ async def test_interrupt_faults(vdev_client: Connect, action: str, expected: int
     assert intx.pending() == expected
 
 
-async def test_dma_fault_fails_the_transfer(vdev_client: Connect) -> None:
+async def test_dma_fault_fails_the_transfer(vdev_client: ConnectClient) -> None:
     device = Edu(dma_delay=0)
     device.faults = FaultPlan([Fault(on="dma", action="fail", count=1)])
     client = await vdev_client(device)
-    await enable_memory(client, master=True)
+    await client.enable(memory=True, io=False, master=True)
     region = await client.dma_map_memfd(0x10_0000, 0x1000)
     region.write(0, b"payload")
     for _attempt in range(2):
@@ -112,7 +113,7 @@ async def test_dma_fault_fails_the_transfer(vdev_client: Connect) -> None:
     assert [e.data["on"] for e in device.events.of_kind("fault")] == ["dma"]
 
 
-async def test_reset_fault_fails_device_reset(vdev_client: Connect) -> None:
+async def test_reset_fault_fails_device_reset(vdev_client: ConnectClient) -> None:
     device = Hello()
     device.faults = FaultPlan([Fault(on="reset", action="fail", errno=errno.EIO)])
     client = await vdev_client(device)
@@ -122,7 +123,7 @@ async def test_reset_fault_fails_device_reset(vdev_client: Connect) -> None:
     assert not device.events.of_kind("reset")
 
 
-async def test_busy_quiesce_holds_the_dma_map(vdev_client: Connect) -> None:
+async def test_busy_quiesce_holds_the_dma_map(vdev_client: ConnectClient) -> None:
     device = Hello()
     device.faults = FaultPlan([Fault(on="quiesce", action="busy", seconds=0.3)])
     client = await vdev_client(device)

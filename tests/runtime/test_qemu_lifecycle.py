@@ -8,36 +8,32 @@ import pytest
 import trio
 
 from vdev.qemu import QemuMachine
-from vdev.testing import served, vfio_user_pci
+from vdev.testing import AttachQemu, served, vfio_user_pci
 from vdev_devices.hello import Hello
 
-pytestmark = pytest.mark.usefixtures("qemu_binary")
+pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 HELLO = (0x1B36, 0x0F00)
 
 
-async def test_system_reset_reaches_the_device_as_a_reset_sequence(vdev_socket_dir: Path) -> None:
+async def test_system_reset_reaches_the_device_as_a_reset_sequence(vdev_qemu: AttachQemu) -> None:
     device = Hello()
-    socket = vdev_socket_dir / "hello.sock"
-    async with served(device, socket), QemuMachine(devices=[vfio_user_pci(socket)]) as vm:
-        function = await (await vm.pci_bus()).find(*HELLO)
-        await function.map_bars()
-        await function.enable(memory=True, io=False, master=True)
-        await function.bar_writel(0, 0x04, 0x55)
-        assert await function.bar_readl(0, 0x00) == 0x48454C4F
-        assert device.bar0["reads"] == 1
-        device.events.clear()
-        await vm.qmp.system_reset()
-        events = list(device.events)
-        # QEMU's reset sequence: COMMAND cleared by a config write, then DEVICE_RESET, then BARs rewritten.
-        command_off = next(i for i, e in enumerate(events) if e.kind == "command" and not e.data["memory"])
-        reset = next(i for i, e in enumerate(events) if e.kind == "reset")
-        bar_rewrite = next(i for i, e in enumerate(events) if e.kind == "config_write" and e.data["offset"] == 0x10)
-        assert command_off < reset < bar_rewrite
-        assert events[command_off].data["source"] == "client"
-        assert events[reset].data["reason"] == "device"
-        assert not device.command.memory and not device.command.master
-        assert device.bar0["reads"] == 0  # a device reset restores registers...
-        assert device.bar0["scratch"] == 0x55  # ...except sticky ones
+    vm, function = await vdev_qemu(device, enable={"memory", "master"})
+    await function.bar_writel(0, 0x04, 0x55)
+    assert await function.bar_readl(0, 0x00) == 0x48454C4F
+    assert device.bar0["reads"] == 1
+    device.events.clear()
+    await vm.qmp.system_reset()
+    events = list(device.events)
+    # QEMU's reset sequence: COMMAND cleared by a config write, then DEVICE_RESET, then BARs rewritten.
+    command_off = next(i for i, e in enumerate(events) if e.kind == "command" and not e.data["memory"])
+    reset = next(i for i, e in enumerate(events) if e.kind == "reset")
+    bar_rewrite = next(i for i, e in enumerate(events) if e.kind == "config_write" and e.data["offset"] == 0x10)
+    assert command_off < reset < bar_rewrite
+    assert events[command_off].data["source"] == "client"
+    assert events[reset].data["reason"] == "device"
+    assert not device.command.memory and not device.command.master
+    assert device.bar0["reads"] == 0  # a device reset restores registers...
+    assert device.bar0["scratch"] == 0x55  # ...except sticky ones
 
 
 @pytest.mark.parametrize("machine", ["pc", "q35"])

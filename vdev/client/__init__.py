@@ -2,7 +2,11 @@
 
     async with Client.connect("/tmp/device.sock") as client:
         info = await client.device_info()
-        bar0 = await client.region_read(0, 0, 4)
+        await client.enable(memory=True, io=False, master=False)
+        ident = await client.read32(0, 0x00)
+
+``config_read``/``config_write``, ``enable`` and ``read8`` … ``write64``
+speak integers; ``region_read``/``region_write`` move bytes.
 
 Beyond the typed calls, ``request``/``post`` send any ``vdev.protocol``
 message and ``send_raw``/``receive_raw`` send bytes the protocol forbids, for

@@ -18,7 +18,6 @@ from vdev.client._errors import ServerDisconnected, VfioUserError
 from vdev.client._info import DeviceInfo, IrqInfo, RegionInfo
 from vdev.client._irq import Interrupt
 from vdev.client._mapping import MappedRegion
-from vdev.client._transport import FdStream
 from vdev.protocol import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     HEADER_SIZE,
@@ -44,6 +43,7 @@ from vdev.protocol import (
     IrqSetFlag,
     Message,
     RegionFlag,
+    RegionIndex,
     RegionInfoRequest,
     RegionReadRequest,
     RegionWriteRequest,
@@ -54,12 +54,19 @@ from vdev.protocol import (
     VersionRequest,
 )
 from vdev.protocol.messages import ReplyT
+from vdev.transport import FdStream
 
 #: The protocol version vdev proposes: what libvfio-user and QEMU speak.
 DEFAULT_VERSION = (0, 1)
 #: How many fds per message the client accepts unless told otherwise;
 #: libvfio-user sends one per sparse mmap area of a region.
 DEFAULT_MAX_MSG_FDS = 16
+
+# The PCI COMMAND register and the bits :meth:`Client.enable` sets.
+_PCI_COMMAND = 0x04
+_COMMAND_IO = 0x1
+_COMMAND_MEMORY = 0x2
+_COMMAND_MASTER = 0x4
 
 
 def _close_fds(fds: Sequence[int]) -> None:
@@ -262,6 +269,62 @@ class Client:
             await self.post(message)
         else:
             _close_all((await self.request(message)).fds)
+
+    # --- config space and registers as integers ------------------------------------
+
+    async def config_read(self, offset: int, size: int = 4) -> int:
+        """Read ``size`` bytes of config space (region 7) at ``offset`` as a little-endian integer."""
+        return int.from_bytes(await self.region_read(RegionIndex.CONFIG, offset, size), "little")
+
+    async def config_write(self, offset: int, value: int, size: int = 4) -> None:
+        """Write ``value`` as ``size`` little-endian bytes of config space at ``offset``."""
+        await self.region_write(RegionIndex.CONFIG, offset, value.to_bytes(size, "little"))
+
+    async def enable(self, *, memory: bool = True, io: bool = True, master: bool = True) -> None:
+        """Set COMMAND's memory, I/O and bus-master bits to exactly these values; other bits stay.
+
+        What a driver does before touching BARs (memory, I/O) and before
+        letting the device DMA or send MSIs (master).
+        """
+        command = await self.config_read(_PCI_COMMAND, 2)
+        for bit, wanted in ((_COMMAND_IO, io), (_COMMAND_MEMORY, memory), (_COMMAND_MASTER, master)):
+            command = command | bit if wanted else command & ~bit
+        await self.config_write(_PCI_COMMAND, command, 2)
+
+    async def read8(self, index: int, offset: int) -> int:
+        """One byte of region ``index`` at ``offset``."""
+        return await self._read_int(index, offset, 1)
+
+    async def read16(self, index: int, offset: int) -> int:
+        """A little-endian 16-bit value of region ``index`` at ``offset``."""
+        return await self._read_int(index, offset, 2)
+
+    async def read32(self, index: int, offset: int) -> int:
+        """A little-endian 32-bit value of region ``index`` at ``offset``."""
+        return await self._read_int(index, offset, 4)
+
+    async def read64(self, index: int, offset: int) -> int:
+        """A little-endian 64-bit value of region ``index`` at ``offset``."""
+        return await self._read_int(index, offset, 8)
+
+    async def write8(self, index: int, offset: int, value: int, *, posted: bool = False) -> None:
+        """Write one byte; ``posted`` as in :meth:`region_write`."""
+        await self.region_write(index, offset, value.to_bytes(1, "little"), posted=posted)
+
+    async def write16(self, index: int, offset: int, value: int, *, posted: bool = False) -> None:
+        """Write a little-endian 16-bit value; ``posted`` as in :meth:`region_write`."""
+        await self.region_write(index, offset, value.to_bytes(2, "little"), posted=posted)
+
+    async def write32(self, index: int, offset: int, value: int, *, posted: bool = False) -> None:
+        """Write a little-endian 32-bit value; ``posted`` as in :meth:`region_write`."""
+        await self.region_write(index, offset, value.to_bytes(4, "little"), posted=posted)
+
+    async def write64(self, index: int, offset: int, value: int, *, posted: bool = False) -> None:
+        """Write a little-endian 64-bit value; ``posted`` as in :meth:`region_write`."""
+        await self.region_write(index, offset, value.to_bytes(8, "little"), posted=posted)
+
+    async def _read_int(self, index: int, offset: int, size: int) -> int:
+        return int.from_bytes(await self.region_read(index, offset, size), "little")
 
     async def map_region(self, index: int) -> MappedRegion:
         """mmap the mappable areas of region ``index`` through the server's fd."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vdev.protocol import Command
-from vdev.protocol.header import as_command
+from vdev.protocol import Command, as_command
 
 
 class VfioUserError(Exception):

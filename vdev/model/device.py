@@ -27,14 +27,13 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import trio
 
-from vdev.libvfio_user.constants import ResetType
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
-from vdev.model.dma import Dma
+from vdev.model.dma import Dma, DmaPort
 from vdev.model.events import EventLog
 from vdev.model.faults import Fault, FaultPlan, InjectedError
-from vdev.model.interrupts import Interrupts
+from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
 from vdev.model.registers import call_hook
@@ -50,14 +49,6 @@ class ResetKind(enum.Enum):
     DEVICE = "device"
     FLR = "flr"
     LOST_CONNECTION = "lost_connection"
-
-    @classmethod
-    def from_library(cls, reset_type: ResetType) -> ResetKind:
-        return {
-            ResetType.DEVICE: cls.DEVICE,
-            ResetType.FLR: cls.FLR,
-            ResetType.LOST_CONNECTION: cls.LOST_CONNECTION,
-        }[reset_type]
 
 
 @dataclass
@@ -245,6 +236,23 @@ class Device:
             self._trio_token = self._trio_thread = None
         else:
             self._trio_token, self._trio_thread = trio.lowlevel.current_trio_token(), threading.get_ident()
+
+    def attach_client(self, sink: IrqSink, port: DmaPort) -> None:
+        """A client attached: deliverable interrupts go to ``sink``, DMA to ``port``.
+
+        The runtime calls this with its libvfio-user context; the test
+        bench (:mod:`vdev.testing.bench`) with its recorder and memory.
+        """
+        self.irq.sink = sink
+        self.dma.port = port
+        self.events.record("connect")
+
+    def detach_client(self) -> None:
+        """The client went away: its eventfds, interrupt masks and DMA path went with it."""
+        self.irq.sink = None
+        self.irq.client_gone()
+        self.dma.port = None
+        self.events.record("disconnect")
 
     # -- overridable behaviour ----------------------------------------------------
 
@@ -440,7 +448,7 @@ class Device:
         self._on_trio(changed.set)
         self.on_command(old, new)
         if old.intx_disable and not new.intx_disable:
-            self.irq.deliver_unmasked_pending()
+            self.irq.intx_unmasked()
 
     async def _capability_writes(self, change: ConfigWrite) -> None:
         for placed in change.capabilities:

@@ -6,12 +6,24 @@ and friends from any Trio task; they never block.  This module decides
 MSI-X masking with pending bits) and hands deliverable ones to the runtime's
 :class:`IrqSink`, which owns the eventfds.
 
-Masking follows the spec: a masked MSI-X vector (its table entry's mask bit,
-the function mask, or a mask the client set with SET_IRQS) records a pending
-bit instead of firing; unmasking a vector whose bit is pending fires it and
-clears the bit.  MSI per-vector masks behave the same with the capability's
-pending register.  INTx is a level: while it is high and the client unmasks
-INTx, it fires again.
+MSI-X masking belongs to the client.  A vfio-user client such as QEMU
+emulates the MSI-X table and PBA itself: the guest's writes to the table
+never reach the device, and the client masks a vector either by telling the
+server (SET_IRQS MASK/UNMASK) or by not installing an eventfd for it (QEMU
+installs one when the guest unmasks the vector).  So a vector is *held*
+pending while the client masked it with SET_IRQS, while it has no eventfd,
+or while the function mask (MSI-X control, in config space, which clients
+forward) is set; it fires when that ends: on UNMASK, on the SET_IRQS that
+installs its eventfd, on clearing the function mask.  The table in the BAR
+is the device's copy of memory the client virtualises: it resets to masked
+entries, keeps what a client that does not virtualise it writes (vdev's own
+client, ``vdev inspect``), and never gates delivery.  The PBA reads as the
+vectors held here; QEMU shows the guest the device's PBA until it holds a
+vector itself.
+
+MSI per-vector masks live in config space (the client forwards them) and
+work as the PCI spec says, with the capability's pending register.  INTx is
+a level: while it is high and the client unmasks INTx, it fires again.
 """
 
 from __future__ import annotations
@@ -37,7 +49,12 @@ MSIX_VECTOR_CTRL_MASKBIT = 0x1
 
 
 class IrqSink(Protocol):
-    """Where deliverable interrupts go: the runtime's libvfio-user context."""
+    """Where deliverable interrupts go: the runtime's libvfio-user context.
+
+    When the client turns out to have no eventfd for an MSI-X vector the
+    sink calls :meth:`Interrupts.no_eventfd`; when the client may have
+    installed eventfds it calls :meth:`Interrupts.eventfds_changed`.
+    """
 
     def fire(self, irq_type: IrqIndex, vector: int) -> None:
         """Signal the client's eventfd for ``vector`` (as soon as the context is free)."""
@@ -55,8 +72,13 @@ class Interrupts:
         self._msix = device.config.find(MsiX)
         self._msi = device.config.find(Msi)
         self.msix_table = bytearray(self._msix_cap.table_size) if self._msix_cap else bytearray()
+        #: MSI-X vectors held pending (what the PBA reads as).
         self.msix_pending: set[int] = set()
+        # MSI-X vectors the client has, as far as we know, no eventfd for:
+        # all of them until a client sends SET_IRQS.
+        self._without_eventfd: set[int] = set()
         self.reset()
+        self.client_gone()
 
     @property
     def _msix_cap(self) -> MsiX | None:
@@ -67,13 +89,27 @@ class Interrupts:
         return self._msi.capability if self._msi else None  # type: ignore[return-value]
 
     def reset(self) -> None:
-        """Power-on state: INTx low, every MSI-X entry masked, nothing pending."""
+        """Power-on state: INTx low, every MSI-X table entry masked, nothing pending.
+
+        What the client set up (its masks, its eventfds) is the client's and
+        survives a device reset.
+        """
         self.intx_level = False
         self.msix_pending.clear()
         cap = self._msix_cap
         if cap is not None:
             for vector in range(cap.vectors):
                 struct.pack_into("<QII", self.msix_table, vector * MSIX_ENTRY_SIZE, 0, 0, MSIX_VECTOR_CTRL_MASKBIT)
+
+    def vector_counts(self) -> dict[IrqIndex, int]:
+        """How many vectors of each type the device has: what GET_IRQ_INFO reports (0: none)."""
+        counts = dict.fromkeys(IrqIndex, 0)
+        counts.update({IrqIndex.INTX: 1 if self._device.intx else 0, IrqIndex.ERR: 1, IrqIndex.REQ: 1})
+        if self._msi_cap is not None:
+            counts[IrqIndex.MSI] = self._msi_cap.vectors
+        if self._msix_cap is not None:
+            counts[IrqIndex.MSIX] = self._msix_cap.vectors
+        return counts
 
     # -- which mode is on ----------------------------------------------------
 
@@ -180,23 +216,54 @@ class Interrupts:
         assert cap is not None
         if not 0 <= vector < cap.vectors:
             raise ValueError(f"MSI-X vector {vector} out of range (0..{cap.vectors - 1})")
-        if self._msix_vector_masked(vector):
-            self.msix_pending.add(vector)
+        if self._msix_vector_held(vector):
+            self._hold(vector, "masked" if vector not in self._without_eventfd else "no eventfd")
             return
         self._fire(IrqIndex.MSIX, vector)
 
-    def _msix_vector_masked(self, vector: int) -> bool:
+    def _msix_vector_held(self, vector: int) -> bool:
+        """Whether the client masked ``vector`` (function mask, SET_IRQS, or no eventfd)."""
         assert self._msix is not None
         if self._cap_flags(self._msix.offset) & PCI_MSIX_FLAGS_MASKALL:
             return True
-        (control,) = struct.unpack_from("<I", self.msix_table, vector * MSIX_ENTRY_SIZE + 12)
-        return bool(control & MSIX_VECTOR_CTRL_MASKBIT) or vector in self._client_masked[IrqIndex.MSIX]
+        return vector in self._client_masked[IrqIndex.MSIX] or vector in self._without_eventfd
+
+    def _hold(self, vector: int, why: str) -> None:
+        self.msix_pending.add(vector)
+        self._device.events.record("irq", type="msix", vector=vector, held=why)
+
+    def no_eventfd(self, irq_type: IrqIndex, vector: int) -> None:
+        """The client has no eventfd for ``vector``: an MSI-X vector waits, pending, for one.
+
+        For INTx and MSI, which have no pending bit the client could see,
+        the signal is simply lost, as it is on a client that wired nothing.
+        """
+        if irq_type is IrqIndex.MSIX:
+            self._without_eventfd.add(vector)
+            self._hold(vector, "no eventfd")
+
+    @property
+    def awaiting_eventfds(self) -> bool:
+        """Whether some MSI-X vector is known to lack an eventfd (so SET_IRQS matters)."""
+        return bool(self._without_eventfd)
+
+    def eventfds_changed(self) -> None:
+        """The client sent SET_IRQS: it may have installed eventfds, so try the held vectors again."""
+        self._without_eventfd.clear()
+        self.deliver_unmasked_pending()
+
+    def client_gone(self) -> None:
+        """No client (yet, or any more): no eventfds and no client masks."""
+        for masked in self._client_masked.values():
+            masked.clear()
+        cap = self._msix_cap
+        self._without_eventfd = set(range(cap.vectors)) if cap is not None else set()
 
     def deliver_unmasked_pending(self) -> None:
-        """Fire every pending vector that is no longer masked (after any unmask)."""
+        """Fire every pending MSI-X and MSI vector that is no longer masked (after any unmask)."""
         if self.msix_enabled:
             for vector in sorted(self.msix_pending):
-                if not self._msix_vector_masked(vector):
+                if not self._msix_vector_held(vector):
                     self.msix_pending.discard(vector)
                     self._fire(IrqIndex.MSIX, vector)
         if self.msi_enabled and self._msi_cap and self._msi_cap.per_vector_mask and self._msi:
@@ -205,6 +272,13 @@ class Interrupts:
                 if pending >> vector & 1 and not self._msi_vector_masked(vector):
                     self._msi_set_pending(vector, False)
                     self._fire(IrqIndex.MSI, vector)
+
+    def intx_unmasked(self) -> None:
+        """The client unmasked INTx (SET_IRQS, or INTx-disable cleared): a level still high fires again.
+
+        Only an unmask does: INTx has no pending bit, and any other config
+        write or SET_IRQS while the level is high must not signal it anew.
+        """
         if self.intx_level and self.mode == "intx":
             self._deliver_intx()
 
@@ -215,7 +289,10 @@ class Interrupts:
             self._client_masked[irq_type] |= vectors
         else:
             self._client_masked[irq_type] -= vectors
-            self.deliver_unmasked_pending()
+            if irq_type is IrqIndex.INTX:
+                self.intx_unmasked()
+            else:
+                self.deliver_unmasked_pending()
 
     # -- the MSI-X table and PBA as a trapped area -----------------------------
 
@@ -223,9 +300,9 @@ class Interrupts:
         return bytes(self.msix_table[offset : offset + size]).ljust(size, b"\0")
 
     def write_msix_table(self, offset: int, data: bytes) -> None:
+        """Keep what the client wrote; masking is the client's (see the module docstring)."""
         end = min(offset + len(data), len(self.msix_table))
         self.msix_table[offset:end] = data[: end - offset]
-        self.deliver_unmasked_pending()
 
     def read_msix_pba(self, offset: int, size: int) -> bytes:
         bits = sum(1 << vector for vector in self.msix_pending)

@@ -25,7 +25,6 @@ Rules:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -34,30 +33,6 @@ PAGE_SIZE = mmap.PAGESIZE
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.mincore.restype = ctypes.c_int
-
-
-def mapping_address(mapping: mmap.mmap) -> int:
-    """The virtual address of a Python mmap (for mincore and timing probes)."""
-    anchor = ctypes.c_char.from_buffer(mapping)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
-
-
-def resident_pages(mapping: mmap.mmap, length: int | None = None) -> int:
-    """How many pages of ``mapping`` are resident, as ``mincore(2)`` reports them."""
-    length = len(mapping) if length is None else length
-    pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
-    vector = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(mapping_address(mapping), length, vector) != 0:
-        raise OSError(ctypes.get_errno(), "mincore failed")
-    return sum(byte & 1 for byte in vector)
-
 
 class MemoryRevokedError(RuntimeError):
     """The BAR's memory is revoked (memory decoding is off); it cannot be touched now."""
@@ -98,8 +73,10 @@ class MappedMemory:
         return segments
 
     def resident_pages(self) -> int:
-        """Pages of the memfd in memory now (0 while revoked)."""
-        return 0 if self.revoked else resident_pages(self._map)
+        """Pages the memfd holds now (0 while revoked): its data segments, which for a memfd are its pages."""
+        if self.revoked:
+            return 0
+        return sum((length + PAGE_SIZE - 1) // PAGE_SIZE for _, length in self.data_segments())
 
     def revoke(self, *, keep_contents: bool) -> int:
         """Make every mapping fault; returns the bytes saved for :meth:`restore`."""

@@ -19,6 +19,8 @@ from vdev.protocol.capabilities import (
     Capabilities,
     MigrationCapability,
     TwinSocket,
+    decode_version_data,
+    encode_version_data,
 )
 from vdev.protocol.constants import (
     FEATURE_INDEX_MASK,
@@ -52,6 +54,7 @@ from vdev.protocol.header import (
     Command,
     Header,
     MessageType,
+    as_command,
 )
 from vdev.protocol.messages import (
     MULTI_WRITE_MAX_DATA,
@@ -110,6 +113,8 @@ from vdev.protocol.regions import (
     SparseMmapArea,
     SparseMmapCapability,
     UnknownRegionCapability,
+    decode_region_capabilities,
+    encode_region_capabilities,
 )
 
 __all__ = [
@@ -202,5 +207,10 @@ __all__ = [
     "UnknownRegionCapability",
     "VersionReply",
     "VersionRequest",
+    "as_command",
     "decode_message",
+    "decode_region_capabilities",
+    "decode_version_data",
+    "encode_region_capabilities",
+    "encode_version_data",
 ]

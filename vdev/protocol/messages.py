@@ -58,8 +58,8 @@ from vdev.protocol.header import (
 from vdev.protocol.regions import (
     REGION_INFO_SIZE,
     RegionCapability,
-    decode_capabilities,
-    encode_capabilities,
+    decode_region_capabilities,
+    encode_region_capabilities,
 )
 
 ReplyT = TypeVar("ReplyT", bound="Reply")
@@ -407,10 +407,10 @@ class RegionInfoReply(_Sized, Reply):
     capabilities: tuple[RegionCapability, ...] = ()
 
     def _natural_argsz(self) -> int:
-        return REGION_INFO_SIZE + len(encode_capabilities(self.capabilities))
+        return REGION_INFO_SIZE + len(encode_region_capabilities(self.capabilities))
 
     def encode_payload(self) -> bytes:
-        caps = encode_capabilities(self.capabilities)
+        caps = encode_region_capabilities(self.capabilities)
         flags = self.flags & ~_CAPS
         cap_offset = 0
         if caps:
@@ -423,7 +423,7 @@ class RegionInfoReply(_Sized, Reply):
     @classmethod
     def _decode_payload(cls, payload: bytes) -> Self:
         argsz, flags, index, cap_offset, size, offset = _unpack(_REGION_INFO, payload, "DEVICE_GET_REGION_INFO")
-        caps = decode_capabilities(payload, cap_offset) if flags & RegionFlag.CAPS else ()
+        caps = decode_region_capabilities(payload, cap_offset) if flags & RegionFlag.CAPS else ()
         return cls(
             argsz=argsz,
             flags=RegionFlag(flags & ~_CAPS),

@@ -83,7 +83,7 @@ def _body(cap: RegionCapability) -> tuple[int, bytes]:
             return cap_id, data
 
 
-def encode_capabilities(caps: tuple[RegionCapability, ...]) -> bytes:
+def encode_region_capabilities(caps: tuple[RegionCapability, ...]) -> bytes:
     """The chain as it follows a region info struct; empty when there are none."""
     bodies = [_body(cap) for cap in caps]
     out = bytearray()
@@ -97,7 +97,7 @@ def encode_capabilities(caps: tuple[RegionCapability, ...]) -> bytes:
     return bytes(out)
 
 
-def decode_capabilities(payload: bytes, cap_offset: int) -> tuple[RegionCapability, ...]:
+def decode_region_capabilities(payload: bytes, cap_offset: int) -> tuple[RegionCapability, ...]:
     """Walk the chain in ``payload`` (the region info struct and what follows)."""
     caps: list[RegionCapability] = []
     visited: set[int] = set()

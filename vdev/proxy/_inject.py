@@ -36,8 +36,8 @@ from vdev.protocol import (
     RegionWriteMultiRequest,
     RegionWriteReply,
     RegionWriteRequest,
+    as_command,
 )
-from vdev.protocol.header import as_command
 from vdev.proxy._framing import Frame
 from vdev.proxy._plan import (
     Close,

@@ -34,13 +34,13 @@ from typing import IO
 
 import trio
 
-from vdev.client._transport import FdStream
 from vdev.protocol import NEED_DATA, ConnectionClosed, RemoteProtocolError
 from vdev.proxy._fds import FdInfo, close_fds, create_fd
 from vdev.proxy._framing import Frame, FrameReader, Unframed
 from vdev.proxy._inject import FaultInjector, Hangup, InjectedFault, RequestTracker, Send
 from vdev.proxy._plan import Direction, FaultPlan
 from vdev.proxy._transcript import TranscriptWriter, frame_record
+from vdev.transport import FdStream
 
 log = logging.getLogger("vdev.proxy")
 

@@ -48,7 +48,6 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from vdev.client._transport import FdStream
 from vdev.protocol import (
     HEADER_SIZE,
     NEED_DATA,
@@ -71,6 +70,7 @@ from vdev.proxy._fds import close_fds, create_fd
 from vdev.proxy._framing import FrameReader
 from vdev.proxy._plan import Direction
 from vdev.proxy._transcript import Record, by_connection, command_name, frame_record, load_transcript
+from vdev.transport import FdStream
 
 #: Seconds to wait for each expected message unless told otherwise.
 DEFAULT_TIMEOUT = 5.0

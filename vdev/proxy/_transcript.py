@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vdev.protocol import Command, Header, Message
-from vdev.protocol.header import as_command
+from vdev.protocol import Command, Header, Message, as_command
 from vdev.proxy._fds import FdInfo, describe_fd
 from vdev.proxy._framing import Frame, Unframed
 from vdev.proxy._plan import Direction

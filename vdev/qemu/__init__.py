@@ -39,11 +39,12 @@ from vdev.qemu.guest import (
     extra_initrd,
     guest_command,
     guest_dir,
+    kernel_problem_kinds,
     parse_result,
 )
 from vdev.qemu.hotplug import hot_unplug
 from vdev.qemu.memory import GuestMemoryAllocator
-from vdev.qemu.msi import MsiMailbox, enable_msi
+from vdev.qemu.msi import MsiMailbox, MsixTable, enable_msi, enable_msix
 from vdev.qemu.pci import (
     BarInfo,
     BarKind,
@@ -75,6 +76,7 @@ __all__ = [
     "extra_initrd",
     "guest_command",
     "guest_dir",
+    "kernel_problem_kinds",
     "parse_result",
     "BarInfo",
     "BarKind",
@@ -84,6 +86,7 @@ __all__ = [
     "GuestMemoryAllocator",
     "HotplugError",
     "MsiMailbox",
+    "MsixTable",
     "PciAddress",
     "PciAllocator",
     "PciBus",
@@ -104,6 +107,7 @@ __all__ = [
     "QmpEvents",
     "device_arg",
     "enable_msi",
+    "enable_msix",
     "enable_q35_ecam",
     "hot_unplug",
     "q35_intx_gsi",

@@ -45,6 +45,11 @@ it lives):
   never blocks on it; Trio's other calls into C (quiesce, DMA from
   background work) run in worker threads.  A callback handing an access
   to Trio lets go of the lock until the handler is done.
+* libvfio-user tells the server neither which eventfds the client installed
+  nor when: a trigger without one fails with ENOENT, and nothing announces
+  SET_IRQS.  An MSI-X vector whose trigger failed so is held pending by the
+  model; while one is, the serving thread peeks at each message's header
+  and, after a SET_IRQS, lets the model try the held vectors again.
 * **Nothing per access that nobody asked for**: access events are built
   only while someone listens (:mod:`vdev.model.events`), fault plans are
   indexed by event kind (:mod:`vdev.model.faults`).
@@ -88,17 +93,28 @@ from vdev.libvfio_user.constants import (
     ResetType,
 )
 from vdev.model.bars import BarKind
-from vdev.model.capabilities import Msi, MsiX
 from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaRegion
 from vdev.model.faults import Fault, InjectedError
 from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
+from vdev.protocol.errors import RemoteProtocolError
+from vdev.protocol.header import HEADER_SIZE, Command, Header
 
 log = logging.getLogger("vdev")
 
+#: The model's names for libvfio-user's reset reasons.
+_RESET_KINDS = {
+    ResetType.DEVICE: ResetKind.DEVICE,
+    ResetType.FLR: ResetKind.FLR,
+    ResetType.LOST_CONNECTION: ResetKind.LOST_CONNECTION,
+}
+
 _DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
+# libvfio-user logs these as errors, but they describe a client doing what
+# clients do (not wiring every interrupt), so they are debug output here.
+_ROUTINE_MESSAGES = ("no fd for interrupt",)
 
 
 class ContextLock:
@@ -343,6 +359,9 @@ class DeviceContext:
         self._jobs_lock = threading.Lock()
         self._jobs_closed = True
         self._jobs_fd = -1
+        # MSI-X vectors whose trigger found no eventfd; filled by whichever
+        # thread fired them, emptied into the model under the device's lock.
+        self._without_eventfd: collections.deque[int] = collections.deque()
         self.connected = False
 
     # -- setup ---------------------------------------------------------------
@@ -415,15 +434,7 @@ class DeviceContext:
         self._check(result, f"vfu_setup_region({RegionIndex(index).name})")
 
     def _setup_irqs(self) -> None:
-        device = self.device
-        counts = {IrqIndex.INTX: 1 if device.intx else 0, IrqIndex.ERR: 1, IrqIndex.REQ: 1}
-        msi = device.config.find(Msi)
-        if msi is not None:
-            counts[IrqIndex.MSI] = msi.capability.vectors  # type: ignore[attr-defined]
-        msix = device.config.find(MsiX)
-        if msix is not None:
-            counts[IrqIndex.MSIX] = msix.capability.vectors  # type: ignore[attr-defined]
-        for irq_type, count in counts.items():
+        for irq_type, count in self.device.irq.vector_counts().items():
             if count:
                 self._check(self._lib.vfu_setup_device_nr_irqs(self._ctx, irq_type, count), "vfu_setup_device_nr_irqs")
                 if irq_type in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
@@ -593,29 +604,34 @@ class DeviceContext:
         self._limit_stalls(connection)
         with self.device.lock:
             self.connected = True
-            self.device.irq.sink = self
-            self.device.dma.port = self
-            self.device.events.record("connect")
+            self.device.attach_client(self, self)
         log.info("%s: client attached on %s", self.device.name, self.socket_path)
         return True
 
     def _serve_client(self) -> None:
         """Serve the attached client's messages until it disconnects (the hot loop: keep it lean)."""
+        connection = self._lib.vfu_get_poll_fd(self._ctx)
         poller = select.poll()
-        poller.register(self._lib.vfu_get_poll_fd(self._ctx), select.POLLIN)
+        poller.register(connection, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
-        wait, run, ctx, lock = poller.poll, self._lib.vfu_run_ctx, self._ctx, self._lock
+        wait, run, ctx, lock, irq = poller.poll, self._lib.vfu_run_ctx, self._ctx, self._lock, self.device.irq
         try:
             while True:
                 wait()
                 if self._stopping:
                     return
+                set_irqs = irq.awaiting_eventfds and _next_command(connection) == Command.DEVICE_SET_IRQS
                 lock.acquire()
                 try:
                     result = run(ctx)
                     code = ctypes.get_errno() if result < 0 else 0
                 finally:
                     lock.release()
+                if self._without_eventfd or set_irqs:
+                    with self.device.lock:
+                        self._note_missing_eventfds()
+                        if set_irqs:
+                            irq.eventfds_changed()
                 if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
                     continue
                 if code == errno.EBUSY:
@@ -627,9 +643,7 @@ class DeviceContext:
         finally:
             with self.device.lock:
                 self.connected = False
-                self.device.irq.sink = None
-                self.device.dma.port = None
-                self.device.events.record("disconnect")
+                self.device.detach_client()
             log.info("%s: client detached", self.device.name)
 
     def _peer_allowed(self, connection_fd: int) -> bool:
@@ -748,7 +762,7 @@ class DeviceContext:
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
         try:
             in_trio = inspect.iscoroutinefunction(self.device.on_reset) or self.device.faults.needs_thread
-            self._run_device_code(in_trio, self.device.reset, ResetKind.from_library(ResetType(reset_type)))
+            self._run_device_code(in_trio, self.device.reset, _RESET_KINDS[ResetType(reset_type)])
             return 0
         except BaseException as exc:
             injected = isinstance(exc, InjectedError)
@@ -826,7 +840,9 @@ class DeviceContext:
 
     def _on_log(self, _ctx: int, level: int, message: bytes) -> None:
         try:
-            log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s: libvfio-user: %s", self.device.name, message.decode())
+            text = message.decode()
+            level = logging.DEBUG if text.startswith(_ROUTINE_MESSAGES) else _LOG_LEVELS.get(level, logging.DEBUG)
+            log.log(level, "%s: libvfio-user: %s", self.device.name, text)
         except BaseException:
             return
 
@@ -844,16 +860,20 @@ class DeviceContext:
             return
 
         def trigger() -> None:
-            if self._ctx is not None and self._lib.vfu_irq_trigger(self._ctx, vector) < 0:
-                log.debug(
-                    "%s: %s vector %d not delivered: %s",
-                    self.device.name,
-                    irq_type.name,
-                    vector,
-                    os.strerror(ctypes.get_errno()),
-                )
+            if self._ctx is None or self._lib.vfu_irq_trigger(self._ctx, vector) >= 0:
+                return
+            code = ctypes.get_errno()
+            if code == errno.ENOENT and irq_type is IrqIndex.MSIX:
+                self._without_eventfd.append(vector)
+            log.debug("%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code))
 
         self._lock.run_or_defer(trigger)
+        self._note_missing_eventfds()
+
+    def _note_missing_eventfds(self) -> None:
+        """Tell the model which MSI-X triggers found no eventfd (device code calls this, so under its lock)."""
+        while self._without_eventfd:
+            self.device.irq.no_eventfd(IrqIndex.MSIX, self._without_eventfd.popleft())
 
     def _direct(self, address: int, size: int) -> int | None:
         """The server-side address of client memory, if the client mapped it with an fd."""
@@ -910,3 +930,20 @@ class DeviceContext:
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
             if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _next_command(fd: int) -> int | None:
+    """The command of the message waiting on ``fd``, read without consuming it (None if unknown)."""
+    connection = socket.socket(fileno=fd)
+    try:
+        data = connection.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    finally:
+        connection.detach()
+    if len(data) < HEADER_SIZE:
+        return None
+    try:
+        return Header.decode(data).command
+    except RemoteProtocolError:
+        return None  # libvfio-user will refuse the message itself

@@ -9,12 +9,35 @@ only the (minor) fault that fills the page table.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import time
 
-from vdev.model.memory import resident_pages
-
 PAGE_SIZE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
+
+def mapping_address(mapping: mmap.mmap) -> int:
+    """The virtual address of a Python mmap (for mincore and timing probes)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+def resident_pages(mapping: mmap.mmap, length: int | None = None) -> int:
+    """How many pages of ``mapping`` are resident, as ``mincore(2)`` reports them."""
+    length = len(mapping) if length is None else length
+    pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+    vector = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(mapping_address(mapping), length, vector) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(byte & 1 for byte in vector)
+
 
 __all__ = ["PAGE_SIZE", "first_touch_ns", "resident_pages"]
 

@@ -1,36 +1,49 @@
 """pytest fixtures for testing vdev devices (registered via the ``pytest11`` entry point).
 
 Any project with vdev installed gets these fixtures; its tests run under
-pytest-trio (``trio_mode = true``, or ``@pytest.mark.trio``).
+pytest-trio (``trio_mode = true``, or ``@pytest.mark.trio``).  Each factory
+fixture has a type in :mod:`vdev.testing` to annotate the argument with.
+
+``vdev_bench`` (:class:`~vdev.testing.OpenBench`)
+    ``await vdev_bench(device)`` puts a device on the in-process
+    :class:`~vdev.testing.Bench` until the test ends: no socket, no
+    libvfio-user.
+
+``vdev_scripted_server`` (:class:`~vdev.testing.ScriptedServer`)
+    A scripted vfio-user server listening at ``.path``, for testing
+    clients; ``await vdev_scripted_server.accept()`` gives each connection.
 
 ``vdev_socket_dir``
     A fresh directory with a short path for vfio-user sockets (UNIX socket
     paths are limited to 107 bytes, which pytest's ``tmp_path`` can exceed).
 
-``vdev_serve``
+``vdev_serve`` (:class:`~vdev.testing.ServeDevice`)
     ``await vdev_serve(device)`` serves a device until the test ends and
     returns its :class:`~vdev.runtime.DeviceContext` (``.socket_path`` is
-    where clients connect).
+    where clients connect).  Serving the same device again returns the
+    same context.
 
-``vdev_client``
+``vdev_client`` (:class:`~vdev.testing.ConnectClient`)
     ``await vdev_client(device)`` serves the device and returns a connected,
     negotiated :class:`vdev.client.Client`; both end with the test.
 
-``vdev_qemu``
-    ``await vdev_qemu(device)`` serves the device, starts QEMU in qtest mode
-    with it attached over vfio-user, finds it on the PCI bus, places its
-    BARs and enables memory, I/O and bus mastering.  Returns a
-    :class:`QemuAttached` with ``.vm`` (the :class:`~vdev.qemu.QemuMachine`)
-    and ``.function`` (the :class:`~vdev.qemu.PciFunction`).  QEMU is always
-    stopped at the end, and its stderr is shown if the test failed.
+``vdev_qemu`` (:class:`~vdev.testing.AttachQemu`)
+    ``await vdev_qemu(device, enable={"memory"})`` serves the device, starts
+    QEMU in qtest mode with it attached over vfio-user, finds it on the PCI
+    bus, places its BARs and turns on the COMMAND bits in ``enable`` (by
+    default memory, I/O and bus mastering).  Returns a
+    :class:`~vdev.testing.QemuAttached` with ``.vm`` (the
+    :class:`~vdev.qemu.QemuMachine`) and ``.function`` (the
+    :class:`~vdev.qemu.PciFunction`); the other arguments are those of
+    :func:`~vdev.testing.qemu_attached`.  QEMU is always stopped at the
+    end, and its stderr is added to the report of a failed test.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Collection, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,9 +52,25 @@ import trio
 
 from vdev.model.device import Device
 from vdev.runtime.context import DeviceContext
-from vdev.testing.serving import served, vfio_user_pci
+from vdev.testing.bench import Bench, open_bench
+from vdev.testing.peer import ScriptedServer, open_scripted_server
+from vdev.testing.serving import (
+    ALL_COMMAND_BITS,
+    AttachQemu,
+    CommandBit,
+    ConnectClient,
+    OpenBench,
+    QemuAttached,
+    ServeDevice,
+    qemu_attached,
+    served,
+)
 
 T = TypeVar("T")
+D = TypeVar("D", bound=Device)
+
+#: The QEMU machines a test attached, so a failed test's report can show their stderr.
+_MACHINES = pytest.StashKey[list[Any]]()
 
 
 @pytest.fixture
@@ -64,21 +93,43 @@ async def _hold(manager: AbstractAsyncContextManager[T], *, task_status: trio.Ta
 
 
 @pytest.fixture
-async def vdev_serve(vdev_socket_dir: Path) -> AsyncIterator[Callable[[Device], Awaitable[DeviceContext]]]:
+async def vdev_bench() -> AsyncIterator[OpenBench]:
+    """Factory putting devices on the in-process bench for the rest of the test."""
+    async with trio.open_nursery() as nursery:
+
+        async def put_on_bench(device: D, *, wired: bool = True) -> Bench[D]:
+            bench: Bench[D] = await nursery.start(_hold, open_bench(device, wired=wired))
+            return bench
+
+        yield put_on_bench
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def vdev_scripted_server() -> AsyncIterator[ScriptedServer]:
+    """A scripted vfio-user server on a fresh socket, for testing a client."""
+    async with open_scripted_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def vdev_serve(vdev_socket_dir: Path) -> AsyncIterator[ServeDevice]:
     """Factory serving devices for the rest of the test."""
+    contexts: dict[Device, DeviceContext] = {}
     async with trio.open_nursery() as nursery:
 
         async def serve(device: Device) -> DeviceContext:
-            path = vdev_socket_dir / f"{device.name}.sock"
-            context: DeviceContext = await nursery.start(_hold, served(device, path))
-            return context
+            if device not in contexts:
+                path = vdev_socket_dir / f"{device.name}-{len(contexts)}.sock"
+                contexts[device] = await nursery.start(_hold, served(device, path))
+            return contexts[device]
 
         yield serve
         nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
-async def vdev_client(vdev_serve: Callable[[Device], Awaitable[DeviceContext]]) -> AsyncIterator[Any]:
+async def vdev_client(vdev_serve: ServeDevice) -> AsyncIterator[ConnectClient]:
     """Factory serving a device and returning a connected vfio-user client for it."""
     from vdev.client import Client
 
@@ -93,31 +144,34 @@ async def vdev_client(vdev_serve: Callable[[Device], Awaitable[DeviceContext]]) 
         nursery.cancel_scope.cancel()
 
 
-@dataclass
-class QemuAttached:
-    """A QEMU machine with a served device attached, and the device as QEMU's PCI code sees it."""
-
-    vm: Any
-    function: Any
-
-
 @pytest.fixture
-async def vdev_qemu(
-    vdev_serve: Callable[[Device], Awaitable[DeviceContext]],
-) -> AsyncIterator[Callable[..., Awaitable[QemuAttached]]]:
+async def vdev_qemu(vdev_serve: ServeDevice, request: pytest.FixtureRequest) -> AsyncIterator[AttachQemu]:
     """Factory attaching a served device to QEMU in qtest mode, ready for register access."""
-    from vdev.qemu import QemuMachine
-
+    machines = request.node.stash.setdefault(_MACHINES, [])
     async with trio.open_nursery() as nursery:
 
-        async def attach(device: Device, **machine_options: Any) -> QemuAttached:
+        async def attach(
+            device: Device,
+            *,
+            enable: Collection[CommandBit] = ALL_COMMAND_BITS,
+            properties: Mapping[str, object] | None = None,
+            **machine_options: Any,
+        ) -> QemuAttached:
             context = await vdev_serve(device)
-            machine = QemuMachine(devices=[vfio_user_pci(context.socket_path)], **machine_options)
-            vm = await nursery.start(_hold, machine)
-            function = await (await vm.pci_bus()).find(device.vendor_id, device.device_id)
-            await function.map_bars()
-            await function.enable(memory=True, io=True, master=True)
-            return QemuAttached(vm, function)
+            manager = qemu_attached(context, enable=enable, properties=properties, **machine_options)
+            attached: QemuAttached = await nursery.start(_hold, manager)
+            machines.append(attached.vm)
+            return attached
 
         yield attach
         nursery.cancel_scope.cancel()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """Add the stderr of every QEMU a failed test attached (they are still running at this point)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for vm in item.stash.get(_MACHINES, []):
+            report.sections.append((f"QEMU stderr (pid {vm.pid})", vm.stderr_tail() or "(nothing)"))
+    return report

@@ -1,0 +1,1084 @@
+"""The concurrent-fault experiment on vfio-pci's memory-enable (COMMAND.MEM) handling.
+
+When software clears MEM, Linux's vfio-pci zaps user mappings of the BARs;
+faults raise SIGBUS and ``pread``/``pwrite`` fail with EIO until MEM is set
+again, and pages come back on fault.  That fault path was reworked in 2021
+(concurrent faults), 6.10 (zap by address space, whole-mapping prefault)
+and 6.12 (huge-page faults), each time with fallout (shared/DESIGN.md §1).
+This experiment runs one workload against several guest kernels:
+
+1. a guest boots with vdev's ``membar`` device attached over vfio-user;
+2. ``mse-fault`` (``guest/mse-fault.c``) binds it to vfio-pci, maps BAR0 and
+   stamps its pages from N threads while MEM is toggled — by a guest thread
+   through vfio's config region (``guest`` mode) or by the device itself
+   (``server`` mode); in guest mode also a ``VFIO_DEVICE_RESET`` under
+   faults, quiet first-touch timings and a fork case;
+3. the guest's report, the server's ordered event log and BAR0's contents
+   after the run become :class:`Verdict` s.
+
+Matching the two sides: before every flip the guest writes the number of
+the epoch the flip starts to membar's BAR2 doorbell (register 0x00), so in
+the server's log every COMMAND change sits under the label of the guest
+epoch it belongs to (:class:`ServerLog`).  In guest mode a disabled epoch
+must hold exactly one MEM-off and one MEM-on change, an enabled epoch none.
+
+Verdicts, guest mode: SIGBUS only in epochs the server saw disabled (and
+some there: the path was exercised), no store succeeding while MEM was off,
+every stamp intact in BAR0 as the server holds it, EIO from ``pread`` and
+``pwrite`` while disabled, the reset stalls faulting threads instead of
+SIGBUS, both fork children fault once the parent cleared MEM, a clean
+kernel log, and a console log showing vfio-pci bound to membar.  Server
+mode: the guest saw every device-side flip, got no SIGBUS (its kernel is
+never told), its doorbell writes while disabled were master-aborted, and
+its stamps are intact.
+
+Usage::
+
+    make experiment KERNELS="bookworm trixie" REPEAT=3
+    python -m vdev_experiments.mse --kernels "bookworm trixie" --repeat 3 --out results
+
+writes ``results/experiment.json`` (every run, with the kernel package and
+version, QEMU, libvfio-user and vdev commit it ran with),
+``results/experiment.md`` (per kernel and mode, how many of the repeats
+passed each verdict) and ``results/experiment.png``, and keeps every console
+log (and the server's log) under ``results/experiment/``.  A kernel problem
+on the console ends that run at once, with the kernel's report in the
+output and the JSON.  The exit status is 1 only when a run could not
+finish; a failed verdict is printed and counted, and is called a finding
+only when it fails in every repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vdev.model.events import Event
+from vdev.provenance import Provenance, collect
+from vdev.qemu.cmdline import MiB
+from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestMachine, GuestResult, parse_result
+from vdev.testing import served, vfio_user_pci
+from vdev_devices.membar import MemBar
+
+#: Where membar sits in the guest (``addr=0x3`` on the q35 root bus).
+MEMBAR_ADDR = "0000:00:03.0"
+MEMBAR_IDS = ("1b36", "0f01")
+PAGE = 4096
+#: The label of server events before the guest's first doorbell.
+BEFORE = -1
+DEFAULT_KERNELS = ("bookworm", "trixie")
+MODES = ("guest", "server")
+
+_STAMP_MAGIC = 0x5A
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_U64 = (1 << 64) - 1
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MseConfig:
+    """One run's parameters: the guest program's arguments and the device's policies."""
+
+    #: ``guest``: a guest thread flips MEM; ``server``: the device does.
+    mode: str = "guest"
+    threads: int = 4
+    #: Guest mode: MEM off/on cycles while the workers fault, ``period_ms`` per epoch.
+    cycles: int = 8
+    period_ms: int = 20
+    #: Guest mode: quiet off/on cycles timing the first touch and a walk of BAR0.
+    latency_cycles: int = 6
+    reset: bool = True
+    fork: bool = True
+    #: Guest mode: enables under load at the end, every toucher released together after each
+    #: (``threads`` threads in the program and in each of ``storm_processes`` children).
+    storm_cycles: int = 1000
+    storm_processes: int = 2
+    #: Map BAR0 one page off its natural alignment, which rules out huge-page
+    #: faults (6.12+), to compare first-touch costs with and without them.
+    misaligned: bool = False
+    #: Server mode: the guest watches COMMAND this long; the server flips MEM
+    #: ``toggles`` times (even, so that it ends enabled), every ``toggle_period`` s.
+    seconds: int = 3
+    toggles: int = 6
+    toggle_period: float = 0.25
+    #: membar's BAR0 size.
+    size: str = "4M"
+    #: membar's ``mapping`` policy; empty: ``revoke`` in guest mode, ``keep`` in
+    #: server mode (see :attr:`membar_mapping`).
+    mapping: str = ""
+    smp: int = 2
+    memory_mib: int = 256
+    #: The whole run's bound; a kernel problem ends it at once, so this only catches a silent hang.
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.mode == "server" and self.membar_mapping != "keep":
+            raise ValueError(
+                "server mode needs mapping=keep: QEMU keeps BAR0 in the guest's address space when the device "
+                "clears MEM itself, so a revoked memfd would kill QEMU with SIGBUS on the guest's next store"
+            )
+        if self.mode == "server" and self.toggles * self.toggle_period >= self.seconds:
+            raise ValueError("the server's toggles must end before the guest stops watching")
+
+    @property
+    def membar_mapping(self) -> str:
+        """The ``mapping`` policy membar is served with.
+
+        Guest mode revokes (the server's memfd is truncated while MEM is off,
+        like vfio-pci's zap, which also exercises save and restore); QEMU
+        removes the BAR before anything could touch it.
+        """
+        return self.mapping or ("revoke" if self.mode == "guest" else "keep")
+
+    def guest_command(self) -> str:
+        """The ``mse-fault`` command line."""
+        words = ["mse-fault", "-m", self.mode, "-t", str(self.threads)] + (["-u"] if self.misaligned else [])
+        if self.mode == "guest":
+            words += ["-c", str(self.cycles), "-p", str(self.period_ms), "-l", str(self.latency_cycles)]
+            words += ["-s", str(self.storm_cycles), "-P", str(self.storm_processes)]
+            words += [] if self.reset else ["-R"]
+            words += [] if self.fork else ["-F"]
+        else:
+            words += ["-d", str(self.seconds)]
+        return " ".join(words)
+
+
+# -- the guest's side -------------------------------------------------------------------
+
+
+@dataclass
+class GuestReport:
+    """What ``mse-fault`` reported, by kind (see the top of guest/mse-fault.c)."""
+
+    device: Mapping[str, Any] | None = None
+    epochs: list[Mapping[str, Any]] = field(default_factory=list)
+    latency: list[Mapping[str, Any]] = field(default_factory=list)
+    eio: Mapping[str, Any] | None = None
+    reset: Mapping[str, Any] | None = None
+    storm: Mapping[str, Any] | None = None
+    forks: list[Mapping[str, Any]] = field(default_factory=list)
+    stamps: list[Mapping[str, Any]] = field(default_factory=list)
+    readback: Mapping[str, Any] | None = None
+    done: Mapping[str, Any] | None = None
+    errors: list[Mapping[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_results(cls, results: Iterable[Mapping[str, Any]]) -> GuestReport:
+        report = cls()
+        single = {"mse.device": "device", "mse.eio": "eio", "mse.reset": "reset", "mse.readback": "readback"}
+        single |= {"mse.storm": "storm"}
+        lists = {"mse.epoch": report.epochs, "mse.latency": report.latency, "mse.fork": report.forks}
+        lists |= {"mse.stamps": report.stamps, "mse.error": report.errors}
+        for result in results:
+            kind = result["kind"]
+            if kind in single:
+                setattr(report, single[kind], result)
+            elif kind in lists:
+                lists[kind].append(result)
+            elif kind == "mse.done":
+                report.done = result
+        return report
+
+    @property
+    def last_epoch(self) -> int:
+        return max((epoch["epoch"] for epoch in self.epochs), default=-1)
+
+    def epoch(self, number: int) -> Mapping[str, Any]:
+        return next(epoch for epoch in self.epochs if epoch["epoch"] == number)
+
+
+# -- the server's side ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One change of COMMAND.MEM in the server's log."""
+
+    memory: bool
+    source: str
+
+
+@dataclass
+class ServerLog:
+    """The server's event log cut into the guest's epochs by the doorbell writes.
+
+    Every event after a doorbell write of value *n* (BAR2 offset 0) belongs
+    to label *n*; events before the first one to :data:`BEFORE`.
+    """
+
+    doorbells: list[int] = field(default_factory=list)
+    transitions: dict[int, list[Transition]] = field(default_factory=dict)
+    resets: dict[int, list[str]] = field(default_factory=dict)
+    #: Label -> master-aborted (or refused) doorbell writes under it.
+    violations: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_events(cls, events: Iterable[Event]) -> ServerLog:
+        log = cls()
+        label = BEFORE
+        for event in events:
+            data = event.data
+            at_doorbell = data.get("region") == 2 and data.get("offset") == 0
+            if event.kind == "region_write" and at_doorbell:
+                # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
+                label = int(data["value"]) & 0xFFFF_FFFF
+                log.doorbells.append(label)
+            elif event.kind == "violation" and at_doorbell:
+                log.violations[label] = log.violations.get(label, 0) + 1
+            elif event.kind == "command" and bool(data["old"] & 0x2) != bool(data["new"] & 0x2):
+                log.transitions.setdefault(label, []).append(Transition(bool(data["memory"]), data["source"]))
+            elif event.kind == "reset":
+                log.resets.setdefault(label, []).append(data["reason"])
+        return log
+
+    def memory_changes(self, label: int) -> list[bool]:
+        return [t.memory for t in self.transitions.get(label, [])]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "doorbells": len(self.doorbells),
+            "transitions": {str(k): [asdict(t) for t in v] for k, v in sorted(self.transitions.items())},
+            "resets": {str(k): v for k, v in sorted(self.resets.items())},
+            "violations": {str(k): v for k, v in sorted(self.violations.items())},
+        }
+
+
+# -- verdicts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One check of a run: its name, whether it held, and the numbers behind it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+def fnv1a(words: Iterable[int]) -> int:
+    """FNV-1a 64 over 8-byte little-endian words: the hash ``mse-fault`` reports per thread."""
+    value = _FNV_OFFSET
+    for word in words:
+        for byte in word.to_bytes(8, "little"):
+            value = ((value ^ byte) * _FNV_PRIME) & _U64
+    return value
+
+
+def check_stamps(memory: bytes, stamps: Sequence[Mapping[str, Any]], last_epoch: int) -> Verdict:
+    """Every thread's last stamp of every page is in BAR0 as the server holds it, and well formed."""
+    pages = len(memory) // PAGE
+    problems: list[str] = []
+    stamped = 0
+    for report in stamps:
+        thread = report["thread"]
+        words = [
+            int.from_bytes(memory[p * PAGE + 8 * thread : p * PAGE + 8 * thread + 8], "little") for p in range(pages)
+        ]
+        stamped += sum(1 for word in words if word)
+        if fnv1a(words) != report["hash"] or sum(1 for word in words if word) != report["stamped"]:
+            problems.append(f"thread {thread}: BAR0 differs from what the guest stored")
+        for page, word in enumerate(words):
+            if word and (
+                word >> 56 != _STAMP_MAGIC
+                or word >> 44 & 0xFFF != thread
+                or word & 0xFFFFF != page
+                or word >> 20 & 0xFFFFFF > last_epoch
+            ):
+                problems.append(f"thread {thread} page {page}: malformed stamp {word:#x}")
+                break
+    if not stamps:
+        problems.append("the guest reported no stamps")
+    detail = (
+        "; ".join(problems) if problems else f"{stamped} stamps from {len(stamps)} threads match the guest's hashes"
+    )
+    return Verdict("stamps_intact", not problems, detail)
+
+
+def _completed(report: GuestReport) -> Verdict:
+    done = report.done
+    if done is None:
+        return Verdict("completed", False, "mse-fault never reported mse.done")
+    ok = not report.errors and "setup" not in done.get("failed", [])
+    errors = ", ".join(f"{e['op']}: {e['message']}" for e in report.errors)
+    return Verdict(
+        "completed", ok, f"status {done['status']}, failed {done.get('failed')}" + (f"; {errors}" if errors else "")
+    )
+
+
+def _console_shows_vfio_pci(console: str) -> Verdict:
+    for line in console.splitlines():
+        try:
+            data = parse_result(line)
+        except ValueError:
+            continue
+        if (
+            data is not None
+            and data["kind"] == "pci.device"
+            and data.get("addr") == MEMBAR_ADDR
+            and (data.get("vendor"), data.get("device")) == MEMBAR_IDS
+            and data.get("driver") == "vfio-pci"
+        ):
+            return Verdict("vfio_pci_bound", True, f"console: {MEMBAR_ADDR} {':'.join(MEMBAR_IDS)} driver vfio-pci")
+    return Verdict("vfio_pci_bound", False, f"no pci.device line shows {MEMBAR_ADDR} bound to vfio-pci")
+
+
+def _epochs_match_server(report: GuestReport, server: ServerLog) -> Verdict:
+    mismatches: list[str] = []
+    doorbells = set(server.doorbells)
+    for epoch in report.epochs:
+        number, state = epoch["epoch"], epoch["state"]
+        changes = server.memory_changes(number)
+        if number not in doorbells:
+            mismatches.append(f"epoch {number}: no doorbell in the server's log")
+        if state == "disabled" and changes != [False, True]:
+            mismatches.append(f"epoch {number} (disabled): server saw MEM changes {changes}")
+        elif state == "enabled" and changes:
+            mismatches.append(f"epoch {number} (enabled): server saw MEM changes {changes}")
+        elif state == "reset" and not server.resets.get(number):
+            mismatches.append(f"epoch {number} (reset): server saw no reset")
+        elif state == "storm":
+            cycles = report.storm["cycles"] if report.storm else 0
+            if changes != [False, True] * cycles:
+                off, on = changes.count(False), changes.count(True)
+                mismatches.append(f"epoch {number} (storm of {cycles} cycles): server saw {off} off and {on} on")
+    detail = "; ".join(mismatches[:5]) or f"{len(report.epochs)} epochs agree with {len(server.doorbells)} doorbells"
+    return Verdict("epochs_match_server", not mismatches, detail)
+
+
+def _sigbus_only_when_disabled(report: GuestReport, server: ServerLog) -> Verdict:
+    unexplained = sum(epoch["sigbus_unexplained"] for epoch in report.epochs)
+    wrong = [
+        f"epoch {epoch['epoch']}: {epoch['sigbus']}"
+        for epoch in report.epochs
+        if epoch["sigbus"] and False not in server.memory_changes(epoch["epoch"])
+    ]
+    total = sum(epoch["sigbus"] for epoch in report.epochs)
+    ok = not unexplained and not wrong
+    detail = f"{total} SIGBUS, {unexplained} with MEM on all along"
+    return Verdict(
+        "sigbus_only_when_disabled", ok, detail + (f"; in epochs the server saw enabled: {wrong}" if wrong else "")
+    )
+
+
+def _faults_exercised(report: GuestReport) -> Verdict:
+    counts = [e["sigbus"] for e in report.epochs if e["state"] == "disabled" and e["phase"] == "toggle"]
+    return Verdict(
+        "faults_exercised",
+        sum(counts) > 0,
+        f"SIGBUS in the {len(counts)} disabled epochs under load: {counts}",
+    )
+
+
+def _storm(storm: Mapping[str, Any]) -> Verdict:
+    """Every storm cycle ran, no toucher took a SIGBUS with MEM on, and the child processes were well."""
+    ok = storm["cycles"] == storm["requested"] and storm["sigbus"] == 0 and storm["children_ok"]
+    detail = (
+        f"{storm['cycles']}/{storm['requested']} enables with {storm['touchers']} touchers "
+        f"({storm['threads']} threads x {storm['processes'] + 1} processes), {storm['touches']} touches, "
+        f"{storm['sigbus']} SIGBUS, {storm['faults']} faults ({storm['faults_per_cycle_min']}-"
+        f"{storm['faults_per_cycle_max']} per enable), {storm['remaps']} remaps, {storm['splits']} vma splits"
+    )
+    return Verdict("storm_no_sigbus_while_enabled", ok, detail)
+
+
+def _no_store_while_disabled(report: GuestReport) -> Verdict:
+    stored = {e["epoch"]: e["stored_while_disabled"] for e in report.epochs if e["stored_while_disabled"]}
+    return Verdict("no_store_while_disabled", not stored, f"stores that succeeded with MEM off: {stored or 'none'}")
+
+
+def _eio_while_disabled(report: GuestReport) -> Verdict:
+    eio = report.eio
+    if eio is None:
+        return Verdict("eio_while_disabled", False, "no mse.eio report")
+    preads, pwrites = eio["bar0_pread_disabled"], eio["bar2_pwrite_disabled"]
+    ok = (
+        eio["bar0_pread_enabled"] == "ok"
+        and preads["EIO"] > 0
+        and preads["ok"] == preads["other"] == 0
+        and pwrites["EIO"] > 0
+        and pwrites["ok"] == pwrites["other"] == 0
+    )
+    return Verdict(
+        "eio_while_disabled",
+        ok,
+        f"BAR0 pread while disabled {preads}, BAR2 pwrite while disabled {pwrites}, pread enabled "
+        f"{eio['bar0_pread_enabled']}",
+    )
+
+
+def _reset_stalls(report: GuestReport, server: ServerLog) -> Verdict:
+    reset = report.reset
+    if reset is None:
+        return Verdict("reset_stalls_without_sigbus", False, "no mse.reset report")
+    reasons = server.resets.get(reset["epoch"], [])
+    ok = reset["result"] == "ok" and reset["sigbus"] == 0 and bool(reasons)
+    return Verdict(
+        "reset_stalls_without_sigbus",
+        ok,
+        f"VFIO_DEVICE_RESET {reset['result']} in {reset['ns'] / 1e6:.0f} ms, "
+        f"longest store {reset['max_stall_ns'] / 1e6:.0f} ms, {reset['sigbus']} SIGBUS; server resets {reasons}",
+    )
+
+
+def _fork_child(child: Mapping[str, Any]) -> Verdict:
+    expected = {
+        "inherited_before": "ok",
+        "fresh_before": "ok",
+        "inherited_disabled": "sigbus",
+        "fresh_disabled": "sigbus",
+        "pread_disabled": "EIO",
+        "inherited_after": "ok",
+        "fresh_after": "ok",
+    }
+    wrong = {key: child[key] for key, want in expected.items() if child[key] != want}
+    detail = f"forked with the parent's BAR0 entries {child['forked']}: " + (
+        ", ".join(f"{k} {v}" for k, v in wrong.items()) if wrong else "both mappings fault while MEM is off"
+    )
+    if child["inherited_disabled"] == "ok":
+        detail += f" (read {child['inherited_value']:#x} through the inherited mapping)"
+    return Verdict(f"fork_{child['forked']}_child", not wrong and child["status"] == 0, detail)
+
+
+def _kernel_clean(problems: Sequence[str]) -> Verdict:
+    return Verdict("kernel_clean", not problems, "; ".join(problems[:3]) or "no kernel problem on the console")
+
+
+def _guest_saw_server_toggles(report: GuestReport, server: ServerLog) -> Verdict:
+    seen = [epoch["state"] == "enabled" for epoch in report.epochs if epoch["epoch"] > 0]
+    flipped = [
+        t.memory
+        for label in range(0, report.last_epoch + 1)
+        for t in server.transitions.get(label, [])
+        if t.source == "device"
+    ]
+    return Verdict(
+        "guest_saw_server_toggles",
+        bool(flipped) and seen == flipped,
+        f"server flipped MEM to {flipped}; the guest saw {seen}",
+    )
+
+
+def _no_sigbus(report: GuestReport) -> Verdict:
+    total = sum(epoch["sigbus"] for epoch in report.epochs)
+    stored = sum(epoch["stored_while_disabled"] for epoch in report.epochs)
+    return Verdict(
+        "no_sigbus",
+        total == 0,
+        f"{total} SIGBUS; {stored} stores landed while the device had MEM off (the guest kernel is never told)",
+    )
+
+
+def _doorbells_master_aborted(report: GuestReport, server: ServerLog) -> Verdict:
+    wrong = [
+        epoch["epoch"]
+        for epoch in report.epochs
+        if epoch["epoch"] > 0 and bool(server.violations.get(epoch["epoch"])) != (epoch["state"] == "disabled")
+    ]
+    aborted = sum(server.violations.values())
+    return Verdict(
+        "doorbells_master_aborted",
+        not wrong,
+        f"{aborted} doorbell writes master-aborted" + (f"; wrong in epochs {wrong}" if wrong else ""),
+    )
+
+
+def analyse(
+    mode: str,
+    results: Sequence[Mapping[str, Any]],
+    server: ServerLog,
+    memory: bytes,
+    *,
+    kernel_problems: Sequence[str] = (),
+    console: str = "",
+) -> list[Verdict]:
+    """The verdicts of one run from the guest's results, the server's log and BAR0's final contents."""
+    report = GuestReport.from_results(results)
+    verdicts = [_completed(report)]
+    if mode == "guest":
+        verdicts += [
+            _epochs_match_server(report, server),
+            _sigbus_only_when_disabled(report, server),
+            _faults_exercised(report),
+            _no_store_while_disabled(report),
+            _eio_while_disabled(report),
+        ]
+        if report.reset is not None:
+            verdicts.append(_reset_stalls(report, server))
+        verdicts += [_fork_child(child) for child in report.forks]
+        if report.storm is not None:
+            verdicts.append(_storm(report.storm))
+    else:
+        verdicts += [
+            _guest_saw_server_toggles(report, server),
+            _no_sigbus(report),
+            _doorbells_master_aborted(report, server),
+        ]
+    verdicts += [
+        check_stamps(memory, report.stamps, report.last_epoch),
+        _kernel_clean(kernel_problems),
+        _console_shows_vfio_pci(console),
+    ]
+    return verdicts
+
+
+# -- one run ----------------------------------------------------------------------------
+
+
+@dataclass
+class MseRun:
+    """One boot of one kernel in one mode: what was collected and what it means."""
+
+    kernel: str
+    release: str
+    config: MseConfig
+    results: list[Mapping[str, Any]]
+    server: ServerLog
+    verdicts: list[Verdict]
+    console_log: Path
+    boot_seconds: float | None
+    seconds: float
+    #: The components that ran (kernel package, QEMU, libvfio-user, vdev commit).
+    provenance: Provenance
+    #: Which of the kernel's repeats this was (from 1).
+    repeat: int = 1
+    #: The console around the first kernel problem, when the kernel reported one.
+    kernel_report: list[str] = field(default_factory=list)
+
+    @property
+    def report(self) -> GuestReport:
+        return GuestReport.from_results(self.results)
+
+    @property
+    def passed(self) -> bool:
+        return all(verdict.passed for verdict in self.verdicts)
+
+    def verdict(self, name: str) -> Verdict:
+        return next(verdict for verdict in self.verdicts if verdict.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        report = self.report
+        quiet = [entry["first_touch_ns"] for entry in report.latency]
+        loaded = [
+            e["first_touch_ns"] for e in report.epochs if e["phase"] == "toggle" and e["first_touch_ns"] is not None
+        ]
+        return {
+            "kernel": self.kernel,
+            "release": self.release,
+            "provenance": self.provenance.to_json(),
+            "repeat": self.repeat,
+            "mode": self.config.mode,
+            "config": asdict(self.config) | {"membar_mapping": self.config.membar_mapping},
+            "command": self.config.guest_command(),
+            "passed": self.passed,
+            "verdicts": [asdict(verdict) for verdict in self.verdicts],
+            "kernel_report": self.kernel_report,
+            "boot_seconds": self.boot_seconds,
+            "seconds": round(self.seconds, 2),
+            "console_log": str(self.console_log),
+            "device": report.device,
+            "first_touch_ns": {
+                "quiet": quiet,
+                "quiet_median": statistics.median(quiet) if quiet else None,
+                "under_load": loaded,
+                "under_load_median": statistics.median(loaded) if loaded else None,
+            },
+            "walk_ns": [entry["walk_ns"] for entry in report.latency],
+            "walk_mapped_ns": [entry["walk_mapped_ns"] for entry in report.latency],
+            "faults_per_enable": faults_per_enable(report.latency),
+            "faults_first_touch": [entry.get("faults_first_touch") for entry in report.latency],
+            "sigbus": {
+                "total": sum(e["sigbus"] for e in report.epochs),
+                "unexplained": sum(e["sigbus_unexplained"] for e in report.epochs),
+                "by_epoch": [
+                    {k: e[k] for k in ("epoch", "state", "phase", "sigbus", "sigbus_offsets", "stamps")}
+                    for e in report.epochs
+                ],
+            },
+            "stores": sum(s["stores"] for s in report.stamps),
+            "storm": report.storm,
+            "reset": report.reset,
+            "fork": report.forks,
+            "eio": report.eio,
+            "done": report.done,
+            "server": self.server.to_json(),
+        }
+
+
+async def run_mse(
+    artefacts: GuestArtefacts,
+    config: MseConfig,
+    *,
+    workdir: Path,
+    binary: str | os.PathLike[str] | None = None,
+    on_result: Callable[[GuestResult], None] | None = None,
+    repeat: int = 1,
+) -> MseRun:
+    """Boot ``artefacts`` with membar attached, run ``mse-fault`` as ``config`` says, and judge it.
+
+    The console log and QEMU's stderr stay in ``workdir``.  In server mode
+    the server starts flipping MEM once the guest reports ``mse.ready``.
+    ``on_result`` sees every guest result as it arrives (progress output).
+    A kernel problem on the console ends the run at once (the guest boots
+    with warnings and oopses panicking): the run comes back with
+    ``completed`` and ``kernel_clean`` failed and the kernel's report in
+    :attr:`MseRun.kernel_report`.  Any other failure of the guest raises
+    :class:`~vdev.qemu.guest.GuestError`, never wrapped in an exception group.
+    """
+    started = time.monotonic()
+    provenance = collect(artefacts, qemu=Path(binary) if binary is not None else None)
+    device = MemBar(size=config.size, mapping=config.membar_mapping)
+    # A short directory: UNIX socket paths are limited to 107 bytes, workdir may be deep.
+    socket_dir = Path(tempfile.mkdtemp(prefix="vdev-mse-"))
+    socket = socket_dir / "membar.sock"
+    machine = GuestMachine(
+        kernel=artefacts.kernel,
+        initrd=artefacts.initrd,
+        devices=[vfio_user_pci(socket, addr="0x3")],
+        run=["pci-list", config.guest_command(), "pci-list"],
+        smp=config.smp,
+        memory=config.memory_mib * MiB,
+        timeout=config.timeout,
+        binary=binary,
+        workdir=workdir,
+    )
+    toggle = functools.partial(device.command_control.toggle_every, config.toggle_period, count=config.toggles)
+    run = functools.partial(
+        MseRun,
+        kernel=artefacts.name,
+        release=artefacts.release,
+        config=config,
+        console_log=workdir / "console.log",
+        provenance=provenance,
+        repeat=repeat,
+    )
+    try:
+        async with served(device, socket), machine as vm, trio.open_nursery() as nursery:
+            async for result in vm:
+                if on_result is not None:
+                    on_result(result)
+                if result.kind == "mse.ready" and config.mode == "server":
+                    nursery.start_soon(toggle)
+            await vm.wait_exit()
+            server = ServerLog.from_events(device.events)
+            # Read BAR0 with MEM on, as the last owner left it or as the device sets it now.
+            device.command_control.force(memory=True)
+            memory = bytes(device.bar(0).memory)
+    except BaseException as exc:
+        error = guest_error_in(exc)
+        if error is None:
+            raise
+        if not isinstance(error, GuestKernelError):
+            raise error from exc
+        return run(
+            results=[dict(result.data) for result in machine.results],
+            server=ServerLog.from_events(device.events),
+            verdicts=[
+                Verdict("completed", False, f"ended by a kernel problem after {time.monotonic() - started:.1f} s"),
+                Verdict("kernel_clean", False, error.problems[0].strip()),
+            ],
+            boot_seconds=machine.boot_seconds,
+            seconds=time.monotonic() - started,
+            kernel_report=error.report,
+        )
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    results: list[Mapping[str, Any]] = [dict(result.data) for result in vm.results]
+    verdicts = analyse(
+        config.mode,
+        results,
+        server,
+        memory,
+        kernel_problems=vm.kernel_problems,
+        console=vm.console_log.read_text(errors="replace"),
+    )
+    return run(
+        results=results,
+        server=server,
+        verdicts=verdicts,
+        boot_seconds=vm.boot_seconds,
+        seconds=time.monotonic() - started,
+    )
+
+
+def guest_error_in(exc: BaseException) -> GuestError | None:
+    """The guest harness's error in ``exc``, looking inside exception groups (nurseries wrap it)."""
+    if isinstance(exc, GuestError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = guest_error_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def faults_per_enable(latency: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Faults the guest took to reach every page of BAR0 once after each quiet enable (first touch plus walk).
+
+    The count that tells the kernels' fault paths apart: 1 when the first
+    fault maps the whole mapping (6.1), one per huge page when huge faults
+    serve an aligned mapping (6.12+), one per 4 KiB page otherwise, and 0
+    when the kernel has mapped everything before the first touch.
+    """
+    return [
+        entry["faults_first_touch"] + entry["faults_walk"]
+        for entry in latency
+        if entry.get("faults_first_touch", -1) >= 0 and entry.get("faults_walk", -1) >= 0
+    ]
+
+
+def verdict_counts(runs: Sequence[MseRun]) -> dict[str, dict[str, dict[str, int]]]:
+    """Kernel -> mode -> verdict -> how many of that kernel's repeats passed it (``"runs"``: how many ran).
+
+    A verdict a run never reached (it ended early) counts as not passed.
+    """
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    names: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        key = (run.kernel, run.config.mode)
+        for verdict in run.verdicts:
+            if verdict.name not in names.setdefault(key, []):
+                names[key].append(verdict.name)
+    for run in runs:
+        key = (run.kernel, run.config.mode)
+        entry = counts.setdefault(run.kernel, {}).setdefault(run.config.mode, {"runs": 0})
+        entry["runs"] += 1
+        passed = {verdict.name for verdict in run.verdicts if verdict.passed}
+        for name in names[key]:
+            entry[name] = entry.get(name, 0) + (name in passed)
+    return counts
+
+
+def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> dict[str, Any]:
+    """``experiment.json``: the machine, every run's data and verdicts, and a per-kernel summary.
+
+    The summary gives, per kernel and mode, how many of the repeats passed
+    each verdict and the components that ran; the medians are over all repeats.
+    """
+    summary: dict[str, Any] = {}
+    counts = verdict_counts(runs)
+    for run in runs:
+        entry = summary.setdefault(run.kernel, {"release": run.release, "provenance": run.provenance.to_json()})
+        mode = run.config.mode
+        if mode in entry:
+            continue
+        same = [r.to_json() for r in runs if r.kernel == run.kernel and r.config.mode == mode]
+        quiet = [ns for data in same for ns in data["first_touch_ns"]["quiet"]]
+        loaded = [ns for data in same for ns in data["first_touch_ns"]["under_load"]]
+        walks = [ns for data in same for ns in data["walk_ns"]]
+        faults = [n for data in same for n in data["faults_per_enable"]]
+        entry[mode] = {
+            "repeats": len(same),
+            "passed_all": sum(data["passed"] for data in same),
+            "verdicts_passed": {k: v for k, v in counts[run.kernel][mode].items() if k != "runs"},
+            "sigbus": [data["sigbus"]["total"] for data in same],
+            "first_touch_us_quiet_median": _us(statistics.median(quiet) if quiet else None),
+            "first_touch_us_under_load_median": _us(statistics.median(loaded) if loaded else None),
+            "walk_us_median": _us(statistics.median(walks) if walks else None),
+            "faults_per_enable": sorted(faults),
+            "storm_enables": sum(data["storm"]["cycles"] for data in same if data["storm"]),
+            "storm_sigbus": sum(data["storm"]["sigbus"] for data in same if data["storm"]),
+        }
+    document = {
+        "experiment": "mse-fault: concurrent faults on a vfio-pci BAR mapping while COMMAND.MEM toggles",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "summary": summary,
+        "plot": str(plot) if plot else None,
+        "runs": [run.to_json() for run in runs],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return document
+
+
+def markdown_summary(runs: Sequence[MseRun]) -> str:
+    """A table per kernel and mode: each verdict's passes out of the repeats, and the components that ran."""
+    lines: list[str] = []
+    for kernel, modes in verdict_counts(runs).items():
+        first = next(run for run in runs if run.kernel == kernel)
+        p = first.provenance
+        lines += [
+            f"### {kernel}: {p.kernel_package} {p.kernel_package_version} ({first.release})",
+            "",
+            f"QEMU {p.qemu_package_version or p.qemu_version}, libvfio-user {(p.libvfio_user_revision or '?')[:12]}, "
+            f"vdev {p.vdev_commit or p.vdev_version}",
+            "",
+            "| mode | verdict | passed |",
+            "|---|---|---|",
+        ]
+        for mode, counts in modes.items():
+            total = counts["runs"]
+            lines += [f"| {mode} | `{name}` | {n}/{total} |" for name, n in counts.items() if name != "runs"]
+        lines.append("")
+        storms = [run.report.storm for run in runs if run.kernel == kernel and run.report.storm]
+        if storms:
+            lines += [
+                f"Enables under load (storm): {sum(s['cycles'] for s in storms)} in {len(storms)} runs, "
+                f"{storms[0]['touchers']} touchers each, {sum(s['sigbus'] for s in storms)} SIGBUS with MEM on, "
+                f"{min(s['faults_per_cycle_min'] for s in storms)}-{max(s['faults_per_cycle_max'] for s in storms)} "
+                "faults per enable.",
+                "",
+            ]
+        latency = [entry for run in runs if run.kernel == kernel for entry in run.report.latency]
+        faults = faults_per_enable(latency)
+        if faults:
+            lines += [
+                f"Faults to reach all {latency[0]['pages'] + 1} pages of BAR0 after a quiet enable: "
+                f"median {statistics.median(faults):g} (min {min(faults)}, max {max(faults)}, {len(faults)} enables).",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def _us(ns: float | None) -> float | None:
+    return None if ns is None else round(ns / 1000, 1)
+
+
+def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
+    """Three panels: first touch after enable, a walk of BAR0 after enable, SIGBUS per disabled epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guest_runs = [run for run in runs if run.config.mode == "guest"]
+    figure, (touch, walk, faults) = plt.subplots(1, 3, figsize=(15, 4.5))
+    kernels = list(dict.fromkeys(run.kernel for run in guest_runs))
+    by_kernel = {kernel: [run for run in guest_runs if run.kernel == kernel] for kernel in kernels}
+    labels = [f"{kernel}\n{runs_of[0].provenance.kernel_package_version}" for kernel, runs_of in by_kernel.items()]
+    # Every repeat of a kernel pooled into one column.
+    reports = [
+        GuestReport.from_results(result for run in runs_of for result in run.results) for runs_of in by_kernel.values()
+    ]
+
+    quiet = [[e["first_touch_ns"] / 1000 for e in report.latency] for report in reports]
+    loaded = [
+        [
+            e["first_touch_ns"] / 1000
+            for e in report.epochs
+            if e["phase"] == "toggle" and e["first_touch_ns"] is not None
+        ]
+        for report in reports
+    ]
+    for index, (q, lo) in enumerate(zip(quiet, loaded)):
+        touch.scatter([index - 0.12] * len(q), q, color="tab:blue", label="quiet" if index == 0 else None)
+        touch.scatter(
+            [index + 0.12] * len(lo),
+            lo,
+            color="tab:orange",
+            marker="x",
+            label="4 threads faulting" if index == 0 else None,
+        )
+    touch.set_xticks(range(len(labels)), labels)
+    touch.set_yscale("log")
+    touch.set_ylabel("µs")
+    touch.set_title("first BAR0 access after MEM is set")
+    touch.legend()
+
+    width = 0.38
+    walks = [statistics.median(e["walk_ns"] for e in r.latency) / 1000 if r.latency else 0 for r in reports]
+    mapped = [statistics.median(e["walk_mapped_ns"] for e in r.latency) / 1000 if r.latency else 0 for r in reports]
+    walk.bar([i - width / 2 for i in range(len(labels))], walks, width, label="right after enable")
+    walk.bar([i + width / 2 for i in range(len(labels))], mapped, width, label="again (all mapped)")
+    walk.set_xticks(range(len(labels)), labels)
+    walk.set_ylabel("µs (median)")
+    walk.set_title("reading every page of BAR0 after the first")
+    walk.legend()
+
+    for colour, (kernel, runs_of) in enumerate(by_kernel.items()):
+        for index, run in enumerate(runs_of):
+            report = run.report
+            disabled = [e for e in report.epochs if e["state"] == "disabled" and e["phase"] == "toggle"]
+            faults.plot(
+                range(1, len(disabled) + 1),
+                [e["sigbus"] for e in disabled],
+                marker="o",
+                color=f"C{colour}",
+                label=kernel if index == 0 else None,
+            )
+    faults.set_xlabel("disabled epoch (under load), one line per repeat")
+    faults.set_ylabel("SIGBUS")
+    faults.set_title(f"SIGBUS per disabled epoch ({guest_runs[0].config.threads if guest_runs else 0} threads)")
+    faults.legend()
+
+    if guest_runs:
+        config = guest_runs[0].config
+        where = "one page off its alignment (4 KiB faults only)" if config.misaligned else "aligned to its size"
+        figure.suptitle(f"mse-fault: BAR0 of {config.size}B mapped {where}; TCG guests, {config.smp} vCPUs")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+class _Progress:
+    """One line per milestone of a run, so a person watching sees it move."""
+
+    SHOWN = (
+        "init.ready",
+        "mse.bound",
+        "mse.ready",
+        "mse.reset",
+        "mse.fork",
+        "mse.storm.progress",
+        "mse.storm",
+        "mse.done",
+        "mse.error",
+    )
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, result: GuestResult) -> None:
+        if result.kind not in self.SHOWN:
+            return
+        data = {k: v for k, v in result.data.items() if k not in ("kind", "modules")}
+        text = ", ".join(f"{k}={v}" for k, v in data.items())
+        print(f"{self.prefix} {result.at:6.1f}s {result.kind}: {text}"[:200], file=sys.stderr, flush=True)
+
+
+async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
+    runs: list[MseRun] = []
+    kernels, modes = args.kernels.split(), args.modes.split()
+    logs = args.out / "experiment"
+    total = len(kernels) * len(modes) * args.repeat
+    for kernel in kernels:
+        artefacts = GuestArtefacts.find(kernel)
+        for repeat in range(1, args.repeat + 1):
+            for mode in modes:
+                config = MseConfig(
+                    mode=mode,
+                    threads=args.threads,
+                    cycles=args.cycles,
+                    period_ms=args.period_ms,
+                    latency_cycles=args.latency_cycles,
+                    seconds=args.seconds,
+                    toggles=args.toggles,
+                    toggle_period=args.toggle_period,
+                    size=args.size,
+                    misaligned=args.misaligned,
+                    storm_cycles=args.storm_cycles,
+                    storm_processes=args.storm_processes,
+                )
+                prefix = f"[{len(runs) + 1}/{total} {kernel} {mode} #{repeat}]"
+                print(
+                    f"{prefix} booting {artefacts.package} {artefacts.package_version}: {config.guest_command()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                workdir = logs / f"{kernel}-{mode}-{repeat}"
+                workdir.mkdir(parents=True, exist_ok=True)
+                run = await _run_one(artefacts, config, workdir, prefix, repeat)
+                for verdict in run.verdicts:
+                    mark = "ok  " if verdict.passed else "FAIL"
+                    print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
+                if run.kernel_report:
+                    report = "\n".join(f"{prefix}   | {line}" for line in run.kernel_report)
+                    print(f"{prefix}   the kernel's report:\n{report}", file=sys.stderr, flush=True)
+                runs.append(run)
+    return runs
+
+
+async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, prefix: str, repeat: int) -> MseRun:
+    """One run; a guest that times out or exits early becomes a failed ``completed`` verdict, not an exception."""
+    # The server's own log (libvfio-user's complaints while QEMU tears down, say)
+    # goes next to the console log instead of between the progress lines.
+    server_log = logging.FileHandler(workdir / "server.log", mode="w")
+    logging.getLogger("vdev").addHandler(server_log)
+    started = time.monotonic()
+    try:
+        return await run_mse(artefacts, config, workdir=workdir, on_result=_Progress(prefix), repeat=repeat)
+    except GuestError as exc:
+        # Keep going: the other runs' results are worth having, and the report says what broke.
+        return MseRun(
+            kernel=artefacts.name,
+            release=artefacts.release,
+            config=config,
+            results=[],
+            server=ServerLog(),
+            verdicts=[Verdict("completed", False, str(exc).splitlines()[0])],
+            console_log=workdir / "console.log",
+            boot_seconds=None,
+            seconds=time.monotonic() - started,
+            provenance=collect(artefacts),
+            repeat=repeat,
+        )
+    finally:
+        logging.getLogger("vdev").removeHandler(server_log)
+        server_log.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vdev_experiments.mse", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--kernels", default=" ".join(DEFAULT_KERNELS), help="guest kernel sets (make guest KERNELS=...)"
+    )
+    parser.add_argument("--modes", default=" ".join(MODES), help="guest and/or server")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="where experiment.json/.png go")
+    defaults = MseConfig()
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--cycles", type=int, default=defaults.cycles)
+    parser.add_argument("--period-ms", type=int, default=defaults.period_ms)
+    parser.add_argument("--latency-cycles", type=int, default=defaults.latency_cycles)
+    parser.add_argument("--seconds", type=int, default=defaults.seconds)
+    parser.add_argument("--toggles", type=int, default=defaults.toggles)
+    parser.add_argument("--toggle-period", type=float, default=defaults.toggle_period)
+    parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
+    parser.add_argument(
+        "--storm-cycles", type=int, default=defaults.storm_cycles, help="enables under load after the quiet phases"
+    )
+    parser.add_argument(
+        "--storm-processes", type=int, default=defaults.storm_processes, help="child processes in the storm"
+    )
+    parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
+    parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    runs = trio.run(_run_matrix, args)
+    plot = args.out / "experiment.png"
+    plot_runs(runs, plot)
+    report = args.out / "experiment.json"
+    write_report(runs, report, plot=plot)
+    summary = markdown_summary(runs)
+    (args.out / "experiment.md").write_text(summary)
+    print(summary)
+    print(
+        f"report: {report} (summary {args.out / 'experiment.md'}); plot: {plot}; "
+        f"console logs under {args.out / 'experiment'}",
+        file=sys.stderr,
+    )
+    # Failed verdicts are findings (the report lists them); only a run that could not finish is an error.
+    return 0 if all(run.verdict("completed").passed for run in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
