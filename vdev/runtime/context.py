@@ -640,6 +640,8 @@ class DeviceContext:
                 if code in _DISCONNECTED:
                     return
                 log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
+                if self._lib.vfu_get_poll_fd(ctx) != connection:
+                    return  # the library dropped the client itself
         finally:
             with self.device.lock:
                 self.connected = False
@@ -934,7 +936,10 @@ class DeviceContext:
 
 def _next_command(fd: int) -> int | None:
     """The command of the message waiting on ``fd``, read without consuming it (None if unknown)."""
-    connection = socket.socket(fileno=fd)
+    try:
+        connection = socket.socket(fileno=fd)
+    except OSError:
+        return None  # the library closed the connection
     try:
         data = connection.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
