@@ -45,7 +45,8 @@ soak: deps
 demo: deps
 	$(PY) examples/demo.py
 
-# Guest kernels + initramfs for tests/guest (KERNELS="bookworm trixie sid"; default bookworm).
+# Guest kernels + initramfs for tests/guest (KERNELS="bookworm trixie sid"; default bookworm and
+# bookworm-security; versions pinned in tools/guest/kernels.pin).
 guest: deps
 	@tools/guest.sh $(KERNELS)
 

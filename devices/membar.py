@@ -48,13 +48,14 @@ class MemBar(Device):
     ======  ============  ======  ==================================================
 
     BAR4 (16 KiB, 32-bit): page 0 mapped, page 1 trapped (``scratch`` at
-    0x1000, MSI-X table at 0x1800, PBA at 0x1c00), page 2 mapped with
-    ``split_bar4`` (else trapped), page 3 trapped and empty.
+    0x1000, MSI-X table at 0x1800, PBA at 0x1c00), page 2 mapped (trapped
+    with ``split_bar4=false``), page 3 trapped and empty.
 
-    Why ``split_bar4`` is off by default: libvfio-user answers
-    GET_REGION_INFO with one fd per sparse area (the same memfd each time),
-    and QEMU 11.1's vfio-user-pci refuses a reply with more than one fd
-    ("unexpected FDs in reply").  vdev's own client accepts it.
+    Two mapped areas in one BAR need vdev's libvfio-user patch 0001: the
+    revision as it comes answers GET_REGION_INFO with one fd per area, and
+    QEMU 11.1's vfio-user-pci refuses a reply with more than one fd
+    ("unexpected FDs in reply").  ``split_bar4=false`` maps page 0 only, for
+    such a library.
     """
 
     vendor_id = 0x1B36
@@ -68,8 +69,8 @@ class MemBar(Device):
     prefault = Param("lazy", help="mapped pages on enable: lazy, populate")
     vectors = Param(4, help="MSI-X vectors")
     split_bar4 = Param(
-        False,
-        help="map BAR4 pages 0 and 2 (two sparse areas: one fd each, which QEMU 11.1 refuses); else page 0 only",
+        True,
+        help="map BAR4 pages 0 and 2 around a trapped page 1; false: page 0 only (for an unpatched libvfio-user)",
     )
 
     bar2 = Bar(

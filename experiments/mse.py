@@ -90,6 +90,22 @@ _FNV_PRIME = 0x100000001B3
 _U64 = (1 << 64) - 1
 
 
+#: Verdicts a kernel package fails for a reason read in its source and repeated in recorded runs:
+#: (package, version) -> verdict -> where the evidence is.  Only an exact package version counts, never a
+#: range: a version not listed must pass every verdict, and a failure there is news to investigate.
+KNOWN_FAILURES: Mapping[tuple[str, str], Mapping[str, str]] = {
+    ("linux-image-6.1.0-56-amd64", "6.1.192-2"): {
+        "fork_mapped_child": "docs/findings.md#a-forked-child-keeps-live-bar-mappings-debian-61192-2",
+    },
+}
+
+
+def known_failures(provenance: Provenance) -> Mapping[str, str]:
+    """The verdicts :data:`KNOWN_FAILURES` records for the kernel package that ran, with their evidence."""
+    key = (provenance.kernel_package or "", provenance.kernel_package_version or "")
+    return KNOWN_FAILURES.get(key, {})
+
+
 # -- configuration ---------------------------------------------------------------------
 
 
@@ -830,9 +846,13 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
             "| mode | verdict | passed |",
             "|---|---|---|",
         ]
+        known = known_failures(p)
         for mode, counts in modes.items():
             total = counts["runs"]
-            lines += [f"| {mode} | `{name}` | {n}/{total} |" for name, n in counts.items() if name != "runs"]
+            for name, n in counts.items():
+                if name != "runs":
+                    note = f" (recorded finding: {known[name]})" if name in known else ""
+                    lines.append(f"| {mode} | `{name}` | {n}/{total}{note} |")
         lines.append("")
         storms = [run.report.storm for run in runs if run.kernel == kernel and run.report.storm]
         if storms:

@@ -21,12 +21,14 @@ from typing import NoReturn
 import pytest
 
 from vdev import deps
+from vdev.libvfio_user import Library, bindings
 
 #: Component name → (where it is provisioned, what to call it in a message).
 COMPONENTS: dict[str, tuple[Callable[[], Path], str]] = {
     "qemu": (deps.qemu_path, "QEMU"),
     "libvfio-user": (deps.libvfio_user_path, "libvfio-user"),
     "sample-server": (lambda: deps.libvfio_user_sample("server"), "libvfio-user sample server"),
+    "libvfio-user-unpatched": (deps.libvfio_user_unpatched_path, "libvfio-user built without vdev's patches"),
 }
 
 #: Fixtures that serve a device, and the components that takes.
@@ -84,6 +86,17 @@ def missing() -> Callable[[str], NoReturn]:
 def qemu_binary() -> Path:
     """The provisioned QEMU wrapper."""
     return require("qemu")
+
+
+@pytest.fixture(scope="session")
+def unpatched_libvfio_user() -> Library:
+    """The same libvfio-user revision built without vdev's patches, as a user's own build would be.
+
+    Loaded beside the patched library, for serving a device with it
+    (``DeviceContext(device, path, library)``, ``served(..., library=...)``).
+    """
+    path = require("libvfio-user-unpatched")
+    return bindings.open_library(path, (path.parent.parent / "REVISION").read_text().strip())
 
 
 @pytest.fixture

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -66,3 +70,21 @@ def test_write_your_own_device_is_short_and_serves(vdev_socket_dir: Path) -> Non
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=10)
+
+
+def test_guest_shell_boots_the_guest_with_a_shell_and_the_device(
+    vdev_socket_dir: Path, missing: Callable[[str], NoReturn]
+) -> None:
+    """Issue 15: ``vdev.shell=1`` was known only to guest/README.md; the example makes it one command."""
+    from vdev.qemu import GuestArtefacts
+
+    try:
+        guest = GuestArtefacts.find()
+    except FileNotFoundError as exc:
+        missing(str(exc))
+    socket = vdev_socket_dir / "hello.sock"
+    printed = shlex.split(run_example("examples/guest_shell.py", "--print", str(socket)))
+    append = printed[printed.index("-append") + 1].split()
+    assert "vdev.shell=1" in append and "console=ttyS0" in append
+    assert printed[printed.index("-kernel") + 1] == str(guest.kernel)
+    assert json.loads(printed[printed.index("-device", printed.index("-append")) + 1])["socket"]["path"] == str(socket)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -39,9 +40,22 @@ async def test_inspect_describes_a_served_device(vdev_serve: Callable[[Device], 
     bar0 = next(bar for bar in report["bars"] if bar["index"] == 0)
     assert bar0["kind"] == "mem64" and bar0["prefetchable"]
 
+    # Issue 15: BARs the device does not implement were reported as mem32.
+    assert {bar["index"]: bar["kind"] for bar in report["bars"]} == {
+        0: "mem64",
+        2: "mem32",
+        3: "unimplemented",
+        4: "mem32",
+        5: "unimplemented",
+    }
+
     text = await inspect(str(context.socket_path))
     assert text.startswith("1b36:0f01")
     assert "MSI-X: vectors=8" in text and "BAR0       1M rwm mmap [0x0+1M] (1 fd)" in text
+    # Issue 15: the BAR registers were listed among the regions.
+    regions_section = text.split("  regions:\n")[1].split("\n  BAR registers:\n")[0]
+    assert "register" not in regions_section and "BAR3" not in text
+    assert "    BAR0   0x0000000c (mem64, prefetchable)" in text.split("  BAR registers:\n")[1]
 
 
 async def test_inspect_reports_an_unreachable_socket_in_one_line() -> None:
@@ -53,3 +67,22 @@ async def test_inspect_reports_an_unreachable_socket_in_one_line() -> None:
     )
     assert result.returncode == 1
     assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+async def test_inspect_gives_up_in_time_and_names_who_holds_the_device(
+    vdev_serve: Callable[[Device], Awaitable[DeviceContext]],
+) -> None:
+    """Issue 15: with another client attached, ``vdev inspect`` waited for ever, saying nothing."""
+    from vdev.client import Client
+
+    context = await vdev_serve(MemBar(size="1M"))
+    command = [sys.executable, "-m", "vdev", "inspect", str(context.socket_path), "--timeout", "0.5"]
+    async with Client.connect(context.socket_path) as holder:
+        assert await holder.region_read(7, 0, 2) == b"\x36\x1b"
+        with trio.fail_after(30):
+            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1
+    assert "did not answer within 0.5 s" in lines[0] and f"held by pid {os.getpid()} (" in lines[0]
+    with trio.fail_after(30):
+        assert (await inspect(str(context.socket_path), "--timeout", "5")).startswith("1b36:0f01")

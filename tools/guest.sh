@@ -4,10 +4,11 @@
 # /init and the static guest programs from guest/.
 #
 # Usage: tools/guest.sh [KERNEL...]        (make guest KERNELS="bookworm trixie")
-#   KERNEL is a Debian suite whose linux-image-amd64 to use:
-#     bookworm                 the host's own apt (6.1)           - the default
-#     trixie                   the private apt of `make deps` (6.12)
-#     trixie-backports | sid   the private apt (newest kernels)
+#   KERNEL names a set: a Debian suite whose linux-image-amd64 to use, at the
+#   version tools/guest/kernels.pin gives it:
+#     bookworm, bookworm-security  the host's own apt (6.1)     - the default
+#     trixie                       the private apt of `make deps` (6.12)
+#     trixie-backports | sid       the private apt (newest kernels)
 #
 # Everything lands in .deps/guest/ (or $VDEV_DEPS_DIR/guest):
 #   <kernel>/root/               the unpacked kernel packages
@@ -43,7 +44,7 @@ human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || printf '%s bytes' "$1";
 # --- apt: the host's for bookworm, the private one of `make deps` otherwise -----
 # Run apt for kernel $1: host_apt or private_apt.
 apt_for() {
-    if [[ "$1" == bookworm ]]; then
+    if [[ "$1" == bookworm* ]]; then
         printf 'host\n'
     else
         printf 'private\n'
@@ -105,8 +106,28 @@ download() {
 }
 
 # linux-image-amd64's version in suite $2 (apt $1), updating stale lists once.
+# The version kernel set $1 is pinned to in tools/guest/kernels.pin (none with VDEV_GUEST_UNPINNED=1).
+pinned_version() {
+    [[ -n "${VDEV_GUEST_UNPINNED:-}" ]] && return 0
+    awk -v n="$1" '$1 == n {print $2}' "$tools/kernels.pin"
+}
+
+# Whether apt $1 offers linux-image-amd64 at version $2.
+offered() {
+    run_apt "$1" apt-cache madison linux-image-amd64 | awk '{print $3}' | grep -qFx "$2"
+}
+
+# The linux-image-amd64 version to provision for set $3: its pin, else the newest suite $2 offers.
 resolve_meta() {
-    local which=$1 suite=$2 meta
+    local which=$1 suite=$2 name=$3 meta pin
+    pin=$(pinned_version "$name")
+    if [[ -n "$pin" ]]; then
+        offered "$which" "$pin" || { update_lists "$which" && offered "$which" "$pin"; } ||
+            fail "$name is pinned to linux-image-amd64 $pin in tools/guest/kernels.pin, which apt does not offer" \
+                "(it has: $(run_apt "$which" apt-cache madison linux-image-amd64 | awk '{printf "%s ", $3}'))"
+        printf '%s\n' "$pin"
+        return
+    fi
     meta=$(meta_version "$which" "$suite")
     if [[ -z "$meta" ]] && update_lists "$which"; then
         meta=$(meta_version "$which" "$suite")
@@ -200,9 +221,10 @@ provision_kernel() {
     dir=$guest/$name
     mkdir -p "$dir/stamps"
 
-    if ! [[ -f "$dir/stamps/kernel" && -f "$dir/bzImage" && -f "$dir/release" ]]; then
-        local meta packages=() deb
-        meta=$(resolve_meta "$which" "$suite")
+    local meta
+    meta=$(resolve_meta "$which" "$suite" "$name")
+    if ! [[ -f "$dir/bzImage" && -f "$dir/release" ]] || ! stamp_ok "$dir/stamps/kernel" "$meta"; then
+        local packages=() deb
         packages=($(kernel_packages "$which" "$meta" "$suite"))
         ((${#packages[@]})) || exit 1 # kernel_packages said why
         say "$name: downloading ${packages[*]}"
@@ -212,7 +234,7 @@ provision_kernel() {
         if ! (cd "$dir/debs" && try_download "$which" "${packages[@]}"); then
             # The lists may name versions the mirror has dropped: refresh, resolve again.
             update_lists "$which" || true
-            meta=$(resolve_meta "$which" "$suite")
+            meta=$(resolve_meta "$which" "$suite" "$name")
             packages=($(kernel_packages "$which" "$meta" "$suite"))
             (cd "$dir/debs" && try_download "$which" "${packages[@]}") ||
                 fail "could not download ${packages[*]} (apt-get download; log: $dir/debs/download.log)"
@@ -309,7 +331,9 @@ build_initramfs() {
 
 # --- main ------------------------------------------------------------------------
 kernels=("$@")
-((${#kernels[@]})) || kernels=(bookworm)
+# The suite's sets: bookworm (the stock module the controls and most evidence are about) and
+# bookworm-security (Debian 6.1.192-2, whose fork ordering tests/guest/test_mse_fault.py asserts).
+((${#kernels[@]})) || kernels=(bookworm bookworm-security)
 ensure_host_packages
 mkdir -p "$guest"
 provision_busybox

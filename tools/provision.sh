@@ -3,10 +3,13 @@
 #
 # What this gets, and why each piece comes from where it does:
 #   * libvfio-user: not packaged by Debian, but Debian's `qemu` *source*
-#     package carries it in subprojects/libvfio-user.  We build it as a shared
-#     library with the host's (bookworm) meson/ninja and record the revision
+#     package carries it in subprojects/libvfio-user.  We record the revision
 #     that subprojects/libvfio-user.wrap names, refusing revisions whose ABI
-#     the ctypes bindings were not written for.
+#     the ctypes bindings were not written for, apply vdev's own patch series
+#     (tools/libvfio-user-patches, in file-name order) to a copy of that
+#     source, and build the copy with the host's (bookworm) meson/ninja: a
+#     release build and a debug+AddressSanitizer build.  A changed patch
+#     series rebuilds both; a patch that does not apply stops provisioning.
 #   * QEMU >= 10.1 with vfio-user-pci: Debian's qemu-system-x86 from
 #     trixie-backports (falling back to sid).  It needs a newer glibc than the
 #     host has, so its whole dependency closure is unpacked into a private
@@ -28,13 +31,15 @@ cache=${1:-$repo_root/.deps}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
-# The libvfio-user revisions vdev/_lib/bindings.py declares prototypes for.
+# The libvfio-user revisions vdev/libvfio_user/bindings.py declares prototypes for.
 supported_lvu_revisions=(0b28d205572c80b568a1003db2c8f37ca333e4d7)
 # Debian suites searched for the QEMU binary, in order of preference.
 qemu_binary_suites=(trixie-backports sid)
 qemu_min_version=10.1
 # Host (bookworm) packages needed to build libvfio-user and unpack packages.
-host_packages=(meson ninja-build pkg-config gcc libc6-dev libjson-c-dev libcmocka-dev xz-utils)
+host_packages=(meson ninja-build pkg-config gcc libc6-dev libjson-c-dev libcmocka-dev xz-utils patch)
+# vdev's patches to libvfio-user.
+lvu_patches_dir=$repo_root/tools/libvfio-user-patches
 
 
 stamp_ok() { [[ -f "$cache/stamps/$1" ]]; }
@@ -176,12 +181,41 @@ provision_qemu() {
 
 # --- libvfio-user ------------------------------------------------------------
 lvu_out=$cache/libvfio-user
+lvu_debug_out=$cache/libvfio-user-debug
+lvu_unpatched_out=$cache/libvfio-user-unpatched
+lvu_patched=$cache/build/libvfio-user-src
 
-provision_libvfio_user() {
-    if stamp_ok libvfio-user && [[ -f "$lvu_out/lib/libvfio-user.so.0" ]]; then
-        return
-    fi
-    local src_dir=$cache/src tarball="" version wrap revision
+lvu_patches() { find "$lvu_patches_dir" -maxdepth 1 -name '*.patch' | sort; }
+
+# The patch set, as vdev records it: a hash over the series (names and
+# contents, in order), then one line per patch.  Both builds' stamps hold
+# it, so changing, adding or removing a patch rebuilds them.
+lvu_patch_record() {
+    local patch sums=""
+    for patch in $(lvu_patches); do
+        sums+="$(sha256sum "$patch" | cut -c1-64) $(basename "$patch")"$'\n'
+    done
+    printf 'set %s\n%s' "$(printf '%s' "$sums" | sha256sum | cut -c1-64)" "$sums"
+}
+
+# Whether the build in $1 exists and was made from revision $2 with the
+# current patch set.
+lvu_build_current() {
+    [[ -f "$1/lib/libvfio-user.so.0" ]] && [[ "$(cat "$1/REVISION" 2>/dev/null)" == "$2" ]] &&
+        [[ "$(cat "$1/PATCHES" 2>/dev/null)" == "$(lvu_patch_record)" ]]
+}
+
+# The libvfio-user source that Debian's qemu source package carries, as an
+# earlier run extracted it (empty if none did).
+lvu_pristine() { find "$cache/src" -mindepth 3 -maxdepth 3 -path '*/subprojects/libvfio-user' -type d 2>/dev/null | head -n1; }
+
+lvu_revision_of() {
+    awk -F' *= *' '$1 == "revision" {print $2}' "$(dirname "$1")/libvfio-user.wrap"
+}
+
+# Download Debian's qemu source package and extract libvfio-user from it.
+download_lvu_source() {
+    local src_dir=$cache/src tarball="" version top
     mkdir -p "$src_dir"
     # Newest first; the archive's Sources index can name versions whose files
     # the mirror no longer serves, so try each until one downloads.
@@ -193,65 +227,95 @@ provision_libvfio_user() {
         fi
     done
     [[ -n "$tarball" ]] || fail "could not download any version of Debian's qemu source package"
-
-    local top
     top=$(tar -tf "$tarball" | sed -n '1s,/.*,,p')
     rm -rf "${src_dir:?}/$top"
     tar -xf "$tarball" -C "$src_dir" "$top/subprojects/libvfio-user" "$top/subprojects/libvfio-user.wrap" \
         "$top/docs/interop/vfio-user.rst" ||
         fail "$tarball carries no subprojects/libvfio-user"
-    wrap=$src_dir/$top/subprojects/libvfio-user.wrap
-    revision=$(awk -F' *= *' '$1 == "revision" {print $2}' "$wrap")
-    [[ -n "$revision" ]] || fail "no revision in $wrap"
-    local ok=0 r
-    for r in "${supported_lvu_revisions[@]}"; do [[ "$r" == "$revision" ]] && ok=1; done
-    ((ok)) || fail "libvfio-user revision $revision (from $wrap) is not one vdev's bindings support (${supported_lvu_revisions[*]})"
-
-    say "building libvfio-user $revision"
-    local build=$cache/build/libvfio-user
-    rm -rf "$build"
-    meson setup "$build" "$src_dir/$top/subprojects/libvfio-user" --buildtype=release \
-        -Ddebug-logs=disabled >"$cache/libvfio-user-build.log" 2>&1 &&
-        ninja -C "$build" >>"$cache/libvfio-user-build.log" 2>&1 ||
-        fail "libvfio-user build failed; see $cache/libvfio-user-build.log"
-
-    rm -rf "$lvu_out"
-    mkdir -p "$lvu_out/lib" "$lvu_out/samples" "$lvu_out/include"
-    cp -a "$build"/lib/libvfio-user.so* "$lvu_out/lib/"
-    rm -rf "$lvu_out/lib"/*.p
-    cp -a "$build/samples/gpio-pci-idio-16" "$build/samples/server" "$build/samples/client" "$lvu_out/samples/"
-    cp -a "$src_dir/$top/subprojects/libvfio-user/include/." "$lvu_out/include/"
-    cp "$src_dir/$top/docs/interop/vfio-user.rst" "$lvu_out/vfio-user.rst"
-    printf '%s\n' "$revision" >"$lvu_out/REVISION"
-    stamp_set libvfio-user "$revision"
 }
 
-# A second build for `make test-debug`: libvfio-user's own debug checks and
-# AddressSanitizer, so memory errors in the C layer surface under the suite.
-provision_libvfio_user_debug() {
-    local out=$cache/libvfio-user-debug revision src build=$cache/build/libvfio-user-debug
-    revision=$(cat "$lvu_out/REVISION")
-    if stamp_ok libvfio-user-debug && [[ -f "$out/lib/libvfio-user.so.0" ]] &&
-        [[ "$(cat "$out/REVISION")" == "$revision" ]]; then
-        return
-    fi
-    say "building libvfio-user $revision (debug, AddressSanitizer)"
-    src=$(ls -d "$cache"/src/qemu-*/subprojects/libvfio-user | head -n1)
+# A fresh copy of the pristine source with every patch applied, in order.
+# Each patch is tried first, so one that does not apply changes nothing and
+# is named.
+prepare_patched_source() {
+    local pristine=$1 patch log=$cache/libvfio-user-patch.log
+    rm -rf "$lvu_patched"
+    mkdir -p "$(dirname "$lvu_patched")"
+    cp -a "$pristine" "$lvu_patched"
+    : >"$log"
+    for patch in $(lvu_patches); do
+        say "applying $(basename "$patch")"
+        { patch -p1 --dry-run --batch --fuzz=0 -d "$lvu_patched" <"$patch" &&
+            patch -p1 --batch --fuzz=0 --no-backup-if-mismatch -d "$lvu_patched" <"$patch"; } >>"$log" 2>&1 ||
+            fail "libvfio-user patch $(basename "$patch") does not apply (see $log); fix or remove it in $lvu_patches_dir"
+    done
+}
+
+# Build source $1 in folder $3 (ninja target $4, empty for all) with meson
+# options $5...; the library goes to $2/lib, the log to $2-build.log.
+build_lvu() {
+    local src=$1 out=$2 build=$3 target=$4 log=$2-build.log
+    shift 4
     rm -rf "$build" "$out"
-    meson setup "$build" "$src" --buildtype=debug -Ddebug-logs=enabled -Db_sanitize=address \
-        >"$cache/libvfio-user-debug-build.log" 2>&1 &&
-        ninja -C "$build" lib/libvfio-user.so.0.0.1 >>"$cache/libvfio-user-debug-build.log" 2>&1 ||
-        fail "libvfio-user debug build failed; see $cache/libvfio-user-debug-build.log"
+    meson setup "$build" "$src" "$@" >"$log" 2>&1 && ninja -C "$build" $target >>"$log" 2>&1 ||
+        fail "libvfio-user build failed; see $log"
     mkdir -p "$out/lib"
     cp -a "$build"/lib/libvfio-user.so* "$out/lib/"
     rm -rf "$out/lib"/*.p
-    printf '%s\n' "$revision" >"$out/REVISION"
-    stamp_set libvfio-user-debug "$revision"
+}
+
+provision_libvfio_user() {
+    local pristine revision
+    pristine=$(lvu_pristine)
+    if [[ -n "$pristine" ]] && lvu_build_current "$lvu_out" "$(lvu_revision_of "$pristine")" &&
+        lvu_build_current "$lvu_debug_out" "$(lvu_revision_of "$pristine")" &&
+        [[ -f "$lvu_unpatched_out/lib/libvfio-user.so.0" ]]; then
+        return
+    fi
+    if [[ -z "$pristine" ]]; then
+        download_lvu_source
+        pristine=$(lvu_pristine)
+    fi
+    revision=$(lvu_revision_of "$pristine")
+    [[ -n "$revision" ]] || fail "no revision in $(dirname "$pristine")/libvfio-user.wrap"
+    local ok=0 r
+    for r in "${supported_lvu_revisions[@]}"; do [[ "$r" == "$revision" ]] && ok=1; done
+    ((ok)) || fail "libvfio-user revision $revision is not one vdev's bindings support (${supported_lvu_revisions[*]})"
+
+    prepare_patched_source "$pristine"
+    say "building libvfio-user $revision with $(lvu_patches | wc -l) patch(es)"
+    build_lvu "$lvu_patched" "$lvu_out" "$cache/build/libvfio-user" "" --buildtype=release -Ddebug-logs=disabled
+    mkdir -p "$lvu_out/samples" "$lvu_out/include"
+    cp -a "$cache/build/libvfio-user/samples/"{gpio-pci-idio-16,server,client} "$lvu_out/samples/"
+    cp -a "$lvu_patched/include/." "$lvu_out/include/"
+    cp "$(dirname "$(dirname "$pristine")")/docs/interop/vfio-user.rst" "$lvu_out/vfio-user.rst"
+
+    # A second build for `make test-debug`, from the same patched source:
+    # libvfio-user's own debug checks and AddressSanitizer, so memory errors in
+    # the C layer surface under the suite.
+    say "building libvfio-user $revision (debug, AddressSanitizer)"
+    build_lvu "$lvu_patched" "$lvu_debug_out" "$cache/build/libvfio-user-debug" lib/libvfio-user.so.0.0.1 --buildtype=debug -Ddebug-logs=enabled \
+        -Db_sanitize=address
+
+    # And the revision as it comes, without vdev's patches: what a user's own
+    # build is like.  The suite checks that vdev still serves with it and that
+    # what needs a patch says so.
+    say "building libvfio-user $revision (release, unpatched)"
+    build_lvu "$pristine" "$lvu_unpatched_out" "$cache/build/libvfio-user-unpatched" lib/libvfio-user.so.0.0.1 \
+        --buildtype=release -Ddebug-logs=disabled
+
+    local out
+    for out in "$lvu_out" "$lvu_debug_out" "$lvu_unpatched_out"; do
+        printf '%s\n' "$revision" >"$out/REVISION"
+    done
+    lvu_patch_record >"$lvu_out/PATCHES"
+    lvu_patch_record >"$lvu_debug_out/PATCHES"
+    stamp_set libvfio-user "$revision"
 }
 
 ensure_host_packages
 setup_private_apt
 provision_qemu
 provision_libvfio_user
-provision_libvfio_user_debug
-say "ready: QEMU $(cat "$cache/qemu.version"), libvfio-user $(cat "$lvu_out/REVISION")"
+say "ready: QEMU $(cat "$cache/qemu.version"), libvfio-user $(cat "$lvu_out/REVISION")" \
+    "+ $(($(wc -l <"$lvu_out/PATCHES") - 1)) patch(es)"

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from vdev.model.config import Command
     from vdev.model.device import Device, Param, ResetKind
     from vdev.model.dma import DmaError
+    from vdev.model.errors import DefinitionError
     from vdev.model.events import Event, EventLog
+    from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
     from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, Field, Register
     from vdev.runtime import DeviceContext, ServeError, serve
 
@@ -56,6 +58,10 @@ _EXPORTS: dict[str, str] = {
     "Param": "vdev.model.device",
     "ResetKind": "vdev.model.device",
     "DmaError": "vdev.model.dma",
+    "DefinitionError": "vdev.model.errors",
+    "DisabledAccess": "vdev.model.memory_enable",
+    "DisabledMapping": "vdev.model.memory_enable",
+    "Prefault": "vdev.model.memory_enable",
     "Event": "vdev.model.events",
     "EventLog": "vdev.model.events",
     "RO": "vdev.model.registers",
@@ -82,9 +88,12 @@ __all__ = [
     "BarKind",
     "Capability",
     "Command",
+    "DefinitionError",
     "Device",
     "DeviceContext",
     "DeviceSerialNumber",
+    "DisabledAccess",
+    "DisabledMapping",
     "DmaError",
     "Event",
     "EventLog",
@@ -95,6 +104,7 @@ __all__ = [
     "Param",
     "PciExpress",
     "PowerManagement",
+    "Prefault",
     "RawCapability",
     "Register",
     "ResetKind",

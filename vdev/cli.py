@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +19,13 @@ from typing import IO, Any, NoReturn
 
 import trio
 
-from vdev import doctor, plugins
+from vdev import doctor, plugins, sockets
 from vdev.libvfio_user.bindings import LibraryError
 from vdev.model.device import Device
 from vdev.model.faults import FaultPlan, FaultPlanError
 from vdev.runtime import ServeError, serve
+from vdev.runtime.activation import activated_fd
+from vdev.runtime.context import listening_socket_path
 
 
 class UsageError(Exception):
@@ -53,37 +56,103 @@ def _parse_params(device_class: type[Device], pairs: Sequence[str]) -> dict[str,
     return values
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _load_device(reference: str) -> type[Device]:
+    # Like `python -m`, find device modules in the current directory.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        device_class = plugins.load(args.device)
+        return plugins.load(reference)
     except plugins.PluginError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _check_socket_path(path: str) -> None:
+    try:
+        sockets.prepare_socket_path(path)
+    except sockets.SocketPathError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _open_output(path: str, what: str, mode: str = "w") -> IO[str]:
+    try:
+        return open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise UsageError(f"cannot open {what} {path}: {exc.strerror}") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    device_class = _load_device(args.device)
     params = _parse_params(device_class, args.param)
     try:
         device = device_class(name=args.name, **params)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"cannot create {args.device}: {exc}") from None
-    if args.faults:
-        try:
-            device.faults = FaultPlan.load(args.faults)
-        except FaultPlanError as exc:
-            raise UsageError(str(exc)) from None
-    trace: IO[str] | None = None
-    if args.trace:
-        trace = sys.stdout if args.trace == "-" else open(args.trace, "w", encoding="utf-8")  # noqa: SIM115
-        device.events.write_to(trace)
-    print(f"vdev: serving {device.name} ({args.device}) on {args.socket_path}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the device's own __init__ or declaration: one line, never a traceback
+        raise UsageError(f"cannot create {args.device}: {plugins.describe_failure(exc)}") from None
     try:
-        allowed = frozenset(args.allow_uid) if args.allow_uid else None
-        trio.run(functools.partial(serve, [(device, Path(args.socket_path))], allowed_uids=allowed))
-    except (ServeError, LibraryError) as exc:
-        print(f"vdev: error: {exc}", file=sys.stderr)
-        return 1
+        if args.faults:
+            try:
+                device.faults = FaultPlan.load(args.faults)
+            except FaultPlanError as exc:
+                raise UsageError(str(exc)) from None
+        where: Path | int
+        if args.socket_path:
+            _check_socket_path(args.socket_path)
+            where = Path(args.socket_path)
+        else:
+            where = _inherited_socket(args.fd)
+        trace: IO[str] | None = None
+        if args.trace:
+            trace = sys.stdout if args.trace == "-" else _open_output(args.trace, "trace file")
+            device.events.write_to(trace)
+        try:
+            return _serve_until_stopped(device, args, where)
+        finally:
+            if trace is not None and trace is not sys.stdout:
+                trace.close()
     finally:
         device.close()
-        if trace is not None and trace is not sys.stdout:
-            trace.close()
+
+
+def _serve_until_stopped(device: Device, args: argparse.Namespace, where: Path | int) -> int:
+    allowed = frozenset(args.allow_uid) if args.allow_uid else None
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve, [(device, where)], allowed_uids=allowed))
+            print(f"vdev: serving {device.name} ({args.device}) on {_describe(where)}", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(run)
+    except BaseException as exc:
+        failure = _single(exc)
+        if not isinstance(failure, (ServeError, LibraryError)):
+            raise
+        print(f"vdev: error: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside nested exception groups of one member each (Trio nurseries make them)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _inherited_socket(fd: int | None) -> int:
+    """The listening socket to serve on: ``--fd``, else one passed by socket activation."""
+    try:
+        if fd is None:
+            fd = activated_fd()
+        if fd is None:
+            raise UsageError("one of --socket-path or --fd is required (or socket activation: LISTEN_FDS, LISTEN_PID)")
+        listening_socket_path(fd)
+    except ServeError as exc:
+        raise UsageError(str(exc)) from None
+    return fd
+
+
+def _describe(where: Path | int) -> str:
+    return f"fd {where} ({listening_socket_path(where)})" if isinstance(where, int) else str(where)
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
@@ -91,7 +160,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     for name, reference in sorted(plugins.available().items()):
         try:
             device_class = plugins.load(name)
-        except Exception as exc:  # a broken plugin must not hide the others
+        except plugins.PluginError as exc:  # a broken plugin must not hide the others
             listing.append({"name": name, "reference": reference, "error": str(exc)})
             continue
         doc = (device_class.__doc__ or "").strip().splitlines()
@@ -110,24 +179,56 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
+    settings = {
+        (entry["name"], param["name"]): f"--param {param['name']}={_shown(param['default'])}"
+        for entry in listing
+        for param in entry.get("parameters", ())
+    }
+    width = max(map(len, settings.values()), default=0)
     for entry in listing:
         if "error" in entry:
             print(f"{entry['name']:12} BROKEN: {entry['error']}")
             continue
         print(f"{entry['name']:12} {entry['id']}  {entry['summary']}")
         for param in entry["parameters"]:
-            print(f"{'':14}--param {param['name']}={param['default']!s:10} {param['help']}")
+            print(f"{'':14}{settings[entry['name'], param['name']]:{width}}  {param['help']}")
     return 0
+
+
+def _shown(default: object) -> str:
+    """A parameter's default as one would type it: large integers (IDs, masks, sizes) in hex."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, int) and default >= 0x10000:
+        return hex(default)
+    return str(default)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from vdev import inspect as inspection
     from vdev.client import ServerDisconnected, VfioUserError
 
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, not {args.timeout}")
+
+    async def gather() -> inspection.Report:
+        with trio.fail_after(args.timeout):
+            return await inspection.gather(args.socket)
+
     try:
-        report = trio.run(inspection.gather, args.socket)
+        report = trio.run(gather)
     except (OSError, ServerDisconnected, VfioUserError) as exc:
         print(f"vdev: error: cannot inspect {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        attached, waiting = inspection.holders(args.socket)
+        held = ", ".join(str(peer) for peer in attached) or "no client this user can see (is the server stuck?)"
+        queue = f"; {waiting} more client(s) waiting" if waiting else ""
+        print(
+            f"vdev: error: {args.socket} did not answer within {args.timeout:g} s: a vfio-user server serves one"
+            f" client at a time, and it is held by {held}{queue}",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(inspection.as_json(report), indent=2))
@@ -142,7 +243,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(json.dumps(doctor.as_json(checks), indent=2))
     else:
         print(doctor.as_text(checks))
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if doctor.usable(checks) else 1
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
@@ -156,19 +257,22 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
             plan = FaultPlan.load(args.faults)
         except PlanError as exc:
             raise UsageError(str(exc)) from None
+    if sockets.same_socket(args.listen, args.connect):
+        raise UsageError(f"--listen and --connect are the same socket ({args.listen})")
+    _check_socket_path(args.listen)
     outputs: list[IO[str]] = []
     try:
-        transcript = open(args.record, "w", encoding="utf-8") if args.record else None  # noqa: SIM115
+        transcript = _open_output(args.record, "transcript") if args.record else None
         if transcript is not None:
             outputs.append(transcript)
         fault_log: IO[str] = sys.stderr
         if args.fault_log and args.fault_log != "-":
-            fault_log = open(args.fault_log, "a", encoding="utf-8")  # noqa: SIM115
+            fault_log = _open_output(args.fault_log, "fault log", "a")
             outputs.append(fault_log)
-    except OSError as exc:
+    except UsageError:
         for output in outputs:
             output.close()
-        raise UsageError(f"cannot open {exc.filename}: {exc.strerror}") from None
+        raise
     proxy = Proxy(args.listen, args.connect, plan=plan, transcript=transcript, fault_log=fault_log)
 
     async def run() -> None:
@@ -188,8 +292,11 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except OSError as exc:
-        print(f"vdev: error: proxy {args.listen} -> {args.connect}: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        failure = _single(exc)
+        if not isinstance(failure, (OSError, sockets.SocketPathError)):
+            raise
+        print(f"vdev: error: proxy {args.listen} -> {args.connect}: {failure}", file=sys.stderr)
         return 1
     finally:
         for output in outputs:
@@ -233,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_parser = commands.add_parser("serve", help="serve a device on a vfio-user socket")
     serve_parser.add_argument("device", help="a device name (see `vdev devices`) or module:Class")
-    serve_parser.add_argument("--socket-path", required=True, help="where to listen for a vfio-user client")
+    listen = serve_parser.add_mutually_exclusive_group()
+    listen.add_argument("--socket-path", help="where to listen for a vfio-user client")
+    listen.add_argument(
+        "--fd", type=int, metavar="N", help="serve on listening socket N, inherited from the parent process"
+    )
     serve_parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="device parameter")
     serve_parser.add_argument("--name", help="the device's name in logs and traces")
     serve_parser.add_argument("--trace", metavar="FILE", help="write every device event as a JSON line ('-': stdout)")
@@ -250,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser = commands.add_parser("inspect", help="connect to a vfio-user server and describe its device")
     inspect_parser.add_argument("socket", help="the server's socket path")
     inspect_parser.add_argument("--json", action="store_true")
+    inspect_parser.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up if the server has not answered by then"
+    )
     inspect_parser.set_defaults(handler=_cmd_inspect)
 
     doctor_parser = commands.add_parser("doctor", help="check that libvfio-user and QEMU are usable")

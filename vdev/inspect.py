@@ -8,8 +8,10 @@ JSON document.  Works against any vfio-user server, not only vdev's.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vdev.client import Client
@@ -125,13 +127,16 @@ def _capabilities(config: bytes) -> list[Capability]:
     return found
 
 
-def _bars(config: bytes) -> list[dict[str, Any]]:
+def _bars(config: bytes, sizes: dict[int, int]) -> list[dict[str, Any]]:
+    """The six BAR registers decoded; a BAR is unimplemented when its region is empty and it reads 0."""
     bars: list[dict[str, Any]] = []
     slot = 0
     while slot < 6:
         raw = _u(config, 0x10 + 4 * slot, 4)
         entry: dict[str, Any] = {"index": slot, "raw": raw}
-        if raw & 1:
+        if not raw and not sizes.get(slot):
+            entry["kind"] = "unimplemented"
+        elif raw & 1:
             entry["kind"] = "io"
         elif raw & 0x6 == 0x4:
             entry["kind"] = "mem64"
@@ -182,7 +187,7 @@ async def gather(path: str | os.PathLike[str]) -> Report:
         command=_u(config, 0x04, 2),
         status=_u(config, 0x06, 2),
         interrupt_pin=config[0x3D],
-        bars=_bars(config),
+        bars=_bars(config, {region.index: region.size for region in regions}),
         capabilities=_capabilities(config),
         regions=regions,
         irqs=irqs,
@@ -221,13 +226,116 @@ def as_text(report: Report) -> str:
         extra = f" mmap {sparse}" if sparse else (" mmap whole" if region.mappable else "")
         fds = f" ({region.fds} fd{'s' if region.fds != 1 else ''})" if region.fds else ""
         lines.append(f"    {region.name:6} {_size(region.size):>6} {access}{extra}{fds}")
+    lines.append("  BAR registers:")
     for bar in report.bars:
-        if bar["raw"] or any(r.index == bar["index"] and r.size for r in report.regions):
+        if bar["kind"] != "unimplemented":
             kind = bar["kind"] + (", prefetchable" if bar.get("prefetchable") else "")
-            lines.append(f"    BAR{bar['index']} register: {bar['raw']:#010x} ({kind})")
+            lines.append(f"    BAR{bar['index']}   {bar['raw']:#010x} ({kind})")
     lines.append("  capabilities:")
     for cap in report.capabilities:
         details = ", ".join(f"{key}={value}" for key, value in cap.details.items())
         lines.append(f"    [{cap.offset:#05x}] {cap.name}" + (f": {details}" if details else ""))
     lines.append("  interrupts: " + ", ".join(f"{name} {count}" for name, count in report.irqs.items()))
     return "\n".join(lines)
+
+
+# -- who holds a server -------------------------------------------------------------
+#
+# A vfio-user server serves one client at a time; the next one waits, connected
+# but unanswered, in the listening socket's backlog.  When `vdev inspect` gets no
+# answer it says who is attached, from the kernel's own view of UNIX sockets
+# (sock_diag, as `ss -xp` uses it) and /proc.
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_UDIAG_SHOW_VFS, _UDIAG_SHOW_PEER, _UDIAG_SHOW_ICONS = 0x2, 0x4, 0x8
+_UNIX_DIAG_VFS, _UNIX_DIAG_PEER, _UNIX_DIAG_ICONS = 1, 2, 3
+_TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+_NLMSG = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")
+_UNIX_DIAG_MSG = struct.Struct("=BBBBI2I")
+_RTATTR = struct.Struct("=HH")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A process at the client end of a connection to a server's socket."""
+
+    pid: int | None
+    command: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.command})" if self.pid is not None else "a process this user cannot see"
+
+
+def _unix_sockets() -> list[tuple[int, int, dict[int, bytes]]]:
+    """(inode, state, attributes) of every UNIX socket of this network namespace."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+        show = _UDIAG_SHOW_VFS | _UDIAG_SHOW_PEER | _UDIAG_SHOW_ICONS
+        request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFF_FFFF, 0, show, 0xFFFF_FFFF, 0xFFFF_FFFF)
+        netlink.send(
+            _NLMSG.pack(_NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + request
+        )
+        found: list[tuple[int, int, dict[int, bytes]]] = []
+        while True:
+            data = netlink.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR or length < _NLMSG.size:
+                    raise OSError("sock_diag refused the query")
+                _family, _type, state, _pad, inode, _c0, _c1 = _UNIX_DIAG_MSG.unpack_from(data, offset + _NLMSG.size)
+                attributes = {}
+                at, end = offset + _NLMSG.size + _UNIX_DIAG_MSG.size, offset + length
+                while at + _RTATTR.size <= end:
+                    size, kind = _RTATTR.unpack_from(data, at)
+                    if size < _RTATTR.size:
+                        break
+                    attributes[kind] = data[at + _RTATTR.size : at + size]
+                    at += (size + 3) & ~3
+                found.append((inode, state, attributes))
+                offset += (length + 3) & ~3
+
+
+def _owner_of(inode: int) -> Peer:
+    link = f"socket:[{inode}]"
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == link for fd in (process / "fd").iterdir()):
+                arguments = (process / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                return Peer(int(process.name), " ".join(" ".join(arguments).split())[:120])
+        except OSError:
+            continue  # gone, or not ours to look at
+    return Peer(None, "")
+
+
+def holders(path: str | os.PathLike[str]) -> tuple[list[Peer], int]:
+    """The clients attached to the server listening at ``path``, and how many wait in its backlog.
+
+    The server's end of an accepted connection is bound to the listening
+    socket's file (matched by inode, whatever path either side used); its
+    peer is the client's socket, found in /proc.  Returns ``([], 0)`` where
+    the kernel offers no socket diagnostics.
+    """
+    try:
+        file_inode = os.stat(path).st_ino
+        sockets = _unix_sockets()
+    except OSError:
+        return [], 0
+    attached, waiting = [], 0
+    for _inode, state, attributes in sockets:
+        vfs = attributes.get(_UNIX_DIAG_VFS, b"")
+        if len(vfs) < 4 or struct.unpack_from("=I", vfs)[0] != file_inode:
+            continue
+        if state == _TCP_LISTEN:
+            waiting += len(attributes.get(_UNIX_DIAG_ICONS, b"")) // 4
+        elif state == _TCP_ESTABLISHED and _UNIX_DIAG_PEER in attributes:
+            (peer,) = struct.unpack("=I", attributes[_UNIX_DIAG_PEER][:4])
+            attached.append(_owner_of(peer))
+    return attached, waiting

@@ -138,3 +138,16 @@ def test_parameters_are_checked() -> None:
     with pytest.raises(ValueError):
         MemBar(mapping="sometimes")
     assert MemBar(size="64K").bar(0).size == 64 << 10
+
+
+async def test_a_policy_set_at_run_time_as_its_string_keeps_the_contents(vdev_client: ConnectClient) -> None:
+    """Issue 15: ``"revoke"`` was stored as a bare string, so clearing MEM discarded BAR0 and failed with EIO."""
+    device = MemBar(size="1M")
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=False)
+    await client.region_write(0, 0x1000, b"kept")
+    device.bar(0).mapping_when_disabled = "revoke"
+    await client.enable(memory=False, io=False, master=False)
+    await client.enable(memory=True, io=False, master=False)
+    assert await client.region_read(0, 0x1000, 4) == b"kept"
+    assert [e.data["action"] for e in device.events.of_kind("memory") if e.data["bar"] == 0] == ["revoke", "restore"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from vdev.testing import AttachQemu
+from vdev.libvfio_user import Library
+from vdev.qemu import QemuMachine, QemuStartError
+from vdev.testing import AttachQemu, served, vfio_user_pci
 from vdev_devices.membar import MemBar
 
 pytestmark = pytest.mark.requires("qemu", "libvfio-user")
@@ -70,3 +74,38 @@ async def test_lazy_leaves_untouched_pages_out(vdev_qemu: AttachQemu) -> None:
     mapped = device.bar(0).mapped
     assert mapped is not None and mapped.resident_pages() == 1
     assert await function.bar_readl(0, 0x3000) == 0x5A5A5A5A
+
+
+async def test_bar4_maps_two_areas_around_a_trapped_page(vdev_qemu: AttachQemu) -> None:
+    """One fd for BAR4 and two areas in it (libvfio-user patch 0001): QEMU maps both and traps the page between."""
+    device = MemBar(size="1M")
+    function = (await vdev_qemu(device, enable={"memory"})).function
+    memory = device.bar(4).memory
+    memory[0x0:0x4] = (0x1122_3344).to_bytes(4, "little")  # what the device put in each area
+    memory[0x2FFC:0x3000] = (0x5566_7788).to_bytes(4, "little")
+    device.events.clear()
+    assert await function.bar_readl(4, 0x0) == 0x1122_3344
+    assert await function.bar_readl(4, 0x2FFC) == 0x5566_7788
+    await function.bar_writel(4, 0x2000, 0xCAFE_F00D)
+    assert memory[0x2000:0x2004] == (0xCAFE_F00D).to_bytes(4, "little")
+    # Nothing of that reached the server as an access: QEMU went through its mappings.
+    assert not [e for e in device.events if e.kind in ("region_read", "region_write")]
+    await function.bar_writel(4, 0x1000, 0xA5A5_5A5A)  # scratch, in the trapped page
+    assert await function.bar_readl(4, 0x1000) == 0xA5A5_5A5A
+    accesses = device.events.of_kind("region_read", "region_write")
+    assert [(e.kind, e.data["region"], e.data["offset"]) for e in accesses] == [
+        ("region_write", 4, 0x1000),
+        ("region_read", 4, 0x1000),
+    ]
+
+
+async def test_without_patch_0001_qemu_refuses_two_mapped_areas(
+    vdev_socket_dir: Path, unpatched_libvfio_user: Library, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The revision as it comes sends BAR4's fd once per area, and QEMU 11.1 fails realize on it."""
+    socket = vdev_socket_dir / "membar.sock"
+    async with served(MemBar(size="1M"), socket, library=unpatched_libvfio_user):
+        with pytest.raises(QemuStartError, match="unexpected FDs"):
+            async with QemuMachine(devices=[vfio_user_pci(socket)]):
+                pass
+    assert "0001-Send-one-fd-per-region-in-GET_REGION_INFO.patch" in caplog.text

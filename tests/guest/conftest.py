@@ -29,3 +29,16 @@ def guest_artefacts(request: pytest.FixtureRequest, missing: Callable[[str], NoR
         return GuestArtefacts.find(request.param)
     except FileNotFoundError as exc:
         missing(str(exc))
+
+
+@pytest.fixture
+def guest_set(missing: Callable[[str], NoReturn]) -> Callable[[str], GuestArtefacts]:
+    """A named kernel set, for the tests that are about one kernel package in particular."""
+
+    def find(name: str) -> GuestArtefacts:
+        try:
+            return GuestArtefacts.find(name)
+        except FileNotFoundError as exc:
+            missing(str(exc))
+
+    return find

@@ -341,8 +341,8 @@ async def test_trigger_uses_msix_over_msi_over_intx(vdev_bench: OpenBench) -> No
 
 async def test_err_and_req_reach_the_client(vdev_bench: OpenBench) -> None:
     bench = await vdev_bench(Vectors())
-    bench.device.irq.trigger_err()
-    bench.device.irq.trigger_req()
+    bench.device.irq.report_error()
+    bench.device.irq.request_release()
     assert bench.irqs.take() == [Fired(IrqIndex.ERR, 0), Fired(IrqIndex.REQ, 0)]
 
 

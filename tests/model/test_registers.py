@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from vdev import RO, RW, RW1C, W1S, WO, Bar, Device, Field, Register
@@ -93,19 +92,6 @@ async def test_unimplemented_space_reads_zero() -> None:
     assert await rd(d, 0x800, 4) == 0
     await wr(d, 0x800, 4, 0xFFFFFFFF)
     assert await rd(d, 0x800, 4) == 0
-
-
-def test_bad_declarations_are_refused() -> None:
-    with pytest.raises(ValueError, match="overlap"):
-
-        class Overlap(Device):
-            bar0 = Bar(4096, registers=[Register("x", 0), Register("y", 2)])
-
-        Overlap()
-    with pytest.raises(ValueError, match="power of two"):
-        Bar(3000)
-    with pytest.raises(ValueError, match="mapped area"):
-        Bar(8192, registers=[Register("x", 0)], mapped=[(0, 4096)])
 
 
 async def test_a_subclass_overrides_a_hook_by_method_name() -> None:

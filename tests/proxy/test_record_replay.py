@@ -205,6 +205,36 @@ def test_comparison_rules() -> None:
     assert Record.from_dict(as_json) == same
 
 
+def test_a_long_difference_is_shown_from_its_first_differing_byte() -> None:
+    """Issue 15: a differing 256-byte config read was shown as 512 hex digits a side, naming no offset."""
+    expected = bytes(range(256))
+    got = bytearray(expected)
+    got[0x10:0x12] = b"\xff\xff"
+    divergence = Divergence(7, 0, "REGION_READ reply #3", "payload.data", expected.hex(), bytes(got).hex())
+    text = str(divergence)
+    assert 'payload.data: byte 0x10 of 256: expected "101112131415161718191a1b1c1d1e1f…"' in text
+    assert 'got "ffff12131415161718191a1b1c1d1e1f…"' in text
+    assert len(text) < 200
+
+
+@pytest.mark.requires("libvfio-user")
+async def test_replay_against_a_server_that_served_before_says_why_it_diverges(vdev_socket_dir: Path) -> None:
+    """Issue 15: the walkthrough replays against the server it recorded, which has kept the client's config."""
+    path = vdev_socket_dir / "session.jsonl"
+    with open(path, "w", encoding="utf-8") as transcript:  # noqa: ASYNC230 - a local file, once
+        async with behind_proxy(vdev_socket_dir, transcript=transcript) as setup:
+            async with Client.connect(setup.proxy_path) as client:
+                await client.region_read(7, 0, 256)  # what QEMU does first
+                await enable_memory(client)
+                assert await client.read32(0, 0x0) == HELLO_ID_VALUE
+            used = await replay(path, setup.server_path)
+    assert used.divergence is not None and used.divergence.field == "payload.data"
+    assert "byte 0x4 of 256" in str(used.divergence)  # COMMAND, which the recorded client set
+    assert "replay against a freshly started one" in str(used.divergence)
+    async with served(Hello(), vdev_socket_dir / "fresh.sock"):
+        assert (await replay(path, vdev_socket_dir / "fresh.sock")).ok
+
+
 # --- the command line --------------------------------------------------------------------------
 
 

@@ -370,3 +370,32 @@ async def test_unexpected_exit_cancels_the_body(qemu_binary: Path) -> None:
 async def test_quit_is_an_expected_exit(qemu_binary: Path) -> None:
     async with machine(qemu_binary) as vm:
         assert await vm.quit() == 0
+
+
+WITHOUT_QMP = """
+import sys
+sys.modules["qemu"] = None  # as if vdev were installed without its qemu extra
+import trio
+from vdev.qemu import QemuError, QemuMachine
+
+async def main():
+    try:
+        async with QemuMachine(binary="/nonexistent/qemu"):
+            pass
+    except QemuError as exc:
+        print(exc)
+
+trio.run(main)
+"""
+
+
+def test_vdev_qemu_imports_without_qemu_qmp_and_a_machine_says_what_to_install() -> None:
+    """Issue 15: ``import vdev.qemu`` failed with ``No module named 'qemu'`` without the extra."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_QMP], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "qemu.qmp package, which is missing" in result.stdout and "pip install 'vdev[qemu]'" in result.stdout

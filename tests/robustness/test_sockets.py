@@ -68,6 +68,28 @@ async def test_peer_uid_allow_list(vdev_socket_dir: Path, allowed: bool) -> None
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_that_never_speaks_is_dropped_after_the_negotiation_deadline(vdev_socket_dir: Path) -> None:
+    """Issue 15: a peer that connected and sent nothing held the device for every other client, for ever."""
+    import socket as sockets
+
+    device = Hello()
+    path = vdev_socket_dir / "hello.sock"
+    silent = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(DeviceContext(device, path, negotiation_timeout=0.5).serve)
+            silent.connect(str(path))
+            with trio.fail_after(10):
+                async with Client.connect(path) as client:
+                    assert await client.region_read(7, 0, 2) == b"\x36\x1b"
+            nursery.cancel_scope.cancel()
+    finally:
+        silent.close()  # without the deadline, what unblocks the server
+    dropped = [e for e in device.events.of_kind("violation") if e.data["what"] == "no VERSION in time"]
+    assert len(dropped) == 1
+    assert silent.fileno() == -1
+
+
 def test_sigterm_with_a_client_attached_exits_cleanly(vdev_socket_dir: Path) -> None:
     path = vdev_socket_dir / "hello.sock"
     server = subprocess.Popen([sys.executable, "-m", "vdev", "serve", "hello", "--socket-path", str(path)])

@@ -6,13 +6,17 @@ memfd or as private memory served through DMA_READ/DMA_WRITE messages.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import trio
 
 from vdev import WO, Bar, Device, DmaError, Msi, MsiX, Register
 from vdev.client import Client, Interrupt
+from vdev.libvfio_user import Library
 from vdev.protocol.constants import IrqIndex, IrqSetFlag
-from vdev.testing import ConnectClient, ServeDevice
+from vdev.testing import ConnectClient, ServeDevice, served
 from vdev_devices.edu import Edu
 
 pytestmark = pytest.mark.requires("libvfio-user")
@@ -265,3 +269,50 @@ async def test_an_awaiting_handler_stalls_only_its_device(vdev_client: ConnectCl
             order.append("fast")
             sleepy.release.set()
     assert order == ["fast", "slow"]
+
+
+async def test_what_clients_routinely_do_is_not_logged_as_a_problem(
+    vdev_client: ConnectClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15: an unwired interrupt and an unmap of a range never mapped (QEMU does both) printed
+    ``ERROR … no fd for interrupt 0`` and ``failed to remove DMA region … No such file or directory``."""
+    from vdev.client import VfioUserError
+    from vdev.protocol.messages import DmaUnmapRequest
+    from vdev_devices.hello import Hello
+
+    device = Hello()
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=False)
+    with caplog.at_level(logging.DEBUG, logger="vdev"):
+        await client.write32(0, 0x0C, 1)  # doorbell: INTx, which the client never wired
+        with pytest.raises(VfioUserError):
+            await client.request(DmaUnmapRequest(address=0x10_0000, size=0x1000))
+    assert device.events.of_kind("irq")
+    messages = {record.getMessage() for record in caplog.records}
+    assert any("no fd for interrupt" in message for message in messages)  # still there, for -vv
+    assert any("failed to remove DMA region" in message for message in messages)
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_a_server_that_never_had_a_client_stops_without_a_reset(vdev_socket_dir: Path) -> None:
+    """Issue 15: stopping it recorded a spurious ``reset`` with reason ``lost_connection``."""
+    from vdev_devices.hello import Hello
+
+    device = Hello()
+    async with served(device, vdev_socket_dir / "hello.sock"):
+        pass
+    assert not device.events.of_kind("reset")
+
+
+async def test_a_library_without_vdevs_patches_still_serves(
+    vdev_socket_dir: Path, unpatched_libvfio_user: Library
+) -> None:
+    """A user's own libvfio-user build: no fix of tools/libvfio-user-patches, and the device works."""
+    assert unpatched_libvfio_user.fixes == frozenset()
+    device = Edu()
+    path = vdev_socket_dir / "edu.sock"
+    async with served(device, path, library=unpatched_libvfio_user), Client.connect(path) as client:
+        await client.enable(memory=True, io=False, master=False)
+        assert await client.read32(0, 0x00) == 0x010000ED
+        await client.write32(0, 0x04, 0x1234)
+        assert await client.read32(0, 0x04) == ~0x1234 & 0xFFFF_FFFF

@@ -94,6 +94,31 @@ async def test_interrupt_faults(vdev_client: ConnectClient, action: str, expecte
     assert intx.pending() == expected
 
 
+async def test_err_and_req_faults_signal_the_client_and_the_access_goes_on(vdev_client: ConnectClient) -> None:
+    device = Hello()
+    device.faults = FaultPlan.from_mapping(
+        {
+            "faults": [
+                {"on": "read", "region": 0, "offset": 0x0, "action": "err", "after": 1, "count": 1},
+                {"on": "write", "region": 0, "offset": 0x4, "action": "req"},
+            ]
+        }
+    )
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=False)
+    err, req = (await client.set_irqs(IrqIndex.ERR))[0], (await client.set_irqs(IrqIndex.REQ))[0]
+    assert u32(await client.region_read(0, 0x0, 4)) == 0x48454C4F  # after=1: not this one
+    assert err.pending() == 0
+    assert u32(await client.region_read(0, 0x0, 4)) == 0x48454C4F
+    assert (err.pending(), req.pending()) == (1, 0)
+    await client.region_write(0, 0x4, struct.pack("<I", 9))
+    assert device.bar0["scratch"] == 9
+    assert (err.pending(), req.pending()) == (0, 1)
+    assert [e.data["action"] for e in device.events.of_kind("fault")] == ["err", "req"]
+    with pytest.raises(FaultPlanError, match="does not apply"):
+        Fault(on="irq", action="err")
+
+
 async def test_dma_fault_fails_the_transfer(vdev_client: ConnectClient) -> None:
     device = Edu(dma_delay=0)
     device.faults = FaultPlan([Fault(on="dma", action="fail", count=1)])

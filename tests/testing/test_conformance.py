@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 import pytest
 
-from vdev import Bar, Device, DeviceSerialNumber, Msi, MsiX, PciExpress, PowerManagement, Register
+from vdev import (
+    Bar,
+    DefinitionError,
+    Device,
+    DeviceSerialNumber,
+    Msi,
+    MsiX,
+    PciExpress,
+    PowerManagement,
+    RawCapability,
+    Register,
+)
 from vdev.model.bars import BarKind
 from vdev.model.pci_regs import PCI_COMMAND, PCI_INTERRUPT_LINE
 from vdev.testing import ConformanceError, ConnectClient, OpenBench, SizedBar, check_pci_conformance
@@ -179,14 +191,31 @@ async def test_each_rule_catches_a_device_that_breaks_it(vdev_bench: OpenBench, 
 
 
 class MisplacedTable(Device):
-    """An MSI-X table declared past the end of its BAR: the model accepts it, a driver would not."""
+    """An MSI-X table past the end of its BAR, in raw capability bytes the model does not interpret.
+
+    Declared with ``MsiX`` the model itself refuses it (``DefinitionError``);
+    a server written without vdev can still offer it, which is what the
+    checker is for.
+    """
 
     vendor_id = 0x1B36
     device_id = 0x7AB1
     bar0 = Bar(4096)
 
-    def capabilities(self) -> list[MsiX]:
-        return [MsiX(vectors=8, table_bar=0, table_offset=0x1000, pba_bar=0, pba_offset=0x800)]
+    def capabilities(self) -> list[RawCapability]:
+        # Message control: 8 vectors; table at BAR0+0x1000; PBA at BAR0+0x800.
+        return [RawCapability(cap_id=0x11, data=struct.pack("<HII", 8 - 1, 0x1000 | 0, 0x800 | 0))]
+
+
+def test_the_model_refuses_an_msix_table_outside_its_bar() -> None:
+    class Refused(Device):
+        bar0 = Bar(4096)
+
+        def capabilities(self) -> list[MsiX]:
+            return [MsiX(vectors=8, table_bar=0, table_offset=0x1000, pba_bar=0, pba_offset=0x800)]
+
+    with pytest.raises(DefinitionError, match=r"MSI-X table at BAR0\+0x1000 \(128 bytes\) ends beyond BAR0"):
+        Refused()
 
 
 async def test_an_msix_table_outside_its_bar_is_caught(vdev_bench: OpenBench) -> None:

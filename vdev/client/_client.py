@@ -59,7 +59,7 @@ from vdev.transport import FdStream
 #: The protocol version vdev proposes: what libvfio-user and QEMU speak.
 DEFAULT_VERSION = (0, 1)
 #: How many fds per message the client accepts unless told otherwise;
-#: libvfio-user sends one per sparse mmap area of a region.
+#: libvfio-user without vdev's patch 0001 sends one per sparse mmap area of a region.
 DEFAULT_MAX_MSG_FDS = 16
 #: Seconds a leaving client waits for the server to close its end (see ``Client._hang_up``).
 HANG_UP_PATIENCE = 1.0

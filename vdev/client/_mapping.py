@@ -22,8 +22,9 @@ class MappedRegion:
         areas = info.mmap_areas
         try:
             for number, area in enumerate(areas):
-                # libvfio-user sends one fd per sparse area, QEMU expects one
-                # per region; both are honoured.
+                # The spec (and QEMU) have one fd per region; libvfio-user
+                # without vdev's patch 0001 sends one per sparse area.  Both
+                # are honoured.
                 fd = info.fds[number] if len(info.fds) == len(areas) else info.fds[0]
                 offset = info.offset + area.offset
                 memory = mmap.mmap(fd, area.size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)

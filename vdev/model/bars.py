@@ -14,10 +14,11 @@ from __future__ import annotations
 import enum
 import mmap
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from vdev.model.errors import DefinitionError
 from vdev.model.memory import MappedMemory
 from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
 from vdev.model.registers import ReadHook, Register, RegisterFile, WriteHook, call_hook
@@ -45,7 +46,9 @@ class MappedArea:
 
     def __post_init__(self) -> None:
         if self.offset % PAGE_SIZE or self.size % PAGE_SIZE or self.size <= 0:
-            raise ValueError(f"mapped area {self.offset:#x}+{self.size:#x} must be whole pages")
+            raise DefinitionError(
+                f"mapped area at {_span(self.offset, self.size)} must be whole pages of {PAGE_SIZE} bytes"
+            )
 
     @property
     def end(self) -> int:
@@ -54,6 +57,26 @@ class MappedArea:
 
 RawRead = Callable[[Any, int, int], Any]
 RawWrite = Callable[[Any, int, bytes], Any]
+Policy = TypeVar("Policy", bound=enum.Enum)
+
+
+def coerce_policy(kind: type[Policy], value: Policy | str, what: str) -> Policy:
+    """``value`` as a member of ``kind``: the member itself or its documented string.
+
+    Anything else is refused, so a typo never silently picks a behaviour.
+    """
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        for member in kind:
+            if member.value == value:
+                return member
+    choices = ", ".join(repr(member.value) for member in kind)
+    raise ValueError(f"{what} must be one of {choices} (or a {kind.__name__}), not {value!r}")
+
+
+def _span(offset: int, size: int) -> str:
+    return f"{offset:#x} ({size} byte{'s' if size != 1 else ''})"
 
 
 class Bar:
@@ -70,6 +93,11 @@ class Bar:
 
         @bar0.on_write("doorbell")
         async def ring(self, value: int) -> None: ...
+
+    The layout is checked when the device class is created (or, for BARs
+    built by :meth:`Device.bar_specs`, when the device is): a mistake raises
+    :class:`~vdev.model.errors.DefinitionError` naming the class, the BAR,
+    the offset and the size.
     """
 
     def __init__(
@@ -87,45 +115,48 @@ class Bar:
         mapping_when_disabled: DisabledMapping | str = DisabledMapping.KEEP,
         prefault: Prefault | str = Prefault.LAZY,
     ) -> None:
-        self.kind = BarKind(kind)
-        self.when_disabled = DisabledAccess(when_disabled)
-        self.mapping_when_disabled = DisabledMapping(mapping_when_disabled)
-        self.prefault = Prefault(prefault)
-        if size <= 0 or size & (size - 1):
-            raise ValueError(f"BAR size must be a power of two, not {size:#x}")
-        if self.kind is BarKind.IO and (size < 4 or size > 256):
-            raise ValueError("I/O BARs are 4 to 256 bytes")
-        if self.kind is not BarKind.IO and size < 16:
-            raise ValueError("memory BARs are at least 16 bytes")
-        if self.kind is BarKind.MEM32 and size > 1 << 31:
-            raise ValueError("a 32-bit BAR cannot exceed 2 GiB; use kind='mem64'")
+        # Mistakes are collected here and raised by check(), which knows the
+        # class and attribute the BAR belongs to.
+        self._problems: list[str] = []
+        self.kind = self._coerce(BarKind, kind, "kind", BarKind.MEM32)
+        self.when_disabled = self._coerce(DisabledAccess, when_disabled, "when_disabled", DisabledAccess.MASTER_ABORT)
+        self.mapping_when_disabled = self._coerce(
+            DisabledMapping, mapping_when_disabled, "mapping_when_disabled", DisabledMapping.KEEP
+        )
+        self.prefault = self._coerce(Prefault, prefault, "prefault", Prefault.LAZY)
         self.size = size
         self.prefetchable = prefetchable
         self.registers = tuple(registers)
-        self.mapped = tuple(a if isinstance(a, MappedArea) else MappedArea(*a) for a in mapped)
-        for area in self.mapped:
-            if area.end > size:
-                raise ValueError(f"mapped area {area} exceeds the BAR")
-            if self.kind is BarKind.IO:
-                raise ValueError("I/O BARs cannot be mapped")
-        for register in self.registers:
-            if register.end > size:
-                raise ValueError(f"register {register.name} lies outside the BAR")
-            if any(a.offset < register.end and register.offset < a.end for a in self.mapped):
-                raise ValueError(f"register {register.name} lies in a mapped area")
+        self.mapped = tuple(area for area in (self._area(a) for a in mapped) if area is not None)
         self.raw_read = read
         self.raw_write = write
         self.index = index
+        self.attribute: str | None = None
         self.read_hooks: dict[str, ReadHook] = {}
         self.write_hooks: dict[str, WriteHook] = {}
 
+    def _coerce(self, kind: type[Policy], value: Policy | str, what: str, default: Policy) -> Policy:
+        try:
+            return coerce_policy(kind, value, what)
+        except ValueError as exc:
+            self._problems.append(str(exc))
+            return default
+
+    def _area(self, area: MappedArea | tuple[int, int]) -> MappedArea | None:
+        if isinstance(area, MappedArea):
+            return area
+        try:
+            return MappedArea(*area)
+        except (TypeError, ValueError) as exc:
+            self._problems.append(str(exc))
+            return None
+
     def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = name
         if self.index is None:
             match = re.fullmatch(r"bar([0-5])", name)
-            if not match:
-                raise TypeError(f"{owner.__name__}.{name}: name the attribute bar0..bar5 or pass index=")
-            self.index = int(match.group(1))
-        self.attribute = name
+            if match:
+                self.index = int(match.group(1))
 
     def __get__(self, instance: Device | None, owner: type) -> Any:
         if instance is None:
@@ -134,7 +165,6 @@ class Bar:
 
     def on_read(self, register: str) -> Callable[[ReadHook], ReadHook]:
         """Decorate a method returning the register's value when it is read."""
-        self._check_register(register)
 
         def decorate(hook: ReadHook) -> ReadHook:
             self.read_hooks[register] = hook
@@ -144,7 +174,6 @@ class Bar:
 
     def on_write(self, register: str) -> Callable[[WriteHook], WriteHook]:
         """Decorate a method called with the register's new value after a write."""
-        self._check_register(register)
 
         def decorate(hook: WriteHook) -> WriteHook:
             self.write_hooks[register] = hook
@@ -152,9 +181,76 @@ class Bar:
 
         return decorate
 
-    def _check_register(self, name: str) -> None:
-        if all(r.name != name for r in self.registers):
-            raise KeyError(f"no register {name} in this BAR")
+    def check(self, owner: str) -> None:
+        """Refuse a layout that cannot work, naming ``owner`` (the device class) and this BAR."""
+        where = f"{owner}.{self.attribute}" if self.attribute else owner
+        if self.index is None:
+            raise DefinitionError(f"{where}: name the attribute bar0..bar5 or pass index=")
+        if self.index not in range(6):
+            raise DefinitionError(f"{where}: BAR index must be 0..5, not {self.index}")
+        where = f"{where} (BAR{self.index})" if self.attribute != f"bar{self.index}" else where
+        for problem in self._layout_problems():
+            raise DefinitionError(f"{where}: {problem}")
+
+    def _layout_problems(self) -> Iterator[str]:
+        yield from self._problems
+        size = self.size
+        if not isinstance(size, int) or size <= 0 or size & (size - 1):
+            yield f"size must be a power of two, not {size!r}"
+            return
+        if self.kind is BarKind.IO and (size < 4 or size > 256):
+            yield f"an I/O BAR is 4 to 256 bytes, not {size}"
+        if self.kind is not BarKind.IO and size < 16:
+            yield f"a memory BAR is at least 16 bytes, not {size}"
+        if self.kind is BarKind.MEM32 and size > 1 << 31:
+            yield f"a 32-bit BAR cannot exceed 2 GiB ({size:#x} bytes); use kind='mem64'"
+        for area in self.mapped:
+            if self.kind is BarKind.IO:
+                yield f"mapped area at {_span(area.offset, area.size)}: an I/O BAR cannot be mapped"
+            if area.end > size:
+                yield f"mapped area at {_span(area.offset, area.size)} ends beyond the BAR ({size:#x} bytes)"
+        areas = sorted(self.mapped, key=lambda a: a.offset)
+        for first, second in zip(areas, areas[1:]):
+            if second.offset < first.end:
+                yield f"mapped areas at {first.offset:#x} and {second.offset:#x} overlap"
+        seen: dict[str, Register] = {}
+        for register in self.registers:
+            span = _span(register.offset, register.width)
+            if register.name in seen:
+                yield f"two registers named {register.name!r} (at {seen[register.name].offset:#x} and {span})"
+            seen[register.name] = register
+            if register.offset < 0 or register.end > size:
+                yield f"register {register.name!r} at {span} lies outside the BAR ({size:#x} bytes)"
+            for area in self.mapped:
+                if area.offset < register.end and register.offset < area.end:
+                    yield (
+                        f"register {register.name!r} at {span} lies in the mapped area at"
+                        f" {_span(area.offset, area.size)}"
+                    )
+        ordered = sorted(self.registers, key=lambda r: r.offset)
+        for before, after in zip(ordered, ordered[1:]):
+            if after.offset < before.end:
+                yield (
+                    f"registers {before.name!r} at {_span(before.offset, before.width)} and"
+                    f" {after.name!r} at {_span(after.offset, after.width)} overlap"
+                )
+        names = ", ".join(seen) or "none"
+        for hooks, what in ((self.read_hooks, "on_read"), (self.write_hooks, "on_write")):
+            for register_name, hook in hooks.items():
+                if register_name not in seen:
+                    yield (
+                        f"{what}({register_name!r}) on {getattr(hook, '__name__', hook)}: no such register"
+                        f" in this BAR (registers: {names})"
+                    )
+
+    def overlaps(self, offset: int, size: int) -> Iterator[str]:
+        """What of this BAR's layout (registers, mapped areas) overlaps ``[offset, offset + size)``."""
+        for register in self.registers:
+            if register.offset < offset + size and offset < register.end:
+                yield f"register {register.name!r} at {_span(register.offset, register.width)}"
+        for area in self.mapped:
+            if area.offset < offset + size and offset < area.end:
+                yield f"the mapped area at {_span(area.offset, area.size)}"
 
     @property
     def is_64bit(self) -> bool:
@@ -188,10 +284,39 @@ class BarState:
         self.raw_read = _bind(device, spec.raw_read) if spec.raw_read else None
         self.raw_write = _bind(device, spec.raw_write) if spec.raw_write else None
         self.mapped = MappedMemory(f"vdev-{device.name}-bar{self.index}", spec.size) if spec.mapped else None
-        #: Memory-enable policies, from the declaration; experiments may change them at any time.
-        self.when_disabled = spec.when_disabled
-        self.mapping_when_disabled = spec.mapping_when_disabled
-        self.prefault = spec.prefault
+        self._when_disabled = spec.when_disabled
+        self._mapping_when_disabled = spec.mapping_when_disabled
+        self._prefault = spec.prefault
+
+    # Memory-enable policies, from the declaration; experiments may change them
+    # at any time, with the enum member or its string (anything else is refused).
+
+    @property
+    def when_disabled(self) -> DisabledAccess:
+        """What a trapped access does while decoding is off (:class:`DisabledAccess`)."""
+        return self._when_disabled
+
+    @when_disabled.setter
+    def when_disabled(self, value: DisabledAccess | str) -> None:
+        self._when_disabled = coerce_policy(DisabledAccess, value, "when_disabled")
+
+    @property
+    def mapping_when_disabled(self) -> DisabledMapping:
+        """What the mapped areas do while decoding is off (:class:`DisabledMapping`)."""
+        return self._mapping_when_disabled
+
+    @mapping_when_disabled.setter
+    def mapping_when_disabled(self, value: DisabledMapping | str) -> None:
+        self._mapping_when_disabled = coerce_policy(DisabledMapping, value, "mapping_when_disabled")
+
+    @property
+    def prefault(self) -> Prefault:
+        """How mapped pages come back when decoding is turned on (:class:`Prefault`)."""
+        return self._prefault
+
+    @prefault.setter
+    def prefault(self, value: Prefault | str) -> None:
+        self._prefault = coerce_policy(Prefault, value, "prefault")
 
     @property
     def size(self) -> int:

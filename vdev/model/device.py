@@ -31,6 +31,7 @@ from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
 from vdev.model.dma import Dma, DmaPort
+from vdev.model.errors import DefinitionError
 from vdev.model.events import EventLog
 from vdev.model.faults import Fault, FaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
@@ -41,6 +42,26 @@ from vdev.protocol.constants import RegionIndex
 
 T = TypeVar("T")
 log = logging.getLogger("vdev")
+
+#: Identity attributes and how many bits config space has for each.
+_IDENTITY_BITS = {
+    "vendor_id": 16,
+    "device_id": 16,
+    "subsystem_vendor_id": 16,
+    "subsystem_id": 16,
+    "revision": 8,
+    "class_code": 24,
+}
+
+
+def _declared_bars(cls: type) -> list[Bar]:
+    """The BARs declared as class attributes of ``cls`` and its bases (a subclass's win)."""
+    found: dict[str, Bar] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if isinstance(value, Bar):
+                found[name] = value
+    return list(found.values())
 
 
 class ResetKind(enum.Enum):
@@ -95,6 +116,16 @@ class Device:
     intx: ClassVar[bool] = True
     rom_size: ClassVar[int] = 0
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the declaration as soon as the class exists: identity, BARs, registers, hooks."""
+        super().__init_subclass__(**kwargs)
+        for attribute, bits in _IDENTITY_BITS.items():
+            value = getattr(cls, attribute)
+            if not isinstance(value, int) or not 0 <= value < 1 << bits:
+                raise DefinitionError(f"{cls.__name__}.{attribute} = {value!r} does not fit in {bits} bits")
+        for bar in _declared_bars(cls):
+            bar.check(cls.__name__)
+
     def __init__(self, name: str | None = None, **params: Any) -> None:
         self.name = name or type(self).__name__.lower()
         #: Held by whoever runs device code (see the module docstring); re-entrant.
@@ -103,7 +134,7 @@ class Device:
         self.events = EventLog(self.name)
         capabilities = self.capabilities()
         self._bar_specs = self.bar_specs()
-        self._check_msix_placement(capabilities)
+        self._check_layout(capabilities)
         self.config = ConfigSpace(
             vendor_id=self.vendor_id,
             device_id=self.device_id,
@@ -122,8 +153,7 @@ class Device:
         self.irq = Interrupts(self)
         self.dma = Dma(self)
         self.command_control = CommandControl(self)
-        #: Faults to inject (see :mod:`vdev.model.faults`); empty by default.
-        self.faults = FaultPlan()
+        self._faults = FaultPlan()
         self._command_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -143,11 +173,7 @@ class Device:
         Override it to build BARs from parameters (a size, say); call the
         base implementation for the declared ones.
         """
-        found: dict[int, Bar] = {}
-        for klass in reversed(type(self).__mro__):
-            for value in vars(klass).values():
-                if isinstance(value, Bar) and value.index is not None:
-                    found[value.index] = value
+        found = {bar.index: bar for bar in _declared_bars(type(self)) if bar.index is not None}
         return [found[i] for i in sorted(found)]
 
     @classmethod
@@ -169,15 +195,50 @@ class Device:
             values[name] = specs[name].parse(value) if isinstance(value, str) else value
         return values
 
-    def _check_msix_placement(self, capabilities: Sequence[Capability]) -> None:
-        indices = {spec.index for spec in self._bar_specs}
+    def _check_layout(self, capabilities: Sequence[Capability]) -> None:
+        """Check what only an instance knows: BARs built from parameters, and where MSI-X lives."""
+        owner = type(self).__name__
+        bars: dict[int, Bar] = {}
+        for spec in self._bar_specs:
+            spec.check(owner)
+            assert spec.index is not None
+            if spec.index in bars:
+                raise DefinitionError(f"{owner}: two BARs with index {spec.index}")
+            bars[spec.index] = spec
         for cap in capabilities:
-            if isinstance(cap, MsiX):
-                for bar, what in ((cap.table_bar, "table"), (cap.pba_bar, "PBA")):
-                    if bar not in indices:
-                        raise ValueError(f"MSI-X {what} is in BAR{bar}, which the device does not declare")
+            if not isinstance(cap, MsiX):
+                continue
+            table = (cap.table_bar, cap.table_offset, cap.table_size, "table")
+            pba = (cap.pba_bar, cap.pba_offset, cap.pba_size, "PBA")
+            for index, offset, size, what in (table, pba):
+                where = f"{owner}: MSI-X {what} at BAR{index}+{offset:#x} ({size} bytes)"
+                bar = bars.get(index)
+                if bar is None:
+                    raise DefinitionError(f"{where}: the device declares no BAR{index}")
+                if offset + size > bar.size:
+                    raise DefinitionError(f"{where} ends beyond BAR{index} ({bar.size:#x} bytes)")
+                for overlapped in bar.overlaps(offset, size):
+                    raise DefinitionError(f"{where} overlaps {overlapped}")
+            if cap.table_bar == cap.pba_bar and (
+                cap.table_offset < cap.pba_offset + cap.pba_size and cap.pba_offset < cap.table_offset + cap.table_size
+            ):
+                raise DefinitionError(
+                    f"{owner}: MSI-X table at BAR{cap.table_bar}+{cap.table_offset:#x} ({cap.table_size} bytes)"
+                    f" and PBA at +{cap.pba_offset:#x} ({cap.pba_size} bytes) overlap"
+                )
 
     # -- state -------------------------------------------------------------------
+
+    @property
+    def faults(self) -> FaultPlan:
+        """Faults to inject (see :mod:`vdev.model.faults`); empty by default."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, plan: FaultPlan) -> None:
+        if not isinstance(plan, FaultPlan):
+            raise TypeError(f"{self.name}: faults must be a FaultPlan, not {type(plan).__name__}")
+        self._faults = plan
 
     def bar(self, index: int) -> BarState:
         return self._bars[index]
@@ -388,6 +449,10 @@ class Device:
             await trio.sleep(fault.seconds)
         elif fault.action == "errno":
             raise InjectedError(fault.errno, f"{on} of {self.describe(region, offset)}")
+        elif fault.action == "err":
+            self.irq.report_error()
+        elif fault.action == "req":
+            self.irq.request_release()
         return fault
 
     async def _bar_access(self, region: int, offset: int, size: int, data: bytes | None) -> bytes:

@@ -7,6 +7,9 @@ carries it out and records a ``fault`` event.  Rules match on what happened
 (``on``), where (region, offset range, vector), how often (skip the first
 ``after`` matches, inject at most ``count`` times) and by chance
 (``probability``, drawn from the plan's seeded generator so a run repeats).
+``err`` and ``req`` on a read or write signal the ERR interrupt (the device
+reports an unrecoverable error) or REQ (it asks the client to release it),
+and the access goes on as usual.
 
 Plans are Python objects or files (JSON, or TOML by extension) for
 ``vdev serve --faults PLAN``::
@@ -15,6 +18,8 @@ Plans are Python objects or files (JSON, or TOML by extension) for
       {"on": "read", "region": 0, "offset": 8, "action": "delay", "seconds": 2, "count": 1},
       {"on": "write", "region": 2, "action": "errno", "errno": "EIO", "probability": 0.1},
       {"on": "read", "region": 0, "action": "corrupt", "xor": 255},
+      {"on": "write", "region": 0, "offset": 16, "action": "req"},
+      {"on": "read", "region": 0, "offset": 8, "action": "err", "after": 100},
       {"on": "irq", "action": "storm", "times": 50},
       {"on": "dma", "action": "fail"},
       {"on": "quiesce", "action": "busy", "seconds": 1},
@@ -35,8 +40,8 @@ from typing import Any
 
 #: Which actions each kind of event accepts.
 ACTIONS: dict[str, frozenset[str]] = {
-    "read": frozenset({"delay", "errno", "corrupt"}),
-    "write": frozenset({"delay", "errno", "drop"}),
+    "read": frozenset({"delay", "errno", "corrupt", "err", "req"}),
+    "write": frozenset({"delay", "errno", "drop", "err", "req"}),
     "irq": frozenset({"drop", "duplicate", "storm"}),
     "dma": frozenset({"fail", "delay"}),
     "reset": frozenset({"fail"}),

@@ -156,12 +156,12 @@ class Interrupts:
         self.intx_level = False
         self._set_status_interrupt(False)
 
-    def trigger_err(self) -> None:
-        """Signal the ERR interrupt (the client's error notification)."""
+    def report_error(self) -> None:
+        """Signal ERR: the device hit an unrecoverable error (QEMU reports it and stops the VM)."""
         self._fire(IrqIndex.ERR, 0)
 
-    def trigger_req(self) -> None:
-        """Signal the REQ interrupt (ask the client to release the device)."""
+    def request_release(self) -> None:
+        """Signal REQ: ask the client to release the device (QEMU 11.1's vfio-user-pci sets no REQ eventfd)."""
         self._fire(IrqIndex.REQ, 0)
 
     # -- rules ----------------------------------------------------------------

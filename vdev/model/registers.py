@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vdev.model.errors import DefinitionError
+
 
 class Access(enum.Enum):
     """How a register bit responds to reads and writes."""
@@ -74,13 +76,19 @@ class Register:
     doc: str = ""
 
     def __post_init__(self) -> None:
+        where = f"register {self.name!r} at {self.offset:#x}"
         if self.width not in (1, 2, 4, 8):
-            raise ValueError(f"register {self.name}: width must be 1, 2, 4 or 8, not {self.width}")
-        if self.reset >> (8 * self.width):
-            raise ValueError(f"register {self.name}: reset value {self.reset:#x} wider than the register")
+            raise DefinitionError(f"{where}: width must be 1, 2, 4 or 8 bytes, not {self.width!r}")
+        if not isinstance(self.access, Access):
+            raise DefinitionError(f"{where}: access must be RO, RW, RW1C, W1S or WO, not {self.access!r}")
+        if self.reset < 0 or self.reset >> (8 * self.width):
+            raise DefinitionError(f"{where}: reset value {self.reset:#x} does not fit in {self.width} bytes")
         for f in self.fields:
-            if f.lsb + f.width > 8 * self.width:
-                raise ValueError(f"register {self.name}: field {f.name} does not fit")
+            if f.lsb < 0 or f.width <= 0 or f.lsb + f.width > 8 * self.width:
+                raise DefinitionError(
+                    f"{where}: field {f.name!r} (bits {f.lsb}..{f.lsb + f.width - 1}) does not fit in"
+                    f" {8 * self.width} bits"
+                )
 
     @property
     def end(self) -> int:
@@ -129,6 +137,13 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+def _integer(name: str, value: object) -> int:
+    """``value``, which a register named ``name`` is to hold: an integer, or a clear error."""
+    if not isinstance(value, int):
+        raise TypeError(f"register {name!r} holds an integer, not {type(value).__name__} {value!r}")
+    return value
+
+
 class RegisterFile:
     """The live values of a set of registers, and access dispatch over them.
 
@@ -169,12 +184,12 @@ class RegisterFile:
         return any(True for _ in self.overlapping(offset, size))
 
     def __getitem__(self, name: str) -> int:
-        return self.values[name]
+        return self.values[self._register(name).name]
 
     def __setitem__(self, name: str, value: int) -> None:
-        """Device-side update: no access semantics, no hooks."""
-        register = self.by_name[name]
-        self.values[name] = value & ((1 << (8 * register.width)) - 1)
+        """Device-side update: no access semantics, no hooks; the value wraps to the register's width."""
+        register = self._register(name)
+        self.values[name] = _integer(name, value) & ((1 << (8 * register.width)) - 1)
 
     def whole_reader(self, register: Register) -> Callable[[], int]:
         """A function reading one whole register as :meth:`read` would, for a plain read hook or none.
@@ -193,7 +208,7 @@ class RegisterFile:
             return lambda: values[name] & readable
 
         def read() -> int:
-            value = values[name] = hook() & full  # type: ignore[operator]
+            value = values[name] = _integer(name, hook()) & full
             return value & readable
 
         return read
@@ -209,6 +224,13 @@ class RegisterFile:
                 hook(new)
 
         return write
+
+    def _register(self, name: str) -> Register:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            known = ", ".join(self.by_name) or "none"
+            raise KeyError(f"no register {name!r} here (registers: {known})") from None
 
     async def read(self, offset: int, size: int) -> int:
         """Read ``size`` bytes at ``offset`` as a little-endian integer."""

@@ -40,6 +40,7 @@ from vdev.proxy._framing import Frame, FrameReader, Unframed
 from vdev.proxy._inject import FaultInjector, Hangup, InjectedFault, RequestTracker, Send
 from vdev.proxy._plan import Direction, FaultPlan
 from vdev.proxy._transcript import TranscriptWriter, frame_record
+from vdev.sockets import prepare_socket_path, same_socket
 from vdev.transport import FdStream
 
 log = logging.getLogger("vdev.proxy")
@@ -100,6 +101,8 @@ class Proxy:
         fault_log: IO[str] | None = None,
         connect_patience: float = 5.0,
     ) -> None:
+        if same_socket(listen, connect):
+            raise ValueError(f"the proxy cannot listen on the socket it connects to ({listen})")
         self.listen_path = Path(listen)
         self.connect_path = Path(connect)
         self.injector = FaultInjector(plan)
@@ -115,10 +118,14 @@ class Proxy:
         self._changed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and relay until cancelled; the socket exists once started."""
+        """Listen and relay until cancelled; the socket exists once started.
+
+        A live server's socket at the listening path is never replaced
+        (:class:`~vdev.sockets.SocketPathError`); a stale one is.
+        """
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with listener:
-            self.listen_path.unlink(missing_ok=True)  # noqa: ASYNC240 - a local socket path
+            prepare_socket_path(self.listen_path)
             await listener.bind(os.fspath(self.listen_path))
             try:
                 os.chmod(self.listen_path, 0o600)

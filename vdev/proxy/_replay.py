@@ -61,6 +61,8 @@ from vdev.protocol import (
     ErrorReply,
     Header,
     Message,
+    RegionIndex,
+    RegionWriteRequest,
     RemoteProtocolError,
     Reply,
     Request,
@@ -99,12 +101,41 @@ class Divergence:
     field: str
     expected: Any
     got: Any
+    #: What probably explains it, when the replay can tell (or empty).
+    hint: str = ""
 
     def __str__(self) -> str:
-        return (
-            f"message {self.index} ({self.message}, connection {self.connection}): "
-            f"{self.field}: expected {_show(self.expected)}, got {_show(self.got)}"
-        )
+        where = f"message {self.index} ({self.message}, connection {self.connection}): {self.field}"
+        window = _byte_window(self.expected, self.got)
+        if window is not None:
+            offset, length, expected, got = window
+            what = f"{where}: byte {offset:#x} of {length}: expected {expected}, got {got}"
+        else:
+            what = f"{where}: expected {_show(self.expected)}, got {_show(self.got)}"
+        return f"{what} ({self.hint})" if self.hint else what
+
+
+#: Byte strings up to this long are shown whole; longer ones from their first difference.
+_SHOWN_BYTES = 16
+
+
+def _byte_window(expected: Any, got: Any) -> tuple[int, int, str, str] | None:
+    """For long hex byte strings: the first differing byte, the length, and both sides from there.
+
+    A 256-byte config read shown whole is 512 hex digits that hide where
+    they differ; this names the offset and shows :data:`_SHOWN_BYTES`.
+    """
+    if not (isinstance(expected, str) and isinstance(got, str)):
+        return None
+    try:
+        want, have = bytes.fromhex(expected), bytes.fromhex(got)
+    except ValueError:
+        return None
+    if max(len(want), len(have)) <= _SHOWN_BYTES:
+        return None
+    offset = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+    end = offset + _SHOWN_BYTES
+    return offset, len(want), f'"{want[offset:end].hex()}…"', f'"{have[offset:end].hex()}…"'
 
 
 def _show(value: Any) -> str:
@@ -331,6 +362,9 @@ class _ConnectionReplay:
                             self._recorded_answers[record.index] = later
                             break
         self._failure: Divergence | None = None
+        # Whether this replay has written config space yet: a config read that
+        # differs before that means the server did not start where the recording did.
+        self._config_written = False
         self._stream: FdStream | None = None
         self._send_lock = trio.Lock()
         self._start = 0.0
@@ -352,7 +386,15 @@ class _ConnectionReplay:
         return self._failure
 
     def _diverged(self, record: Record, field: str, expected: Any, got: Any) -> _Diverged:
-        return _Diverged(Divergence(record.index, self.connection, record.describe(), field, expected, got))
+        hint = ""
+        if record.type == "RegionReadReply" and (record.payload or {}).get("region") == RegionIndex.CONFIG:
+            if not self._config_written:
+                hint = (
+                    "config space differed before this replay wrote any: the server did not start where the"
+                    " recording did; a server keeps device state between clients, as hardware does, so replay"
+                    " against a freshly started one"
+                )
+        return _Diverged(Divergence(record.index, self.connection, record.describe(), field, expected, got, hint))
 
     async def _drive(self) -> None:
         self._start = trio.current_time()
@@ -388,6 +430,8 @@ class _ConnectionReplay:
             fds.append(fd)
             self._owned.extend((fd, *keep))
         message = _decode(record)
+        if isinstance(message, RegionWriteRequest) and message.region == RegionIndex.CONFIG:
+            self._config_written = True
         if isinstance(message, DmaMapRequest):
             self._memory.map(message, fds[0] if fds else None)
         elif isinstance(message, DmaUnmapRequest):

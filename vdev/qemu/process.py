@@ -113,6 +113,7 @@ class QemuMachine(EnteredOnce):
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[None]:
+        QmpClient.check_library()
         with ExitStack() as resources:
             workdir = self._workdir
             if workdir is None:
@@ -137,7 +138,8 @@ class QemuMachine(EnteredOnce):
                     self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log
                 )
             except OSError as exc:
-                raise QemuStartError(f"cannot run QEMU {self.command[0]}: {exc}") from exc
+                hint = f"; {deps.how_to_provide('VDEV_QEMU')}" if self._binary == deps.qemu_path() else ""
+                raise QemuStartError(f"cannot run QEMU {self.command[0]}: {exc.strerror}{hint}") from exc
             self._process = process
             failure: BaseException | None = None
             async with trio.open_nursery() as nursery:

@@ -14,28 +14,35 @@ nests devices behind bridges, so :meth:`QmpClient.query_pci` flattens them.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
-from qemu.qmp import (
-    ConnectError,
-    EventListener,
-    ExecInterruptedError,
-    ExecuteError,
-    QMPClient,
-    QMPError,
-    Runstate,
-    StateError,
-)
 
 from vdev.qemu._asyncio_thread import AsyncioThread
-from vdev.qemu.errors import QmpClosedError, QmpCommandError
+from vdev.qemu.errors import QemuError, QmpClosedError, QmpCommandError
+
+if TYPE_CHECKING:
+    from qemu.qmp import EventListener, QMPClient
 
 #: How long closing may wait for QEMU to acknowledge the disconnection.
 _CLOSE_TIMEOUT = 2.0
+
+
+def _library() -> ModuleType:
+    """``qemu.qmp``, imported when a machine first needs it, so ``import vdev.qemu`` works without it."""
+    try:
+        return importlib.import_module("qemu.qmp")
+    except ImportError as exc:
+        raise QemuError(
+            f"QEMU machines speak QMP through the qemu.qmp package, which is missing ({exc});"
+            " install vdev with its qemu (or test) extra: pip install 'vdev[qemu]'"
+        ) from None
+
 
 T = TypeVar("T")
 
@@ -70,9 +77,15 @@ class QmpClient:
         self._client = client
         self._closed = False
 
+    @staticmethod
+    def check_library() -> None:
+        """Raise :class:`~vdev.qemu.errors.QemuError` saying what to install when ``qemu.qmp`` is missing."""
+        _library()
+
     @classmethod
     async def connect(cls, sock: socket.socket) -> QmpClient:
         """Take over a socket connected to QEMU's QMP monitor and negotiate."""
+        _library()
         loop = AsyncioThread("vdev-qmp")
         try:
             # qemu.qmp leaves its transport open when cancelled mid-negotiation
@@ -166,15 +179,16 @@ class QmpClient:
     # -- coroutines that run on the asyncio loop --------------------------------
 
     async def _execute(self, command: str, arguments: Mapping[str, object] | None) -> Any:
+        qmp = _library()
         try:
             return await self._client.execute(command, arguments)
-        except ExecuteError as exc:
+        except qmp.ExecuteError as exc:
             raise QmpCommandError(command, exc.error_class, str(exc)) from None
-        except (ExecInterruptedError, StateError) as exc:
+        except (qmp.ExecInterruptedError, qmp.StateError) as exc:
             raise QmpClosedError(f"the QMP connection was lost during {command!r}") from exc
 
     async def _listen(self, names: tuple[str, ...]) -> EventListener:
-        listener = EventListener(names or None)
+        listener: EventListener = _library().EventListener(names or None)
         self._client.register_listener(listener)
         return listener
 
@@ -194,7 +208,8 @@ class QmpClient:
         raise QmpClosedError("the QMP connection was lost while waiting for an event")
 
     async def _until_disconnected(self) -> None:
-        while self._client.runstate == Runstate.RUNNING:
+        running = _library().Runstate.RUNNING
+        while self._client.runstate == running:
             await self._client.runstate_changed()
 
     async def _disconnect(self) -> None:
@@ -202,15 +217,16 @@ class QmpClient:
         # when QEMU went away first); when closing, that is no news.
         try:
             await self._client.disconnect()
-        except (QMPError, OSError, EOFError):
+        except (_library().QMPError, OSError, EOFError):
             pass
 
 
 async def _connect(sock: socket.socket) -> QMPClient:
-    client = QMPClient("vdev")
+    qmp = _library()
+    client: QMPClient = qmp.QMPClient("vdev")
     try:
         await client.connect(sock)
-    except ConnectError as exc:
+    except qmp.ConnectError as exc:
         raise QmpClosedError(f"QMP negotiation with QEMU failed: {exc}") from exc
     return client
 

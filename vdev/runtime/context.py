@@ -50,6 +50,10 @@ it lives):
   SET_IRQS.  An MSI-X vector whose trigger failed so is held pending by the
   model; while one is, the serving thread peeks at each message's header
   and, after a SET_IRQS, lets the model try the held vectors again.
+* A context listens on a socket path it creates, or on a listening socket
+  it is handed (an fd from a parent process or from socket activation).
+  The latter, and signalling ERR/REQ, need vdev's libvfio-user patches;
+  without them they fail with :class:`~vdev.libvfio_user.bindings.MissingFixError`.
 * **Nothing per access that nobody asked for**: access events are built
   only while someone listens (:mod:`vdev.model.events`), fault plans are
   indexed by event kind (:mod:`vdev.model.faults`).
@@ -66,9 +70,9 @@ import errno
 import inspect
 import logging
 import os
+import re
 import select
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -78,6 +82,7 @@ from typing import Any
 
 import trio
 
+from vdev import sockets
 from vdev.libvfio_user import bindings
 from vdev.libvfio_user.bindings import Library
 from vdev.libvfio_user.constants import (
@@ -112,9 +117,15 @@ _RESET_KINDS = {
 
 _DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
-# libvfio-user logs these as errors, but they describe a client doing what
-# clients do (not wiring every interrupt), so they are debug output here.
-_ROUTINE_MESSAGES = ("no fd for interrupt",)
+# libvfio-user logs these as warnings or errors, but they describe a client
+# doing what clients do, so they are debug output here: a trigger of an
+# interrupt the client did not wire, and QEMU unmapping DMA ranges it never
+# mapped (behind a vIOMMU it unmaps whole ranges: 60-280 per guest boot).
+_ROUTINE_MESSAGES = re.compile(
+    r"no fd for interrupt"
+    r"|failed to remove DMA region .*: No such file or directory$"
+    rf"|msg0x[0-9a-f]+: cmd {int(Command.DMA_UNMAP)} failed: No such file or directory$"
+)
 
 
 class ContextLock:
@@ -296,44 +307,61 @@ class ServeError(Exception):
     """A device could not be set up for serving (bad socket path, library refusal)."""
 
 
-def prepare_socket_path(path: Path) -> None:
-    """Make ``path`` free for a new listening socket, refusing to clobber anything.
+def listening_socket_path(fd: int) -> Path:
+    """Where the inherited socket ``fd`` listens; :class:`ServeError` if it is not a listening UNIX socket.
 
-    A leftover socket nobody listens on is removed; a live one, or a path that
-    is not a socket, is an error.
+    Checked here, before libvfio-user sees the fd, so that a wrong fd gets a
+    plain one-line error whatever the library.
     """
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise ServeError(f"fd {fd} is not an open socket: {exc.strerror}") from None
+    with probe:
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM or not listening:
+            raise ServeError(f"fd {fd} is not a listening UNIX stream socket")
+        name = probe.getsockname()
+    if isinstance(name, bytes):  # an abstract address
+        return Path("@" + name.lstrip(b"\0").decode(errors="replace"))
+    return Path(name or f"(unnamed socket, fd {fd})")
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make ``path`` free for a new listening socket, refusing to clobber anything (see :mod:`vdev.sockets`)."""
     try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ServeError(f"{path} belongs to a server that is still running")
+        sockets.prepare_socket_path(path)
+    except sockets.SocketPathError as exc:
+        raise ServeError(str(exc)) from None
 
 
 class DeviceContext:
-    """Serves one :class:`Device` on one socket path, one client at a time, forever."""
+    """Serves one :class:`Device` on one socket, one client at a time, forever.
+
+    ``socket_path`` is where to create the listening socket, or the fd of a
+    socket that already listens (inherited from a parent process); the
+    context then owns that fd, and :attr:`socket_path` is its address.
+    """
 
     def __init__(
         self,
         device: Device,
-        socket_path: str | os.PathLike[str],
+        socket_path: str | os.PathLike[str] | int,
         library: Library | None = None,
         *,
         stall_timeout: float = 1.0,
+        negotiation_timeout: float = 5.0,
         allowed_uids: frozenset[int] | None = None,
         socket_mode: int = 0o600,
     ) -> None:
         self.device = device
-        self.socket_path = Path(socket_path)
+        #: The inherited listening socket served on, if one was given.
+        self.listen_fd: int | None = None
+        if isinstance(socket_path, int):
+            self.listen_fd = socket_path
+            self.socket_path = listening_socket_path(socket_path)
+        else:
+            self.socket_path = Path(socket_path)
         self._lib = library or bindings.load()
         self._ctx: int | None = None
         self._lock = ContextLock()
@@ -343,6 +371,9 @@ class DeviceContext:
         self._dma_vaddrs: dict[int, int] = {}
         self._owns_socket = False
         self.stall_timeout = stall_timeout
+        #: Seconds a client that connected has to send VERSION before it is dropped.
+        self.negotiation_timeout = negotiation_timeout
+        self._hung_up = False
         self.allowed_uids = allowed_uids
         self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
@@ -378,16 +409,24 @@ class DeviceContext:
         return callback
 
     def create(self) -> None:
-        """Create and realize the context; the socket exists (mode 0600) when this returns."""
+        """Create and realize the context; the socket exists (mode 0600 if created here) when this returns."""
         lib, device = self._lib, self.device
-        prepare_socket_path(self.socket_path)
-        ctx = lib.vfu_create_ctx(
-            VFU_TRANS_SOCK, os.fsencode(self.socket_path), LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
-        )
+        if self.listen_fd is not None:
+            lib.require("listen_fd")
+            ctx = lib.vfu_create_ctx_from_fd(
+                VFU_TRANS_SOCK, self.listen_fd, LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
+            )
+            where = f"fd {self.listen_fd} ({self.socket_path})"
+        else:
+            prepare_socket_path(self.socket_path)
+            ctx = lib.vfu_create_ctx(
+                VFU_TRANS_SOCK, os.fsencode(self.socket_path), LIBVFIO_USER_FLAG_ATTACH_NB, None, VFU_DEV_TYPE_PCI
+            )
+            where = str(self.socket_path)
         if not ctx:
-            raise ServeError(f"{device.name}: cannot listen on {self.socket_path}: {os.strerror(ctypes.get_errno())}")
+            raise ServeError(f"{device.name}: cannot listen on {where}: {os.strerror(ctypes.get_errno())}")
         self._ctx = ctx
-        self._owns_socket = True
+        self._owns_socket = self.listen_fd is None
         try:
             self._setup()
         except BaseException:
@@ -396,7 +435,8 @@ class DeviceContext:
 
     def _setup(self) -> None:
         lib, device, ctx = self._lib, self.device, self._ctx
-        os.chmod(self.socket_path, self.socket_mode)
+        if self._owns_socket:
+            os.chmod(self.socket_path, self.socket_mode)
         # The library logs at syslog levels; asking for debug messages only when
         # vdev's logger wants them keeps a callback into Python off the hot path.
         level = 7 if log.isEnabledFor(logging.DEBUG) else 6
@@ -407,6 +447,14 @@ class DeviceContext:
         for bar in device.bars():
             flags = VFU_REGION_FLAG_RW | (0 if bar.spec.kind is BarKind.IO else VFU_REGION_FLAG_MEM)
             areas = [(area.offset, area.size) for area in bar.spec.mapped]
+            if len(areas) > 1 and not lib.has("region_fd"):
+                log.warning(
+                    "%s: BAR%d has %d mapped areas; QEMU refuses it: %s",
+                    device.name,
+                    bar.index,
+                    len(areas),
+                    bindings.MissingFixError(lib.path, bindings.FIXES_BY_NAME["region_fd"]),
+                )
             self._setup_region(bar.index, bar.size, flags, areas, bar.fd)
         if device.rom_size:
             self._setup_region(RegionIndex.ROM, device.rom_size, VFU_REGION_FLAG_READ)
@@ -591,9 +639,16 @@ class DeviceContext:
         """Wait for a client and attach it; False if none could be (or the thread is stopping)."""
         if not self._wait_readable(self._lib.vfu_get_poll_fd(self._ctx)):
             return False
-        result, code = self._locked(self._lib.vfu_attach_ctx)
+        self._hung_up = False
+        # vfu_attach_ctx waits for the client's VERSION with no timeout of its own.
+        watchdog = threading.Timer(self.negotiation_timeout, self._end_silent_negotiation)
+        watchdog.start()
+        try:
+            result, code = self._locked(self._lib.vfu_attach_ctx)
+        finally:
+            watchdog.cancel()
         if result < 0:
-            if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            if code not in (errno.EAGAIN, errno.EWOULDBLOCK) and not self._hung_up:
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
             return False
         connection = self._lib.vfu_get_poll_fd(self._ctx)
@@ -647,6 +702,42 @@ class DeviceContext:
                 self.connected = False
                 self.device.detach_client()
             log.info("%s: client detached", self.device.name)
+
+    def _end_silent_negotiation(self) -> None:
+        """Hang up on a client that connected but sent no VERSION within ``negotiation_timeout``.
+
+        ``vfu_attach_ctx`` accepts a client and waits for its VERSION in one
+        blocking call, with no timeout, and an accepted UNIX socket inherits
+        none from the listening one; a peer that never speaks would hold the
+        device (and its serving thread) for ever.  So when the deadline
+        passes (this runs in a timer thread started for each attach), the
+        connection libvfio-user accepted — the socket of this process bound
+        to our path that is not the listening one — is shut down, which
+        ends the wait like a hang-up.
+        """
+        path = os.fspath(self.socket_path)
+        for entry in os.scandir("/proc/self/fd"):
+            try:
+                if not os.readlink(entry.path).startswith("socket:"):
+                    continue
+                duplicate = os.dup(int(entry.name))
+            except OSError:
+                continue  # closed meanwhile
+            with socket.socket(fileno=duplicate) as connection:
+                try:
+                    if connection.family != socket.AF_UNIX or connection.getsockname() != path:
+                        continue
+                    if connection.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                        continue
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    continue
+            self._hung_up = True
+            with self.device.lock:
+                self.device.events.record("violation", what="no VERSION in time", seconds=self.negotiation_timeout)
+            log.warning(
+                "%s: dropped a client that sent no VERSION within %g s", self.device.name, self.negotiation_timeout
+            )
 
     def _peer_allowed(self, connection_fd: int) -> bool:
         """Check the client's uid (SO_PEERCRED) against the allow-list; hang up on a stranger.
@@ -762,6 +853,8 @@ class DeviceContext:
         return -1
 
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
+        if reset_type == ResetType.LOST_CONNECTION and not self.connected:
+            return 0  # the context is destroyed with no client: nothing was lost
         try:
             in_trio = inspect.iscoroutinefunction(self.device.on_reset) or self.device.faults.needs_thread
             self._run_device_code(in_trio, self.device.reset, _RESET_KINDS[ResetType(reset_type)])
@@ -843,7 +936,7 @@ class DeviceContext:
     def _on_log(self, _ctx: int, level: int, message: bytes) -> None:
         try:
             text = message.decode()
-            level = logging.DEBUG if text.startswith(_ROUTINE_MESSAGES) else _LOG_LEVELS.get(level, logging.DEBUG)
+            level = logging.DEBUG if _ROUTINE_MESSAGES.match(text) else _LOG_LEVELS.get(level, logging.DEBUG)
             log.log(level, "%s: libvfio-user: %s", self.device.name, text)
         except BaseException:
             return
@@ -851,23 +944,29 @@ class DeviceContext:
     # -- IrqSink and DmaPort (Trio thread) -------------------------------------------
 
     def fire(self, irq_type: IrqIndex, vector: int) -> None:
-        """Signal the client's eventfd (libvfio-user knows which type is active)."""
+        """Signal the client's eventfd (libvfio-user knows which of INTx/MSI/MSI-X is active).
+
+        ERR and REQ need vdev's libvfio-user patch: without it this raises
+        :class:`~vdev.libvfio_user.bindings.MissingFixError` at once, to the
+        device code that asked.
+        """
+        deliver, level = self._lib.vfu_irq_trigger, logging.DEBUG
+        args: tuple[int, ...] = (vector,)
         if irq_type in (IrqIndex.ERR, IrqIndex.REQ):
-            log.warning(
-                "%s: libvfio-user %s has no API to signal %s interrupts",
-                self.device.name,
-                self._lib.revision[:12],
-                irq_type.name,
-            )
-            return
+            self._lib.require("irq_trigger_err_req")
+            deliver = self._lib.vfu_irq_trigger_err if irq_type is IrqIndex.ERR else self._lib.vfu_irq_trigger_req
+            # Rare and asked for on purpose: a lost one deserves a warning.
+            args, level = (), logging.WARNING
 
         def trigger() -> None:
-            if self._ctx is None or self._lib.vfu_irq_trigger(self._ctx, vector) >= 0:
+            if self._ctx is None or deliver(self._ctx, *args) >= 0:
                 return
             code = ctypes.get_errno()
             if code == errno.ENOENT and irq_type is IrqIndex.MSIX:
                 self._without_eventfd.append(vector)
-            log.debug("%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code))
+            log.log(
+                level, "%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code)
+            )
 
         self._lock.run_or_defer(trigger)
         self._note_missing_eventfds()
@@ -928,7 +1027,8 @@ class DeviceContext:
             prot = 2 if write else 1  # PROT_WRITE / PROT_READ
             if lib.vfu_addr_to_sgl(self._ctx, address, size, ctypes.byref(sgl), 1, prot) < 0:
                 raise DmaError(f"{self.device.name}: {address:#x}+{size:#x} is not mapped by the client")
-            sgl.dma_addr, sgl.offset = sgl.dma_addr + sgl.offset, 0  # see bindings.DmaSg
+            if not lib.has("sgl_offset"):
+                sgl.dma_addr, sgl.offset = sgl.dma_addr + sgl.offset, 0  # see bindings.DmaSg
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
             if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")

@@ -31,18 +31,20 @@ async def _stop_on_signals(cancel_scope: trio.CancelScope) -> None:
 
 
 async def serve(
-    devices: Sequence[tuple[Device, Path]],
+    devices: Sequence[tuple[Device, Path | int]],
     *,
     task_status: trio.TaskStatus[list[DeviceContext]] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
     allowed_uids: frozenset[int] | None = None,
 ) -> None:
-    """Serve every ``(device, socket_path)`` pair until cancelled or signalled.
+    """Serve every ``(device, socket)`` pair until cancelled or signalled.
 
-    Every context is created before serving starts, so a bad socket path or
-    a library refusal is raised here as a plain :class:`ServeError`.
+    ``socket`` is a path to listen on, or the fd of an inherited listening
+    socket.  Every context is created before serving starts, so a bad socket
+    or a library refusal is raised here as a plain :class:`ServeError` (or
+    :class:`~vdev.libvfio_user.LibraryError`).
     """
-    contexts = [DeviceContext(device, path, allowed_uids=allowed_uids) for device, path in devices]
+    contexts = [DeviceContext(device, where, allowed_uids=allowed_uids) for device, where in devices]
     try:
         for context in contexts:
             context.create()

@@ -18,6 +18,7 @@ from vdev.runtime.context import DeviceContext
 
 if TYPE_CHECKING:
     from vdev.client import Client
+    from vdev.libvfio_user import Library
     from vdev.qemu import PciFunction, QemuMachine
     from vdev.testing.bench import Bench
 
@@ -47,17 +48,21 @@ def vfio_user_pci(socket_path: Path, **properties: object) -> dict[str, object]:
 
 
 @asynccontextmanager
-async def served(device: Device, socket_path: Path) -> AsyncIterator[DeviceContext]:
+async def served(
+    device: Device, socket_path: Path | int, *, library: Library | None = None
+) -> AsyncIterator[DeviceContext]:
     """Serve ``device`` on ``socket_path`` for the duration of the ``async with`` block.
 
-    The socket exists when the block starts; on exit the server task is
-    cancelled, the context destroyed and the socket removed.  The device's
-    event log keeps every trapped access too (``keep_accesses``), since
-    tests read it afterwards.
+    ``socket_path`` may also be the fd of a socket already listening (the
+    context takes it over).  ``library`` is the libvfio-user to serve with,
+    by default the one vdev loads.  The socket exists when the block starts;
+    on exit the server task is cancelled, the context destroyed and the
+    socket removed.  The device's event log keeps every trapped access
+    too (``keep_accesses``), since tests read it afterwards.
     """
     async with trio.open_nursery() as nursery:
         device.events.keep_accesses = True
-        context = DeviceContext(device, socket_path)
+        context = DeviceContext(device, socket_path, library)
         await nursery.start(context.serve)
         try:
             yield context
