@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment
+.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment finding-idio16 finding-qemu finding-libvfio-user kselftest kselftest-guest
 
 all: test
 
@@ -24,7 +24,7 @@ venv: $(VENV)/.installed
 deps: venv
 	@tools/provision.sh
 
-test: deps guest
+test: deps guest kselftest-guest
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The suite once more against libvfio-user's debug build (-DDEBUG, AddressSanitizer):
@@ -32,7 +32,7 @@ test: deps guest
 # libstdc++ is preloaded with it so the sanitizer finds C++'s exception machinery
 # (matplotlib's extensions throw) at start-up.
 ASAN_RUNTIME := $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so.6)
-test-debug: deps guest
+test-debug: deps guest kselftest-guest
 	VDEV_LIBVFIO_USER=$(CURDIR)/.deps/libvfio-user-debug/lib/libvfio-user.so.0 \
 	VDEV_LIBVFIO_USER_REVISION=$$(cat .deps/libvfio-user-debug/REVISION) \
 	LD_PRELOAD="$(ASAN_RUNTIME)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:handle_sigbus=0 \
@@ -50,6 +50,16 @@ demo: deps
 guest: deps
 	@tools/guest.sh $(KERNELS)
 
+# The kernel's vfio selftests need a 7.x guest: its kernel set, and the selftests built from its source.
+KSELFTEST_KERNEL ?= trixie-backports
+kselftest-guest: deps
+	@tools/guest.sh $(KSELFTEST_KERNEL)
+
+# The kernel's vfio selftests in a 7.x guest against membar and ioat: results/kselftest.json,
+# each program's TAP output and the console log under results/kselftest/.
+kselftest: kselftest-guest
+	$(PY) -m vdev_experiments.kselftest --out results $(KSELFTEST_ARGS)
+
 # Style and types: ruff (lint and format) over everything Python, mypy over the package,
 # devices and experiments.
 LINTED := vdev devices experiments tests bench examples tools
@@ -66,8 +76,28 @@ bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # The concurrent-fault experiment on vfio-pci's memory enable, one guest per kernel
-# (KERNELS="bookworm trixie" unless given), REPEAT=N boots per kernel and mode:
-# results/experiment.json, .md (verdict pass counts over the repeats), .png and console logs.
+# (KERNELS="bookworm trixie" unless given; KERNEL=NAME|PATH for one, a path being a kernel
+# of your own), REPEAT=N boots per kernel and mode, PATCH=FILE.diff to rebuild the vfio
+# modules it touches (Debian sets): results/experiment.json, .md (verdict pass counts over
+# the repeats), .png and console logs.  Only set names go to tools/guest.sh, which also
+# provides the busybox and guest programs a kernel of your own boots with.
+EXPERIMENT_KERNELS = $(or $(KERNELS),$(KERNEL),bookworm trixie)
 experiment: deps
+	@tools/guest.sh $(foreach k,$(EXPERIMENT_KERNELS),$(if $(findstring /,$(k)),,$(k)))
+	$(PY) -m vdev_experiments.mse --kernels "$(EXPERIMENT_KERNELS)" --repeat $(or $(REPEAT),1) \
+		$(if $(PATCH),--patch "$(PATCH)") $(EXPERIMENT_ARGS)
+
+# Finding 1 of docs/findings.md (gpio-pci-idio-16's regmap-irq NULL call) with its control, REPEAT=N boots
+# per kernel and variant: results/findings/idio16-regmap-irq/ (outcome counts, runs, console excerpts).
+finding-idio16: deps
 	@tools/guest.sh $(or $(KERNELS),bookworm trixie)
-	$(PY) -m vdev_experiments.mse --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),1) $(EXPERIMENT_ARGS)
+	$(PY) -m tools.findings.idio16 --kernels "$(or $(KERNELS),bookworm trixie)" --repeat $(or $(REPEAT),3) $(FINDING_ARGS)
+
+# Findings 2 and 3 of docs/findings.md (QEMU with a reply cut short), REPEAT=N sessions per variant, and the
+# crash located in the QEMU binary with gdb: results/findings/qemu-partial-reply/.
+finding-qemu: deps
+	$(PY) -m tools.findings.qemu_partial_reply --repeat $(or $(REPEAT),20) --gdb $(FINDING_ARGS)
+
+# Finding 4 of docs/findings.md: the provisioned libvfio-user's bugs, each shown through vdev's client.
+finding-libvfio-user: deps
+	$(PY) -m tools.findings.libvfio_user $(FINDING_ARGS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vdev import RO, RW, WO, Bar, Device, MsiX, Param, PciExpress, Register
+from vdev import RO, RW, WO, Bar, Device, Msi, MsiX, Param, PciExpress, Register
 from vdev.model.capabilities import Capability
 from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
 
@@ -30,7 +30,7 @@ def _size(text: str) -> int:
 
 
 class MemBar(Device):
-    """Memory-enable experiment device: mapped RAM, epoch doorbell, self-disable, MSI-X, FLR.
+    """Memory-enable experiment device: mapped RAM, epoch doorbell, self-disable, MSI, MSI-X, FLR.
 
     BAR0: ``size`` bytes (default 16 MiB), 64-bit prefetchable, all mapped (one memfd).
 
@@ -109,6 +109,7 @@ class MemBar(Device):
         return [
             PciExpress(flr=True),
             MsiX(vectors=int(self.vectors), table_bar=4, table_offset=0x1800, pba_bar=4, pba_offset=0x1C00),
+            Msi(vectors=4),
         ]
 
     def _count(self, event: Any) -> None:

@@ -68,6 +68,7 @@ from typing import Any
 
 import trio
 
+from vdev.guest import GuestSetupError, describe, find_kernel, patched
 from vdev.model.events import Event
 from vdev.provenance import Provenance, collect
 from vdev.qemu.cmdline import MiB
@@ -95,7 +96,7 @@ _U64 = (1 << 64) - 1
 #: range: a version not listed must pass every verdict, and a failure there is news to investigate.
 KNOWN_FAILURES: Mapping[tuple[str, str], Mapping[str, str]] = {
     ("linux-image-6.1.0-56-amd64", "6.1.192-2"): {
-        "fork_mapped_child": "docs/findings.md#a-forked-child-keeps-live-bar-mappings-debian-61192-2",
+        "fork_mapped_child": "docs/findings.md, section 5 (Debian 6.1.192-2: a forked child keeps live BAR mappings)",
     },
 }
 
@@ -648,6 +649,7 @@ async def run_mse(
     binary: str | os.PathLike[str] | None = None,
     on_result: Callable[[GuestResult], None] | None = None,
     repeat: int = 1,
+    patch: str | os.PathLike[str] | None = None,
 ) -> MseRun:
     """Boot ``artefacts`` with membar attached, run ``mse-fault`` as ``config`` says, and judge it.
 
@@ -659,7 +661,11 @@ async def run_mse(
     ``completed`` and ``kernel_clean`` failed and the kernel's report in
     :attr:`MseRun.kernel_report`.  Any other failure of the guest raises
     :class:`~vdev.qemu.guest.GuestError`, never wrapped in an exception group.
+    ``patch`` puts the modules it touches, rebuilt (:func:`vdev.guest.patched`), in
+    place of the stock ones.
     """
+    if patch is not None:
+        artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, patch))
     started = time.monotonic()
     provenance = collect(artefacts, qemu=Path(binary) if binary is not None else None)
     device = MemBar(size=config.size, mapping=config.membar_mapping)
@@ -705,11 +711,18 @@ async def run_mse(
             raise
         if not isinstance(error, GuestKernelError):
             raise error from exc
+        server = ServerLog.from_events(device.events)
+        # The epoch it happened in, by the doorbells the server saw (0: MEM on since the start).
+        epoch = server.doorbells[-1] if server.doorbells else "none yet"
         return run(
             results=[dict(result.data) for result in machine.results],
-            server=ServerLog.from_events(device.events),
+            server=server,
             verdicts=[
-                Verdict("completed", False, f"ended by a kernel problem after {time.monotonic() - started:.1f} s"),
+                Verdict(
+                    "completed",
+                    False,
+                    f"ended by a kernel problem after {time.monotonic() - started:.1f} s, in guest epoch {epoch}",
+                ),
                 Verdict("kernel_clean", False, error.problems[0].strip()),
             ],
             boot_seconds=machine.boot_seconds,
@@ -837,8 +850,11 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
     for kernel, modes in verdict_counts(runs).items():
         first = next(run for run in runs if run.kernel == kernel)
         p = first.provenance
+        package = f"{p.kernel_package} {p.kernel_package_version}" if p.kernel_package else "no Debian package"
+        if p.kernel_patch:
+            package += f", vfio modules rebuilt with `{p.kernel_patch}` (sha256 {(p.kernel_patch_sha256 or '')[:12]})"
         lines += [
-            f"### {kernel}: {p.kernel_package} {p.kernel_package_version} ({first.release})",
+            f"### {kernel}: {package} ({first.release})",
             "",
             f"QEMU {p.qemu_package_version or p.qemu_version}, libvfio-user {(p.libvfio_user_revision or '?')[:12]}, "
             f"vdev {p.vdev_commit or p.vdev_version}",
@@ -853,6 +869,15 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
                 if name != "runs":
                     note = f" (recorded finding: {known[name]})" if name in known else ""
                     lines.append(f"| {mode} | `{name}` | {n}/{total}{note} |")
+        problems = [
+            f"* {run.config.mode} #{run.repeat}: `{verdict.detail}`"
+            for run in runs
+            if run.kernel == kernel
+            for verdict in run.verdicts
+            if verdict.name == "kernel_clean" and not verdict.passed
+        ]
+        if problems:
+            lines += ["", "Kernel problems (each run's first report line):", "", *problems]
         lines.append("")
         storms = [run.report.storm for run in runs if run.kernel == kernel and run.report.storm]
         if storms:
@@ -914,7 +939,8 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
             label="4 threads faulting" if index == 0 else None,
         )
     touch.set_xticks(range(len(labels)), labels)
-    touch.set_yscale("log")
+    if any(quiet) or any(loaded):  # runs a kernel problem ended early measured nothing
+        touch.set_yscale("log")
     touch.set_ylabel("µs")
     touch.set_title("first BAR0 access after MEM is set")
     touch.legend()
@@ -990,7 +1016,14 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
     logs = args.out / "experiment"
     total = len(kernels) * len(modes) * args.repeat
     for kernel in kernels:
-        artefacts = GuestArtefacts.find(kernel)
+        say = functools.partial(print, f"[{kernel}]", file=sys.stderr, flush=True)
+        artefacts = await trio.to_thread.run_sync(
+            functools.partial(find_kernel, kernel, require=("vfio_pci",), progress=say)
+        )
+        # A kernel of one's own is named by its (absolute) path; its logs go under the last component.
+        label = Path(artefacts.name).name
+        if args.patch is not None:
+            artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, args.patch, progress=say))
         for repeat in range(1, args.repeat + 1):
             for mode in modes:
                 config = MseConfig(
@@ -1004,16 +1037,14 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     toggle_period=args.toggle_period,
                     size=args.size,
                     misaligned=args.misaligned,
+                    reset=not args.no_reset,
                     storm_cycles=args.storm_cycles,
                     storm_processes=args.storm_processes,
                 )
-                prefix = f"[{len(runs) + 1}/{total} {kernel} {mode} #{repeat}]"
-                print(
-                    f"{prefix} booting {artefacts.package} {artefacts.package_version}: {config.guest_command()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                workdir = logs / f"{kernel}-{mode}-{repeat}"
+                prefix = f"[{len(runs) + 1}/{total} {label} {mode} #{repeat}]"
+                print(f"{prefix} booting {describe(collect(artefacts))}", file=sys.stderr, flush=True)
+                print(f"{prefix} running {config.guest_command()}", file=sys.stderr, flush=True)
+                workdir = logs / f"{label}-{mode}-{repeat}"
                 workdir.mkdir(parents=True, exist_ok=True)
                 run = await _run_one(artefacts, config, workdir, prefix, repeat)
                 for verdict in run.verdicts:
@@ -1078,12 +1109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--storm-processes", type=int, default=defaults.storm_processes, help="child processes in the storm"
     )
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
+    parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
+    parser.add_argument(
+        "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
-    runs = trio.run(_run_matrix, args)
+    try:
+        runs = trio.run(_run_matrix, args)
+    except GuestSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     plot = args.out / "experiment.png"
     plot_runs(runs, plot)
     report = args.out / "experiment.json"

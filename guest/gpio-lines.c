@@ -3,7 +3,7 @@
  * driver registered, through the GPIO character device (uAPI v2), the way
  * an application would.
  *
- *   gpio-lines [-o LINE=VALUE]... [-i LINE]... [-e LINE [-t TIMEOUT_MS]] ADDR
+ *   gpio-lines [-o LINE=VALUE]... [-i LINE]... [-e LINE]... [-t TIMEOUT_MS] ADDR
  *
  * The chip is the gpiochipN under /sys/bus/pci/devices/ADDR (gpiolib makes
  * it a child of the device whose driver added it); its /dev node comes from
@@ -12,16 +12,20 @@
  *       with GPIO_V2_LINE_SET_VALUES_IOCTL, read them back with
  *       GPIO_V2_LINE_GET_VALUES_IOCTL (the driver reads its output latch);
  *   -i  request those lines as inputs and read them (GET_VALUES);
- *   -e  request LINE as an input with edge detection, say so, and wait
- *       TIMEOUT_MS (5000) for one edge event (the driver's interrupt path).
+ *   -e  request those lines as inputs with edge detection on both edges
+ *       (one request), say so, and read edge events until one arrives for
+ *       the first -e line, at most TIMEOUT_MS (5000) in all (the driver's
+ *       interrupt path).  Every event read is reported: a card that cannot
+ *       tell which input changed notifies every line with edge detection.
  *
  * Output, one line each:
  *   VDEV {"kind":"gpio.chip","addr":...,"path":"/dev/gpiochipN","name":...,"label":...,"lines":N}
  *   VDEV {"kind":"gpio.set","lines":[...],"values":[...]}
  *   VDEV {"kind":"gpio.outputs","lines":[...],"values":[...]}     (read back)
  *   VDEV {"kind":"gpio.inputs","lines":[...],"values":[...]}
- *   VDEV {"kind":"gpio.waiting","line":N}
- *   VDEV {"kind":"gpio.edge","line":N,"rising":true|false,"seqno":N}  or  {"kind":"gpio.timeout","line":N}
+ *   VDEV {"kind":"gpio.waiting","lines":[...]}
+ *   VDEV {"kind":"gpio.edge","line":N,"rising":true|false,"seqno":N,"line_seqno":N}   (one per event)
+ *   VDEV {"kind":"gpio.timeout","line":N}          (no event for the first -e line in time)
  *   VDEV {"kind":"gpio.error","op":...,"errno":N,"message":...}
  *   VDEV {"kind":"gpio.done","status":N}
  */
@@ -36,6 +40,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 #define MAX_LINES GPIO_V2_LINES_MAX
 
@@ -150,43 +155,66 @@ static void read_inputs(int chip, const struct lines *inputs)
 	close(fd);
 }
 
-static void wait_edge(int chip, unsigned line, int timeout_ms)
+static long long now_ms(void)
 {
-	struct lines one = {.count = 1, .offsets = {line}};
-	int fd = request(chip, &one, GPIO_V2_LINE_FLAG_INPUT | GPIO_V2_LINE_FLAG_EDGE_RISING |
-					     GPIO_V2_LINE_FLAG_EDGE_FALLING);
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec * 1000LL + now.tv_nsec / 1000000;
+}
+
+static void wait_edges(int chip, const struct lines *edges, int timeout_ms)
+{
+	char offsets[512];
+	int fd = request(chip, edges, GPIO_V2_LINE_FLAG_INPUT | GPIO_V2_LINE_FLAG_EDGE_RISING |
+					      GPIO_V2_LINE_FLAG_EDGE_FALLING);
 	if (fd < 0) {
 		report_error("request edge events");
 		return;
 	}
-	report("\"kind\":\"gpio.waiting\",\"line\":%u", line);
-	struct pollfd ready = {.fd = fd, .events = POLLIN};
-	int n = poll(&ready, 1, timeout_ms);
-	struct gpio_v2_line_event event;
-	if (n < 0) {
-		report_error("poll");
-	} else if (n == 0) {
-		report("\"kind\":\"gpio.timeout\",\"line\":%u", line);
-		vdev_failures++;
-	} else if (read(fd, &event, sizeof(event)) != sizeof(event)) {
-		report_error("read edge event");
-	} else {
-		report("\"kind\":\"gpio.edge\",\"line\":%u,\"rising\":%s,\"seqno\":%u", event.offset,
-		       event.id == GPIO_V2_LINE_EVENT_RISING_EDGE ? "true" : "false", event.seqno);
+	format_offsets(offsets, sizeof(offsets), edges);
+	report("\"kind\":\"gpio.waiting\",\"lines\":[%s]", offsets);
+	const unsigned watched = edges->offsets[0];
+	const long long deadline = now_ms() + timeout_ms;
+	for (int seen = 0; !seen;) {
+		long long left = deadline - now_ms();
+		struct pollfd ready = {.fd = fd, .events = POLLIN};
+		int n = left > 0 ? poll(&ready, 1, (int)left) : 0;
+		if (n < 0) {
+			report_error("poll");
+			break;
+		}
+		if (n == 0) {
+			report("\"kind\":\"gpio.timeout\",\"line\":%u", watched);
+			vdev_failures++;
+			break;
+		}
+		struct gpio_v2_line_event events[MAX_LINES];
+		ssize_t got = read(fd, events, sizeof(events));
+		if (got < (ssize_t)sizeof(events[0]) || got % sizeof(events[0])) {
+			report_error("read edge events");
+			break;
+		}
+		for (size_t i = 0; i < (size_t)got / sizeof(events[0]); i++) {
+			const struct gpio_v2_line_event *event = &events[i];
+			report("\"kind\":\"gpio.edge\",\"line\":%u,\"rising\":%s,\"seqno\":%u,\"line_seqno\":%u",
+			       event->offset, event->id == GPIO_V2_LINE_EVENT_RISING_EDGE ? "true" : "false",
+			       event->seqno, event->line_seqno);
+			seen |= event->offset == watched;
+		}
 	}
 	close(fd);
 }
 
 static void usage(const char *argv0)
 {
-	fprintf(stderr, "usage: %s [-o LINE=VALUE]... [-i LINE]... [-e LINE [-t TIMEOUT_MS]] ADDR\n", argv0);
+	fprintf(stderr, "usage: %s [-o LINE=VALUE]... [-i LINE]... [-e LINE]... [-t TIMEOUT_MS] ADDR\n", argv0);
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct lines outputs = {0}, inputs = {0};
-	int edge_line = -1, timeout_ms = 5000, opt;
+	struct lines outputs = {0}, inputs = {0}, edges = {0};
+	int timeout_ms = 5000, opt;
 	while ((opt = getopt(argc, argv, "o:i:e:t:")) != -1) {
 		char *end;
 		switch (opt) {
@@ -203,7 +231,11 @@ int main(int argc, char **argv)
 				usage(argv[0]);
 			inputs.offsets[inputs.count++] = strtoul(optarg, NULL, 0);
 			break;
-		case 'e': edge_line = atoi(optarg); break;
+		case 'e':
+			if (edges.count == MAX_LINES)
+				usage(argv[0]);
+			edges.offsets[edges.count++] = strtoul(optarg, NULL, 0);
+			break;
 		case 't': timeout_ms = atoi(optarg); break;
 		default: usage(argv[0]);
 		}
@@ -230,8 +262,8 @@ int main(int argc, char **argv)
 		drive_outputs(chip, &outputs);
 	if (inputs.count)
 		read_inputs(chip, &inputs);
-	if (edge_line >= 0)
-		wait_edge(chip, (unsigned)edge_line, timeout_ms);
+	if (edges.count)
+		wait_edges(chip, &edges, timeout_ms);
 done:
 	report("\"kind\":\"gpio.done\",\"status\":%d", vdev_failures ? 1 : 0);
 	return vdev_failures ? 1 : 0;

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-NAMESPACES = ["vdev", "vdev.protocol", "vdev.client", "vdev.proxy", "vdev.qemu", "vdev.testing"]
+NAMESPACES = ["vdev", "vdev.protocol", "vdev.client", "vdev.proxy", "vdev.qemu", "vdev.testing", "vdev.guest"]
 
 
 @pytest.mark.parametrize("name", NAMESPACES)

@@ -36,7 +36,7 @@ async def test_inspect_describes_a_served_device(vdev_serve: Callable[[Device], 
     assert regions["BAR0"]["size"] == 1 << 20 and regions["BAR0"]["mappable"]
     assert regions["BAR0"]["sparse_areas"] == [[0, 1 << 20]] and regions["BAR0"]["fds"] == 1
     assert regions["BAR2"]["size"] == 4096 and not regions["BAR2"]["mappable"]
-    assert report["irqs"] == {"INTx": 1, "MSI": 0, "MSI-X": 8, "ERR": 1, "REQ": 1}
+    assert report["irqs"] == {"INTx": 1, "MSI": 4, "MSI-X": 8, "ERR": 1, "REQ": 1}
     bar0 = next(bar for bar in report["bars"] if bar["index"] == 0)
     assert bar0["kind"] == "mem64" and bar0["prefetchable"]
 

@@ -38,6 +38,7 @@ LAYERS = {
     "vdev.qemu": "qemu",
     "vdev.testing": "testing",
     "vdev.provenance": "app",
+    "vdev.guest": "app",
     "vdev.cli": "app",
     "vdev.__main__": "app",
     "vdev.doctor": "app",

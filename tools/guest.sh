@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the artefacts a vdev guest test boots: Debian kernels, an uncompressed
 # vmlinux of each, and an initramfs per kernel with busybox, the vfio modules,
-# /init and the static guest programs from guest/.
+# /init and the static guest programs from guest/; and the kernel's own vfio
+# selftests, built from the source of the newest kernel of the run.
 #
 # Usage: tools/guest.sh [KERNEL...]        (make guest KERNELS="bookworm trixie")
 #   KERNEL names a set: a Debian suite whose linux-image-amd64 to use, at the
@@ -18,6 +19,8 @@
 #   <kernel>/kernel.json         what was built from which package version
 #   programs/                    the guest programs, compiled with gcc -static
 #   busybox/                     Debian's busybox-static, unpacked
+#   kselftest/bin/               the vfio selftests, static (when a 7.x kernel is built)
+#   kselftest/manifest.json      which linux-source they came from
 #
 # Each step leaves a stamp: downloads happen once per kernel (delete
 # .deps/guest/<kernel> to fetch a newer one); the initramfs is rebuilt when
@@ -34,7 +37,7 @@ guest=$cache/guest
 sources=$repo_root/guest
 tools=$repo_root/tools/guest
 apt_conf=$cache/apt/apt.conf
-host_packages=(gcc libc6-dev zstd python3)
+host_packages=(gcc libc6-dev zstd python3 make xz-utils uuid-dev)
 
 stamp_ok() { [[ -f "$1" ]] && [[ "$(cat "$1")" == "$2" ]]; }
 human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || printf '%s bytes' "$1"; }
@@ -298,35 +301,93 @@ provision_kernel() {
 }
 
 build_initramfs() {
-    local name=$1 dir=$2 release=$3 stage=$2/initramfs.d
+    local name=$1 dir=$2 release=$3
     say "$name: building initramfs"
-    rm -rf "$stage"
-    mkdir -p "$stage"/{bin,dev,etc,lib/modules,proc,sys,tmp,run,vdev,root}
-    ln -s bin "$stage/sbin"
-    mkdir -p "$stage/usr"
-    ln -s ../bin "$stage/usr/bin"
-    ln -s ../bin "$stage/usr/sbin"
-    cp "$busybox" "$stage/bin/busybox"
-    local applet
-    for applet in $("$busybox" --list); do
-        [[ "$applet" == busybox ]] || ln -s busybox "$stage/bin/$applet"
-    done
-    python3 "$tools/artefacts.py" modules --root "$dir/root" --release "$release" \
-        --list "$sources/modules" --out "$stage/lib/modules" >"$dir/modules.log" ||
-        fail "could not collect the kernel modules for $name (see the message above)"
-    cp "$stage/lib/modules/load.order" "$dir/modules.order"
+    python3 "$tools/artefacts.py" initramfs --root "$dir/root" --release "$release" --list "$sources/modules" \
+        --busybox "$busybox" --init "$sources/init" --scripts "$sources/bin" --programs "$guest/programs" \
+        --out "$dir/initramfs.cpio.gz" --load-order "$dir/modules.order" >"$dir/modules.log" ||
+        fail "could not build the initramfs for $name (see the message above)"
     say "$name: modules: $(tail -n1 "$dir/modules.log")"
     grep '^  module' "$dir/modules.log" | sed "s/^  /guest: $name: /" >&2 || true
-    cp "$sources/init" "$stage/init"
-    chmod 755 "$stage/init"
-    if [[ -d "$sources/bin" ]]; then
-        cp "$sources/bin"/* "$stage/bin/"
-        chmod 755 "$stage/bin"/*
+}
+
+# --- the kernel's vfio selftests ---------------------------------------------------
+# tools/testing/selftests/vfio of Debian's linux-source for the newest kernel of
+# the run (7.x: 7.2 and 7.3 carry them), built statically as the kernel's own
+# Makefile builds them.  The guest gets them per run (vdev.kselftest adds them to
+# the initramfs it boots), not in every initramfs: only those runs pay for them,
+# and rebuilding either never rebuilds the other.
+#
+# Choices:
+#   * Only the directories the build reads are unpacked from the 1.6 GB source
+#     tree (xz decompresses the whole stream anyway: that is most of the cost).
+#   * The UAPI headers come from linux-libc-dev of the same version, which is
+#     Debian's `make headers` of that source, instead of running it here.
+#   * tools/guest/kselftest_iommu_mode.c is linked into every program (LDLIBS):
+#     it selects the library's IOMMU mode from $VDEV_IOMMU_MODE, since Debian's
+#     kernels have no iommufd, the library's default.  No selftest source changes.
+kselftest_programs=(vfio_pci_device_test vfio_dma_mapping_test vfio_dma_mapping_mmio_test vfio_pci_driver_test)
+kselftest_members=(
+    tools/testing/selftests/lib.mk tools/testing/selftests/kselftest.h
+    tools/testing/selftests/kselftest_harness.h tools/testing/selftests/kselftest
+    tools/testing/selftests/vfio tools/include tools/arch/x86/include scripts/subarch.include
+    include/linux/pci_ids.h drivers/dma/ioat drivers/dma/idxd drivers/net/ethernet/intel/igb
+)
+
+provision_kselftests() {
+    local name newest="" release newest_release=""
+    for name in "$@"; do
+        release=$(cat "$guest/$name/release")
+        if [[ -z "$newest" || "$(printf '%s\n%s\n' "$newest_release" "$release" | sort -V | tail -n1)" == "$release" ]]; then
+            newest=$name newest_release=$release
+        fi
+    done
+    local upstream=${newest_release%%[+-]*}
+    if ((${upstream%%.*} < 7)); then
+        [[ -f "$guest/kselftest/manifest.json" ]] ||
+            say "vfio selftests: not built (they come from a 7.x kernel's source: make guest KERNELS=trixie-backports)"
+        return
     fi
-    cp "$guest/programs"/* "$stage/bin/" 2>/dev/null || true
-    python3 "$tools/artefacts.py" cpio --dir "$stage" --out "$dir/initramfs.cpio.gz" --node /dev/console:600:5:1 ||
-        fail "could not write the initramfs for $name"
-    rm -rf "$stage"
+    local series version which out=$guest/kselftest digest program
+    series=$(cut -d. -f1,2 <<<"$upstream")
+    version=$(cat "$guest/$newest/version")
+    which=$(apt_for "$newest")
+    digest=$({
+        printf '%s\n' "linux-source-$series=$version" "${kselftest_programs[*]}" "${kselftest_members[*]}"
+        cat "$tools/kselftest_iommu_mode.c"
+    } | sha256sum | cut -d' ' -f1)
+    if stamp_ok "$out/stamp" "$digest" && [[ -x "$out/bin/${kselftest_programs[-1]}" ]]; then
+        return
+    fi
+    say "vfio selftests: building from linux-source-$series $version"
+    local started=$SECONDS work=$out.tmp
+    rm -rf "$work" "$out"
+    mkdir -p "$work/debs" "$work/src" "$work/build" "$work/bin"
+    (cd "$work/debs" && download "$which" "linux-source-$series=$version" "linux-libc-dev=$version")
+    local top=linux-source-$series members=() member
+    for member in "${kselftest_members[@]}"; do members+=("$top/$member"); done
+    dpkg-deb --fsys-tarfile "$work/debs"/linux-source-"$series"_*.deb | tar -xO "./usr/src/$top.tar.xz" |
+        xz -T0 -dc | tar -x -C "$work/src" -f - "${members[@]}" ||
+        fail "could not unpack tools/testing/selftests/vfio from linux-source-$series $version"
+    dpkg-deb -x "$work/debs"/linux-libc-dev_*.deb "$work/headers" || fail "could not unpack linux-libc-dev $version"
+    rm -rf "$work/debs"
+    local headers=$work/headers/usr/include targets=()
+    for program in "${kselftest_programs[@]}"; do targets+=("$work/build/$program"); done
+    gcc -c -O2 -Wall -Werror -o "$work/build/kselftest_iommu_mode.o" "$tools/kselftest_iommu_mode.c" ||
+        fail "could not compile $tools/kselftest_iommu_mode.c"
+    make -C "$work/src/$top/tools/testing/selftests/vfio" -j2 OUTPUT="$work/build" \
+        KHDR_INCLUDES="-isystem $headers -isystem $headers/x86_64-linux-gnu" EXTRA_CFLAGS=-static \
+        LDLIBS="-luuid $work/build/kselftest_iommu_mode.o" "${targets[@]}" >"$work/build.log" 2>&1 ||
+        fail "the vfio selftests did not build; see $work/build.log"
+    cp "${targets[@]}" "$work/bin/"
+    local seconds=$((SECONDS - started))
+    printf '{"source_package": "linux-source-%s", "source_version": "%s", "headers_package": "linux-libc-dev", "kernel": "%s", "release": "%s", "programs": [%s], "iommu_mode_variable": "VDEV_IOMMU_MODE", "build_seconds": %d}\n' \
+        "$series" "$version" "$newest" "$newest_release" \
+        "$(printf '"%s", ' "${kselftest_programs[@]}" | sed 's/, $//')" "$seconds" >"$work/manifest.json"
+    rm -rf "$work/src" "$work/headers" "$work/build"
+    mv "$work" "$out"
+    printf '%s\n' "$digest" >"$out/stamp"
+    say "vfio selftests: ready in $seconds s: ${kselftest_programs[*]} ($(human "$(cat "$out"/bin/* | wc -c)"))"
 }
 
 # --- main ------------------------------------------------------------------------
@@ -341,3 +402,4 @@ build_programs
 for kernel in "${kernels[@]}"; do
     provision_kernel "$kernel"
 done
+provision_kselftests "${kernels[@]}"

@@ -1,4 +1,4 @@
-"""The ``vdev`` command line: serve, devices, doctor.
+"""The ``vdev`` command line: serve, devices, inspect, doctor, proxy, replay, guest.
 
 Wrong arguments get one line on stderr and exit status 2 — never a
 traceback — because people type these commands by hand while debugging
@@ -333,6 +333,79 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DeviceAction(argparse.Action):
+    """``--device NAME``: a new entry ``[NAME, [params]]`` in ``devices``."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        namespace.devices = [*getattr(namespace, "devices", []), (values, [])]
+
+
+class _ParamAction(argparse.Action):
+    """``--param NAME=VALUE``: a parameter of the ``--device`` before it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        devices = getattr(namespace, "devices", [])
+        if not devices:
+            parser.error("--param must follow the --device it belongs to")
+        devices[-1][1].append(values)
+
+
+def _cmd_guest(args: argparse.Namespace) -> int:
+    from vdev.guest import GuestSetupError, ModuleBuildError, run_on_terminal
+
+    devices: list[Device] = []
+    for index, (reference, pairs) in enumerate(args.devices):
+        try:
+            device_class = plugins.load(reference)
+        except plugins.PluginError as exc:
+            raise UsageError(str(exc)) from None
+        params = _parse_params(device_class, pairs)
+        try:
+            devices.append(device_class(name=f"{reference.rpartition(':')[2].lower()}{index}", **params))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"cannot create {reference}: {exc}") from None
+    if args.memory <= 0 or args.smp <= 0:
+        raise UsageError("--memory and --smp must be positive")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, not {args.timeout}")
+    timeout = args.timeout if args.timeout is not None else (600.0 if args.run is not None else None)
+    try:
+        return run_on_terminal(
+            kernel=args.kernel,
+            command=args.run,
+            devices=devices,
+            sockets=args.socket,
+            vfio=args.vfio,
+            patch=args.patch,
+            copies=args.copy,
+            memory_mib=args.memory,
+            smp=args.smp,
+            timeout=timeout,
+            append=args.append,
+            workdir=args.workdir,
+        )
+    except (ModuleBuildError, LibraryError, ServeError) as exc:
+        print(f"vdev: error: {exc}", file=sys.stderr)
+        return 1
+    except GuestSetupError as exc:  # a kernel, socket or file named on the command line that is not there
+        raise UsageError(str(exc)) from None
+    finally:
+        for device in devices:
+            device.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="vdev", description="Emulated PCI devices served over vfio-user.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: libvfio-user debug)")
@@ -401,6 +474,62 @@ def build_parser() -> argparse.ArgumentParser:
         "--pace", action="store_true", help="send each client message at its recorded time, not as fast as possible"
     )
     replay_parser.set_defaults(handler=_cmd_replay)
+
+    guest_parser = commands.add_parser(
+        "guest", help="boot a Linux guest with devices attached; run a command in it, or get its console"
+    )
+    guest_parser.add_argument(
+        "--kernel",
+        default="bookworm",
+        metavar="NAME|PATH",
+        help="a kernel set of `make guest` (bookworm, trixie, ...), or a path (with a /) to your own build: "
+        "a kernel build tree, or a directory with a kernel image and lib/modules/<release>",
+    )
+    guest_parser.add_argument(
+        "--device",
+        action=_DeviceAction,
+        default=[],
+        dest="devices",
+        metavar="DEVICE",
+        help="serve a device here and attach it (a name from `vdev devices` or module:Class; repeatable)",
+    )
+    guest_parser.add_argument(
+        "--param",
+        action=_ParamAction,
+        dest="devices",
+        metavar="NAME=VALUE",
+        help="a parameter of the --device before it",
+    )
+    guest_parser.add_argument(
+        "--socket", action="append", default=[], type=Path, metavar="PATH", help="attach an external vfio-user server"
+    )
+    guest_parser.add_argument("--vfio", action="store_true", help="bind the attached devices to vfio-pci in the guest")
+    guest_parser.add_argument(
+        "--run", metavar="CMD", help="run CMD under /bin/sh in the guest; exit with its status (default: a console)"
+    )
+    guest_parser.add_argument(
+        "--copy",
+        action="append",
+        default=[],
+        metavar="HOST[:GUEST]",
+        help="put a file or directory into the guest (default: /root/<name>; repeatable)",
+    )
+    guest_parser.add_argument(
+        "--patch",
+        type=Path,
+        metavar="FILE.diff",
+        help="rebuild the modules this kernel patch (-p1) touches from Debian's source and load them instead",
+    )
+    guest_parser.add_argument("--memory", type=int, default=256, metavar="MiB", help="guest RAM (default 256)")
+    guest_parser.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    guest_parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="end the guest after this long (default: 600 with --run)"
+    )
+    guest_parser.add_argument("--append", default="", metavar="WORDS", help="more kernel command-line words")
+    guest_parser.add_argument(
+        "--workdir", type=Path, metavar="DIR", help="where the console log goes (default: a new temporary directory)"
+    )
+    guest_parser.set_defaults(handler=_cmd_guest)
     return parser
 
 

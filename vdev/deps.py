@@ -36,6 +36,19 @@ def cache_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".deps"
 
 
+def kernel_build_dir() -> Path:
+    """What ``vdev guest`` builds for kernels: ``$VDEV_KERNEL_BUILD_DIR``, else ``kernel-builds`` in the cache.
+
+    Patched modules (by kernel package version and patch hash), the Debian
+    source and headers packages they are built from, and initramfs images
+    for kernels of the user's own build.
+    """
+    configured = os.environ.get("VDEV_KERNEL_BUILD_DIR")
+    if configured:
+        return Path(configured)
+    return cache_dir() / "kernel-builds"
+
+
 def how_to_provide(variable: str | None = None, command: str = PROVISION_COMMAND) -> str:
     """What to do about a missing component, for a message: the command, or the setting that is wrong.
 

@@ -4,7 +4,9 @@ A result about a kernel, QEMU or libvfio-user is worth only as much as the
 record of which builds produced it.  ``uname -r`` does not name a Debian
 package version (6.1.0-50-amd64 has been several), so a report carries the
 package name and version the guest kernel came from, QEMU's package version
-and its own ``--version``, the libvfio-user revision, and the vdev commit.
+and its own ``--version``, the libvfio-user revision and the patch set
+applied to it, the vdev commit, and the patch whose rebuilt modules the
+guest loaded in place of the stock ones.
 Every field is read from what was provisioned, never assumed; what cannot be
 read is recorded as ``None`` rather than guessed.
 """
@@ -36,6 +38,11 @@ class Provenance:
     kernel_package: str | None = None
     kernel_package_version: str | None = None
     kernel_release: str | None = None
+    #: The patch set ``make deps`` applied to libvfio-user (``None``: none recorded, e.g. an unpatched build).
+    libvfio_user_patch_set: str | None = None
+    #: The patch whose rebuilt modules replaced the stock ones, and its SHA-256.
+    kernel_patch: str | None = None
+    kernel_patch_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +79,13 @@ def qemu_package_version() -> str | None:
     return _read(deps.cache_dir() / "qemu.version")
 
 
+def libvfio_user_patch_set() -> str | None:
+    """The digest of the patch series ``make deps`` applied to the library in use, if it recorded one."""
+    record = _read(deps.libvfio_user_patches_file())
+    first = record.splitlines()[0] if record else ""
+    return first.removeprefix("set ") if first.startswith("set ") else None
+
+
 def collect(artefacts: GuestArtefacts | None = None, *, qemu: Path | None = None) -> Provenance:
     """Read every component's identity now; ``artefacts`` adds the guest kernel's."""
     try:
@@ -85,8 +99,11 @@ def collect(artefacts: GuestArtefacts | None = None, *, qemu: Path | None = None
         qemu_package_version=qemu_package_version() if qemu is None else None,
         qemu_version=_first_line([str(binary), "--version"]),
         libvfio_user_revision=_read(deps.libvfio_user_revision_file()),
+        libvfio_user_patch_set=libvfio_user_patch_set(),
         kernel_name=artefacts.name if artefacts else None,
         kernel_package=artefacts.package if artefacts else None,
         kernel_package_version=artefacts.package_version if artefacts else None,
         kernel_release=artefacts.release if artefacts else None,
+        kernel_patch=artefacts.patch if artefacts else None,
+        kernel_patch_sha256=artefacts.patch_sha256 if artefacts else None,
     )

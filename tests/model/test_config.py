@@ -7,9 +7,14 @@ import struct
 import pytest
 
 from vdev import (
+    RO,
+    RW,
+    RW1C,
+    W1S,
     Bar,
     Device,
     DeviceSerialNumber,
+    Field,
     Msi,
     MsiX,
     PciExpress,
@@ -165,3 +170,48 @@ def test_extended_capability_needs_express() -> None:
 
     with pytest.raises(ValueError, match="PCI Express"):
         Conventional()
+
+
+class WithConfigRegisters(Device):
+    express = True
+
+    def config_registers(self) -> list[Register]:
+        return [
+            Register("errors", 0x180, width=4, access=RW1C, reset=0x10),
+            Register("control", 0x188, width=2, access=RO, fields=(Field("enable", 0, 1, RW),)),
+        ]
+
+
+def test_config_registers_follow_their_access_types_and_reset() -> None:
+    device = WithConfigRegisters()
+    assert cfg_read(device, 0x180, 4) == 0x10
+    device.config.write_int(0x180, 4, 0x13)
+    cfg_write(device, 0x180, 4, 0x11)
+    assert cfg_read(device, 0x180, 4) == 0x02
+    cfg_write(device, 0x188, 2, 0xFFFF)
+    assert cfg_read(device, 0x188, 2) == 0x1
+    device.config.reset()
+    assert (cfg_read(device, 0x180, 4), cfg_read(device, 0x188, 2)) == (0x10, 0)
+
+
+@pytest.mark.parametrize(
+    ("register", "express", "message"),
+    [
+        (Register("x", 0x3C, width=4), False, "overlaps the header"),
+        (Register("x", 0x100, width=4), True, "extended capability header"),
+        (Register("x", 0x1FE, width=4), False, "outside the 256-byte"),
+        (Register("x", 0x180, width=4, access=W1S), True, "only RO, RW and RW1C"),
+        (Register("x", 0x40, width=4), True, "overlaps PciExpress"),
+    ],
+)
+def test_config_registers_are_checked(register: Register, express: bool, message: str) -> None:
+    class Bad(Device):
+        def capabilities(self) -> list:  # type: ignore[type-arg]
+            return [PciExpress()] if self.express else []
+
+        def config_registers(self) -> list[Register]:
+            return [register]
+
+    Bad.express = express
+    with pytest.raises(ValueError, match=message):
+        Bad()

@@ -197,6 +197,18 @@ async def test_a_connection_closed_between_messages_is_a_disconnect(vdev_socket_
         await assert_still_served(setup.proxy_path)
 
 
+async def test_the_proxy_says_when_a_connection_has_ended(vdev_socket_dir: Path) -> None:
+    async with behind_proxy(vdev_socket_dir, plan=on_id_reply(Close(after=0))) as setup:
+        async with Client.connect(setup.proxy_path) as client:
+            await enable_memory(client)
+            assert setup.proxy.closed == 0
+            with pytest.raises(ServerDisconnected):
+                await hello_id(client)
+            with trio.fail_after(10):
+                await setup.proxy.wait_closed()
+            assert (setup.proxy.connections, setup.proxy.closed) == (1, 1)
+
+
 # --- fds pass through both ways --------------------------------------------------------------
 
 

@@ -22,20 +22,29 @@ environment exists.  Rules it relies on:
   ``modules.builtin`` are part of the kernel and need no loading.
 * Busybox's ``insmod`` loads only plain ELF modules, so ``.ko.xz``,
   ``.ko.zst`` and ``.ko.gz`` are decompressed here.
+* Modules come from an installed tree (``ROOT/lib/modules/REL/kernel``, as
+  Debian's packages and ``make modules_install INSTALL_MOD_PATH=ROOT`` lay
+  them out) or from a kernel build tree, where ``modules.order`` names every
+  module built (``.ko`` paths up to 6.5, ``.o`` since) and
+  ``modules.builtin`` the built-in ones.
 * Every cpio entry is owned by root with mtime 0, so the same inputs give the
   same archive.
 
 Usage::
 
     artefacts.py vmlinux BZIMAGE OUT
-    artefacts.py modules --root ROOT --release REL --list FILE --out DIR
+    artefacts.py modules (--root ROOT --release REL | --tree TREE) --list FILE [--optional] --out DIR
     artefacts.py cpio --dir DIR --out FILE.gz [--node PATH:MODE:MAJOR:MINOR ...]
+    artefacts.py initramfs (--root ROOT --release REL | --tree TREE) --list FILE [--optional]
+                 --busybox BUSYBOX --init FILE --scripts DIR --programs DIR --out FILE.gz
+                 [--load-order FILE] [--summary FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import lzma
 import os
 import shutil
@@ -43,6 +52,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -229,22 +239,58 @@ def find_module_dir(root: Path, release: str) -> Path:
     for candidate in (root / "lib/modules" / release, root / "usr/lib/modules" / release):
         if (candidate / "kernel").is_dir():
             return candidate
-    raise BuildError(f"no modules for {release} under {root}")
+    raise BuildError(f"no modules for {release} under {root} (no lib/modules/{release}/kernel)")
 
 
-def resolve_modules(root: Path, release: str, wanted: list[tuple[str, bool]], out: Path) -> list[str]:
-    """Write the closure of ``wanted`` as plain ``.ko`` files into ``out``, returns the load order.
+class ModuleSource:
+    """Where a kernel's modules are: each loadable module's file by kernel name, and the built-in names."""
 
-    ``out/load.order`` lists the file names, dependencies first.
+    def __init__(self, files: dict[str, Path], builtin: set[str], where: Path) -> None:
+        self.files = files
+        self.builtin = builtin
+        self.where = where
+
+    @classmethod
+    def installed(cls, root: Path, release: str) -> ModuleSource:
+        """``ROOT/lib/modules/REL`` (or ``usr/lib/modules``): an unpacked package or ``INSTALL_MOD_PATH``."""
+        module_dir = find_module_dir(root, release)
+        files = {module_name(p): p for p in (module_dir / "kernel").rglob("*.ko*")}
+        return cls(files, _builtin_names(module_dir / "modules.builtin"), module_dir)
+
+    @classmethod
+    def build_tree(cls, tree: Path) -> ModuleSource:
+        """A kernel build tree (the ``O=`` directory when there is one) after ``make modules``."""
+        order = tree / "modules.order"
+        if order.exists():
+            files = {}
+            for line in order.read_text().split():
+                relative = line.removeprefix("kernel/")
+                path = tree / (relative[: -len(".o")] + ".ko" if relative.endswith(".o") else relative)
+                if path.exists():
+                    files[module_name(path)] = path
+        else:
+            files = {module_name(p): p for p in tree.rglob("*.ko")}
+        return cls(files, _builtin_names(tree / "modules.builtin"), tree)
+
+
+def _builtin_names(path: Path) -> set[str]:
+    return {module_name(line) for line in path.read_text().split()} if path.exists() else set()
+
+
+def resolve_modules(
+    source: ModuleSource, wanted: list[tuple[str, bool]], out: Path, *, optional: bool = False
+) -> dict[str, list[str]]:
+    """Write the closure of ``wanted`` as plain ``.ko`` files into ``out``.
+
+    ``out/load.order`` lists the file names, dependencies first.  With
+    ``optional`` every listed module may be absent (a kernel of the user's
+    own); a dependency of one that is present may not.  Returns the load
+    order, the listed modules built in and those absent, by name.
     """
-    module_dir = find_module_dir(root, release)
-    files = {module_name(p): p for p in (module_dir / "kernel").rglob("*.ko*")}
-    builtin_file = module_dir / "modules.builtin"
-    builtin = {module_name(line) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
-
+    files, builtin = source.files, source.builtin
     order: list[str] = []
     visiting: set[str] = set()
-    notes: list[str] = []
+    summary: dict[str, list[str]] = {"order": order, "builtin": [], "absent": []}
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         if name in order or name in builtin:
@@ -252,7 +298,7 @@ def resolve_modules(root: Path, release: str, wanted: list[tuple[str, bool]], ou
         if name in visiting:
             raise BuildError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
         if name not in files:
-            raise BuildError(f"module {name} (needed by {' -> '.join(chain) or 'the list'}) is not in {module_dir}")
+            raise BuildError(f"module {name} (needed by {' -> '.join(chain) or 'the list'}) is not in {source.where}")
         visiting.add(name)
         elf = read_module(files[name])
         for dependency in module_dependencies(modinfo(elf)):
@@ -264,15 +310,15 @@ def resolve_modules(root: Path, release: str, wanted: list[tuple[str, bool]], ou
     out.mkdir(parents=True, exist_ok=True)
     for name, required in wanted:
         if name in builtin:
-            notes.append(f"{name} (built in)")
-        elif name not in files and not required:
-            notes.append(f"{name} (absent, optional)")
+            summary["builtin"].append(name)
+            print(f"  module {name} (built in)")
+        elif name not in files and (optional or not required):
+            summary["absent"].append(name)
+            print(f"  module {name} (absent, optional)")
         else:
             visit(name, ())
     (out / "load.order").write_text("".join(f"{name}.ko\n" for name in order))
-    for note in notes:
-        print(f"  module {note}")
-    return order
+    return summary
 
 
 # --- cpio ---------------------------------------------------------------------
@@ -323,12 +369,74 @@ def write_cpio(directory: Path, out: Path, nodes: Iterable[tuple[str, int, int, 
     temporary.replace(out)
 
 
+# --- initramfs ----------------------------------------------------------------
+
+
+def build_initramfs(
+    source: ModuleSource,
+    wanted: list[tuple[str, bool]],
+    out: Path,
+    *,
+    busybox: Path,
+    init: Path,
+    scripts: Path,
+    programs: Path,
+    optional: bool = False,
+) -> dict[str, list[str]]:
+    """The guest initramfs: busybox and its applets, ``/init``, scripts, programs and modules.
+
+    ``scripts`` (``guest/bin``) and ``programs`` (compiled guest programs) go
+    to ``/bin``; the modules and ``load.order`` to ``/lib/modules``.  Returns
+    the module summary of :func:`resolve_modules`.
+    """
+    listing = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False)
+    if listing.returncode != 0:
+        raise BuildError(f"{busybox} --list failed: {listing.stderr.strip()}")
+    with tempfile.TemporaryDirectory(prefix="initramfs.", dir=out.parent) as staging:
+        stage = Path(staging)
+        for directory in ("bin", "dev", "etc", "lib/modules", "proc", "sys", "tmp", "run", "vdev", "root", "usr"):
+            (stage / directory).mkdir(parents=True, exist_ok=True)
+        (stage / "sbin").symlink_to("bin")
+        (stage / "usr/bin").symlink_to("../bin")
+        (stage / "usr/sbin").symlink_to("../bin")
+        shutil.copy(busybox, stage / "bin/busybox")
+        for applet in listing.stdout.split():
+            if applet != "busybox":
+                (stage / "bin" / applet).symlink_to("busybox")
+        summary = resolve_modules(source, wanted, stage / "lib/modules", optional=optional)
+        shutil.copy(init, stage / "init")
+        (stage / "init").chmod(0o755)
+        for folder in (scripts, programs):
+            for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+                if path.is_file() and not path.name.startswith("."):
+                    shutil.copy(path, stage / "bin" / path.name)
+                    (stage / "bin" / path.name).chmod(0o755)
+        write_cpio(stage, out, [("/dev/console", 0o600, 5, 1)])
+    return summary
+
+
 # --- command line -------------------------------------------------------------
 
 
 def _node(text: str) -> tuple[str, int, int, int]:
     path, mode, major, minor = text.split(":")
     return path, int(mode, 8), int(major), int(minor)
+
+
+def _module_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, help="the unpacked kernel packages (or INSTALL_MOD_PATH)")
+    parser.add_argument("--release", help="the kernel release (uname -r), with --root")
+    parser.add_argument("--tree", type=Path, help="a kernel build tree instead of --root")
+    parser.add_argument("--list", type=Path, required=True, help="the module list file")
+    parser.add_argument("--optional", action="store_true", help="every listed module may be absent")
+
+
+def _module_source(args: argparse.Namespace) -> ModuleSource:
+    if args.tree is not None:
+        return ModuleSource.build_tree(args.tree)
+    if args.root is None or args.release is None:
+        raise BuildError("give --root and --release, or --tree")
+    return ModuleSource.installed(args.root, args.release)
 
 
 def main(argv: list[str]) -> int:
@@ -338,21 +446,46 @@ def main(argv: list[str]) -> int:
     vmlinux.add_argument("bzimage", type=Path)
     vmlinux.add_argument("out", type=Path)
     modules = commands.add_parser("modules", help="copy a module list's closure, decompressed")
-    modules.add_argument("--root", type=Path, required=True, help="the unpacked kernel packages")
-    modules.add_argument("--release", required=True, help="the kernel release (uname -r)")
-    modules.add_argument("--list", type=Path, required=True, help="the module list file")
+    _module_arguments(modules)
     modules.add_argument("--out", type=Path, required=True)
     cpio = commands.add_parser("cpio", help="pack a directory as a gzip newc initramfs")
     cpio.add_argument("--dir", type=Path, required=True)
     cpio.add_argument("--out", type=Path, required=True)
     cpio.add_argument("--node", type=_node, action="append", default=[], help="PATH:MODE:MAJOR:MINOR")
+    initramfs = commands.add_parser("initramfs", help="the whole guest initramfs for one kernel")
+    _module_arguments(initramfs)
+    initramfs.add_argument("--busybox", type=Path, required=True)
+    initramfs.add_argument("--init", type=Path, required=True, help="guest/init")
+    initramfs.add_argument("--scripts", type=Path, required=True, help="guest/bin")
+    initramfs.add_argument("--programs", type=Path, required=True, help="the compiled guest programs")
+    initramfs.add_argument("--out", type=Path, required=True)
+    initramfs.add_argument("--load-order", type=Path, help="also write the module load order here")
+    initramfs.add_argument("--summary", type=Path, help="write the modules loaded, built in and absent as JSON")
     args = parser.parse_args(argv)
     try:
         if args.command == "vmlinux":
             print(extract_vmlinux(args.bzimage, args.out))
         elif args.command == "modules":
-            order = resolve_modules(args.root, args.release, parse_module_list(args.list), args.out)
-            print(" ".join(order))
+            summary = resolve_modules(
+                _module_source(args), parse_module_list(args.list), args.out, optional=args.optional
+            )
+            print(" ".join(summary["order"]))
+        elif args.command == "initramfs":
+            summary = build_initramfs(
+                _module_source(args),
+                parse_module_list(args.list),
+                args.out,
+                busybox=args.busybox,
+                init=args.init,
+                scripts=args.scripts,
+                programs=args.programs,
+                optional=args.optional,
+            )
+            if args.load_order is not None:
+                args.load_order.write_text("".join(f"{name}.ko\n" for name in summary["order"]))
+            if args.summary is not None:
+                args.summary.write_text(json.dumps(summary) + "\n")
+            print(" ".join(summary["order"]))
         else:
             write_cpio(args.dir, args.out, args.node)
     except BuildError as exc:

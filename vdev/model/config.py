@@ -14,6 +14,11 @@ Rules:
   writable in full (above the size).
 * Capabilities are placed from 0x40 (standard) and 0x100 (extended, PCIe
   only) in declaration order, dword-aligned, and chained.
+* Device-specific registers at fixed offsets (hardware puts error and
+  control registers in config space outside any capability) are declared as
+  :class:`~vdev.model.registers.Register` objects: ``RO``, ``RW`` and
+  ``RW1C`` bits (and fields) become the bytes' masks.  They may not overlap
+  the header, a capability or each other.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ from vdev.model.pci_regs import (
     PCI_VENDOR_ID,
     STATUS_RW1C,
 )
+from vdev.model.registers import Access, Register
 
 CONFIG_SIZE_CONVENTIONAL = 256
+CONFIG_HEADER_SIZE = 0x40
 CONFIG_SIZE_EXPRESS = 4096
 
 
@@ -124,6 +131,7 @@ class ConfigSpace:
         rom_size: int,
         interrupt_pin: int,
         capabilities: Sequence[Capability],
+        registers: Sequence[Register] = (),
     ) -> None:
         self.size = CONFIG_SIZE_EXPRESS if express else CONFIG_SIZE_CONVENTIONAL
         self._bars: dict[int, Bar] = {bar.index: bar for bar in bars if bar.index is not None}
@@ -149,6 +157,7 @@ class ConfigSpace:
         for index, bar in self._bars.items():
             self.reset_image[PCI_BASE_ADDRESS_0 + 4 * index] = bar.flags_bits()
         self._lay_out_capabilities()
+        self._lay_out_registers(registers)
         self.data = bytearray(self.reset_image)
 
     def _check_bar_slots(self) -> None:
@@ -197,6 +206,26 @@ class ConfigSpace:
             version = cap.version if isinstance(cap, ExtendedCapability) else 1
             header = cap.cap_id | (version << 16) | ((following.offset if following else 0) << 20)
             struct.pack_into("<I", self.reset_image, this.offset, header)
+
+    def _lay_out_registers(self, registers: Sequence[Register]) -> None:
+        taken = [(0, CONFIG_HEADER_SIZE, "the header")]
+        taken += [(p.offset, p.offset + p.capability.size, type(p.capability).__name__) for p in self.capabilities]
+        if any(p.capability.extended for p in self.capabilities) or registers:
+            taken.append((0x100, 0x104, "the extended capability header"))
+        for register in registers:
+            if register.end > self.size:
+                raise ValueError(f"config register {register.name} lies outside the {self.size}-byte config space")
+            for start, end, what in taken:
+                if register.offset < end and start < register.end:
+                    raise ValueError(f"config register {register.name} at {register.offset:#x} overlaps {what}")
+            masks = register.access_masks()
+            if masks[Access.W1S] or masks[Access.WO]:
+                raise ValueError(f"config register {register.name}: only RO, RW and RW1C bits are supported")
+            at, width = register.offset, register.width
+            self.reset_image[at : at + width] = register.reset.to_bytes(width, "little")
+            self.wmask[at : at + width] = masks[Access.RW].to_bytes(width, "little")
+            self.w1cmask[at : at + width] = masks[Access.RW1C].to_bytes(width, "little")
+            taken.append((at, register.end, f"config register {register.name}"))
 
     # -- access ------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from vdev.model.faults import Fault, FaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
-from vdev.model.registers import call_hook
+from vdev.model.registers import Register, call_hook
 from vdev.protocol.constants import RegionIndex
 
 T = TypeVar("T")
@@ -147,6 +147,7 @@ class Device:
             rom_size=self.rom_size,
             interrupt_pin=1 if self.intx else 0,
             capabilities=capabilities,
+            registers=self.config_registers(),
         )
         self._bars = {spec.index: BarState(spec, self) for spec in self._bar_specs if spec.index is not None}
         self.rom = bytearray(self.rom_size)
@@ -165,6 +166,15 @@ class Device:
 
     def capabilities(self) -> Sequence[Capability]:
         """The capability list, in chain order.  Override to declare capabilities."""
+        return []
+
+    def config_registers(self) -> Sequence[Register]:
+        """Device-specific config registers at fixed offsets, outside any capability.  Default: none.
+
+        Real devices keep error and control registers there (an ioat DMA
+        engine's channel error register lives at 0x180); RO, RW and RW1C bits
+        are supported.
+        """
         return []
 
     def bar_specs(self) -> list[Bar]:
@@ -320,7 +330,7 @@ class Device:
     async def run(self) -> None:
         """Background work of the device, started when it is served.  Default: none."""
 
-    def on_reset(self, kind: ResetKind) -> None:
+    def on_reset(self, kind: ResetKind) -> Awaitable[None] | None:
         """Called after the framework reset its state for ``kind``; may be ``async``.  Default: nothing more."""
 
     def on_quiesce(self) -> None:

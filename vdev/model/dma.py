@@ -9,10 +9,18 @@ message to the client).  Device code does not care which: it calls
 DMA is refused, with :class:`DmaError` and an event in the log, when the
 device is not a bus master (COMMAND.MASTER clear), or when the range is not
 entirely inside memory the client mapped — never a crash.
+
+A range may span several mappings that follow each other without a gap: a
+guest behind an IOMMU in caching mode maps its buffers one 4 KiB page per
+DMA_MAP, and a device copying 16 KiB must not care.  Such an access is
+split at the mappings' edges, each piece going to the port on its own.
+Lookups are by binary search over the mappings' start addresses, since a
+guest may hold hundreds of thousands of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,23 +62,48 @@ class Dma:
     def __init__(self, device: Device) -> None:
         self._device = device
         self.regions: dict[int, DmaRegion] = {}
+        self._starts: list[int] = []
         self.port: DmaPort | None = None
 
     def add(self, region: DmaRegion) -> None:
+        if region.iova not in self.regions:
+            bisect.insort(self._starts, region.iova)
         self.regions[region.iova] = region
         self._device.events.record("dma_map", iova=region.iova, size=region.size, mapped=region.mapped)
 
     def remove(self, iova: int) -> None:
         region = self.regions.pop(iova, None)
         if region is not None:
+            del self._starts[bisect.bisect_left(self._starts, iova)]
             self._device.events.record("dma_unmap", iova=region.iova, size=region.size)
+
+    def find(self, address: int) -> DmaRegion | None:
+        """The mapping holding bus address ``address``, or None."""
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0:
+            return None
+        region = self.regions[self._starts[index]]
+        return region if address < region.end else None
+
+    def pieces(self, address: int, size: int) -> list[tuple[int, int]] | None:
+        """``(address, size)`` pieces of the range, one per mapping it crosses; None if part is unmapped."""
+        pieces: list[tuple[int, int]] = []
+        end = address + size
+        while address < end:
+            region = self.find(address)
+            if region is None:
+                return None
+            length = min(end, region.end) - address
+            pieces.append((address, length))
+            address += length
+        return pieces
 
     def clear(self) -> None:
         """The client went away: its mappings went with it."""
         for iova in list(self.regions):
             self.remove(iova)
 
-    async def _check(self, address: int, size: int, direction: str) -> DmaPort:
+    async def _check(self, address: int, size: int, direction: str) -> tuple[DmaPort, list[tuple[int, int]]]:
         reason = None
         fault = self._device.faults.pick("dma")
         if fault is not None:
@@ -79,30 +112,33 @@ class Dma:
                 await trio.sleep(fault.seconds)
             else:
                 reason = "an injected fault"
-        reason = reason or self._refusal(address, size)
+        pieces = self.pieces(address, size)
+        if reason is None:
+            if not self._device.command.master:
+                reason = "bus mastering is disabled (COMMAND.MASTER clear)"
+            elif pieces is None:
+                reason = "range is not inside memory the client mapped"
+            elif self.port is None:
+                reason = "no client is connected"
         if reason is not None:
             self._device.events.record("violation", what="dma", direction=direction, address=address, size=size)
             raise DmaError(f"{self._device.name}: DMA {direction} of {size} bytes at {address:#x} refused: {reason}")
-        assert self.port is not None
-        return self.port
-
-    def _refusal(self, address: int, size: int) -> str | None:
-        """Why a DMA of ``size`` bytes at ``address`` may not happen now, or None."""
-        if not self._device.command.master:
-            return "bus mastering is disabled (COMMAND.MASTER clear)"
-        if not any(r.iova <= address and address + size <= r.end for r in self.regions.values()):
-            return "range is not inside memory the client mapped"
-        if self.port is None:
-            return "no client is connected"
-        return None
+        assert self.port is not None and pieces is not None
+        return self.port, pieces
 
     async def read(self, address: int, size: int) -> bytes:
         """Read ``size`` bytes of client memory at bus address ``address``."""
-        return await (await self._check(address, size, "read")).dma_read(address, size)
+        port, pieces = await self._check(address, size, "read")
+        if len(pieces) <= 1:
+            return await port.dma_read(address, size)
+        return b"".join([await port.dma_read(at, length) for at, length in pieces])
 
     async def write(self, address: int, data: bytes) -> None:
         """Write ``data`` to client memory at bus address ``address``."""
-        await (await self._check(address, len(data), "write")).dma_write(address, bytes(data))
+        port, pieces = await self._check(address, len(data), "write")
+        view = memoryview(bytes(data))
+        for at, length in pieces:
+            await port.dma_write(at, bytes(view[at - address : at - address + length]))
 
     async def read_int(self, address: int, size: int = 4) -> int:
         return int.from_bytes(await self.read(address, size), "little")

@@ -113,6 +113,8 @@ class Proxy:
         self.injected: list[InjectedFault] = []
         #: Clients accepted so far.
         self.connections = 0
+        #: Client connections ended so far (both of their sockets closed).
+        self.closed = 0
         self._index = 0
         self._started = time.monotonic()
         self._changed = trio.Event()
@@ -146,6 +148,15 @@ class Proxy:
             await self._changed.wait()
         return list(self.injected)
 
+    async def wait_closed(self, count: int = 1) -> None:
+        """Wait until at least ``count`` client connections have ended, both of their sockets closed.
+
+        After a ``Close`` fault this is the moment the client can see the
+        hangup: everything sent before it is in the client's socket, then EOF.
+        """
+        while self.closed < count:
+            await self._changed.wait()
+
     # -- sessions ----------------------------------------------------------------------
 
     async def _session(self, sock: trio.socket.SocketType, number: int) -> None:
@@ -163,6 +174,8 @@ class Proxy:
             downstream.close()
             upstream.close()
             log.info("proxy: connection %d closed", number)
+            self.closed += 1
+            self._notify()
 
     def _next_index(self) -> int:
         index = self._index
@@ -176,6 +189,9 @@ class Proxy:
         if self._fault_log is not None:
             self._fault_log.write(line + "\n")
             self._fault_log.flush()
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 

@@ -39,7 +39,9 @@ from vdev.qemu.guest import (
     extra_initrd,
     guest_command,
     guest_dir,
+    kernel_call_trace,
     kernel_problem_kinds,
+    kernel_rip,
     parse_result,
 )
 from vdev.qemu.hotplug import hot_unplug
@@ -76,7 +78,9 @@ __all__ = [
     "extra_initrd",
     "guest_command",
     "guest_dir",
+    "kernel_call_trace",
     "kernel_problem_kinds",
+    "kernel_rip",
     "parse_result",
     "BarInfo",
     "BarKind",

@@ -57,7 +57,7 @@ import stat
 import subprocess
 import tempfile
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +111,13 @@ KERNEL_PROBLEM = re.compile("|".join(KERNEL_PROBLEM_PATTERNS.values()))
 #: Lines after which a kernel report is complete, so the run can end without waiting out the grace time.
 _REPORT_END = re.compile(r"---\[ end (?:trace|Kernel panic)|\bKernel Offset:|\bRebooting in\b")
 
+#: A line of a call trace: ``handle_nested_irq+0x95/0xe0`` (a leading ``?`` marks the unwinder's guess).
+_FRAME = re.compile(r"^\s*(?:\[[\s\d.]+\]\s*)?(\?\s+)?([A-Za-z_.$][\w.$]*)\+0x[0-9a-f]+/0x[0-9a-f]+")
+#: Where a call trace ends: the task's or the interrupt stack's end, or the report's next section.
+_TRACE_END = re.compile(r"</TASK>|Modules linked in:|---\[ end ")
+#: The instruction pointer line of a report: ``RIP: 0010:0x0``, ``RIP: 0010:regmap_irq_thread+0x206/0x680``.
+_RIP = re.compile(r"\bRIP: (?:[0-9a-f]{4}:)?(\S+)")
+
 _TAIL_LINES = 60
 #: Console lines kept before, and at most after, the first kernel problem in its report.
 _REPORT_BEFORE = 10
@@ -142,12 +149,17 @@ class GuestArtefacts:
     initrd: Path
     #: The kernel release (``uname -r``).
     release: str
-    #: Debian's package the kernel image came from (``linux-image-<release>``).
-    package: str
+    #: Debian's package the kernel image came from (``linux-image-<release>``); ``None`` for a kernel of
+    #: the user's own build (:func:`vdev.guest.find_kernel`).
+    package: str | None
     #: That package's version.
-    package_version: str
+    package_version: str | None
     #: The modules ``/init`` loads, in load order.
     modules: tuple[str, ...]
+    #: The patch whose rebuilt modules replace the stock ones in :attr:`initrd` (``vdev guest --patch``).
+    patch: str | None = None
+    #: That patch's SHA-256.
+    patch_sha256: str | None = None
 
     @classmethod
     def find(cls, name: str = DEFAULT_GUEST, directory: Path | None = None) -> GuestArtefacts:
@@ -201,6 +213,16 @@ class GuestKernelError(GuestError):
         """The names (keys of :data:`KERNEL_PROBLEM_PATTERNS`) of every kind of problem seen, in order."""
         return kernel_problem_kinds(self.problems)
 
+    @property
+    def call_trace(self) -> list[str]:
+        """The functions of the report's first call trace, innermost first (see :func:`kernel_call_trace`)."""
+        return kernel_call_trace(self.report)
+
+    @property
+    def rip(self) -> str | None:
+        """Where the report says the CPU was: ``0x0`` for a call through a NULL pointer (see :func:`kernel_rip`)."""
+        return kernel_rip(self.report)
+
 
 def kernel_problem_kinds(lines: Iterable[str]) -> list[str]:
     """The pattern names matching ``lines``, each once, in the order first seen.
@@ -214,6 +236,45 @@ def kernel_problem_kinds(lines: Iterable[str]) -> list[str]:
             if name not in kinds and re.search(regex, line):
                 kinds.append(name)
     return kinds
+
+
+def kernel_call_trace(lines: Iterable[str]) -> list[str]:
+    """The function names of the first ``Call Trace:`` in ``lines``, innermost first.
+
+    Frames the unwinder only guessed (``?``) are left out, so what remains
+    is the chain of calls that led to the report; module names and offsets
+    are dropped.
+
+    >>> kernel_call_trace(["[ 4.3] Call Trace:", "[ 4.3]  <TASK>", "[ 4.3]  handle_nested_irq+0x95/0xe0",
+    ...                    "[ 4.3]  ? __pfx_irq_thread+0x10/0x10", "[ 4.3]  regmap_irq_thread+0x206/0x680 [regmap]",
+    ...                    "[ 4.3]  </TASK>", "[ 4.3]  kthread+0xd2/0x100"])
+    ['handle_nested_irq', 'regmap_irq_thread']
+    """
+    functions: list[str] = []
+    inside = False
+    for line in lines:
+        if not inside:
+            inside = "Call Trace:" in line
+            continue
+        if _TRACE_END.search(line):
+            break
+        frame = _FRAME.match(line)
+        if frame is not None and frame[1] is None:
+            functions.append(frame[2])
+    return functions
+
+
+def kernel_rip(lines: Iterable[str]) -> str | None:
+    """The instruction pointer of the first ``RIP:`` line in ``lines`` (without the code segment), if any.
+
+    >>> kernel_rip(["[ 4.3] Oops: 0010 [#1] SMP NOPTI", "[ 4.3] RIP: 0010:0x0"])
+    '0x0'
+    """
+    for line in lines:
+        found = _RIP.search(line)
+        if found is not None:
+            return found[1]
+    return None
 
 
 # -- results ------------------------------------------------------------------------
@@ -380,7 +441,11 @@ class GuestMachine(EnteredOnce):
     messages).  ``accel`` defaults to ``$VDEV_GUEST_ACCEL`` or ``tcg``.
     ``workdir`` keeps the console log (``console.log``), QEMU's stderr
     (``qemu.log``) and the combined initramfs; without it a temporary
-    directory is used and removed unless the block fails.
+    directory is used and removed unless the block fails.  ``on_output``
+    sees every chunk of console output as it arrives, before it is cut into
+    lines (a shell prompt has no newline).  ``console_input`` is a file
+    descriptor QEMU reads as the serial console's input (a terminal, for a
+    person at the console); by default the console has none.
     """
 
     def __init__(
@@ -404,6 +469,8 @@ class GuestMachine(EnteredOnce):
         problem_grace: float = 3.0,
         kernel_loglevel: int | None = 5,
         stop_timeout: float = 2.0,
+        on_output: Callable[[bytes], None] | None = None,
+        console_input: int | None = None,
     ) -> None:
         if kernel is None or initrd is None:
             artefacts = GuestArtefacts.find()
@@ -440,6 +507,8 @@ class GuestMachine(EnteredOnce):
         self._problem_grace = problem_grace
         self._stopped_by_problem = False
         self._stop_timeout = stop_timeout
+        self._on_output = on_output
+        self._console_input = console_input
         #: QEMU's full argument vector, once started.
         self.command: list[str] = []
         #: The working directory (console log, QEMU's stderr, the combined initramfs).
@@ -485,7 +554,10 @@ class GuestMachine(EnteredOnce):
             stderr, console = self._prepare(logs)
             try:
                 process = await trio.lowlevel.open_process(
-                    self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
+                    self.command,
+                    stdin=subprocess.DEVNULL if self._console_input is None else self._console_input,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
                 )
             except OSError as exc:
                 raise QemuStartError(f"cannot run QEMU {self.command[0]}: {exc}") from exc
@@ -586,6 +658,8 @@ class GuestMachine(EnteredOnce):
                 break
             log.write(chunk)
             log.flush()
+            if self._on_output is not None:
+                self._on_output(bytes(chunk))
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 self._take_line(line)

@@ -978,11 +978,11 @@ class DeviceContext:
 
     def _direct(self, address: int, size: int) -> int | None:
         """The server-side address of client memory, if the client mapped it with an fd."""
-        for region in self.device.dma.regions.values():
-            if region.iova <= address and address + size <= region.end:
-                base = self._dma_vaddrs.get(region.iova, 0)
-                return base + (address - region.iova) if base else None
-        return None
+        region = self.device.dma.find(address)
+        if region is None or address + size > region.end:
+            return None
+        base = self._dma_vaddrs.get(region.iova, 0)
+        return base + (address - region.iova) if base else None
 
     async def dma_read(self, address: int, size: int) -> bytes:
         direct = self._direct(address, size)

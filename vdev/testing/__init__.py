@@ -15,7 +15,8 @@ A test of a device usually needs no socket at all:
 For the real transport, the pytest plugin (:mod:`vdev.testing.plugin`,
 registered through the ``pytest11`` entry point) serves a device
 (``vdev_serve``), connects vdev's client to it (``vdev_client``) or attaches
-it to QEMU in qtest mode (``vdev_qemu``), and cleans up after the test.
+it to QEMU in qtest mode (``vdev_qemu``) or boots a Linux guest with it
+attached (``vdev_guest``), and cleans up after the test.
 """
 
 from vdev.testing.bench import Bench, ClientMemory, DmaTransfer, Fired, RecordingSink, open_bench
@@ -31,6 +32,7 @@ from vdev.testing.peer import ScriptedConnection, ScriptedServer, UnexpectedMess
 from vdev.testing.serving import (
     ALL_COMMAND_BITS,
     AttachQemu,
+    BootGuest,
     CommandBit,
     ConnectClient,
     OpenBench,
@@ -45,6 +47,7 @@ __all__ = [
     "ALL_COMMAND_BITS",
     "AttachQemu",
     "Bench",
+    "BootGuest",
     "ClientMemory",
     "CommandBit",
     "ConfigPort",

@@ -37,10 +37,21 @@ fixture has a type in :mod:`vdev.testing` to annotate the argument with.
     :class:`~vdev.qemu.PciFunction`); the other arguments are those of
     :func:`~vdev.testing.qemu_attached`.  QEMU is always stopped at the
     end, and its stderr is added to the report of a failed test.
+
+``vdev_guest`` (:class:`~vdev.testing.BootGuest`)
+    ``await vdev_guest("cat /proc/cmdline", devices=[Hello()], vfio=True)``
+    boots a Linux guest with the devices attached, runs the command in it
+    and returns a :class:`~vdev.guest.GuestOutcome` (``.status``,
+    ``.output``, ``.kernel_error``, ``.console_log``); the keyword
+    arguments are :func:`vdev.guest.run_guest`'s.  The kernel is
+    ``$VDEV_GUEST_KERNEL`` (a set name or a path) unless given, ``bookworm``
+    by default; each guest's logs stay under the test's ``tmp_path``.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import tempfile
 from collections.abc import AsyncIterator, Collection, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -57,6 +68,7 @@ from vdev.testing.peer import ScriptedServer, open_scripted_server
 from vdev.testing.serving import (
     ALL_COMMAND_BITS,
     AttachQemu,
+    BootGuest,
     CommandBit,
     ConnectClient,
     OpenBench,
@@ -165,6 +177,22 @@ async def vdev_qemu(vdev_serve: ServeDevice, request: pytest.FixtureRequest) -> 
 
         yield attach
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def vdev_guest(tmp_path: Path) -> BootGuest:
+    """Factory booting a guest per call: ``await vdev_guest(command, **run_guest_options)``."""
+    from vdev.guest import GuestOutcome, run_guest
+    from vdev.qemu.guest import DEFAULT_GUEST
+
+    boots = itertools.count(1)
+
+    async def boot(command: str | None = None, **options: Any) -> GuestOutcome:
+        options.setdefault("kernel", os.environ.get("VDEV_GUEST_KERNEL", DEFAULT_GUEST))
+        options.setdefault("workdir", tmp_path / f"guest-{next(boots)}")
+        return await run_guest(command=command, **options)
+
+    return boot
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,6 +18,7 @@ from vdev.runtime.context import DeviceContext
 
 if TYPE_CHECKING:
     from vdev.client import Client
+    from vdev.guest import GuestOutcome
     from vdev.libvfio_user import Library
     from vdev.qemu import PciFunction, QemuMachine
     from vdev.testing.bench import Bench
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL_COMMAND_BITS",
     "AttachQemu",
+    "BootGuest",
     "CommandBit",
     "ConnectClient",
     "OpenBench",
@@ -142,3 +144,9 @@ class AttachQemu(Protocol):
         properties: Mapping[str, object] | None = None,
         **machine_options: Any,
     ) -> Awaitable[QemuAttached]: ...
+
+
+class BootGuest(Protocol):
+    """The ``vdev_guest`` fixture: ``await vdev_guest(command, devices=…)``, as :func:`vdev.guest.run_guest`."""
+
+    def __call__(self, command: str | None = None, **options: Any) -> Awaitable[GuestOutcome]: ...
