@@ -40,8 +40,10 @@ async def main() -> None:
     print("\nwhat the device recorded:")
     for event in device.events:
         if event.kind in ("connect", "command", "region_read", "region_write", "reset", "disconnect"):
-            fields = " ".join(f"{key}={value:#x}" if isinstance(value, int) and not isinstance(value, bool)
-                              else f"{key}={value}" for key, value in event.data.items())
+            fields = " ".join(
+                f"{key}={value:#x}" if isinstance(value, int) and not isinstance(value, bool) else f"{key}={value}"
+                for key, value in event.data.items()
+            )
             print(f"  {event.kind:13} {fields}")
 
 

@@ -67,8 +67,10 @@ def main() -> None:
     print(f"\nfirst touch after MEM off/on, {BAR0_SIZE >> 20} MiB BAR0, {args.rounds} rounds (ns per page)")
     print(f"{'prefault':9} {'pages':14} {'median':>8} {'p90':>8} {'p99':>8}")
     for (prefault, kind), values in samples.items():
-        print(f"{prefault:9} {kind:14} {statistics.median(values):8.0f} {percentile(values, 0.9):8.0f}"
-              f" {percentile(values, 0.99):8.0f}")
+        print(
+            f"{prefault:9} {kind:14} {statistics.median(values):8.0f} {percentile(values, 0.9):8.0f}"
+            f" {percentile(values, 0.99):8.0f}"
+        )
 
     import matplotlib
 

@@ -1,7 +1,7 @@
 """Write your own device: a 24-line vdev device, served with `vdev serve`.
 
-    PYTHONPATH=examples .venv/bin/vdev serve my_device:Thermometer --socket-path /tmp/t.sock
-    .venv/bin/vdev inspect /tmp/t.sock
+PYTHONPATH=examples .venv/bin/vdev serve my_device:Thermometer --socket-path /tmp/t.sock
+.venv/bin/vdev inspect /tmp/t.sock
 """
 
 import random

@@ -207,7 +207,11 @@ lvu_build_current() {
 
 # The libvfio-user source that Debian's qemu source package carries, as an
 # earlier run extracted it (empty if none did).
-lvu_pristine() { find "$cache/src" -mindepth 3 -maxdepth 3 -path '*/subprojects/libvfio-user' -type d 2>/dev/null | head -n1; }
+# The extracted libvfio-user source, or nothing before the first download (no error: pipefail is on).
+lvu_pristine() {
+    [[ -d "$cache/src" ]] || return 0
+    find "$cache/src" -mindepth 3 -maxdepth 3 -path '*/subprojects/libvfio-user' -type d | head -n1
+}
 
 lvu_revision_of() {
     awk -F' *= *' '$1 == "revision" {print $2}' "$(dirname "$1")/libvfio-user.wrap"

@@ -191,9 +191,7 @@ async def test_an_access_the_device_refuses_is_an_error_reply(client: Client) ->
 
 
 async def test_a_posted_write_is_applied_before_the_next_request(client: Client) -> None:
-    await client.region_write(
-        RegionIndex.BAR0, 0, TIME_T.pack(int(time.time()) + 7200), posted=True
-    )
+    await client.region_write(RegionIndex.BAR0, 0, TIME_T.pack(int(time.time()) + 7200), posted=True)
     assert -7201 <= await _bar0_time(client) <= -7199
     with trio.move_on_after(0.2):
         unexpected = await client.receive_raw()
@@ -230,9 +228,7 @@ async def test_the_client_can_make_the_device_trigger_intx(client: Client) -> No
     assert intx.pending() == 0
 
 
-async def test_disabled_interrupts_stay_silent(
-    client: Client, sample_server: SampleServer
-) -> None:
+async def test_disabled_interrupts_stay_silent(client: Client, sample_server: SampleServer) -> None:
     (intx,) = await client.set_irqs(IrqIndex.INTX)
     await client.disable_irqs(IrqIndex.INTX)
     await sample_server.wait_for_log("disabling IRQ type INTx")
@@ -261,9 +257,7 @@ async def test_private_memory_is_reached_through_dma_messages(client: Client) ->
     assert region.read(4096, 16) == bytes(16)
 
 
-async def test_memfd_memory_is_mapped_by_the_server(
-    client: Client, sample_server: SampleServer
-) -> None:
+async def test_memfd_memory_is_mapped_by_the_server(client: Client, sample_server: SampleServer) -> None:
     region = await client.dma_map_memfd(DMA_IOVA, DMA_SIZE)
     assert region.fd is not None
     await sample_server.wait_for_log("adding DMA region")
@@ -306,9 +300,7 @@ async def test_overlapping_and_repeated_maps(client: Client) -> None:
 # --- reset, unsupported commands, raw mode ---------------------------------------
 
 
-async def test_device_reset_runs_the_devices_reset_callback(
-    client: Client, sample_server: SampleServer
-) -> None:
+async def test_device_reset_runs_the_devices_reset_callback(client: Client, sample_server: SampleServer) -> None:
     await client.device_reset()
     await sample_server.wait_for_log("device reset callback")
 
@@ -357,9 +349,7 @@ async def test_malformed_requests_get_einval(client: Client, raw: bytes, msg_id:
     assert (reply.msg_id, reply.errno) == (msg_id, errno.EINVAL)
 
 
-async def test_a_torn_header_makes_the_server_hang_up(
-    client: Client, sample_server: SampleServer
-) -> None:
+async def test_a_torn_header_makes_the_server_hang_up(client: Client, sample_server: SampleServer) -> None:
     await client.send_raw(b"\x01\x00\x04\x00\x20")
     with trio.fail_after(5), pytest.raises(ServerDisconnected):
         await client.receive_raw()
@@ -368,9 +358,7 @@ async def test_a_torn_header_makes_the_server_hang_up(
         await client.device_info()
 
 
-async def test_a_killed_server_fails_the_next_call(
-    client: Client, sample_server: SampleServer
-) -> None:
+async def test_a_killed_server_fails_the_next_call(client: Client, sample_server: SampleServer) -> None:
     sample_server.process.kill()
     with trio.fail_after(5), pytest.raises(ServerDisconnected):
         await client.device_info()

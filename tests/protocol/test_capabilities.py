@@ -30,10 +30,7 @@ def test_encoding_is_compact_json_with_a_nul() -> None:
 
 
 def test_what_libvfio_user_sends_decodes() -> None:
-    data = (
-        b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,'
-        b'"migration":{"pgsize":4096}}}\0'
-    )
+    data = b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}\0'
     assert decode_version_data(data) == Capabilities(
         max_msg_fds=8, max_data_xfer_size=1048576, migration=MigrationCapability(pgsize=4096)
     )
@@ -46,9 +43,7 @@ def test_unknown_capabilities_survive_a_round_trip() -> None:
     )
     decoded = decode_version_data(encode_version_data(caps))
     assert decoded == caps
-    assert json.loads(encode_version_data(decoded)[:-1])["capabilities"]["future"] == {
-        "nested": [1, "two"]
-    }
+    assert json.loads(encode_version_data(decoded)[:-1])["capabilities"]["future"] == {"nested": [1, "two"]}
 
 
 def test_json_without_capabilities_is_an_empty_set() -> None:

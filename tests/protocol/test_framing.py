@@ -55,9 +55,7 @@ def test_a_message_fed_byte_by_byte_appears_once_complete() -> None:
 
 
 def test_several_messages_in_one_read_come_out_in_order() -> None:
-    messages = [
-        RegionReadRequest(msg_id=i, region=0, offset=i * 4, count=4) for i in range(5)
-    ]
+    messages = [RegionReadRequest(msg_id=i, region=0, offset=i * 4, count=4) for i in range(5)]
     conn = Connection()
     conn.receive_data(b"".join(m.encode() for m in messages))
     assert drain(conn) == messages

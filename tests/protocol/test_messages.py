@@ -120,9 +120,7 @@ SAMPLES: list[Message] = [
         offset=0x10000,
         capabilities=(
             RegionTypeCapability(type=3, subtype=1),
-            SparseMmapCapability(
-                areas=(SparseMmapArea(0, 0x1000), SparseMmapArea(0x2000, 0x1000))
-            ),
+            SparseMmapCapability(areas=(SparseMmapArea(0, 0x1000), SparseMmapArea(0x2000, 0x1000))),
             UnknownRegionCapability(id=0x77, version=2, data=b"12345678"),
         ),
         fds=(11,),

@@ -195,9 +195,7 @@ async def test_msi_is_observed_in_guest_ram(qemu_binary: Path) -> None:
 # -- DMA and the virtual clock ----------------------------------------------------------
 
 
-async def edu_dma(
-    vm: QemuMachine, edu: PciFunction, source: int, destination: int, count: int, command: int
-) -> None:
+async def edu_dma(vm: QemuMachine, edu: PciFunction, source: int, destination: int, count: int, command: int) -> None:
     await edu.bar_writeq(0, EDU_DMA_SOURCE, source)
     await edu.bar_writeq(0, EDU_DMA_DESTINATION, destination)
     await edu.bar_writeq(0, EDU_DMA_COUNT, count)

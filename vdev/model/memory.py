@@ -34,6 +34,7 @@ SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
+
 class MemoryRevokedError(RuntimeError):
     """The BAR's memory is revoked (memory decoding is off); it cannot be touched now."""
 
