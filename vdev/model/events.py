@@ -49,6 +49,7 @@ KINDS = frozenset(
         "handler_error",
         "violation",
         "gpio",
+        "nvme",
     }
 )
 
