@@ -192,6 +192,8 @@ class Nvme(Device):
         self.sqs: dict[int, SubmissionQueue] = {}
         self.cqs: dict[int, CompletionQueue] = {}
         self.health = Health()
+        #: Commands taken so far, by (queue id, opcode), across queue deletions and resets.
+        self.statistics: collections.Counter[tuple[int, int]] = collections.Counter()
         self.error_entries: collections.deque[ErrorEntry] = collections.deque(maxlen=ERROR_LOG_ENTRIES)
         #: Namespaces whose attributes changed since the host last read the Changed Namespace List.
         self.changed_namespaces: set[int] = set()
@@ -531,7 +533,10 @@ class Nvme(Device):
             await trio.lowlevel.checkpoint()
 
     async def _execute(self, sq: SubmissionQueue, cmd: Command) -> None:
-        sq.executed[cmd.opcode] = sq.executed.get(cmd.opcode, 0) + 1
+        self.statistics[(sq.qid, cmd.opcode)] += 1
+        if sq.qid == 0:
+            self.events.record("nvme", what="admin", opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10,
+                               cdw11=cmd.cdw11)  # fmt: skip
         if self.faults.faults:
             fault = self.faults.pick(nvme_faults.EVENT, qid=sq.qid, opcode=cmd.opcode, nsid=cmd.nsid)
             if fault is not None:

@@ -158,8 +158,6 @@ class SubmissionQueue:
     wakeup: trio.Event = field(default_factory=trio.Event)
     #: Commands taken and not completed, by command id.
     held: dict[int, Held] = field(default_factory=dict)
-    #: Commands executed, by opcode (for experiments and tests).
-    executed: dict[int, int] = field(default_factory=dict)
     scopes: set[trio.CancelScope] = field(default_factory=set)
 
     @property
