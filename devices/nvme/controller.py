@@ -542,7 +542,7 @@ class Nvme(Device):
             if fault is not None:
                 self.events.record("fault", qid=sq.qid, cid=cmd.cid, opcode=cmd.opcode, **fault.describe())
                 if fault.action == "hang":
-                    self._hold(sq, cmd)
+                    self._hold(sq, cmd, abortable=bool(fault.params.get("abortable", True)))
                     return
                 if fault.action == "fatal":
                     self._fatal(f"injected on command {cmd.cid} (opcode {cmd.opcode:#x}) of SQ {sq.qid}")
@@ -559,12 +559,12 @@ class Nvme(Device):
                     self.command_control.force(memory=False)
         await self._run(sq, cmd)
 
-    def _hold(self, sq: SubmissionQueue, cmd: Command) -> None:
+    def _hold(self, sq: SubmissionQueue, cmd: Command, *, abortable: bool = True) -> None:
         async def complete(status: int, dnr: bool, result: int) -> None:
             await self._post(sq, cmd.cid, status, dnr, result)
             self._signal(self.cqs.get(sq.cqid))
 
-        sq.held[cmd.cid] = Held(cmd.cid, cmd.opcode, complete)
+        sq.held[cmd.cid] = Held(cmd.cid, cmd.opcode, complete, abortable)
 
     async def _run_later(self, sq: SubmissionQueue, cmd: Command, seconds: float) -> None:
         await trio.sleep(seconds)
@@ -734,13 +734,14 @@ class Nvme(Device):
             self.start_soon(run_owned, sq, held.complete, Status.SUCCESS.value, False, kind | info << 8 | page << 16)
 
     async def abort(self, sqid: int, cid: int) -> bool:
-        """Complete a held command as aborted; False when there is none to abort."""
+        """Complete a held command as aborted; False when there is none to abort (or it may not be)."""
         sq = self.sqs.get(sqid)
-        held = sq.held.pop(cid, None) if sq is not None else None
-        if sq is None or held is None:
+        held = sq.held.get(cid) if sq is not None else None
+        self.events.record("nvme", what="abort", qid=sqid, cid=cid, aborted=bool(held and held.abortable))
+        if sq is None or held is None or not held.abortable:
             return False
+        del sq.held[cid]
         self._async_requests = [(q, c) for q, c in self._async_requests if not (q is sq and c == cid)]
-        self.events.record("nvme", what="abort", qid=sqid, cid=cid)
         self.start_soon(run_owned, sq, held.complete, Status.ABORT_REQUESTED.value, False, 0)
         return True
 

@@ -8,7 +8,8 @@ A rule matches commands by ``where`` — ``qid`` (0 is the admin queue),
 action     what the controller does with the matching command
 ========== ===================================================================
 hang       takes it and never completes it (until an Abort, a queue deletion
-           or a controller reset)
+           or a controller reset); with ``params.abortable`` false an Abort
+           does not reach it either (Abort reports "not aborted")
 status     completes it with ``params.status`` (a :class:`Status` name or the
            11-bit SCT/SC number) without doing it; ``params.dnr`` (default
            true) sets Do Not Retry
@@ -48,7 +49,7 @@ def check(fault: Fault) -> None:
     unknown = set(fault.where) - MATCHES
     if unknown:
         raise FaultPlanError(f"{EVENT} faults match on {', '.join(sorted(MATCHES))}, not {', '.join(sorted(unknown))}")
-    allowed = {"status", "dnr"} if fault.action == "status" else set()
+    allowed = {"status": {"status", "dnr"}, "hang": {"abortable"}}.get(fault.action, set())
     extra = set(fault.params) - allowed
     if extra:
         raise FaultPlanError(f"{EVENT} {fault.action!r} takes no parameter {', '.join(sorted(extra))}")
@@ -58,8 +59,9 @@ def check(fault: Fault) -> None:
             raise FaultPlanError(f"unknown NVMe status {status!r}")
         if not isinstance(status, (str, int)) or isinstance(status, int) and not 0 < status < 0x800:
             raise FaultPlanError(f"{EVENT} 'status' needs params.status: a status name or an 11-bit code")
-        if not isinstance(fault.params.get("dnr", True), bool):
-            raise FaultPlanError(f"{EVENT} params.dnr is true or false")
+    for flag in ("dnr", "abortable"):
+        if not isinstance(fault.params.get(flag, True), bool):
+            raise FaultPlanError(f"{EVENT} params.{flag} is true or false")
 
 
 define_fault_event(EVENT, ACTIONS, check)

@@ -141,6 +141,8 @@ class Held:
     cid: int
     opcode: int
     complete: Callable[[int, bool, int], Awaitable[None]]
+    #: Whether an Abort command may complete it.
+    abortable: bool = True
 
 
 @dataclass(eq=False)
