@@ -154,7 +154,7 @@ class Nvme(Device):
     queue_entries = Param(1024, help="maximum entries per queue (CAP.MQES + 1)")
     doorbell_stride = Param(0, help="CAP.DSTRD: doorbells are 4 << stride bytes apart")
     mdts = Param(8, help="maximum data transfer: 2**mdts pages of 4 KiB")
-    interrupts = Param("msi", help="interrupts offered: msix (with MSI), msi, or intx", parser=_interrupt_mode)
+    interrupts = Param("msix", help="interrupts offered: msix (with MSI), msi, or intx", parser=_interrupt_mode)
     write_cache = Param(True, help="report a volatile write cache (the host then sends Flush)")
     serial = Param("VDEV00000001", help="serial number (also seeds the namespace identifiers)")
 
@@ -611,7 +611,15 @@ class Nvme(Device):
         return await io.handler(self, cmd, self.namespace(cmd.nsid))
 
     async def _post(
-        self, sq: SubmissionQueue, cid: int, status: int, dnr: bool, result: int, *, cmd: Command | None = None, lba: int = 0
+        self,
+        sq: SubmissionQueue,
+        cid: int,
+        status: int,
+        dnr: bool,
+        result: int,
+        *,
+        cmd: Command | None = None,
+        lba: int = 0,
     ) -> None:
         """Write a completion entry for ``cid`` to the queue's CQ (waiting for room if it is full)."""
         cq = self.cqs.get(sq.cqid)
@@ -681,7 +689,8 @@ class Nvme(Device):
             await trio.sleep(seconds)
         finally:
             self._coalescing_timers.discard(cq.qid)
-        if self.cqs.get(cq.qid) is cq and cq.unsignalled:
+        still_there = self.cqs.get(cq.qid) is cq
+        if still_there and cq.unsignalled:
             cq.unsignalled = 0
             self._fire(cq.vector)
 

@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
+import trio.lowlevel
 
 from vdev.client import Client, DmaRegion, Interrupt
 from vdev.protocol.constants import IrqIndex
@@ -259,7 +260,7 @@ class NvmeHost:
         """Reset the controller, give it the admin queues and enable it; raises if it reports CFS."""
         await self.write32(REG_CC, 0)
         while await self.csts() & CSTS_RDY:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         cap = await self.read64(REG_CAP)
         self._stride = 4 << ((cap >> 32) & 0xF)
         if not self._vectors:
@@ -272,7 +273,7 @@ class NvmeHost:
         while not (status := await self.csts()) & CSTS_RDY:
             if status & CSTS_CFS:
                 raise NvmeHostError(f"controller fatal status while enabling (CSTS {status:#x})")
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     def _new_queue(self, qid: int, entries: int, vector: int) -> HostQueue:
         queue = HostQueue(

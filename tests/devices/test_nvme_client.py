@@ -201,7 +201,7 @@ async def test_write_zeroes_and_deallocate_leave_zeroes_and_release_storage(vdev
         assert done.ok
         store = device.active_namespaces[1].contents(0, 256 * 1024)
         assert store[:4096] == data[:4096]
-        assert store[4096 : 8192] == bytes(4096)
+        assert store[4096:8192] == bytes(4096)
         assert store[8192 : 128 * 1024] == data[8192 : 128 * 1024]
         assert store[128 * 1024 :] == bytes(128 * 1024)
         used_after = struct.unpack_from("<Q", await host.identify(Cns.NAMESPACE, nsid=1), 16)[0]
@@ -228,10 +228,12 @@ async def test_bad_commands_fail_with_the_status_the_specification_names(vdev_cl
             (1, command(IoOpcode.READ, 0, nsid=1, prp1=buffer + 1), Status.PRP_OFFSET_INVALID),
             (0, command(AdminOpcode.GET_LOG_PAGE, 0, prp1=buffer, cdw10=0x7E), Status.INVALID_LOG_PAGE),
             (0, command(AdminOpcode.GET_FEATURES, 0, cdw10=0x0C), Status.INVALID_FIELD),  # APST: not offered
-            (0, command(AdminOpcode.SET_FEATURES, 0, cdw10=1 << 31 | FeatureId.ARBITRATION), Status.FEATURE_NOT_SAVEABLE),
+            (0, command(AdminOpcode.SET_FEATURES, 0, cdw10=1 << 31 | FeatureId.ARBITRATION),
+             Status.FEATURE_NOT_SAVEABLE),
             (0, command(AdminOpcode.SET_FEATURES, 0, cdw10=FeatureId.NUMBER_OF_QUEUES, cdw11=0xFFFF),
              Status.INVALID_FIELD),
-            (0, command(AdminOpcode.CREATE_CQ, 0, prp1=buffer, cdw10=(16 << 16) | 3, cdw11=1), Status.INVALID_QUEUE_IDENTIFIER),
+            (0, command(AdminOpcode.CREATE_CQ, 0, prp1=buffer, cdw10=(16 << 16) | 3, cdw11=1),
+             Status.INVALID_QUEUE_IDENTIFIER),
             (0, command(AdminOpcode.CREATE_CQ, 0, prp1=buffer, cdw10=2, cdw11=1), Status.INVALID_QUEUE_SIZE),
             (0, command(AdminOpcode.CREATE_CQ, 0, prp1=buffer, cdw10=(16 << 16) | 2, cdw11=0), Status.INVALID_FIELD),
             (0, command(AdminOpcode.CREATE_CQ, 0, prp1=buffer, cdw10=(16 << 16) | 2, cdw11=40 << 16 | 3),
@@ -466,3 +468,20 @@ async def test_an_unsupported_page_size_is_a_fatal_configuration(vdev_client: Co
         await host.write32(REG_CC, 1 | 1 << 7)  # EN with MPS = 8 KiB
         assert await host.read32(REG_CSTS) & (CSTS_RDY | CSTS_CFS) == CSTS_CFS
         assert [e.data["why"] for e in device.events.of_kind("nvme") if e.data["what"] == "fatal"]
+
+
+async def test_a_hang_abort_cannot_reach_is_dropped_by_a_controller_reset(vdev_client: Connect) -> None:
+    device = Nvme(size=1 * MiB)
+    device.faults = FaultPlan(
+        [Fault(on="nvme-command", action="hang", where={"qid": 1}, count=1, params={"abortable": False})]
+    )
+    async with host_for(vdev_client, device) as host:
+        await host.create_io_queues(1)
+        hung = await host.submit(1, command(IoOpcode.FLUSH, 0, nsid=1))
+        refused = await host.admin(AdminOpcode.ABORT, cdw10=hung << 16 | 1)
+        assert refused.ok and refused.result & 1 == 1  # not aborted
+        assert host.completed(1, hung) is None and hung in device.sqs[1].held
+        await host.enable()  # a controller reset: the queue and what it held are gone
+        assert device.sqs.keys() == {0}
+        await host.create_io_queues(1)
+        assert (await host.run(1, command(IoOpcode.FLUSH, 0, nsid=1))).ok

@@ -8,7 +8,7 @@ mailbox: the first block of namespace 2, read with O_DIRECT from CPU 1.
 The test installs the scenario's fault plan (rules that match namespace 1
 only, so the mailbox keeps working) and writes ``GO`` into the mailbox's
 backing store.  The guest runs its steps — ``dd`` with O_DIRECT, pinned to
-CPU 0, so to I/O queue 1 and MSI vector 1 — each reported with its exit
+CPU 0, so to I/O queue 1 and MSI-X vector 1 — each reported with its exit
 status, then every dmesg line about nvme or I/O errors.
 
 ``nvme_core.io_timeout=4`` makes the driver's timeout handling (abort,
@@ -16,12 +16,20 @@ poll, reset) happen within seconds.  What is asserted is what the driver
 did (its messages, the commands and resets the controller saw), that data
 the guest saw acknowledged reads back intact, and that the controller kept
 serving: every scenario ends with a verified read and a clean shutdown.
-``docs/nvme-faults.md`` tabulates the outcomes per kernel.
+``docs/nvme-faults.md`` tabulates the outcomes per kernel.  With
+``VDEV_NVME_EVIDENCE=DIR`` each run also leaves its record in
+``DIR/<kernel release>/<scenario>-<n>``: ``summary.json`` (the guest's
+reports, the controller's events) and the gzipped console log.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,10 +45,14 @@ NAMESPACE_1 = {"nsid": 1}
 
 PRELUDE = r"""
 report() { printf 'VDEV {"kind":"%s"%s}\n' "$1" "${2:+,$2}"; }
+# Block devices by NSID: 6.12 scans namespaces in parallel, so nvme0n1 need not be namespace 1.
+for disk in /sys/block/nvme0n*; do
+    case "$(cat "$disk/nsid")" in 1) ns1=/dev/${disk##*/} ;; 2) ns2=/dev/${disk##*/} ;; esac
+done
 json() { printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' | tr -d '\r\n\t'; }
 # Wait for the test's GO in the first block of namespace 2.
 go() {
-    while [ "$(taskset -c 1 dd if=/dev/nvme0n2 bs=512 count=1 iflag=direct 2>/dev/null | head -c 2)" != GO ]; do
+    while [ "$(taskset -c 1 dd if="$ns2" bs=512 count=1 iflag=direct 2>/dev/null | head -c 2)" != GO ]; do
         usleep 20000
     done
 }
@@ -50,12 +62,13 @@ step() {
     start=$(cut -d' ' -f1 /proc/uptime)
     "$@" 2>/tmp/step.err; status=$?
     seconds=$(awk -v a="$start" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN {print b - a}')
-    report nvme.step "\"name\":\"$name\",\"status\":$status,\"seconds\":$seconds,\"stderr\":\"$(json "$(cat /tmp/step.err)")\""
+    error=$(json "$(cat /tmp/step.err)")
+    report nvme.step "\"name\":\"$name\",\"status\":$status,\"seconds\":$seconds,\"stderr\":\"$error\""
 }
 # write FILE BYTES BS: FILE's first BYTES to the start of namespace 1, from CPU 0.
-write() { taskset -c 0 dd if="$1" of=/dev/nvme0n1 bs="$3" count=$(($2 / $3)) oflag=direct conv=notrunc; }
+write() { taskset -c 0 dd if="$1" of="$ns1" bs="$3" count=$(($2 / $3)) oflag=direct conv=notrunc; }
 # read BYTES BS: the start of namespace 1 into /tmp/back, from CPU 0.
-read_back() { taskset -c 0 dd if=/dev/nvme0n1 of=/tmp/back bs="$2" count=$(($1 / $2)) iflag=direct; }
+read_back() { taskset -c 0 dd if="$ns1" of=/tmp/back bs="$2" count=$(($1 / $2)) iflag=direct; }
 # verify FILE BYTES: namespace 1 starts with FILE's first BYTES.
 verify() {
     bs=65536; [ "$2" -lt $bs ] && bs=$2
@@ -63,9 +76,9 @@ verify() {
 }
 dd if=/dev/urandom of=/tmp/data bs=1M count=4 2>/dev/null
 dd if=/dev/urandom of=/tmp/data2 bs=1M count=4 2>/dev/null
-dd if=/tmp/data of=/dev/nvme0n1 bs=1M count=4 oflag=direct 2>/dev/null
-sectors=$(cat /sys/block/nvme0n1/size)
-report nvme.ready "\"sectors\":$sectors"
+dd if=/tmp/data of="$ns1" bs=1M count=4 oflag=direct 2>/dev/null
+sectors=$(cat "/sys/block/${ns1##*/}/size")
+report nvme.ready "\"sectors\":$sectors,\"ns1\":\"${ns1##*/}\",\"ns2\":\"${ns2##*/}\""
 """
 
 EPILOGUE = r"""
@@ -80,6 +93,8 @@ class Run:
     def __init__(self, results: list[GuestResult], device: Nvme, release: str) -> None:
         self.release = release
         self.device = device
+        #: The block device names of namespaces 1 and 2.
+        self.ns1, self.ns2 = next((r["ns1"], r["ns2"]) for r in results if r.kind == "nvme.ready")
         self.steps = {r["name"]: r for r in results if r.kind == "nvme.step"}
         self.dmesg = [r["line"] for r in results if r.kind == "nvme.dmesg"]
         self.nvme_events = [e.data for e in device.events.of_kind("nvme")]
@@ -92,6 +107,28 @@ class Run:
         return f"{self.release}: {steps}\n  " + "\n  ".join(self.dmesg)
 
 
+def keep_evidence(run: Run, artefacts: GuestArtefacts, scenario: str, machine: GuestMachine) -> None:
+    """Store the run's record under ``$VDEV_NVME_EVIDENCE`` (see the module docstring)."""
+    root = Path(os.environ["VDEV_NVME_EVIDENCE"]) / artefacts.release
+    root.mkdir(parents=True, exist_ok=True)
+    number = 1 + sum(1 for path in root.glob(f"{scenario}-*"))
+    where = root / f"{scenario}-{number}"
+    where.mkdir()
+    record = {
+        "scenario": scenario,
+        "kernel": {"release": artefacts.release, "package_version": artefacts.package_version},
+        "steps": run.steps,
+        "dmesg": run.dmesg,
+        "controller": run.nvme_events,
+        "faults": [e.data for e in run.device.events.of_kind("fault")],
+    }
+    (where / "summary.json").write_text(json.dumps(record, indent=1, default=lambda r: dict(r.data)) + "\n")
+    with open(machine.console_log, "rb") as log, gzip.open(where / "console.log.gz", "wb") as packed:
+        shutil.copyfileobj(log, packed)
+    assert machine.workdir is not None
+    shutil.rmtree(machine.workdir, ignore_errors=True)
+
+
 async def run_scenario(
     qemu_binary: Path,
     artefacts: GuestArtefacts,
@@ -101,9 +138,10 @@ async def run_scenario(
     *,
     act: Callable[[Nvme], None] | None = None,
     go: bool = True,
+    scenario: str,
 ) -> Run:
     """Boot, wait for ``nvme.ready``, install ``plan`` (and call ``act``), say GO, collect the reports."""
-    device = Nvme(size=64 * MiB, namespaces=2, interrupts="msi")
+    device = Nvme(size=64 * MiB, namespaces=2)
     socket = socket_dir / "nvme.sock"
     script = PRELUDE + ("go\n" if go else "") + steps + EPILOGUE
     machine = GuestMachine(
@@ -117,6 +155,7 @@ async def run_scenario(
         memory=512 * MiB,
         smp=2,
         timeout=240,
+        workdir=tempfile.mkdtemp(prefix="vdev-nvme-") if "VDEV_NVME_EVIDENCE" in os.environ else None,
     )
     async with served(device, socket), machine as vm:
         await vm.expect("nvme.ready")
@@ -132,6 +171,8 @@ async def run_scenario(
         await vm.wait_exit()
     run = Run(vm.results, device, artefacts.release)
     print(run.summary())
+    if "VDEV_NVME_EVIDENCE" in os.environ:
+        keep_evidence(run, artefacts, scenario, machine)
     # the controller kept serving: the guest shut it down cleanly at power-off
     assert any(e["what"] == "shutdown" for e in run.nvme_events), run.nvme_events[-5:]
     return run
@@ -150,11 +191,11 @@ async def test_a_write_that_never_completes_is_aborted_then_the_controller_reset
                params={"abortable": False})]
     )  # fmt: skip
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan)
+    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="hang-unabortable")
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
-    assert run.logged(r"I/O \d+ \(.+\) QID 1 timeout, aborting"), run.summary()
-    assert run.logged(r"I/O \d+ QID 1 timeout, reset controller"), run.summary()
+    assert run.logged(r"I/O (tag )?\d+ .*QID 1 timeout, aborting"), run.summary()
+    assert run.logged(r"I/O (tag )?\d+ .*QID 1 timeout, reset controller"), run.summary()
     whats = [e["what"] for e in run.nvme_events]
     abort = next(e for e in run.nvme_events if e["what"] == "abort")
     assert (abort["qid"], abort["aborted"]) == (1, False)
@@ -167,12 +208,14 @@ async def test_an_aborted_write_is_retried_without_a_reset(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The write hangs until the driver's Abort completes it (Command Abort Requested): the driver retries it."""
-    plan = FaultPlan([Fault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1)])
+    plan = FaultPlan(
+        [Fault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1)]
+    )
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan)
+    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="hang-abortable")
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
-    assert run.logged(r"I/O \d+ \(.+\) QID 1 timeout, aborting"), run.summary()
+    assert run.logged(r"I/O (tag )?\d+ .*QID 1 timeout, aborting"), run.summary()
     assert not run.logged(r"reset controller"), run.summary()
     assert [e["aborted"] for e in run.nvme_events if e["what"] == "abort"] == [True]
     whats = [e["what"] for e in run.nvme_events]
@@ -194,14 +237,14 @@ async def test_a_read_error_fails_the_read_with_dnr_and_is_retried_without(
         ]
     )  # fmt: skip
     steps = "step dnr read_back 4096 4096\nstep retried read_back 4096 4096\nstep verify verify /tmp/data 4096\n"
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan)
+    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="read-error")
 
     assert run.steps["dnr"]["status"] != 0, run.summary()
     assert run.steps["retried"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
     # Debian builds without NVME_VERBOSE_ERRORS: the opcode and status are numbers, not names
-    assert run.logged(r"nvme0n1: .*\(0x2\) @ LBA 0, 8 blocks, .*\(sct 0x2 / sc 0x81\) DNR"), run.summary()
+    assert run.logged(rf"{run.ns1}: .*\(0x2\) @ LBA 0, 8 blocks, .*\(sct 0x2 / sc 0x81\) DNR"), run.summary()
     # 6.1 and 6.12 name the block status of Unrecovered Read Error: BLK_STS_MEDIUM
-    assert run.logged(r"(critical medium error|I/O error), dev nvme0n1, sector 0 op 0x0:\(READ\)"), run.summary()
+    assert run.logged(rf"(critical medium error|I/O error), dev {run.ns1}, sector 0 op 0x0:\(READ\)"), run.summary()
     # one line for the failed read, none for the transparently retried one
     assert len(run.logged(r"sc 0x81")) == 1, run.summary()
     errors = [e for e in run.nvme_events if e["what"] == "error"]
@@ -216,7 +259,7 @@ async def test_controller_fatal_status_during_io_makes_the_driver_reset(
         [Fault(on="nvme-command", action="fatal", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16, count=1)]
     )
     steps = "step write write /tmp/data2 4194304 65536\nstep verify verify /tmp/data2 4194304\n"
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan)
+    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="cfs")
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
     assert run.logged(r"controller is down; will reset: CSTS=0x3"), run.summary()
@@ -227,13 +270,13 @@ async def test_controller_fatal_status_during_io_makes_the_driver_reset(
 async def test_memory_decoding_cleared_by_the_device_under_io_makes_the_driver_reset(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
-    """The device clears its own MEM bit during a write: BAR reads return all-ones, the driver resets and re-enables it."""
+    """The device clears its own MEM bit during a write: BAR reads return all-ones; the driver resets, re-enables it."""
     plan = FaultPlan(
         [Fault(on="nvme-command", action="memory-off", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16,
                count=1)]
     )  # fmt: skip
     steps = "step write write /tmp/data2 4194304 65536\nstep verify verify /tmp/data2 4194304\n"
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan)
+    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="memory-off")
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
     assert run.logged(r"controller is down; will reset: CSTS=0xffffffff"), run.summary()
@@ -248,13 +291,13 @@ async def test_memory_decoding_cleared_by_the_device_under_io_makes_the_driver_r
 async def test_a_dropped_interrupt_is_found_by_the_drivers_timeout_poll(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
-    """The completion is posted but its MSI never sent: the timeout handler polls the queue and finds it."""
+    """The completion is posted but its MSI-X message never sent: the timeout handler polls the queue and finds it."""
     plan = FaultPlan([Fault(on="irq", action="drop", vector=1, count=1)])
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan)
+    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="irq-drop")
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
-    assert run.logged(r"I/O \d+ QID 1 timeout, completion polled"), run.summary()
+    assert run.logged(r"I/O (tag )?\d+ .*QID 1 timeout, completion polled"), run.summary()
     assert not run.logged(r"aborting|reset controller"), run.summary()
     assert run.steps["write"]["seconds"] >= IO_TIMEOUT
     assert [e.data["action"] for e in run.device.events.of_kind("fault")] == ["drop"]
@@ -265,18 +308,20 @@ async def test_a_namespace_resize_is_announced_by_an_async_event_and_rescanned(
 ) -> None:
     """Namespace 1 grows from 64 to 96 MiB: a Namespace Attribute Changed event, and the driver rescans."""
     steps = r"""
-while [ "$(cat /sys/block/nvme0n1/size)" = "$sectors" ]; do usleep 50000; done
-report nvme.resized "\"sectors\":$(cat /sys/block/nvme0n1/size)"
+while [ "$(cat "/sys/block/${ns1##*/}/size")" = "$sectors" ]; do usleep 50000; done
+report nvme.resized "\"sectors\":$(cat "/sys/block/${ns1##*/}/size")"
 step verify verify /tmp/data 4194304
 """
 
     def grow(device: Nvme) -> None:
         device.resize_namespace(1, 96 * MiB)
 
-    run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, act=grow, go=False)
+    run = await run_scenario(
+        qemu_binary, guest_artefacts, vdev_socket_dir, steps, act=grow, go=False, scenario="namespace-resize"
+    )
 
     assert run.steps["verify"]["status"] == 0, run.summary()
-    assert run.logged(r"nvme0n1: detected capacity change from 131072 to 196608"), run.summary()
+    assert run.logged(rf"{run.ns1}: detected capacity change from 131072 to 196608"), run.summary()
     assert run.logged(r"rescanning namespaces"), run.summary()
     event = next(e for e in run.nvme_events if e["what"] == "async event")
     assert (event["type"], event["info"], event["log"]) == (2, 0, 4)

@@ -139,9 +139,7 @@ class Fault:
         if device_event is not None and device_event.check is not None:
             device_event.check(self)
 
-    def covers(
-        self, region: int | None, offset: int | None, vector: int | None, attributes: Mapping[str, Any]
-    ) -> bool:
+    def covers(self, region: int | None, offset: int | None, vector: int | None, attributes: Mapping[str, Any]) -> bool:
         if self.region is not None and region != self.region:
             return False
         if self.vector is not None and vector != self.vector:
