@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import client, guest, memory, trapped
+from bench import client, guest, memory, nvme, trapped
 from bench.common import REPO, Row
 
-SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run, "guest": guest.run}
+SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run, "guest": guest.run, "nvme": nvme.run}
 
 
 def machine() -> dict[str, str]:

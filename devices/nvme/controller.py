@@ -66,7 +66,7 @@ log = logging.getLogger("vdev.nvme")
 MiB = 1 << 20
 #: Submission queue entries fetched with one DMA read.
 FETCH_BATCH = 64
-#: Worst case for MSI-X table placement: one 4 KiB page of doorbells is plenty for 64 queue pairs.
+#: The MSI-X table and PBA each start on a page of their own.
 PAGE = 4096
 INTERRUPT_MODES = ("msix", "msi", "intx")
 
@@ -166,6 +166,8 @@ class Nvme(Device):
             raise ValueError("queue_entries: 2 to 65536")
         if not 1 <= int(self.mdts) <= 12:
             raise ValueError("mdts: 1 to 12")
+        if not 0 <= int(self.doorbell_stride) <= 8:
+            raise ValueError("doorbell_stride: 0 to 8")
         count = int(self.namespaces)
         if not 1 <= count <= 16:
             raise ValueError("namespaces: 1 to 16")
@@ -529,8 +531,8 @@ class Nvme(Device):
                     break
                 sq.head = (sq.head + 1) % sq.size
                 await self._execute(sq, Command.parse(raw[index * SQ_ENTRY_SIZE : (index + 1) * SQ_ENTRY_SIZE]))
+                await trio.lowlevel.checkpoint()  # other queues and devices run between commands
             self._signal_all()
-            await trio.lowlevel.checkpoint()
 
     async def _execute(self, sq: SubmissionQueue, cmd: Command) -> None:
         self.statistics[(sq.qid, cmd.opcode)] += 1

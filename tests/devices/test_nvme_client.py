@@ -247,6 +247,8 @@ async def test_bad_commands_fail_with_the_status_the_specification_names(vdev_cl
             done = await host.run(qid, cmd)
             assert done.code == expected, (qid, cmd, hex(done.code))
             assert done.dnr
+        unmapped = await host.run(1, command(IoOpcode.READ, 0, nsid=1, prp1=0x7000_0000))
+        assert unmapped.code == Status.DATA_TRANSFER_ERROR and not unmapped.dnr  # the host may retry it
         sgl = command(IoOpcode.READ, 0, nsid=1, prp1=buffer)
         done = await host.run(1, type(sgl)(**{**sgl.__dict__, "flags": 0x40}))
         assert done.code == Status.INVALID_FIELD
@@ -254,9 +256,9 @@ async def test_bad_commands_fail_with_the_status_the_specification_names(vdev_cl
         errors = await host.admin(AdminOpcode.GET_LOG_PAGE, prp1=buffer, cdw10=(16 - 1) << 16 | LogPage.ERROR)
         assert errors.ok
         count, sqid, cid, field = struct.unpack_from("<QHHH", host.read_memory(buffer, 64))
-        assert count == len(cases) + 1 and sqid == 1  # newest first: the SGL read
+        assert count == len(cases) + 2 and sqid == 1  # newest first: the SGL read
         assert field >> 1 & 0x7FF == Status.INVALID_FIELD
-        assert device.health.errors == len(cases) + 1
+        assert device.health.errors == len(cases) + 2
 
 
 # -- features and logs ------------------------------------------------------------------------------
