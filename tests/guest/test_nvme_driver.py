@@ -114,5 +114,12 @@ async def test_a_64_mib_pattern_written_through_the_nvme_driver_reads_back_ident
     else:
         assert found["queues"] == 1  # one INTx line: admin and one I/O queue share it
         assert set(written) == {1}
+    # every admin command the driver sent (probe, scan, shutdown) succeeded: nothing it asks for is missing
+    nvme_events = [e.data for e in device.events.of_kind("nvme")]
+    admin = [(e["opcode"], e["cdw10"] & 0xFF) for e in nvme_events if e["what"] == "admin"]
+    print(f"admin commands (opcode, CDW10 bits 7:0): {admin}")
+    assert not [e for e in nvme_events if e["what"] == "error" and e["qid"] == 0]
+    # Identify controller, namespace list, descriptors, namespace; Number of Queues; async event configuration
+    assert {(0x06, 0x01), (0x06, 0x02), (0x06, 0x03), (0x06, 0x00), (0x09, 0x07), (0x09, 0x0B)} <= set(admin)
     # the driver shut the controller down cleanly as the guest powered off
-    assert any(e.data["what"] == "shutdown" for e in device.events.of_kind("nvme"))
+    assert any(e["what"] == "shutdown" for e in nvme_events)

@@ -117,6 +117,7 @@ def keep_evidence(run: Run, artefacts: GuestArtefacts, scenario: str, machine: G
     record = {
         "scenario": scenario,
         "kernel": {"release": artefacts.release, "package_version": artefacts.package_version},
+        "block_devices": {"1": run.ns1, "2": run.ns2},
         "steps": run.steps,
         "dmesg": run.dmesg,
         "controller": run.nvme_events,
