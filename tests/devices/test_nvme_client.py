@@ -38,8 +38,6 @@ from vdev_devices.nvme.spec import (
     Status,
 )
 
-pytestmark = pytest.mark.usefixtures("libvfio_user_library")
-
 Connect = Callable[[Nvme], Awaitable[Client]]
 MiB = 1 << 20
 

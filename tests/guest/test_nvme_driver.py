@@ -27,6 +27,8 @@ from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
 from vdev_devices.nvme.spec import IoOpcode
 
+pytestmark = pytest.mark.requires("libvfio-user")
+
 MiB = 1 << 20
 ADDR = "0000:00:04.0"
 

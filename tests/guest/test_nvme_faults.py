@@ -33,11 +33,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from vdev.model.faults import Fault, FaultPlan
 from vdev.qemu.guest import GuestArtefacts, GuestMachine, GuestResult
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
 from vdev_devices.nvme.spec import IoOpcode
+
+pytestmark = pytest.mark.requires("libvfio-user")
 
 MiB = 1 << 20
 IO_TIMEOUT = 4
