@@ -1,4 +1,4 @@
-"""Benchmark 8: guest block I/O through Linux's nvme driver — vdev's ``nvme`` next to QEMU's built-in ``-device nvme``.
+"""Benchmark 9: guest block I/O through Linux's nvme driver — vdev's ``nvme`` next to QEMU's built-in ``-device nvme``.
 
 The same TCG guest (the ``bookworm`` set of ``make guest``, two CPUs,
 ``iommu=pt``) boots twice: once with vdev's controller over vfio-user
@@ -25,7 +25,7 @@ from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
 
 MiB = 1 << 20
-NAME = "8. guest nvme I/O (TCG, dd O_DIRECT)"
+NAME = "9. guest nvme I/O (TCG, dd O_DIRECT)"
 SIZE = 128 * MiB
 ADDR = "0x4"
 
