@@ -132,9 +132,9 @@ class Nvme(Device):
     0x09 Dataset Management (deallocate punches holes).  Data moves
     through PRPs (PRP lists included); SGLs are refused.
 
-    Each submission queue is served by its own task; a doorbell write only
-    moves the tail and wakes that task, so register accesses never wait
-    for I/O.  Interrupts: MSI-X (one vector per CQ), MSI, or INTx,
+    Each submission queue is served by its own Trio task; a doorbell write
+    (in the device's serving thread) only moves the tail and passes the
+    wake-up to Trio, so register accesses never wait for I/O.  Interrupts: MSI-X (one vector per CQ), MSI, or INTx,
     chosen by the ``interrupts`` parameter; the host decides among the
     offered ones.  Faults of its own: see :mod:`vdev_devices.nvme.faults`.
     """
@@ -410,11 +410,11 @@ class Nvme(Device):
         elif value >= queue.size:
             self._doorbell_error(AEN_ERROR_INVALID_DOORBELL_VALUE, qid, value)
         elif isinstance(queue, CompletionQueue):
-            queue.host_consumed(value)
+            self.call_soon(queue.host_consumed(value))
             if self.irq.mode == "intx":
                 self._update_intx(raise_now=False)
         else:
-            queue.ring(value)
+            self.call_soon(queue.ring(value))
 
     def _doorbell_error(self, info: int, qid: int, value: int) -> None:
         self.events.record("nvme", what="invalid doorbell write", qid=qid, value=value, info=info)
@@ -449,7 +449,7 @@ class Nvme(Device):
     def _reset_controller(self, why: str) -> None:
         """Controller reset: every queue and held command dropped, features back to defaults, not ready."""
         for sq in self.sqs.values():
-            sq.cancel()
+            self._drop(sq)
         self.sqs.clear()
         self.cqs.clear()
         self._async_requests.clear()
@@ -496,17 +496,23 @@ class Nvme(Device):
         self.start_soon(run_owned, sq, self._serve, sq)
         self.events.record("nvme", what="create sq", qid=qid, entries=entries, cqid=cqid)
 
+    def _drop(self, sq: SubmissionQueue) -> None:
+        """Stop everything working for ``sq``: at once for its tasks' next step, their scopes from Trio."""
+        sq.deleted = True
+        self.call_soon(sq.cancel)
+
     async def delete_sq(self, qid: int) -> None:
         """Stop the queue's task; commands it holds complete as aborted by SQ deletion."""
-        sq = self.sqs.pop(qid)
-        sq.cancel()
-        cq = self.cqs.get(sq.cqid)
-        if cq is not None:
-            cq.sqs.discard(qid)
+        sq = self.sqs[qid]
         self._async_requests = [(q, cid) for q, cid in self._async_requests if q is not sq]
         for held in list(sq.held.values()):
             await self._post(sq, held.cid, Status.ABORTED_SQ_DELETION, False, 0)
         sq.held.clear()
+        self._drop(sq)
+        del self.sqs[qid]
+        cq = self.cqs.get(sq.cqid)
+        if cq is not None:
+            cq.sqs.discard(qid)
         self.events.record("nvme", what="delete sq", qid=qid)
 
     def delete_cq(self, qid: int) -> None:
@@ -515,7 +521,7 @@ class Nvme(Device):
 
     async def _serve(self, sq: SubmissionQueue) -> None:
         """Take the commands the host submits on ``sq``, in order, for as long as the queue exists."""
-        while True:
+        while not sq.deleted:
             if sq.empty or not self._processing:
                 sq.wakeup = trio.Event()
                 await sq.wakeup.wait()
@@ -527,7 +533,7 @@ class Nvme(Device):
                 self._fatal(f"fetching from SQ {sq.qid}: {exc}")
                 continue
             for index in range(count):
-                if not self._processing:
+                if not self._processing or sq.deleted:
                     break
                 sq.head = (sq.head + 1) % sq.size
                 await self._execute(sq, Command.parse(raw[index * SQ_ENTRY_SIZE : (index + 1) * SQ_ENTRY_SIZE]))
@@ -625,9 +631,12 @@ class Nvme(Device):
     ) -> None:
         """Write a completion entry for ``cid`` to the queue's CQ (waiting for room if it is full)."""
         cq = self.cqs.get(sq.cqid)
-        if cq is None:
+        if cq is None or sq.deleted:
             return
         await cq.wait_for_space()
+        replaced = self.cqs.get(sq.cqid) is not cq
+        if sq.deleted or replaced:
+            return  # dropped by a reset or a deletion while it waited
         field = status_field(status, dnr=dnr)
         entry = COMPLETION.pack(result & 0xFFFF_FFFF, 0, sq.head, sq.qid, cid, field << 1 | cq.phase)
         try:

@@ -5,7 +5,9 @@ geometry and its own head/tail pointers.  A submission queue is served by
 one Trio task of the controller (started when the queue is created,
 cancelled when it is deleted or the controller resets); every task that
 works for a queue lives in a cancel scope the queue owns, so deleting the
-queue stops all of it.
+queue stops all of it.  Doorbell writes arrive in the device's serving
+thread: they move a pointer and return the wake-up for the caller to pass
+to the Trio thread, since Trio objects are only touched there.
 """
 
 from __future__ import annotations
@@ -129,9 +131,10 @@ class CompletionQueue:
             self.space = trio.Event()
             await self.space.wait()
 
-    def host_consumed(self, head: int) -> None:
+    def host_consumed(self, head: int) -> Callable[[], None]:
+        """The host moved its head; returns what wakes a writer waiting for room (to run on the Trio thread)."""
         self.head = head
-        self.space.set()
+        return self.space.set
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ class SubmissionQueue:
     tail: int = 0
     #: Set when the host rings the doorbell (or the controller may proceed again).
     wakeup: trio.Event = field(default_factory=trio.Event)
+    #: Deleted (or dropped by a reset): its tasks stop at their next step, and post nothing more.
+    deleted: bool = False
     #: Commands taken and not completed, by command id.
     held: dict[int, Held] = field(default_factory=dict)
     scopes: set[trio.CancelScope] = field(default_factory=set)
@@ -175,13 +180,14 @@ class SubmissionQueue:
     def entry_address(self) -> int:
         return self.base + self.head * SQ_ENTRY_SIZE
 
-    def ring(self, tail: int) -> None:
+    def ring(self, tail: int) -> Callable[[], None]:
+        """The host moved its tail; returns what wakes the queue's task (to run on the Trio thread)."""
         self.tail = tail
-        self.wakeup.set()
+        return self.wakeup.set
 
     def cancel(self) -> None:
-        """Stop every task working for this queue."""
-        for scope in self.scopes:
+        """Stop every task working for this queue (on the Trio thread)."""
+        for scope in list(self.scopes):
             scope.cancel()
 
 

@@ -271,8 +271,12 @@ class Device:
                 changed = self._command_changed
             await changed.wait()
 
-    def _on_trio(self, function: Callable[..., Any], *args: Any) -> None:
-        """Call ``function`` on the Trio thread: now if this is it, else as soon as Trio gets to it."""
+    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        """Call ``function`` on the Trio thread: now if this is it, else as soon as Trio gets to it.
+
+        How a handler, which may run in another thread, sets a ``trio.Event``
+        or cancels a scope its device's tasks wait in.
+        """
         if self._trio_token is None or threading.get_ident() == self._trio_thread:
             function(*args)
         else:
@@ -286,7 +290,7 @@ class Device:
         """
         if self._nursery is None:
             raise RuntimeError(f"{self.name} is not being served; it cannot start background work")
-        self._on_trio(self._nursery.start_soon, self._guarded, function, *args)
+        self.call_soon(self._nursery.start_soon, self._guarded, function, *args)
 
     async def _guarded(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """A failing background task is logged and recorded; the device keeps being served."""
@@ -520,7 +524,7 @@ class Device:
                 if bar.decoding_bit == "memory":
                     bar.memory_enabled() if new.memory else bar.memory_disabled()
         changed, self._command_changed = self._command_changed, trio.Event()
-        self._on_trio(changed.set)
+        self.call_soon(changed.set)
         self.on_command(old, new)
         if old.intx_disable and not new.intx_disable:
             self.irq.intx_unmasked()

@@ -876,7 +876,7 @@ class DeviceContext:
                     return 0
             assert self._nursery is not None and self._trio_token is not None
             self._quiesced.clear()
-            self.device._on_trio(self._nursery.start_soon, self._quiesce_later, fault)
+            self.device.call_soon(self._nursery.start_soon, self._quiesce_later, fault)
         except BaseException as exc:
             log.error("%s: quiesce failed: %s", self.device.name, exc, exc_info=True)
             bindings.set_c_errno(errno.EIO)
