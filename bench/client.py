@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from bench.common import REPO, Row, progress, server_process, vdev_server
+from bench.common import REPO, Row, c_program, progress, server_process, vdev_server
 from vdev.client import Client
 from vdev.protocol.constants import IrqIndex
 from vdev.testing import served
@@ -35,18 +35,11 @@ from vdev_devices.hello import Hello
 MiB = 1 << 20
 
 
-def _pingpong_binary() -> Path:
-    binary = REPO / ".deps" / "bench" / "pingpong"
-    source = REPO / "bench" / "pingpong.c"
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
-    return binary
-
-
 def _pingpong(rounds: int) -> float:
     return float(
-        subprocess.run([str(_pingpong_binary()), str(rounds)], capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [str(c_program(REPO / "bench" / "pingpong.c")), str(rounds)], capture_output=True, text=True, check=True
+        ).stdout
     )
 
 

@@ -7,9 +7,11 @@ repeated runs.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +37,29 @@ class Row:
     runs: list[float] = field(default_factory=list)
 
 
+@functools.cache
+def _build_dir() -> Path:
+    """Where this run compiles its C helpers: a temporary directory, removed at exit.
+
+    Not the deps cache, which may be shared between checkouts and is
+    written only by provisioning.
+    """
+    directory = tempfile.TemporaryDirectory(prefix="vdev-bench-build-")
+    _BUILDS.append(directory)
+    return Path(directory.name)
+
+
+_BUILDS: list[tempfile.TemporaryDirectory[str]] = []
+
+
+@functools.cache
+def c_program(source: Path, *flags: str) -> Path:
+    """Compile one of the benchmark's C helpers (``gcc -O2 FLAGS``), once per run."""
+    binary = _build_dir() / source.stem
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", *flags, "-o", str(binary), str(source)], check=True)
+    return binary
+
+
 def median_of(repeats: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
     """The median of ``repeats`` measurements, and the measurements."""
     runs = [measure() for _ in range(repeats)]
@@ -45,12 +70,29 @@ def progress(message: str) -> None:
     print(f"  … {message}", file=sys.stderr, flush=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used so far, in nanosecond resolution (/proc/PID/schedstat).
+def thread_cpu(pid: int) -> dict[int, int]:
+    """CPU nanoseconds each live thread of a process has used so far (/proc/PID/task/TID/schedstat).
 
-    /proc/PID/stat counts clock ticks (10 ms), too coarse for per-access costs.
+    /proc/PID/stat counts clock ticks (10 ms), too coarse for per-access
+    costs, and /proc/PID/schedstat covers the main thread only.
     """
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    used = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            used[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+    return used
+
+
+def cpu_seconds_since(pid: int, before: dict[int, int]) -> float:
+    """CPU seconds the process's threads used since :func:`thread_cpu` returned ``before``.
+
+    Threads started since count whole; a thread that ended meanwhile is
+    missed (the servers measured here keep theirs for their whole life).
+    """
+    now = thread_cpu(pid)
+    return sum(used - before.get(tid, 0) for tid, used in now.items()) / 1e9
 
 
 def wait_for_path(path: Path, process: subprocess.Popen[bytes], timeout: float = 20) -> None:

@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import client, memory, trapped
+from bench import client, guest, memory, nvme, trapped
 from bench.common import REPO, Row
 
-SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run}
+SUITES = {"trapped": trapped.run, "client": client.run, "memory": memory.run, "guest": guest.run, "nvme": nvme.run}
 
 
 def machine() -> dict[str, str]:
@@ -47,13 +47,23 @@ def fmt(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def spread(runs: list[float]) -> str:
+    """The range of the repeated measurements behind a median."""
+    if len(runs) < 2:
+        return ""
+    return f"{fmt(min(runs))}–{fmt(max(runs))}"
+
+
 def markdown(rows: list[Row], info: dict[str, str]) -> str:
-    lines = ["| benchmark | case | median | unit | ratio | vs | target |", "|---|---|---:|---|---:|---|---|"]
+    lines = [
+        "| benchmark | case | median | spread | unit | ratio | vs | target |",
+        "|---|---|---:|---:|---|---:|---|---|",
+    ]
     for row in rows:
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else ""
         lines.append(
-            f"| {row.benchmark} | {row.case} | {fmt(row.value)} | {row.unit} | {ratio} | {row.baseline} |"
-            f" {row.target} |"
+            f"| {row.benchmark} | {row.case} | {fmt(row.value)} | {spread(row.runs)} | {row.unit} | {ratio} |"
+            f" {row.baseline} | {row.target} |"
         )
     machine_line = ", ".join(f"{key}: {value}" for key, value in info.items())
     return f"Machine: {machine_line}\n\n" + "\n".join(lines) + "\n"
@@ -68,12 +78,13 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
     rows: list[Row] = []
+    info = machine()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or SUITES:
         print(f"{name}:", file=sys.stderr, flush=True)
         rows += SUITES[name](args.quick)
-    info = machine()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        # Written after every suite, so a later suite's failure keeps what was measured.
+        args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
     table = markdown(rows, info)
     args.markdown.write_text(table)
     print(table)

@@ -102,5 +102,9 @@ class FdStream:
             raise RemoteProtocolError("the peer sent more fds than fit in one read", EMSGSIZE)
         return data, tuple(fds)
 
+    def shutdown_write(self) -> None:
+        """Half-close: the peer reads the end of the stream, and may still answer."""
+        self._sock.shutdown(socket.SHUT_WR)
+
     def close(self) -> None:
         self._sock.close()

@@ -82,6 +82,9 @@ async def test_a_peer_that_never_speaks_is_dropped_after_the_negotiation_deadlin
             with trio.fail_after(10):
                 async with Client.connect(path) as client:
                     assert await client.region_read(7, 0, 2) == b"\x36\x1b"
+                # The watchdog records why it hung up from its own thread, under the device's lock:
+                # wait for the record rather than expect it the moment the next client is served.
+                await device.events.wait_for("violation")
             nursery.cancel_scope.cancel()
     finally:
         silent.close()  # without the deadline, what unblocks the server

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from vdev.client import VfioUserError
-from vdev.model.faults import Fault, FaultPlan, FaultPlanError
+from vdev.model.faults import Fault, FaultPlan, FaultPlanError, define_fault_event
 from vdev.protocol.constants import IrqIndex
 from vdev.testing import ConnectClient
 from vdev_devices.edu import Edu
@@ -203,3 +203,34 @@ async def test_serve_loads_a_plan_and_rejects_a_bad_one(vdev_socket_dir: Path) -
         check=False,
     )
     assert result.returncode == 2 and "unknown fault event 'teleport'" in result.stderr.decode()
+
+
+def test_a_device_defines_its_own_fault_events() -> None:
+    """A device's event takes its own actions, matches on ``where`` and checks its ``params`` when a plan is read."""
+
+    def check(fault: Fault) -> None:
+        if set(fault.params) - {"level"}:
+            raise FaultPlanError("only 'level'")
+
+    define_fault_event("test-widget", {"jam", "delay"}, check)
+    define_fault_event("test-widget", {"jam", "delay"}, check)  # the same definition again is fine
+    with pytest.raises(ValueError, match="already defined differently"):
+        define_fault_event("test-widget", {"jam"}, check)
+    with pytest.raises(ValueError, match="the framework's own"):
+        define_fault_event("read", {"jam"})
+
+    plan = FaultPlan.from_mapping(
+        {"faults": [{"on": "test-widget", "action": "jam", "where": {"slot": [1, 2]}, "params": {"level": 3}}]}
+    )
+    assert plan.pick("test-widget", slot=3) is None
+    fault = plan.pick("test-widget", slot=2)
+    assert fault is not None and fault.describe()["params"] == {"level": 3}
+    # a device's delay is carried out by the device in its own tasks: no need to serve it threaded
+    assert not FaultPlan([Fault(on="test-widget", action="delay", seconds=1)]).needs_thread
+
+    with pytest.raises(FaultPlanError, match="only 'level'"):
+        FaultPlan.from_mapping({"faults": [{"on": "test-widget", "action": "jam", "params": {"colour": 1}}]})
+    with pytest.raises(FaultPlanError, match="action 'drop' does not apply to 'test-widget'"):
+        FaultPlan.from_mapping({"faults": [{"on": "test-widget", "action": "drop"}]})
+    with pytest.raises(FaultPlanError, match="'read' faults take no 'where' or 'params'"):
+        FaultPlan.from_mapping({"faults": [{"on": "read", "action": "delay", "where": {"slot": 1}}]})

@@ -26,12 +26,14 @@ from vdev_devices.edu import Edu
 from vdev_devices.hello import Hello
 from vdev_devices.idio16 import Idio16
 from vdev_devices.membar import MemBar
+from vdev_devices.nvme import Nvme
 
 BUNDLED: dict[str, Callable[[], Device]] = {
     "hello": Hello,
     "edu": Edu,
     "idio16": Idio16,
     "membar": lambda: MemBar(size="1M"),
+    "nvme": lambda: Nvme(size="1M"),
 }
 
 

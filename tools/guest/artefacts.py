@@ -18,7 +18,10 @@ environment exists.  Rules it relies on:
 * Debian's kernel packages ship no ``modules.dep`` (``depmod`` runs at install
   time), so dependencies come from each module's ``.modinfo`` section
   (``depends=`` and the ``pre:`` part of ``softdep=``).  Names compare with
-  ``-`` and ``_`` equal, as the kernel's do.  Modules listed in
+  ``-`` and ``_`` equal, as the kernel's do.  A soft dependency may name an
+  alias rather than a module (``crc-t10dif`` wants ``crct10dif``, which
+  ``crct10dif_generic`` provides), and modprobe goes on without it, so one
+  that is no module file is noted and skipped.  Modules listed in
   ``modules.builtin`` are part of the kernel and need no loading.
 * Busybox's ``insmod`` loads only plain ELF modules, so ``.ko.xz``,
   ``.ko.zst`` and ``.ko.gz`` are decompressed here.
@@ -210,9 +213,9 @@ def modinfo(elf: bytes) -> dict[str, list[str]]:
     return {}
 
 
-def module_dependencies(info: dict[str, list[str]]) -> list[str]:
-    """Hard dependencies, then ``softdep`` pre-dependencies, as kernel names."""
-    names = [d for value in info.get("depends", []) for d in value.split(",") if d]
+def module_dependencies(info: dict[str, list[str]]) -> list[tuple[str, bool]]:
+    """``(name, hard)``: hard dependencies, then ``softdep`` pre-dependencies, as kernel names."""
+    names = [(d, True) for value in info.get("depends", []) for d in value.split(",") if d]
     for value in info.get("softdep", []):
         words = value.split()
         pre = False
@@ -220,8 +223,8 @@ def module_dependencies(info: dict[str, list[str]]) -> list[str]:
             if word.endswith(":"):
                 pre = word == "pre:"
             elif pre:
-                names.append(word)
-    return [n.replace("-", "_") for n in names]
+                names.append((word, False))
+    return [(n.replace("-", "_"), hard) for n, hard in names]
 
 
 def parse_module_list(path: Path) -> list[tuple[str, bool]]:
@@ -301,8 +304,11 @@ def resolve_modules(
             raise BuildError(f"module {name} (needed by {' -> '.join(chain) or 'the list'}) is not in {source.where}")
         visiting.add(name)
         elf = read_module(files[name])
-        for dependency in module_dependencies(modinfo(elf)):
-            visit(dependency, chain + (name,))
+        for dependency, hard in module_dependencies(modinfo(elf)):
+            if hard or dependency in files or dependency in builtin:
+                visit(dependency, chain + (name,))
+            else:
+                print(f"  module {dependency} (soft dependency of {name}, no such module)")
         visiting.discard(name)
         (out / f"{name}.ko").write_bytes(elf)
         order.append(name)

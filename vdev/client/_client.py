@@ -61,6 +61,8 @@ DEFAULT_VERSION = (0, 1)
 #: How many fds per message the client accepts unless told otherwise;
 #: libvfio-user without vdev's patch 0001 sends one per sparse mmap area of a region.
 DEFAULT_MAX_MSG_FDS = 16
+#: Seconds a leaving client waits for the server to close its end (see ``Client._hang_up``).
+HANG_UP_PATIENCE = 1.0
 
 # The PCI COMMAND register and the bits :meth:`Client.enable` sets.
 _PCI_COMMAND = 0x04
@@ -105,6 +107,7 @@ class Client:
         self._next_id = 0
         self._unsolicited_in, self._unsolicited_out = trio.open_memory_channel[Message](math.inf)
         self._receiver = trio.CancelScope()
+        self._receive_ended = trio.Event()
         self._failure: BaseException | None = None
         self._closed = False
         self._dma: list[DmaRegion] = []
@@ -143,6 +146,7 @@ class Client:
                         await client.negotiate(version=version, capabilities=capabilities)
                     yield client
                 finally:
+                    await client._hang_up()
                     client._receiver.cancel()
         except BaseExceptionGroup as group:
             # The nursery is an implementation detail: a lone failure (the
@@ -516,6 +520,25 @@ class Client:
                         trio.BrokenResourceError("a message was cut short by cancellation; the stream is out of sync")
                     )
 
+    async def _hang_up(self) -> None:
+        """Half-close the connection and wait, briefly, until the server has closed its end.
+
+        A server notices a client leaving only when it reads the end of the
+        stream, in its own time (vdev serves each device from its own
+        thread).  Waiting for its close makes "the client has left" mean
+        "the server has let it go", which a test inspecting the server right
+        afterwards (its open fds, its device's events) relies on.  A server
+        that does not close within :data:`HANG_UP_PATIENCE` is left to it.
+        """
+        if self._closed or self._receive_ended.is_set():
+            return
+        with trio.move_on_after(HANG_UP_PATIENCE, shield=True):
+            try:
+                self._stream.shutdown_write()
+            except OSError:
+                return
+            await self._receive_ended.wait()
+
     async def _receive_loop(self) -> None:
         with self._receiver:
             try:
@@ -536,6 +559,8 @@ class Client:
                 trio.BrokenResourceError,
             ) as exc:
                 self._fail(exc)
+            finally:
+                self._receive_ended.set()
 
     async def _dispatch(self, message: Message) -> None:
         if isinstance(message, Reply):

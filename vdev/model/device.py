@@ -7,14 +7,20 @@ sockets or libvfio-user: the runtime calls :meth:`Device.region_read`,
 :meth:`Device.region_write` and the ``*_event`` methods, and gives it an
 interrupt sink and a DMA port while a client is connected.
 
-Everything a device does runs in Trio tasks on one thread, so device code
-needs no locks.
+Device code needs no locks of its own: the runtime holds the device's
+:attr:`Device.lock` whenever device code runs — around each handler, in
+whichever thread serves it, and around every step of the device's own Trio
+tasks (:meth:`Device.run`, :meth:`Device.start_soon`).  A handler may run
+outside the Trio thread, so what it asks of Trio (starting a task, waking
+a waiter) is passed to the Trio thread here rather than done in place.
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
@@ -30,7 +36,7 @@ from vdev.model.events import EventLog
 from vdev.model.faults import Fault, FaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
-from vdev.model.pci_regs import PCI_COMMAND
+from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
 from vdev.model.registers import Register, call_hook
 from vdev.protocol.constants import RegionIndex
 
@@ -122,6 +128,8 @@ class Device:
 
     def __init__(self, name: str | None = None, **params: Any) -> None:
         self.name = name or type(self).__name__.lower()
+        #: Held by whoever runs device code (see the module docstring); re-entrant.
+        self.lock = threading.RLock()
         self.params = self._resolve_params(params)
         self.events = EventLog(self.name)
         capabilities = self.capabilities()
@@ -149,6 +157,10 @@ class Device:
         self._faults = FaultPlan()
         self._command_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        self._msix = self.config.find(MsiX)
+        self._quick_reads, self._quick_writes = self._quick_lanes()
 
     # -- declaration hooks -----------------------------------------------------
 
@@ -251,9 +263,24 @@ class Device:
 
     async def wait_for_command(self, predicate: Callable[[Command], bool]) -> Command:
         """Sleep until COMMAND satisfies ``predicate`` (e.g. ``lambda c: c.memory``)."""
-        while not predicate(self.command):
-            await self._command_changed.wait()
-        return self.command
+        while True:
+            with self.lock:
+                command = self.command
+                if predicate(command):
+                    return command
+                changed = self._command_changed
+            await changed.wait()
+
+    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        """Call ``function`` on the Trio thread: now if this is it, else as soon as Trio gets to it.
+
+        How a handler, which may run in another thread, sets a ``trio.Event``
+        or cancels a scope its device's tasks wait in.
+        """
+        if self._trio_token is None or threading.get_ident() == self._trio_thread:
+            function(*args)
+        else:
+            self._trio_token.run_sync_soon(function, *args)
 
     def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start background work (an engine, a timer) as a Trio task owned by the device.
@@ -263,7 +290,7 @@ class Device:
         """
         if self._nursery is None:
             raise RuntimeError(f"{self.name} is not being served; it cannot start background work")
-        self._nursery.start_soon(self._guarded, function, *args)
+        self.call_soon(self._nursery.start_soon, self._guarded, function, *args)
 
     async def _guarded(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """A failing background task is logged and recorded; the device keeps being served."""
@@ -274,8 +301,16 @@ class Device:
             self.events.record("handler_error", task=getattr(function, "__name__", repr(function)), error=repr(exc))
 
     def attach_nursery(self, nursery: trio.Nursery | None) -> None:
-        """The runtime gives the device the nursery its tasks live in (None when it stops)."""
+        """The runtime gives the device the nursery its tasks live in (None when it stops).
+
+        Called on the Trio thread, which is where :meth:`start_soon` and
+        wake-ups are sent from handlers running elsewhere.
+        """
         self._nursery = nursery
+        if nursery is None:
+            self._trio_token = self._trio_thread = None
+        else:
+            self._trio_token, self._trio_thread = trio.lowlevel.current_trio_token(), threading.get_ident()
 
     def attach_client(self, sink: IrqSink, port: DmaPort) -> None:
         """A client attached: deliverable interrupts go to ``sink``, DMA to ``port``.
@@ -316,18 +351,92 @@ class Device:
 
     # -- entry points for the runtime ---------------------------------------------
 
+    def _quick_lanes(self) -> tuple[dict[tuple[int, int, int], Any], dict[tuple[int, int, int], Any]]:
+        """The accesses :meth:`quick_read` and :meth:`quick_write` serve: (region, offset, size) -> lane.
+
+        A lane is the register's reader or writer and its BAR's COMMAND
+        decode bit.  A register qualifies unless one of its hooks is
+        ``async`` or it lies in the MSI-X table or PBA (which the device
+        answers itself).  Registers never lie in mapped areas, and a register
+        always wins over the BAR's raw handlers, so nothing else can claim
+        such an access.
+        """
+        reserved: dict[int, list[range]] = {}
+        if self._msix is not None:
+            cap: MsiX = self._msix.capability  # type: ignore[assignment]
+            reserved.setdefault(cap.table_bar, []).append(range(cap.table_offset, cap.table_offset + cap.table_size))
+            reserved.setdefault(cap.pba_bar, []).append(range(cap.pba_offset, cap.pba_offset + cap.pba_size))
+        reads: dict[tuple[int, int, int], Any] = {}
+        writes: dict[tuple[int, int, int], Any] = {}
+        for index, bar in self._bars.items():
+            registers = bar.registers
+            bit = PCI_COMMAND_IO if bar.decoding_bit == "io" else PCI_COMMAND_MEMORY
+            for register in registers.registers:
+                if any(area.start < register.end and register.offset < area.stop for area in reserved.get(index, ())):
+                    continue
+                if not any(
+                    inspect.iscoroutinefunction(hooks.get(register.name))
+                    for hooks in (registers.read_hooks, registers.write_hooks)
+                ):
+                    place = (index, register.offset, register.width)
+                    reads[place] = (registers.whole_reader(register), bit)
+                    writes[place] = (registers.whole_writer(register), bit)
+        return reads, writes
+
+    def quick_read(self, region: int, offset: int, size: int) -> bytes | None:
+        """Answer the common read right here, without coroutines; None means "use :meth:`region_read`".
+
+        The common read is one whole register (see :meth:`_quick_lanes`) of
+        a BAR that decodes, while no fault rule is about reads and no
+        schedule counts accesses; it behaves exactly as :meth:`region_read`
+        would.  It is what keeps a plain handler's access near the cost of
+        the C library serving it.
+        """
+        lane = self._quick_reads.get((region, offset, size))
+        if (
+            lane is None
+            or not self.config.data[PCI_COMMAND] & lane[1]
+            or "read" in self.faults.kinds
+            or self.command_control.access_schedule is not None
+        ):
+            return None
+        self.command_control.accesses += 1
+        value: int = lane[0]()
+        if self.events.accesses_wanted:
+            self.events.record("region_read", region=region, offset=offset, size=size, value=value)
+        return value.to_bytes(size, "little")
+
+    def quick_write(self, region: int, offset: int, data: bytes) -> bool:
+        """Apply the common write right here (see :meth:`quick_read`); False means "use :meth:`region_write`"."""
+        size = len(data)
+        lane = self._quick_writes.get((region, offset, size))
+        if (
+            lane is None
+            or not self.config.data[PCI_COMMAND] & lane[1]
+            or "write" in self.faults.kinds
+            or self.command_control.access_schedule is not None
+        ):
+            return False
+        self.command_control.accesses += 1
+        value = int.from_bytes(data, "little")
+        if self.events.accesses_wanted:
+            self.events.record("region_write", region=region, offset=offset, size=size, value=value)
+        lane[0](value)
+        return True
+
     async def region_read(self, region: int, offset: int, size: int) -> bytes:
         """Answer a client read of ``size`` bytes at ``offset`` in ``region``."""
         if region == RegionIndex.CONFIG:
             return self.config.read(offset, size)
         if region == RegionIndex.ROM:
             return bytes(self.rom[offset : offset + size]).ljust(size, b"\xff")
-        fault = await self._inject("read", region, offset) if self.faults.faults else None
+        fault = await self._inject("read", region, offset)
         data = await self._bar_access(region, offset, size, None)
         if fault is not None and fault.action == "corrupt":
             corrupted = int.from_bytes(data, "little") ^ (fault.xor & ((1 << (8 * size)) - 1))
             data = corrupted.to_bytes(size, "little")
-        self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
+        if self.events.accesses_wanted:
+            self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
         return data
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
@@ -337,8 +446,9 @@ class Device:
             return
         if region == RegionIndex.ROM:
             return
-        fault = await self._inject("write", region, offset) if self.faults.faults else None
-        self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
+        fault = await self._inject("write", region, offset)
+        if self.events.accesses_wanted:
+            self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
         if fault is not None and fault.action == "drop":
             return
         await self._bar_access(region, offset, len(data), data)
@@ -377,9 +487,8 @@ class Device:
                 if policy is DisabledAccess.ERROR:
                     raise BarDisabledError(f"BAR{region} {bar.decoding_bit} decoding is disabled")
                 return b"\xff" * size if data is None else b""
-        msix = self.config.find(MsiX)
-        if msix is not None:
-            cap: MsiX = msix.capability  # type: ignore[assignment]
+        if self._msix is not None:
+            cap: MsiX = self._msix.capability  # type: ignore[assignment]
             if region == cap.table_bar and cap.table_offset <= offset < cap.table_offset + cap.table_size:
                 if data is None:
                     return self.irq.read_msix_table(offset - cap.table_offset, size)
@@ -414,8 +523,8 @@ class Device:
             for bar in self._bars.values():
                 if bar.decoding_bit == "memory":
                     bar.memory_enabled() if new.memory else bar.memory_disabled()
-        self._command_changed.set()
-        self._command_changed = trio.Event()
+        changed, self._command_changed = self._command_changed, trio.Event()
+        self.call_soon(changed.set)
         self.on_command(old, new)
         if old.intx_disable and not new.intx_disable:
             self.irq.intx_unmasked()
@@ -435,7 +544,7 @@ class Device:
         """Reset for ``kind``: device reset and FLR restore power-on state; a lost
         connection keeps the device's state (a new client may pick it up) and
         drops only what belonged to the old client."""
-        if kind is not ResetKind.LOST_CONNECTION and self.faults.faults:
+        if kind is not ResetKind.LOST_CONNECTION:
             fault = self.faults.pick("reset")
             if fault is not None:
                 self.events.record("fault", reason=kind.value, **fault.describe())

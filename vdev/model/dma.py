@@ -105,7 +105,7 @@ class Dma:
 
     async def _check(self, address: int, size: int, direction: str) -> tuple[DmaPort, list[tuple[int, int]]]:
         reason = None
-        fault = self._device.faults.pick("dma") if self._device.faults.faults else None
+        fault = self._device.faults.pick("dma")
         if fault is not None:
             self._device.events.record("fault", direction=direction, address=address, size=size, **fault.describe())
             if fault.action == "delay":

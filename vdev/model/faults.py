@@ -25,6 +25,15 @@ Plans are Python objects or files (JSON, or TOML by extension) for
       {"on": "quiesce", "action": "busy", "seconds": 1},
       {"on": "reset", "action": "fail"}
     ]}
+
+A device may add events of its own — code points only it has, such as an
+NVMe controller's commands — with :func:`define_fault_event`.  Their rules
+match on the attributes the device reports (``where``, e.g. ``{"opcode": 2}``;
+a list matches any of its values) and carry the device's own parameters
+(``params``), which the device checks when the plan is made::
+
+    {"on": "command", "action": "status", "where": {"qid": 1, "opcode": 2},
+     "params": {"status": "UNRECOVERED_READ_ERROR"}, "count": 1}
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import errno as errnos
 import json
 import random
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +56,36 @@ ACTIONS: dict[str, frozenset[str]] = {
     "reset": frozenset({"fail"}),
     "quiesce": frozenset({"busy"}),
 }
-#: Actions that make the device wait, so it must be served threaded.
+#: Actions that make the device wait, so its accesses must run in Trio.
 WAITING_ACTIONS = frozenset({"delay", "busy"})
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """A fault event a device defines: the actions it takes and how it checks a rule's ``where`` and ``params``."""
+
+    actions: frozenset[str]
+    check: Callable[[Fault], None] | None = None
+
+
+_device_events: dict[str, DeviceEvent] = {}
+
+
+def define_fault_event(on: str, actions: Iterable[str], check: Callable[[Fault], None] | None = None) -> None:
+    """Let plans target a device's own code point ``on`` with ``actions``.
+
+    Devices call this when their module is imported, before any plan naming
+    the event is read.  ``check`` raises :class:`FaultPlanError` for a rule
+    the device could not carry out (an unknown parameter, say), so a bad
+    plan fails when it is loaded rather than when the fault fires.  The
+    framework's own events cannot be redefined.
+    """
+    if on in ACTIONS:
+        raise ValueError(f"fault event {on!r} is the framework's own")
+    known = _device_events.get(on)
+    if known is not None and (known.actions != frozenset(actions) or known.check is not check):
+        raise ValueError(f"fault event {on!r} is already defined differently")
+    _device_events[on] = DeviceEvent(frozenset(actions), check)
 
 
 class FaultPlanError(ValueError):
@@ -79,25 +116,38 @@ class Fault:
     errno: int = errnos.EIO
     xor: int = 0xFFFF_FFFF_FFFF_FFFF
     times: int = 2
+    where: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     matched: int = field(default=0, init=False)
     injected: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if self.on not in ACTIONS:
-            raise FaultPlanError(f"unknown fault event {self.on!r} (one of {', '.join(sorted(ACTIONS))})")
-        if self.action not in ACTIONS[self.on]:
-            allowed = ", ".join(sorted(ACTIONS[self.on]))
+        device_event = _device_events.get(self.on)
+        actions = ACTIONS.get(self.on, device_event.actions if device_event else None)
+        if actions is None:
+            known = ", ".join(sorted({*ACTIONS, *_device_events}))
+            raise FaultPlanError(f"unknown fault event {self.on!r} (one of {known})")
+        if self.action not in actions:
+            allowed = ", ".join(sorted(actions))
             raise FaultPlanError(f"action {self.action!r} does not apply to {self.on!r} (one of {allowed})")
         if not 0.0 <= self.probability <= 1.0:
             raise FaultPlanError("probability must be between 0 and 1")
         if self.action in WAITING_ACTIONS and self.seconds < 0:
             raise FaultPlanError("seconds must not be negative")
+        if device_event is None and (self.where or self.params):
+            raise FaultPlanError(f"{self.on!r} faults take no 'where' or 'params'")
+        if device_event is not None and device_event.check is not None:
+            device_event.check(self)
 
-    def covers(self, region: int | None, offset: int | None, vector: int | None) -> bool:
+    def covers(self, region: int | None, offset: int | None, vector: int | None, attributes: Mapping[str, Any]) -> bool:
         if self.region is not None and region != self.region:
             return False
         if self.vector is not None and vector != self.vector:
             return False
+        for name, wanted in self.where.items():
+            value = attributes.get(name)
+            if value not in wanted if isinstance(wanted, list) else value != wanted:
+                return False
         if self.offset is None or offset is None:
             return self.offset is None
         if isinstance(self.offset, tuple):
@@ -116,31 +166,54 @@ class Fault:
             details["xor"] = self.xor
         if self.action == "storm":
             details["times"] = self.times
+        if self.where:
+            details["where"] = dict(self.where)
+        if self.params:
+            details["params"] = dict(self.params)
         return details
 
 
 class FaultPlan:
-    """The faults one device suffers, with the seeded chance that decides probabilistic ones."""
+    """The faults one device suffers, with the seeded chance that decides probabilistic ones.
+
+    A plan is fixed once made (assign a new one to change it), so that what
+    it means for every access is worked out here, once: an event no rule
+    is about costs one dictionary lookup.
+    """
 
     def __init__(self, faults: Sequence[Fault] = (), *, seed: int = 0) -> None:
-        self.faults = list(faults)
+        self.faults = tuple(faults)
         self.seed = seed
         self._random = random.Random(seed)
-
-    @property
-    def needs_thread(self) -> bool:
-        """Whether some fault makes a handler wait (the device must be served threaded)."""
-        return any(fault.action in WAITING_ACTIONS for fault in self.faults)
+        self._by_event: dict[str, tuple[Fault, ...]] = {}
+        for fault in self.faults:
+            self._by_event[fault.on] = (*self._by_event.get(fault.on, ()), fault)
+        #: The kinds of event (``on``) some rule is about.
+        self.kinds = frozenset(self._by_event)
+        #: Whether some fault makes a handler wait (the device's accesses then run in Trio).  Only the
+        #: framework's events wait inside handlers; a device's own events are carried out by the device.
+        self.needs_thread = any(fault.on in ACTIONS and fault.action in WAITING_ACTIONS for fault in self.faults)
 
     def has(self, on: str) -> bool:
-        return any(fault.on == on for fault in self.faults)
+        """Whether any rule is about events of kind ``on``."""
+        return on in self.kinds
 
     def pick(
-        self, on: str, *, region: int | None = None, offset: int | None = None, vector: int | None = None
+        self,
+        on: str,
+        *,
+        region: int | None = None,
+        offset: int | None = None,
+        vector: int | None = None,
+        **attributes: Any,
     ) -> Fault | None:
-        """The fault to inject now for this event, if any (counting matches as it goes)."""
-        for fault in self.faults:
-            if fault.on != on or not fault.covers(region, offset, vector):
+        """The fault to inject now for this event, if any (counting matches as it goes).
+
+        ``attributes`` are what a device reports about its own events, for
+        the rules' ``where``.
+        """
+        for fault in self._by_event.get(on, ()):
+            if not fault.covers(region, offset, vector, attributes):
                 continue
             fault.matched += 1
             if fault.matched <= fault.after:

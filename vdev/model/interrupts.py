@@ -168,7 +168,7 @@ class Interrupts:
 
     def _fire(self, irq_type: IrqIndex, vector: int) -> None:
         times = 1
-        fault = self._device.faults.pick("irq", vector=vector) if self._device.faults.faults else None
+        fault = self._device.faults.pick("irq", vector=vector)
         if fault is not None:
             self._device.events.record("fault", type=irq_type.name.lower(), vector=vector, **fault.describe())
             times = {"drop": 0, "duplicate": 2, "storm": fault.times}[fault.action]

@@ -80,7 +80,8 @@ class CommandControl:
         self.held_mask = 0
         self.held_value = 0
         self.accesses = 0
-        self._access_schedule: tuple[int, int] | None = None
+        #: (every, at) while MEM toggles every ``every`` accesses, next when :attr:`accesses` reaches ``at``.
+        self.access_schedule: tuple[int, int] | None = None
 
     def force(self, *, memory: bool | None = None, io: bool | None = None) -> None:
         """Set MEM and/or IO as if the device changed them; the client reads the new value back."""
@@ -128,12 +129,12 @@ class CommandControl:
 
     def toggle_after_accesses(self, every: int) -> None:
         """Flip MEM after every ``every`` trapped BAR accesses (0 stops it)."""
-        self._access_schedule = (every, self.accesses + every) if every > 0 else None
+        self.access_schedule = (every, self.accesses + every) if every > 0 else None
 
     def count_access(self) -> None:
         """Called by the device for every trapped BAR access."""
         self.accesses += 1
-        if self._access_schedule is not None and self.accesses >= self._access_schedule[1]:
-            every = self._access_schedule[0]
-            self._access_schedule = (every, self.accesses + every)
+        if self.access_schedule is not None and self.accesses >= self.access_schedule[1]:
+            every = self.access_schedule[0]
+            self.access_schedule = (every, self.accesses + every)
             self.toggle_memory()

@@ -12,7 +12,9 @@ Rules this module enforces, so device code never has to:
   covers are affected.
 * Hooks run after the write has been applied (``on_write(value)``) and
   before the read is answered (``on_read() -> value``); either may be
-  ``async``.  Hooks run in the device's Trio task, never in a C callback.
+  ``async``.  Hooks run under the device's lock: plain ones in the thread
+  serving the device, ``async`` ones in a Trio task (see
+  :mod:`vdev.runtime.context`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,13 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+def _integer(name: str, value: object) -> int:
+    """``value``, which a register named ``name`` is to hold: an integer, or a clear error."""
+    if not isinstance(value, int):
+        raise TypeError(f"register {name!r} holds an integer, not {type(value).__name__} {value!r}")
+    return value
+
+
 class RegisterFile:
     """The live values of a set of registers, and access dispatch over them.
 
@@ -153,6 +162,9 @@ class RegisterFile:
                 raise ValueError(f"registers {before.name} and {after.name} overlap")
         self.by_name = {r.name: r for r in self.registers}
         self._masks = {r.name: r.access_masks() for r in self.registers}
+        self._full = {r.name: (1 << (8 * r.width)) - 1 for r in self.registers}
+        #: What a read returns of each register's value: every bit but the write-only ones.
+        self._readable = {r.name: self._full[r.name] & ~self._masks[r.name][Access.WO] for r in self.registers}
         self.read_hooks = read_hooks
         self.write_hooks = write_hooks
         self.values = {r.name: r.reset for r in self.registers}
@@ -177,9 +189,41 @@ class RegisterFile:
     def __setitem__(self, name: str, value: int) -> None:
         """Device-side update: no access semantics, no hooks; the value wraps to the register's width."""
         register = self._register(name)
-        if not isinstance(value, int):
-            raise TypeError(f"register {name!r} holds an integer, not {type(value).__name__} {value!r}")
-        self.values[name] = value & ((1 << (8 * register.width)) - 1)
+        self.values[name] = _integer(name, value) & ((1 << (8 * register.width)) - 1)
+
+    def whole_reader(self, register: Register) -> Callable[[], int]:
+        """A function reading one whole register as :meth:`read` would, for a plain read hook or none.
+
+        Everything it needs is looked up once, here: it is what a device's
+        busiest accesses run (see :meth:`Device.quick_read <vdev.model.device.Device.quick_read>`).
+        """
+        values, name, full, readable = (
+            self.values,
+            register.name,
+            self._full[register.name],
+            self._readable[register.name],
+        )
+        hook = self.read_hooks.get(name)
+        if hook is None:
+            return lambda: values[name] & readable
+
+        def read() -> int:
+            value = values[name] = _integer(name, hook()) & full
+            return value & readable
+
+        return read
+
+    def whole_writer(self, register: Register) -> Callable[[int], None]:
+        """A function writing one whole register as :meth:`write` would, for a plain write hook or none."""
+        values, name, masks, full = self.values, register.name, self._masks[register.name], self._full[register.name]
+        hook = self.write_hooks.get(name)
+
+        def write(value: int) -> None:
+            new = values[name] = apply_write(masks, values[name], value & full, full)
+            if hook is not None:
+                hook(new)
+
+        return write
 
     def _register(self, name: str) -> Register:
         try:
@@ -195,7 +239,7 @@ class RegisterFile:
             hook = self.read_hooks.get(register.name)
             if hook is not None:
                 self[register.name] = await call_hook(hook)
-            value = self.values[register.name] & ~self._masks[register.name][Access.WO]
+            value = self.values[register.name] & self._readable[register.name]
             shift = (register.offset - offset) * 8
             result |= value << shift if shift >= 0 else value >> -shift
         return result & ((1 << (8 * size)) - 1)
@@ -204,7 +248,7 @@ class RegisterFile:
         """Write ``size`` bytes of ``value`` at ``offset`` with each register's semantics."""
         for register in self.overlapping(offset, size):
             shift = (register.offset - offset) * 8
-            full = (1 << (8 * register.width)) - 1
+            full = self._full[register.name]
             if shift >= 0:
                 written = value >> shift
                 covered = ((1 << (8 * size)) - 1) >> shift

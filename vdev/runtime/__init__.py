@@ -1,4 +1,4 @@
-"""The Trio runtime: devices served through libvfio-user contexts."""
+"""The runtime: devices served through libvfio-user contexts, a thread each, with Trio for ``async`` code."""
 
 from vdev.runtime.context import DeviceContext, ServeError
 from vdev.runtime.server import serve

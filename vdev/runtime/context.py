@@ -1,42 +1,65 @@
-"""One device served through one libvfio-user context, driven from Trio.
+"""One device served through one libvfio-user context: a thread per device, Trio for the rest.
 
-How the C library and Trio meet (the design, written where it lives):
+How the C library, Python threads and Trio meet (the design, written where
+it lives):
 
-* The context is created with ``LIBVFIO_USER_FLAG_ATTACH_NB``.  A Trio task
-  waits on ``vfu_get_poll_fd()`` (fetched again after every attach and
-  disconnect, since it changes) and, when it is readable, calls
-  ``vfu_run_ctx``.  ``vfu_attach_ctx`` always runs in a worker thread: it
-  waits for the client's VERSION message.
-* libvfio-user's callbacks are synchronous; vdev handlers may be ``async``.
-  So a device is served in one of two ways, chosen per device:
-
-  - **inline** (every handler is a plain function): ``vfu_run_ctx`` runs on
-    the Trio thread and each callback drives the device's handler coroutine
-    to completion on the spot.  No thread hop: this is the fast path.
-  - **threaded** (some handler is ``async``): ``vfu_run_ctx`` runs in a
-    worker thread; a callback hands the access to the Trio thread with
-    ``trio.from_thread.run`` and blocks until the handler has finished.  An
-    awaiting handler stalls only this device; every other device and task
-    runs on.  Four thread wake-ups per access are the price.
-
-* libvfio-user is not thread-safe per context, so every call into a context
-  holds :class:`ContextLock`.  A callback releases it while the handler
-  runs, so a handler may trigger interrupts or do DMA on its own context;
-  an interrupt fired from Trio while C code holds the lock is queued and
-  fired by the lock's holder on release, so Trio never blocks on the lock.
+* **A serving thread per device.**  The context is created with
+  ``LIBVFIO_USER_FLAG_ATTACH_NB``.  Each device gets one OS thread that
+  blocks in ``poll(2)`` on ``vfu_get_poll_fd()`` (fetched again after every
+  attach and disconnect, since it changes) and calls ``vfu_attach_ctx`` and
+  ``vfu_run_ctx`` itself; ctypes releases the GIL for the wait and for the
+  library's own work.  A message therefore costs one wake-up of one thread,
+  the library's work and the handler — like libvfio-user's C samples — and
+  no event-loop round trip.  A device whose client misbehaves (stalls
+  half-way through a message, floods it) holds only its own thread.
+* **Plain handlers run right there**, in the serving thread, inside the
+  library's callback.  The common access (one whole register, see
+  :meth:`~vdev.model.device.Device.quick_read`) is served without a
+  coroutine; anything else drives the model's coroutine to completion on
+  the spot (:func:`complete_now`).
+* **``async`` handlers run in Trio**, because only there can they await.
+  The callback queues the access for the device's job task (a Trio task
+  that sleeps in ``wait_readable`` on an eventfd), writes the eventfd and
+  blocks on a lock the task releases when the handler has finished: two
+  wake-ups per access, the fewest a hand-over allows, and no trip through
+  Trio's ``run_sync_soon`` queue (which measured slower here).  An awaiting handler
+  stalls only its own device.  A BAR is handed over only if one of its
+  hooks is ``async`` (config space only if ``on_reset`` is), so a device
+  mixing both kinds keeps the fast path for its plain registers.  A fault
+  plan that makes accesses wait sends every access of the device to Trio.
+* **One lock for device state.**  Device code never runs concurrently
+  with other code of the same device: the serving thread holds
+  :attr:`Device.lock <vdev.model.device.Device.lock>` around each plain
+  handler, and an instrument (:class:`DeviceTasks`) holds it around every
+  step of the device's own Trio tasks — :meth:`Device.run`, work started
+  with :meth:`Device.start_soon`, the job task running ``async`` handlers.
+  One access at a time per device follows from the one serving thread.
+  What a handler asks of Trio from the serving thread (starting a task,
+  waking a waiter) is passed to the Trio thread by the model.
+* **The context lock.**  libvfio-user is not thread-safe per context, so
+  every call into a context holds :class:`ContextLock`, which is
+  re-entrant for its holder: a plain handler triggering an interrupt or
+  doing message DMA calls straight into the library from inside the
+  callback.  An interrupt fired from Trio while another thread holds the
+  lock is queued and fired by that thread on release, so the Trio thread
+  never blocks on it; Trio's other calls into C (quiesce, DMA from
+  background work) run in worker threads.  A callback handing an access
+  to Trio lets go of the lock until the handler is done.
 * libvfio-user tells the server neither which eventfds the client installed
   nor when: a trigger without one fails with ENOENT, and nothing announces
   SET_IRQS.  An MSI-X vector whose trigger failed so is held pending by the
-  model; while one is, the runtime peeks at each message's header and, after
-  a SET_IRQS, lets the model try the held vectors again.
-* All device code runs on the Trio thread.  An exception in a handler
-  becomes ``-1``/``errno`` for the library (an error reply to that access)
-  and a log line naming the device, region, offset and register; it never
-  crosses into C.
+  model; while one is, the serving thread peeks at each message's header
+  and, after a SET_IRQS, lets the model try the held vectors again.
 * A context listens on a socket path it creates, or on a listening socket
   it is handed (an fd from a parent process or from socket activation).
   The latter, and signalling ERR/REQ, need vdev's libvfio-user patches;
   without them they fail with :class:`~vdev.libvfio_user.bindings.MissingFixError`.
+* **Nothing per access that nobody asked for**: access events are built
+  only while someone listens (:mod:`vdev.model.events`), fault plans are
+  indexed by event kind (:mod:`vdev.model.faults`).
+* An exception in a handler becomes ``-1``/``errno`` for the library (an
+  error reply to that access) and a log line naming the device, region,
+  offset and register; it never crosses into C, and the device goes on.
 """
 
 from __future__ import annotations
@@ -44,15 +67,16 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import functools
 import inspect
 import logging
 import os
 import re
+import select
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,26 +129,53 @@ _ROUTINE_MESSAGES = re.compile(
 
 
 class ContextLock:
-    """Serialises calls into one libvfio-user context without ever blocking Trio."""
+    """Serialises calls into one libvfio-user context; re-entrant for its holder, never blocks Trio.
+
+    Re-entrant so that a handler running inside a callback (the holder's
+    thread) may call into the same context: trigger an interrupt, do
+    message DMA.  ``acquire`` is the C lock's own method, because the
+    serving thread takes the lock for every message.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
-
-    def acquire(self) -> None:
-        self._lock.acquire()
+        self.acquire = self._lock.acquire
 
     def release(self) -> None:
-        """Run what was deferred while we held the lock, then let go."""
+        """Run what was deferred while we held the lock, then let go once."""
         while True:
             while self._deferred:
                 self._deferred.popleft()()
             self._lock.release()
+            # A call deferred after the queue was drained, by a thread that found us
+            # holding the lock, is ours to run if the lock is free now.
             if not self._deferred or not self._lock.acquire(blocking=False):
                 return
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextmanager
+    def let_go(self) -> Iterator[None]:
+        """Release the lock for a while (a callback waiting for Trio), then take it back.
+
+        Callbacks hold it exactly once (whoever called into the library took
+        it once), so one release frees it for the handler's own calls.
+        """
+        self.release()
+        try:
+            yield
+        finally:
+            self.acquire()
+
     def run_or_defer(self, call: Callable[[], None]) -> None:
-        """Run ``call`` now if the context is free, else when its holder releases it."""
+        """Run ``call`` now if the context is free (or ours), else when its holder releases it."""
         if self._lock.acquire(blocking=False):
             try:
                 call()
@@ -135,14 +186,14 @@ class ContextLock:
 
 
 class HandlerSuspendedError(RuntimeError):
-    """An inline device's handler awaited something that really waits."""
+    """A handler run outside Trio awaited something that really waits."""
 
 
 def complete_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Run a coroutine that is not expected to wait, to completion, right here.
 
-    Inline devices have only plain handlers, so the framework's ``async``
-    plumbing around them finishes on the first step.
+    Plain handlers are called through the model's ``async`` plumbing, which
+    finishes on the first step when nothing in it really waits.
     """
     try:
         coroutine.send(None)
@@ -150,16 +201,106 @@ def complete_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
         return finished.value
     coroutine.close()
     raise HandlerSuspendedError(
-        "a handler awaited inside an inline device; make that handler `async def` so the device is served threaded"
+        "a handler awaited outside Trio; make that handler `async def` so its accesses are run in Trio"
     )
 
 
-def needs_thread(device: Device) -> bool:
-    """Whether any of the device's handlers is ``async`` (so it must be served threaded)."""
-    hooks: list[Any] = [type(device).on_reset, type(device).on_quiesce]
+def trio_regions(device: Device) -> frozenset[int]:
+    """The regions whose accesses must run in Trio: those reaching an ``async`` hook."""
+    regions = set()
     for bar in device.bars():
-        hooks += [*bar.registers.read_hooks.values(), *bar.registers.write_hooks.values(), bar.raw_read, bar.raw_write]
-    return any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None)
+        hooks = [*bar.registers.read_hooks.values(), *bar.registers.write_hooks.values(), bar.raw_read, bar.raw_write]
+        if any(inspect.iscoroutinefunction(hook) for hook in hooks if hook is not None):
+            regions.add(bar.index)
+    if inspect.iscoroutinefunction(device.on_reset):
+        regions.add(RegionIndex.CONFIG)  # an FLR written to config space resets the device
+    return frozenset(regions)
+
+
+class DeviceTasks(trio.abc.Instrument):
+    """Holds each device's lock around every step of that device's Trio tasks.
+
+    A device's tasks are those of the nursery its context serves it in, and
+    their descendants.  One instrument per Trio run (see :func:`device_tasks`).
+    Trio calls ``task_exited`` before ``after_task_step``, so the lock taken
+    for a step is remembered for that step, not looked up again.
+    """
+
+    def __init__(self) -> None:
+        self._nurseries: dict[trio.Nursery, threading.RLock] = {}
+        self._locks: dict[trio.lowlevel.Task, threading.RLock] = {}
+        self._held: threading.RLock | None = None
+
+    def adopt(self, nursery: trio.Nursery, lock: threading.RLock) -> None:
+        """Tasks spawned in ``nursery`` (and their children) hold ``lock`` while they run."""
+        self._nurseries[nursery] = lock
+
+    def forget(self, nursery: trio.Nursery) -> None:
+        self._nurseries.pop(nursery, None)
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        nursery = task.parent_nursery
+        if nursery is None:
+            return
+        lock = self._nurseries.get(nursery)
+        if lock is None and nursery.parent_task is not None:
+            lock = self._locks.get(nursery.parent_task)
+        if lock is not None:
+            self._locks[task] = lock
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self._locks.pop(task, None)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        lock = self._locks.get(task)
+        if lock is not None:
+            lock.acquire()
+            self._held = lock
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+
+_DEVICE_TASKS: trio.lowlevel.RunVar[DeviceTasks] = trio.lowlevel.RunVar("vdev_device_tasks")
+
+
+def device_tasks() -> DeviceTasks:
+    """This Trio run's :class:`DeviceTasks` instrument, installed on first use."""
+    try:
+        return _DEVICE_TASKS.get()
+    except LookupError:
+        instrument = DeviceTasks()
+        trio.lowlevel.add_instrument(instrument)
+        _DEVICE_TASKS.set(instrument)
+        return instrument
+
+
+class _Job:
+    """Device code handed from a callback to the device's Trio task, and what came of it."""
+
+    __slots__ = ("args", "done", "error", "function", "value")
+
+    def __init__(self, function: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
+        self.function = function
+        self.args = args
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finish(self, value: Any, error: BaseException | None = None) -> None:
+        """Record the outcome and wake the thread waiting for it."""
+        self.value, self.error = value, error
+        self.done.release()
+
+    def wait(self) -> Any:
+        """Block until the job has run; its value, or its exception raised here."""
+        self.done.acquire()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class ServeError(Exception):
@@ -224,11 +365,6 @@ class DeviceContext:
         self._lib = library or bindings.load()
         self._ctx: int | None = None
         self._lock = ContextLock()
-        # Held by the Trio task that is calling into C through a worker thread
-        # (or inline), so that the Trio thread itself never blocks on _lock.
-        self._trio_side = trio.Lock()
-        # >0 while device code runs on behalf of a libvfio-user callback.
-        self._callback_depth = 0
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._callbacks: list[Any] = []
@@ -241,17 +377,23 @@ class DeviceContext:
         self.allowed_uids = allowed_uids
         self.socket_mode = socket_mode
         self._nursery: trio.Nursery | None = None
-        self._quiesced = trio.Event()
-        self._declared_threaded = needs_thread(device)
+        self._trio_regions = trio_regions(device)
+        self._thread: threading.Thread | None = None
+        self._thread_failure: BaseException | None = None
+        self._stopping = False
+        self._wake_fd = -1
+        # Set while no asynchronous quiesce is pending (the serving thread waits on it).
+        self._quiesced = threading.Event()
+        self._quiesced.set()
+        # Jobs for the device's job task, and the eventfd that wakes it.
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._jobs_lock = threading.Lock()
+        self._jobs_closed = True
+        self._jobs_fd = -1
         # MSI-X vectors whose trigger found no eventfd; filled by whichever
-        # thread fired them, emptied into the model on the Trio thread.
+        # thread fired them, emptied into the model under the device's lock.
         self._without_eventfd: collections.deque[int] = collections.deque()
         self.connected = False
-
-    @property
-    def threaded(self) -> bool:
-        """Served threaded: some handler is ``async``, or a fault plan makes handlers wait."""
-        return self._declared_threaded or self.device.faults.needs_thread
 
     # -- setup ---------------------------------------------------------------
 
@@ -365,7 +507,7 @@ class DeviceContext:
             except FileNotFoundError:
                 pass
 
-    # -- serving ---------------------------------------------------------------
+    # -- serving (Trio side) ---------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the context, then accept clients one after another until cancelled."""
@@ -373,15 +515,26 @@ class DeviceContext:
         self._trio_thread = threading.get_ident()
         if self._ctx is None:
             self.create()
+        tasks = device_tasks()
+        thread_exited = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                tasks.adopt(nursery, self.device.lock)
                 self.device.attach_nursery(nursery)
                 nursery.start_soon(self._run_device_task)
-                task_status.started()
-                while True:
-                    await self._attach()
-                    await self._run_until_disconnect()
+                # Open for jobs before the serving thread starts; the job task closes it when it ends.
+                self._jobs_fd, self._jobs_closed = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), False
+                nursery.start_soon(self._run_jobs)
+                try:
+                    self._start_thread(thread_exited)
+                    task_status.started()
+                    await thread_exited.wait()
+                    raise ServeError(f"{self.device.name}: the serving thread failed") from self._thread_failure
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._stop_thread(thread_exited)
+            tasks.forget(nursery)
         finally:
             self.device.attach_nursery(None)
             self.device.irq.sink = None
@@ -395,72 +548,173 @@ class DeviceContext:
         except Exception:
             log.exception("%s: the device's run() task failed; it keeps serving without it", self.device.name)
 
+    def _start_thread(self, exited: trio.Event) -> None:
+        self._stopping = False
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        token = self._trio_token
+        assert token is not None
+
+        def serving_thread() -> None:
+            try:
+                self._serve_clients()
+            except BaseException as exc:
+                self._thread_failure = exc
+                log.exception("%s: the serving thread failed", self.device.name)
+            finally:
+                try:
+                    token.run_sync_soon(exited.set)
+                except trio.RunFinishedError:
+                    pass
+
+        self._thread = threading.Thread(target=serving_thread, name=f"vdev {self.device.name}", daemon=True)
+        self._thread.start()
+
+    async def _stop_thread(self, exited: trio.Event) -> None:
+        """Wake the serving thread and wait until it has ended (at most a stalled client's timeout)."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        os.eventfd_write(self._wake_fd, 1)
+        self._quiesced.set()
+        await exited.wait()
+        self._thread = None
+        os.close(self._wake_fd)
+        self._wake_fd = -1
+
+    async def _run_jobs(self) -> None:
+        """The device's job task: runs the ``async`` handlers callbacks hand over, one at a time.
+
+        It sleeps in ``wait_readable`` on an eventfd that a callback writes
+        after queueing a job: one wake-up of the Trio thread per job, and
+        the task itself is what the wake-up reschedules.
+        """
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._jobs_fd)
+                try:
+                    os.eventfd_read(self._jobs_fd)
+                except BlockingIOError:
+                    continue
+                while self._jobs:
+                    job = self._jobs.popleft()
+                    try:
+                        value = await job.function(*job.args)
+                    except BaseException as exc:
+                        job.finish(None, exc)
+                        if not isinstance(exc, Exception):
+                            raise  # cancelled: the device is shutting down
+                    else:
+                        job.finish(value)
+        finally:
+            with self._jobs_lock:
+                self._jobs_closed = True
+                while self._jobs:
+                    self._jobs.popleft().finish(None, ServeError(f"{self.device.name} is shutting down"))
+                os.close(self._jobs_fd)
+                self._jobs_fd = -1
+
+    # -- serving (the device's thread) -------------------------------------------------
+
+    def _wait_readable(self, fd: int) -> bool:
+        """Block until ``fd`` is readable; False if the thread is being stopped instead."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
+        poller.poll()
+        return not self._stopping
+
     def _locked(self, function: Callable[..., int], *args: Any) -> tuple[int, int]:
         """Call into the context holding its lock; returns (result, errno)."""
-        self._lock.acquire()
-        try:
+        with self._lock.held():
             result = function(self._ctx, *args)
             return result, ctypes.get_errno() if result < 0 else 0
-        finally:
-            self._lock.release()
 
-    async def _attach(self) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
-            async with self._trio_side, trio.open_nursery() as nursery:
-                self._hung_up = False
-                nursery.start_soon(self._end_silent_negotiation)
-                result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_attach_ctx)
-                nursery.cancel_scope.cancel()
-            if result == 0:
-                if self._peer_allowed(self._lib.vfu_get_poll_fd(self._ctx)):
-                    break
-                while (await self._run_once())[1] not in _DISCONNECTED:
-                    pass  # let libvfio-user see the hang-up and listen again
-                continue
+    def _serve_clients(self) -> None:
+        """The serving thread: attach clients one after another and serve each until it leaves."""
+        while not self._stopping:
+            if self._attach():
+                self._serve_client()
+
+    def _attach(self) -> bool:
+        """Wait for a client and attach it; False if none could be (or the thread is stopping)."""
+        if not self._wait_readable(self._lib.vfu_get_poll_fd(self._ctx)):
+            return False
+        self._hung_up = False
+        # vfu_attach_ctx waits for the client's VERSION with no timeout of its own.
+        watchdog = threading.Timer(self.negotiation_timeout, self._end_silent_negotiation)
+        watchdog.start()
+        try:
+            result, code = self._locked(self._lib.vfu_attach_ctx)
+        finally:
+            watchdog.cancel()
+        if result < 0:
             if code not in (errno.EAGAIN, errno.EWOULDBLOCK) and not self._hung_up:
                 log.warning("%s: a client failed to attach: %s", self.device.name, os.strerror(code))
-        self._limit_stalls(self._lib.vfu_get_poll_fd(self._ctx))
-        self.connected = True
-        self.device.attach_client(self, self)
+            return False
+        connection = self._lib.vfu_get_poll_fd(self._ctx)
+        if not self._peer_allowed(connection):
+            while self._wait_readable(connection) and self._locked(self._lib.vfu_run_ctx)[1] not in _DISCONNECTED:
+                pass  # let libvfio-user see the hang-up and listen again
+            return False
+        self._limit_stalls(connection)
+        with self.device.lock:
+            self.connected = True
+            self.device.attach_client(self, self)
         log.info("%s: client attached on %s", self.device.name, self.socket_path)
+        return True
 
-    async def _run_once(self) -> tuple[int, int]:
-        """Wait until the client sent something, then let libvfio-user handle it."""
-        fd = self._lib.vfu_get_poll_fd(self._ctx)
-        await trio.lowlevel.wait_readable(fd)
-        set_irqs = self.device.irq.awaiting_eventfds and _next_command(fd) == Command.DEVICE_SET_IRQS
+    def _serve_client(self) -> None:
+        """Serve the attached client's messages until it disconnects (the hot loop: keep it lean)."""
+        connection = self._lib.vfu_get_poll_fd(self._ctx)
+        poller = select.poll()
+        poller.register(connection, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
+        wait, run, ctx, lock, irq = poller.poll, self._lib.vfu_run_ctx, self._ctx, self._lock, self.device.irq
         try:
-            if self.threaded:
-                async with self._trio_side:
-                    return await trio.to_thread.run_sync(self._locked, self._lib.vfu_run_ctx)
-            # The inline path runs to completion without yielding, so the lock is
-            # taken without the extra trip through the scheduler `async with` costs.
-            try:
-                self._trio_side.acquire_nowait()
-            except trio.WouldBlock:
-                await self._trio_side.acquire()
-            try:
-                return self._locked(self._lib.vfu_run_ctx)
-            finally:
-                self._trio_side.release()
+            while True:
+                wait()
+                if self._stopping:
+                    return
+                set_irqs = irq.awaiting_eventfds and _next_command(connection) == Command.DEVICE_SET_IRQS
+                lock.acquire()
+                try:
+                    result = run(ctx)
+                    code = ctypes.get_errno() if result < 0 else 0
+                finally:
+                    lock.release()
+                if self._without_eventfd or set_irqs:
+                    with self.device.lock:
+                        self._note_missing_eventfds()
+                        if set_irqs:
+                            irq.eventfds_changed()
+                if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    continue
+                if code == errno.EBUSY:
+                    self._quiesced.wait()
+                    continue
+                if code in _DISCONNECTED:
+                    return
+                log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
+                if self._lib.vfu_get_poll_fd(ctx) != connection:
+                    return  # the library dropped the client itself
         finally:
-            self._note_missing_eventfds()
-            if set_irqs:
-                self.device.irq.eventfds_changed()
+            with self.device.lock:
+                self.connected = False
+                self.device.detach_client()
+            log.info("%s: client detached", self.device.name)
 
-    async def _end_silent_negotiation(self) -> None:
+    def _end_silent_negotiation(self) -> None:
         """Hang up on a client that connected but sent no VERSION within ``negotiation_timeout``.
 
         ``vfu_attach_ctx`` accepts a client and waits for its VERSION in one
         blocking call, with no timeout, and an accepted UNIX socket inherits
         none from the listening one; a peer that never speaks would hold the
-        device (and this task) for ever.  So when the deadline passes, the
+        device (and its serving thread) for ever.  So when the deadline
+        passes (this runs in a timer thread started for each attach), the
         connection libvfio-user accepted — the socket of this process bound
         to our path that is not the listening one — is shut down, which
         ends the wait like a hang-up.
         """
-        await trio.sleep(self.negotiation_timeout)
         path = os.fspath(self.socket_path)
         for entry in os.scandir("/proc/self/fd"):
             try:
@@ -479,7 +733,8 @@ class DeviceContext:
                 except OSError:
                     continue
             self._hung_up = True
-            self.device.events.record("violation", what="no VERSION in time", seconds=self.negotiation_timeout)
+            with self.device.lock:
+                self.device.events.record("violation", what="no VERSION in time", seconds=self.negotiation_timeout)
             log.warning(
                 "%s: dropped a client that sent no VERSION within %g s", self.device.name, self.negotiation_timeout
             )
@@ -500,7 +755,8 @@ class DeviceContext:
             if uid in self.allowed_uids:
                 return True
             connection.shutdown(socket.SHUT_RDWR)
-        self.device.events.record("violation", what="peer not allowed", uid=uid, pid=pid)
+        with self.device.lock:
+            self.device.events.record("violation", what="peer not allowed", uid=uid, pid=pid)
         log.warning("%s: refused a client with uid %d (pid %d): not in the allow-list", self.device.name, uid, pid)
         return False
 
@@ -509,9 +765,9 @@ class DeviceContext:
 
         libvfio-user reads a message body (and a DMA reply) with a blocking
         ``MSG_WAITALL`` receive; a client that sends a header and stops
-        would hold it forever — and an inline device holds the Trio thread
-        meanwhile.  A receive timeout turns that into a failed read, which
-        ends that client's connection and nothing else.
+        would hold the serving thread forever, and with it the device (and
+        its shutdown).  A receive timeout turns that into a failed read,
+        which ends that client's connection and nothing else.
         """
         seconds = int(self.stall_timeout)
         timeval = struct.pack("ll", seconds, int((self.stall_timeout - seconds) * 1e6))
@@ -519,51 +775,56 @@ class DeviceContext:
         with socket.socket(fileno=duplicate) as connection:
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
-    async def _run_until_disconnect(self) -> None:
-        try:
-            while True:
-                result, code = await self._run_once()
-                if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    continue
-                if code == errno.EBUSY:
-                    await self._quiesced.wait()
-                    continue
-                if code in _DISCONNECTED:
-                    return
-                log.warning("%s: vfu_run_ctx: %s", self.device.name, os.strerror(code))
-        finally:
-            self.connected = False
-            self.device.detach_client()
-            log.info("%s: client detached", self.device.name)
+    # -- callbacks (the thread calling into the library) ------------------------------
 
-    # -- callbacks (worker thread) -------------------------------------------------
+    def _run_device_code(self, in_trio: bool, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        """Run device code for a callback: here under the device's lock, or handed to Trio.
 
-    def _to_trio(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Run device code for a callback, with the context lock released meanwhile.
-
-        On the Trio thread (inline devices, and callbacks made while the
-        context is destroyed) the coroutine is completed on the spot; from a
-        worker thread it is handed to Trio and waited for.
+        Handed to Trio (``in_trio``) it runs in the device's job task while
+        this thread waits with the context lock let go, so the handler may
+        await, trigger interrupts and do DMA.  Callbacks made on the Trio
+        thread itself (while the context is destroyed) complete on the spot.
         """
-        self._lock.release()
-        self._callback_depth += 1
-        try:
-            if threading.get_ident() == self._trio_thread or self._trio_token is None:
-                return complete_now(function(*args))  # type: ignore[arg-type]
-            return trio.from_thread.run(function, *args, trio_token=self._trio_token)
-        finally:
-            self._callback_depth -= 1
-            self._lock.acquire()
+        if in_trio and threading.get_ident() != self._trio_thread and self._trio_token is not None:
+            job = _Job(function, args)
+            with self._jobs_lock:
+                if self._jobs_closed:
+                    raise ServeError(f"{self.device.name} is shutting down")
+                self._jobs.append(job)
+                os.eventfd_write(self._jobs_fd, 1)
+            with self._lock.let_go():
+                return job.wait()
+        with self.device.lock:
+            return complete_now(function(*args))
 
     def _region_callback(self, region: int) -> Callable[..., int]:
-        def access(_ctx: int, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        device = self.device
+        hold, let_go = device.lock.acquire, device.lock.release  # cheaper than `with` on this path
+        quick_read, quick_write = device.quick_read, device.quick_write
+        string_at, memmove = ctypes.string_at, ctypes.memmove
+        declared_async = region in self._trio_regions
+
+        def access(_ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
             try:
-                if is_write:
-                    data = ctypes.string_at(buf, count)
-                    self._to_trio(self.device.region_write, region, offset, data)
-                else:
-                    data = self._to_trio(self.device.region_read, region, offset, count)
-                    ctypes.memmove(buf, data, count)
+                if declared_async or device.faults.needs_thread:
+                    if is_write:
+                        self._run_device_code(True, device.region_write, region, offset, string_at(buf, count))
+                    else:
+                        memmove(buf, self._run_device_code(True, device.region_read, region, offset, count), count)
+                    return count
+                hold()
+                try:
+                    if is_write:
+                        data = string_at(buf, count)
+                        if not quick_write(region, offset, data):
+                            complete_now(device.region_write(region, offset, data))
+                    else:
+                        answer = quick_read(region, offset, count)
+                        if answer is None:
+                            answer = complete_now(device.region_read(region, offset, count))
+                        memmove(buf, answer, count)
+                finally:
+                    let_go()
                 return count
             except BaseException as exc:  # nothing may cross into C
                 return self._failed_access(exc, region, offset, count, is_write)
@@ -579,31 +840,24 @@ class DeviceContext:
             self.device.describe(region, offset),
             type(exc).__name__,
             exc,
-            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled)),
+            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled, ServeError)),
         )
-        self._note_error(region, offset, count, exc)
+        try:
+            with self.device.lock:
+                self.device.events.record(
+                    "handler_error", region=region, offset=offset, size=count, error=f"{type(exc).__name__}: {exc}"
+                )
+        except BaseException:
+            log.debug("%s: could not record a handler error", self.device.name)
         bindings.set_c_errno(exc.errno if isinstance(exc, InjectedError) else errno.EIO)
         return -1
-
-    def _note_error(self, region: int, offset: int, count: int, exc: BaseException) -> None:
-        try:
-            record = functools.partial(
-                self.device.events.record,
-                "handler_error",
-                region=region,
-                offset=offset,
-                size=count,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            self._to_trio(self._async_call, record)
-        except BaseException:
-            log.debug("%s: could not record a handler error (loop closing)", self.device.name)
 
     def _on_reset(self, _ctx: int, reset_type: int) -> int:
         if reset_type == ResetType.LOST_CONNECTION and not self.connected:
             return 0  # the context is destroyed with no client: nothing was lost
         try:
-            self._to_trio(self.device.reset, _RESET_KINDS[ResetType(reset_type)])
+            in_trio = inspect.iscoroutinefunction(self.device.on_reset) or self.device.faults.needs_thread
+            self._run_device_code(in_trio, self.device.reset, _RESET_KINDS[ResetType(reset_type)])
             return 0
         except BaseException as exc:
             injected = isinstance(exc, InjectedError)
@@ -614,14 +868,15 @@ class DeviceContext:
     def _on_quiesce(self, _ctx: int) -> int:
         """Quiesce now (plain hook) or answer EBUSY and finish in a Trio task (async hook, or a fault)."""
         try:
-            fault = self._to_trio(self._async_call, self.device.faults.pick, "quiesce")
-            if fault is None and not inspect.iscoroutinefunction(type(self.device).on_quiesce):
-                self._to_trio(self._async_call, self.device.on_quiesce)
-                self._to_trio(self._async_call, functools.partial(self.device.events.record, "quiesce", done=True))
-                return 0
-            self._quiesced = trio.Event()
-            assert self._nursery is not None
-            self._to_trio(self._async_call, self._nursery.start_soon, self._quiesce_later, fault)
+            with self.device.lock:
+                fault = self.device.faults.pick("quiesce")
+                if fault is None and not inspect.iscoroutinefunction(self.device.on_quiesce):
+                    self.device.on_quiesce()
+                    self.device.events.record("quiesce", done=True)
+                    return 0
+            assert self._nursery is not None and self._trio_token is not None
+            self._quiesced.clear()
+            self.device.call_soon(self._nursery.start_soon, self._quiesce_later, fault)
         except BaseException as exc:
             log.error("%s: quiesce failed: %s", self.device.name, exc, exc_info=True)
             bindings.set_c_errno(errno.EIO)
@@ -632,7 +887,7 @@ class DeviceContext:
     async def _quiesce_later(self, fault: Fault | None) -> None:
         """Await the device's quiesce hook (and an injected busy spell), then let libvfio-user go on."""
         self.device.events.record("quiesce", done=False)
-        outcome = 0
+        outcome_errno = 0
         try:
             if fault is not None:
                 self.device.events.record("fault", **fault.describe())
@@ -640,39 +895,39 @@ class DeviceContext:
             await call_hook(self.device.on_quiesce)
         except Exception:
             log.exception("%s: on_quiesce failed; the client's request fails", self.device.name)
-            outcome = errno.EIO
-        self.device.events.record("quiesce", done=True, error=outcome)
-        async with self._trio_side:
-            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome)
+            outcome_errno = errno.EIO
+        self.device.events.record("quiesce", done=True, error=outcome_errno)
+        try:
+            result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome_errno)
+        finally:
+            self._quiesced.set()
         if result < 0:
             log.warning("%s: vfu_device_quiesced: %s", self.device.name, os.strerror(code))
-        self._quiesced.set()
 
     def _on_dma_map(self, _ctx: int, info_p: Any) -> None:
         info = info_p.contents
         iova, size, vaddr = info.iova.iov_base or 0, info.iova.iov_len, info.vaddr
         try:
             self._dma_vaddrs[iova] = vaddr or 0
-            self._to_trio(self._async_call, self.device.dma.add, DmaRegion(iova, size, bool(vaddr)))
+            with self.device.lock:
+                self.device.dma.add(DmaRegion(iova, size, bool(vaddr)))
         except BaseException as exc:
             log.error("%s: DMA map callback failed: %s", self.device.name, exc)
 
     def _on_dma_unmap(self, _ctx: int, info_p: Any) -> None:
         iova = info_p.contents.iova.iov_base or 0
         try:
-            self._to_trio(self._async_call, self.device.dma.remove, iova)
+            with self.device.lock:
+                self.device.dma.remove(iova)
             self._dma_vaddrs.pop(iova, None)
         except BaseException as exc:
             log.error("%s: DMA unmap callback failed: %s", self.device.name, exc)
 
-    @staticmethod
-    async def _async_call(function: Callable[..., Any], *args: Any) -> Any:
-        return function(*args)
-
     def _irq_state_callback(self, irq_type: IrqIndex) -> Callable[..., None]:
         def state(_ctx: int, start: int, count: int, mask: bool) -> None:
             try:
-                self._to_trio(self._async_call, self.device.irq.client_mask, irq_type, start, count, mask)
+                with self.device.lock:
+                    self.device.irq.client_mask(irq_type, start, count, mask)
             except BaseException as exc:
                 log.error("%s: IRQ state callback failed: %s", self.device.name, exc)
 
@@ -717,7 +972,7 @@ class DeviceContext:
         self._note_missing_eventfds()
 
     def _note_missing_eventfds(self) -> None:
-        """Tell the model (on the Trio thread) which MSI-X triggers found no eventfd."""
+        """Tell the model which MSI-X triggers found no eventfd (device code calls this, so under its lock)."""
         while self._without_eventfd:
             self.device.irq.no_eventfd(IrqIndex.MSIX, self._without_eventfd.popleft())
 
@@ -748,30 +1003,25 @@ class DeviceContext:
     async def _message_dma(self, address: int, size: int, buffer: Any, write: bool) -> None:
         """DMA through DMA_READ/DMA_WRITE messages: a round trip to the client.
 
-        The wait for the client's reply never happens on the Trio thread when
-        it can be avoided, because the client may be a Trio task of this
-        very process (vdev's own test client).  From background work it
-        runs in a worker thread while this context's Trio side is held, so
-        ``vfu_run_ctx`` cannot race it for the reply.  Inside a callback the
-        worker serving it is parked: a threaded device waits in a worker
-        thread too, an inline device — whose handlers must not suspend —
-        waits on the Trio thread (so a plain handler doing message DMA needs
-        an out-of-process client; make it ``async`` otherwise).
+        Inside a plain handler (not on the Trio thread: the serving thread,
+        in a callback, holding the context lock) the transfer is made right
+        there.
+        Anywhere else — an ``async`` handler, background work — it runs in
+        a worker thread, never on the Trio thread, because the client may
+        be a Trio task of this very process (vdev's own test client); the
+        worker takes the context lock, so the serving thread cannot race it
+        for the client's reply.
         """
-        if self._callback_depth and not self.threaded:
+        if threading.get_ident() != self._trio_thread:
             self._sgl_transfer(address, size, buffer, write)
-        elif self._callback_depth:
-            await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
         else:
-            async with self._trio_side:
-                await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
+            await trio.to_thread.run_sync(self._sgl_transfer, address, size, buffer, write)
 
     def _sgl_transfer(self, address: int, size: int, buffer: Any, write: bool) -> None:
         """Message-based DMA (DMA_READ/DMA_WRITE to the client), holding the context lock."""
         lib = self._lib
         sgl = bindings.DmaSg()
-        self._lock.acquire()
-        try:
+        with self._lock.held():
             if self._ctx is None:
                 raise DmaError(f"{self.device.name}: device is shutting down")
             prot = 2 if write else 1  # PROT_WRITE / PROT_READ
@@ -782,13 +1032,14 @@ class DeviceContext:
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
             if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
-        finally:
-            self._lock.release()
 
 
 def _next_command(fd: int) -> int | None:
     """The command of the message waiting on ``fd``, read without consuming it (None if unknown)."""
-    connection = socket.socket(fileno=fd)
+    try:
+        connection = socket.socket(fileno=fd)
+    except OSError:
+        return None  # the library closed the connection
     try:
         data = connection.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:

@@ -1,6 +1,7 @@
-"""Serving several devices from one process and one Trio loop.
+"""Serving several devices from one process: one Trio loop, one serving thread per device.
 
-Each device gets its own :class:`~vdev.runtime.context.DeviceContext` task;
+Each device gets its own :class:`~vdev.runtime.context.DeviceContext` task
+(and thread);
 a device whose setup fails is reported and the others keep running, because
 one broken device must not take down the rest.  SIGINT and SIGTERM end the
 server cleanly: every context is destroyed and every socket removed.

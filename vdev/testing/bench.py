@@ -181,6 +181,7 @@ class Bench(Generic[D]):
     def __init__(self, device: D) -> None:
         #: The device under test; its state may be inspected at any time.
         self.device = device
+        device.events.keep_accesses = True  # tests read the accesses from the log afterwards
         #: The client's eventfds and every interrupt that reached them.
         self.irqs = RecordingSink(device)
         #: Memory the client offered with :meth:`dma_map`.

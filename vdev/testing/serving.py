@@ -59,9 +59,11 @@ async def served(
     context takes it over).  ``library`` is the libvfio-user to serve with,
     by default the one vdev loads.  The socket exists when the block starts;
     on exit the server task is cancelled, the context destroyed and the
-    socket removed.
+    socket removed.  The device's event log keeps every trapped access
+    too (``keep_accesses``), since tests read it afterwards.
     """
     async with trio.open_nursery() as nursery:
+        device.events.keep_accesses = True
         context = DeviceContext(device, socket_path, library)
         await nursery.start(context.serve)
         try:

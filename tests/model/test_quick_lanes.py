@@ -1,0 +1,141 @@
+"""The quick lane (one whole register, no coroutines) answers exactly as the general path does.
+
+The runtime serves a plain handler's whole-register access through
+``Device.quick_read``/``quick_write`` and everything else through
+``region_read``/``region_write``; a device must not be able to tell which
+one served it.  Two identical devices take the same accesses, one through
+each path, and must agree on every answer, every register value and every
+event.  Per-access events are recorded only while someone wants them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import trio
+
+from vdev import RO, RW, RW1C, W1S, WO, Bar, Device, Field, Register
+from vdev.model.faults import Fault, FaultPlan
+from vdev.runtime.context import complete_now
+
+BAR = 0
+ACCESSES = 2000
+
+
+class Mixed(Device):
+    vendor_id = 0x1B36
+    device_id = 0x0F42
+    bar0 = Bar(
+        4096,
+        registers=[
+            Register("plain", 0x0, width=4, access=RW),
+            Register("status", 0x4, width=4, access=RW1C, reset=0xFF),
+            Register("set", 0x8, width=4, access=W1S),
+            Register("secret", 0xC, width=4, access=WO),
+            Register("mixed", 0x10, width=4, access=RW, fields=(Field("low", 0, 8, RO), Field("top", 24, 8, RW1C))),
+            Register("ticks", 0x18, width=8, access=RO),
+            Register("doorbell", 0x20, width=2, access=RW),
+        ],
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rung: list[int] = []
+
+    @bar0.on_read("ticks")
+    def tick(self) -> int:
+        return self.bar0["ticks"] + 3
+
+    @bar0.on_write("doorbell")
+    def ring(self, value: int) -> None:
+        self.rung.append(value)
+        self.bar0["plain"] = value
+
+
+class Awaiting(Device):
+    vendor_id = 0x1B36
+    device_id = 0x0F43
+    bar0 = Bar(4096, registers=[Register("slow", 0x0, width=4, access=RW)])
+
+    @bar0.on_read("slow")
+    async def slow(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return 7
+
+
+def accesses(seed: int) -> list[tuple[int, int, int]]:
+    """(offset, size, value or -1 for a read): whole registers, and some that are not."""
+    rng = random.Random(seed)
+    whole = [(r.offset, r.width) for r in Mixed.bar0.registers]
+    chosen = []
+    for _ in range(ACCESSES):
+        offset, size = rng.choice(whole) if rng.random() < 0.8 else (rng.randrange(0, 0x30), rng.choice((1, 2, 4)))
+        chosen.append((offset, size, rng.getrandbits(8 * size) if rng.random() < 0.5 else -1))
+    return chosen
+
+
+def enabled(device: Device) -> Device:
+    complete_now(device.region_write(7, 0x04, (0x2).to_bytes(2, "little")))
+    device.events.keep_accesses = True
+    return device
+
+
+def quick(device: Device, offset: int, size: int, value: int) -> bytes | None:
+    """An access the way the runtime serves a plain handler: the lane if it takes it, else the general path."""
+    if value < 0:
+        answer = device.quick_read(BAR, offset, size)
+        return answer if answer is not None else complete_now(device.region_read(BAR, offset, size))
+    data = value.to_bytes(size, "little")
+    if not device.quick_write(BAR, offset, data):
+        complete_now(device.region_write(BAR, offset, data))
+    return None
+
+
+async def general(device: Device, offset: int, size: int, value: int) -> bytes | None:
+    if value < 0:
+        return await device.region_read(BAR, offset, size)
+    await device.region_write(BAR, offset, value.to_bytes(size, "little"))
+    return None
+
+
+async def test_the_quick_lane_and_the_general_path_agree() -> None:
+    lane, reference = enabled(Mixed()), enabled(Mixed())
+    for offset, size, value in accesses(seed=20):
+        assert quick(lane, offset, size, value) == await general(reference, offset, size, value)
+    assert lane.bar(BAR).registers.values == reference.bar(BAR).registers.values
+    assert lane.rung == reference.rung
+    assert [(e.kind, e.data) for e in lane.events] == [(e.kind, e.data) for e in reference.events]
+    assert lane.command_control.accesses == reference.command_control.accesses
+
+
+def test_the_lane_steps_aside_for_what_only_the_general_path_does() -> None:
+    assert enabled(Awaiting()).quick_read(BAR, 0x0, 4) is None  # an async hook
+    device = enabled(Mixed())
+    assert device.quick_read(BAR, 0x0, 2) is None  # part of a register
+    device.faults = FaultPlan([Fault(on="read", action="corrupt", region=BAR, offset=0x40)])
+    assert device.quick_read(BAR, 0x0, 4) is None  # a fault plan about reads
+    assert device.quick_write(BAR, 0x0, bytes(4))  # ... not about writes
+    device.faults = FaultPlan()
+    device.command_control.toggle_after_accesses(5)
+    assert device.quick_read(BAR, 0x0, 4) is None  # accesses are being counted towards a toggle
+    device.command_control.toggle_after_accesses(0)
+    complete_now(device.region_write(7, 0x04, bytes(2)))
+    assert device.quick_read(BAR, 0x0, 4) is None  # memory decoding is off
+
+
+def test_access_events_are_built_only_while_someone_wants_them() -> None:
+    device = Mixed()
+    complete_now(device.region_write(7, 0x04, (0x2).to_bytes(2, "little")))
+    quick(device, 0x0, 4, 5)
+    complete_now(device.region_read(BAR, 0x4, 2))
+    assert not device.events.of_kind("region_read", "region_write")
+    assert device.events.of_kind("config_write", "command")  # other events are always kept
+    seen = []
+    unsubscribe = device.events.subscribe(seen.append)
+    quick(device, 0x0, 4, -1)
+    unsubscribe()
+    quick(device, 0x0, 4, -1)
+    assert [(e.kind, e.data["value"]) for e in seen] == [("region_read", 5)]
+    device.events.keep_accesses = True
+    quick(device, 0x0, 4, 6)
+    assert [e.data["value"] for e in device.events.of_kind("region_read", "region_write")] == [5, 6]
