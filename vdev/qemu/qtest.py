@@ -343,6 +343,20 @@ class QTestClient:
         """Whether intercepted line ``num`` is currently raised, as last reported."""
         return self._irq_levels.get(num, False)
 
+    async def settle(self) -> None:
+        """Return once QEMU has handled every event that was pending when the last command returned.
+
+        An IRQ line can change just *after* a command's reply: QEMU's
+        vfio-pci lowers INTx at every BAR access (its EOI emulation) and
+        raises it again when the device signals the eventfd it is handed
+        on unmask — which QEMU reads in its next main-loop iteration, not
+        in the access.  Two round trips cover that: the first may be
+        answered in the very iteration that reads the eventfd, the second
+        only after it, and the IRQ report precedes that reply on the stream.
+        """
+        for _ in range(2):
+            await self.command("endianness")
+
     async def wait_irq(self, num: int, *, raised: bool = True) -> None:
         """Wait until line ``num`` is at the wanted level, or passed through it.
 
