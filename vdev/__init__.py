@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         VendorSpecific,
         VendorSpecificExtended,
     )
-    from vdev.model.config import Command
+    from vdev.model.config import CommandRegister
     from vdev.model.device import Device, Param, ResetKind
     from vdev.model.dma import DmaError
     from vdev.model.errors import DefinitionError
@@ -53,7 +53,7 @@ _EXPORTS: dict[str, str] = {
     "RawCapability": "vdev.model.capabilities",
     "VendorSpecific": "vdev.model.capabilities",
     "VendorSpecificExtended": "vdev.model.capabilities",
-    "Command": "vdev.model.config",
+    "CommandRegister": "vdev.model.config",
     "Device": "vdev.model.device",
     "Param": "vdev.model.device",
     "ResetKind": "vdev.model.device",
@@ -87,7 +87,7 @@ __all__ = [
     "Bar",
     "BarKind",
     "Capability",
-    "Command",
+    "CommandRegister",
     "DefinitionError",
     "Device",
     "DeviceContext",

@@ -17,8 +17,7 @@ import pytest
 import trio
 
 from vdev import Device
-from vdev.client import Client
-from vdev.client._dma import DmaRegion
+from vdev.client import Client, DmaRegion
 from vdev.model.faults import Fault, FaultPlan
 from vdev.protocol.constants import IrqIndex
 from vdev_devices.ioat import Ioat

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vdev import Device, DmaError
-from vdev.model.dma import DmaRegion
+from vdev.model.dma import DmaMapping
 
 
 class Port:
@@ -30,7 +30,7 @@ def device_with(regions: list[tuple[int, int]], master: bool = True) -> tuple[De
     port = Port(0x10_0000)
     device.dma.port = port
     for iova, size in regions:
-        device.dma.add(DmaRegion(iova, size, True))
+        device.dma.add(DmaMapping(iova, size, True))
     return device, port
 
 

@@ -75,4 +75,4 @@ async def test_many_clients_leave_no_trace(vdev_serve: Serve) -> None:
     last_polite = max(c for c in range(CYCLES) if c % 3 != 2)
     assert device.bar2["epoch"] == last_polite
     assert device.bar(0).memory[0x1000:0x1008] == struct.pack("<Q", last_polite)
-    assert not device.dma.regions
+    assert not device.dma.mappings

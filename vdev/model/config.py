@@ -59,7 +59,7 @@ CONFIG_SIZE_EXPRESS = 4096
 
 
 @dataclass(frozen=True)
-class Command:
+class CommandRegister:
     """The COMMAND register decoded into the bits devices and tests care about."""
 
     value: int
@@ -109,8 +109,8 @@ class ConfigWrite:
     offset: int
     size: int
     value: int
-    old_command: Command
-    new_command: Command
+    old_command: CommandRegister
+    new_command: CommandRegister
     capabilities: tuple[PlacedCapability, ...]
 
 
@@ -242,8 +242,8 @@ class ConfigSpace:
         self.data[offset : offset + size] = value.to_bytes(size, "little")
 
     @property
-    def command(self) -> Command:
-        return Command(self.read_int(PCI_COMMAND, 2))
+    def command(self) -> CommandRegister:
+        return CommandRegister(self.read_int(PCI_COMMAND, 2))
 
     def write(self, offset: int, data: bytes) -> ConfigWrite:
         """Apply a client write and report what changed."""

@@ -29,7 +29,7 @@ import trio
 
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
-from vdev.model.config import Command, ConfigSpace, ConfigWrite
+from vdev.model.config import CommandRegister, ConfigSpace, ConfigWrite
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
 from vdev.model.events import EventLog
@@ -257,11 +257,11 @@ class Device:
         return iter(self._bars.values())
 
     @property
-    def command(self) -> Command:
+    def command(self) -> CommandRegister:
         """The COMMAND register as the client last wrote it."""
         return self.config.command
 
-    async def wait_for_command(self, predicate: Callable[[Command], bool]) -> Command:
+    async def wait_for_command(self, predicate: Callable[[CommandRegister], bool]) -> CommandRegister:
         """Sleep until COMMAND satisfies ``predicate`` (e.g. ``lambda c: c.memory``)."""
         while True:
             with self.lock:
@@ -346,7 +346,7 @@ class Device:
         device that does not override it is quiesced immediately.
         """
 
-    def on_command(self, old: Command, new: Command) -> None:
+    def on_command(self, old: CommandRegister, new: CommandRegister) -> None:
         """Called after each change of COMMAND.  Default: nothing."""
 
     # -- entry points for the runtime ---------------------------------------------
@@ -510,7 +510,7 @@ class Device:
             self.command_changed(change.old_command, source="client")
         await self._capability_writes(change)
 
-    def command_changed(self, old: Command, *, source: str) -> None:
+    def command_changed(self, old: CommandRegister, *, source: str) -> None:
         """The one path every COMMAND transition takes, from the client or the device.
 
         Records the event, applies the BARs' memory-enable policies (so a

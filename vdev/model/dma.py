@@ -36,7 +36,7 @@ class DmaError(Exception):
 
 
 @dataclass(frozen=True)
-class DmaRegion:
+class DmaMapping:
     """One DMA_MAP from the client; ``mapped`` when the server can touch it directly."""
 
     iova: int
@@ -61,46 +61,46 @@ class Dma:
 
     def __init__(self, device: Device) -> None:
         self._device = device
-        self.regions: dict[int, DmaRegion] = {}
+        self.mappings: dict[int, DmaMapping] = {}
         self._starts: list[int] = []
         self.port: DmaPort | None = None
 
-    def add(self, region: DmaRegion) -> None:
-        if region.iova not in self.regions:
-            bisect.insort(self._starts, region.iova)
-        self.regions[region.iova] = region
-        self._device.events.record("dma_map", iova=region.iova, size=region.size, mapped=region.mapped)
+    def add(self, mapping: DmaMapping) -> None:
+        if mapping.iova not in self.mappings:
+            bisect.insort(self._starts, mapping.iova)
+        self.mappings[mapping.iova] = mapping
+        self._device.events.record("dma_map", iova=mapping.iova, size=mapping.size, mapped=mapping.mapped)
 
     def remove(self, iova: int) -> None:
-        region = self.regions.pop(iova, None)
-        if region is not None:
+        mapping = self.mappings.pop(iova, None)
+        if mapping is not None:
             del self._starts[bisect.bisect_left(self._starts, iova)]
-            self._device.events.record("dma_unmap", iova=region.iova, size=region.size)
+            self._device.events.record("dma_unmap", iova=mapping.iova, size=mapping.size)
 
-    def find(self, address: int) -> DmaRegion | None:
+    def find(self, address: int) -> DmaMapping | None:
         """The mapping holding bus address ``address``, or None."""
         index = bisect.bisect_right(self._starts, address) - 1
         if index < 0:
             return None
-        region = self.regions[self._starts[index]]
-        return region if address < region.end else None
+        mapping = self.mappings[self._starts[index]]
+        return mapping if address < mapping.end else None
 
     def pieces(self, address: int, size: int) -> list[tuple[int, int]] | None:
         """``(address, size)`` pieces of the range, one per mapping it crosses; None if part is unmapped."""
         pieces: list[tuple[int, int]] = []
         end = address + size
         while address < end:
-            region = self.find(address)
-            if region is None:
+            mapping = self.find(address)
+            if mapping is None:
                 return None
-            length = min(end, region.end) - address
+            length = min(end, mapping.end) - address
             pieces.append((address, length))
             address += length
         return pieces
 
     def clear(self) -> None:
         """The client went away: its mappings went with it."""
-        for iova in list(self.regions):
+        for iova in list(self.mappings):
             self.remove(iova)
 
     async def _check(self, address: int, size: int, direction: str) -> tuple[DmaPort, list[tuple[int, int]]]:

@@ -99,7 +99,7 @@ from vdev.libvfio_user.constants import (
 )
 from vdev.model.bars import BarKind
 from vdev.model.device import Device, ResetKind
-from vdev.model.dma import DmaError, DmaRegion
+from vdev.model.dma import DmaError, DmaMapping
 from vdev.model.faults import Fault, InjectedError
 from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
@@ -910,7 +910,7 @@ class DeviceContext:
         try:
             self._dma_vaddrs[iova] = vaddr or 0
             with self.device.lock:
-                self.device.dma.add(DmaRegion(iova, size, bool(vaddr)))
+                self.device.dma.add(DmaMapping(iova, size, bool(vaddr)))
         except BaseException as exc:
             log.error("%s: DMA map callback failed: %s", self.device.name, exc)
 
