@@ -19,7 +19,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from vdev import Bar, Device, DmaError, Msi, Param
+from vdev import Bar, Device, DmaError, DmaRefused, Msi, Param
 
 MiB = 1 << 20
 ALL_ONES = (1 << 64) - 1
@@ -189,7 +189,11 @@ class Edu(Device):
         window_address = self.dma_src if to_ram else self.dma_dst
         start = window_address - DMA_WINDOW
         if not (0 <= start and start + count <= DMA_WINDOW_SIZE):
-            self.events.record("violation", what="edu DMA outside its buffer", address=window_address, size=count)
+            direction = "write" if to_ram else "read"
+            refused = DmaRefused(
+                what="edu DMA outside its buffer", direction=direction, address=window_address, size=count
+            )
+            self.events.record(refused)
         else:
             try:
                 if to_ram:

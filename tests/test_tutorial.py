@@ -7,6 +7,7 @@ from pathlib import Path
 
 import trio
 
+from vdev.model.events import Irq
 from vdev.qemu import enable_msi
 from vdev.testing import AttachQemu
 
@@ -28,4 +29,4 @@ async def test_qemu_reads_my_register_and_gets_the_timer_msi(vdev_qemu: AttachQe
     assert await timer.bar_readl(0, 0x08) & 1
     await timer.bar_writel(0, 0x08, 1)
     await timer.bar_writel(0, 0x0C, 0)
-    assert device.events.of_kind("irq")
+    assert device.events.of_kind(Irq)

@@ -18,6 +18,7 @@ import trio
 
 from vdev import Device
 from vdev.client import Client, DmaRegion
+from vdev.model.events import FaultInjected
 from vdev.model.faults import Fault, FaultPlan
 from vdev.protocol.constants import IrqIndex
 from vdev_devices.ioat import Ioat
@@ -272,7 +273,7 @@ async def test_an_injected_dma_fault_halts_the_channel(vdev_client: Connect) -> 
     await driver.write(CHANERR, NEXT_ADDR_ERR, 4)
     await driver.reset()
     assert await driver.memcpy(IOVA + SRC, IOVA + DST, 64) == SUSPENDED
-    assert [e.data["action"] for e in device.events.of_kind("fault")] == ["fail"]
+    assert [e.fault.action for e in device.events.of_kind(FaultInjected)] == ["fail"]
 
 
 async def test_reset_stops_a_long_run_and_device_reset_halts_the_channel(vdev_client: Connect) -> None:

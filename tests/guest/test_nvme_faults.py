@@ -35,10 +35,12 @@ from pathlib import Path
 
 import pytest
 
+from vdev.model.events import CommandChange, FaultInjected, Violation
 from vdev.model.faults import Fault, FaultPlan
 from vdev.qemu.guest import GuestArtefacts, GuestMachine, GuestResult
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
+from vdev_devices.nvme.events import NvmeEvent
 from vdev_devices.nvme.spec import IoOpcode
 
 pytestmark = pytest.mark.requires("libvfio-user")
@@ -101,7 +103,7 @@ class Run:
         self.ns1, self.ns2 = next((r["ns1"], r["ns2"]) for r in results if r.kind == "nvme.ready")
         self.steps = {r["name"]: r for r in results if r.kind == "nvme.step"}
         self.dmesg = [r["line"] for r in results if r.kind == "nvme.dmesg"]
-        self.nvme_events = [e.data for e in device.events.of_kind("nvme")]
+        self.nvme_events = [e.fields() for e in device.events.of_kind(NvmeEvent)]
 
     def logged(self, pattern: str) -> list[str]:
         return [line for line in self.dmesg if re.search(pattern, line)]
@@ -125,7 +127,7 @@ def keep_evidence(run: Run, artefacts: GuestArtefacts, scenario: str, machine: G
         "steps": run.steps,
         "dmesg": run.dmesg,
         "controller": run.nvme_events,
-        "faults": [e.data for e in run.device.events.of_kind("fault")],
+        "faults": [e.fields() for e in run.device.events.of_kind(FaultInjected)],
     }
     (where / "summary.json").write_text(json.dumps(record, indent=1, default=lambda r: dict(r.data)) + "\n")
     with open(machine.console_log, "rb") as log, gzip.open(where / "console.log.gz", "wb") as packed:
@@ -285,10 +287,10 @@ async def test_memory_decoding_cleared_by_the_device_under_io_makes_the_driver_r
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
     assert run.logged(r"controller is down; will reset: CSTS=0xffffffff"), run.summary()
-    transitions = [(e.data["source"], e.data["memory"]) for e in run.device.events.of_kind("command")]
+    transitions = [(e.source, e.memory) for e in run.device.events.of_kind(CommandChange)]
     assert transitions[0] == ("device", False)
     assert ("client", True) in transitions[1:]
-    dropped = [e for e in run.device.events.of_kind("violation") if e.data["what"] == "access while disabled"]
+    dropped = [e for e in run.device.events.of_kind(Violation) if e.what == "access while disabled"]
     assert dropped, "no BAR access arrived while memory decoding was off"
     assert [e["what"] for e in run.nvme_events].count("enabled") >= 1
 
@@ -305,7 +307,7 @@ async def test_a_dropped_interrupt_is_found_by_the_drivers_timeout_poll(
     assert run.logged(r"I/O (tag )?\d+ .*QID 1 timeout, completion polled"), run.summary()
     assert not run.logged(r"aborting|reset controller"), run.summary()
     assert run.steps["write"]["seconds"] >= IO_TIMEOUT
-    assert [e.data["action"] for e in run.device.events.of_kind("fault")] == ["drop"]
+    assert [e.fault.action for e in run.device.events.of_kind(FaultInjected)] == ["drop"]
 
 
 async def test_a_namespace_resize_is_announced_by_an_async_event_and_rescanned(

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from vdev.client import VfioUserError
+from vdev.model.events import FaultInjected, Irq, Reset
 from vdev.model.faults import Fault, FaultPlan, FaultPlanError, define_fault_event
 from vdev.protocol.constants import IrqIndex
 from vdev.testing import ConnectClient
@@ -34,7 +35,7 @@ async def test_errno_fault_answers_the_access_with_it(vdev_client: ConnectClient
         await client.region_read(0, 0x4, 4)
     assert failure.value.errno == errno.EACCES
     assert u32(await client.region_read(0, 0x4, 4)) == 0  # count=1: the second read is fine
-    assert [e.data["action"] for e in device.events.of_kind("fault")] == ["errno"]
+    assert [e.fault.action for e in device.events.of_kind(FaultInjected)] == ["errno"]
 
 
 async def test_corrupt_and_drop(vdev_client: ConnectClient) -> None:
@@ -74,7 +75,7 @@ async def test_a_delayed_access_delays_only_its_device(vdev_client: ConnectClien
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow_read)
-            await slow.events.wait_for("fault")
+            await slow.events.wait_for(FaultInjected)
             for _ in range(20):
                 assert await fast_client.read32(0, 0x0) == 0x48454C4F
             order.append("fast")
@@ -90,7 +91,7 @@ async def test_interrupt_faults(vdev_client: ConnectClient, action: str, expecte
     (intx,) = await client.set_irqs(IrqIndex.INTX, 0, 1)
     await client.region_write(0, 0x0C, struct.pack("<I", 1))  # doorbell: one interrupt
     assert u32(await client.region_read(0, 0x0, 4))  # orders after the doorbell
-    assert len(device.events.of_kind("irq")) == expected
+    assert len(device.events.of_kind(Irq)) == expected
     assert intx.pending() == expected
 
 
@@ -114,7 +115,7 @@ async def test_err_and_req_faults_signal_the_client_and_the_access_goes_on(vdev_
     await client.region_write(0, 0x4, struct.pack("<I", 9))
     assert device.bar0["scratch"] == 9
     assert (err.pending(), req.pending()) == (0, 1)
-    assert [e.data["action"] for e in device.events.of_kind("fault")] == ["err", "req"]
+    assert [e.fault.action for e in device.events.of_kind(FaultInjected)] == ["err", "req"]
     with pytest.raises(FaultPlanError, match="does not apply"):
         Fault(on="irq", action="err")
 
@@ -135,7 +136,7 @@ async def test_dma_fault_fails_the_transfer(vdev_client: ConnectClient) -> None:
         if _attempt == 0:
             assert bytes(device.dma_buffer[:7]) == bytes(7)  # the injected failure
     assert bytes(device.dma_buffer[:7]) == b"payload"  # the second transfer went through
-    assert [e.data["on"] for e in device.events.of_kind("fault")] == ["dma"]
+    assert [e.fault.on for e in device.events.of_kind(FaultInjected)] == ["dma"]
 
 
 async def test_reset_fault_fails_device_reset(vdev_client: ConnectClient) -> None:
@@ -145,7 +146,7 @@ async def test_reset_fault_fails_device_reset(vdev_client: ConnectClient) -> Non
     with pytest.raises(VfioUserError) as failure:
         await client.device_reset()
     assert failure.value.errno == errno.EIO
-    assert not device.events.of_kind("reset")
+    assert not device.events.of_kind(Reset)
 
 
 async def test_busy_quiesce_holds_the_dma_map(vdev_client: ConnectClient) -> None:

@@ -103,7 +103,7 @@ class PlacedCapability:
 
 
 @dataclass(frozen=True)
-class ConfigWrite:
+class ConfigChange:
     """What a client's config write changed, for the device to act on."""
 
     offset: int
@@ -245,7 +245,7 @@ class ConfigSpace:
     def command(self) -> CommandRegister:
         return CommandRegister(self.read_int(PCI_COMMAND, 2))
 
-    def write(self, offset: int, data: bytes) -> ConfigWrite:
+    def write(self, offset: int, data: bytes) -> ConfigChange:
         """Apply a client write and report what changed."""
         old_command = self.command
         for i, byte in enumerate(data):
@@ -260,7 +260,7 @@ class ConfigSpace:
         touched = tuple(
             p for p in self.capabilities if p.offset < offset + len(data) and offset < p.offset + p.capability.size
         )
-        return ConfigWrite(
+        return ConfigChange(
             offset=offset,
             size=len(data),
             value=int.from_bytes(data, "little"),

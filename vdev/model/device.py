@@ -29,10 +29,22 @@ import trio
 
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
-from vdev.model.config import CommandRegister, ConfigSpace, ConfigWrite
+from vdev.model.config import CommandRegister, ConfigChange, ConfigSpace
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
-from vdev.model.events import EventLog
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    ConfigWrite,
+    Connect,
+    Disconnect,
+    EventLog,
+    FaultInjected,
+    HandlerError,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
 from vdev.model.faults import Fault, FaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
@@ -298,7 +310,7 @@ class Device:
             await function(*args)
         except Exception as exc:
             log.exception("%s: background task %s failed", self.name, getattr(function, "__name__", function))
-            self.events.record("handler_error", task=getattr(function, "__name__", repr(function)), error=repr(exc))
+            self.events.record(HandlerError(task=getattr(function, "__name__", repr(function)), error=repr(exc)))
 
     def attach_nursery(self, nursery: trio.Nursery | None) -> None:
         """The runtime gives the device the nursery its tasks live in (None when it stops).
@@ -320,14 +332,14 @@ class Device:
         """
         self.irq.sink = sink
         self.dma.port = port
-        self.events.record("connect")
+        self.events.record(Connect())
 
     def detach_client(self) -> None:
         """The client went away: its eventfds, interrupt masks and DMA path went with it."""
         self.irq.sink = None
         self.irq.client_gone()
         self.dma.port = None
-        self.events.record("disconnect")
+        self.events.record(Disconnect())
 
     # -- overridable behaviour ----------------------------------------------------
 
@@ -403,7 +415,7 @@ class Device:
         self.command_control.accesses += 1
         value: int = lane[0]()
         if self.events.accesses_wanted:
-            self.events.record("region_read", region=region, offset=offset, size=size, value=value)
+            self.events.record(RegionRead(region=region, offset=offset, size=size, value=value))
         return value.to_bytes(size, "little")
 
     def quick_write(self, region: int, offset: int, data: bytes) -> bool:
@@ -420,7 +432,7 @@ class Device:
         self.command_control.accesses += 1
         value = int.from_bytes(data, "little")
         if self.events.accesses_wanted:
-            self.events.record("region_write", region=region, offset=offset, size=size, value=value)
+            self.events.record(RegionWrite(region=region, offset=offset, size=size, value=value))
         lane[0](value)
         return True
 
@@ -436,7 +448,7 @@ class Device:
             corrupted = int.from_bytes(data, "little") ^ (fault.xor & ((1 << (8 * size)) - 1))
             data = corrupted.to_bytes(size, "little")
         if self.events.accesses_wanted:
-            self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
+            self.events.record(RegionRead(region=region, offset=offset, size=size, value=_as_int(data)))
         return data
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
@@ -448,7 +460,7 @@ class Device:
             return
         fault = await self._inject("write", region, offset)
         if self.events.accesses_wanted:
-            self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
+            self.events.record(RegionWrite(region=region, offset=offset, size=len(data), value=_as_int(data)))
         if fault is not None and fault.action == "drop":
             return
         await self._bar_access(region, offset, len(data), data)
@@ -458,7 +470,7 @@ class Device:
         fault = self.faults.pick(on, region=region, offset=offset)
         if fault is None:
             return None
-        self.events.record("fault", region=region, offset=offset, **fault.describe())
+        self.events.record(FaultInjected(fault=fault, at={"region": region, "offset": offset}))
         if fault.action == "delay":
             await trio.sleep(fault.seconds)
         elif fault.action == "errno":
@@ -476,13 +488,13 @@ class Device:
             policy = bar.when_disabled
             if policy is not DisabledAccess.PASS:
                 self.events.record(
-                    "violation",
-                    what="access while disabled",
-                    region=region,
-                    offset=offset,
-                    size=size,
-                    access="write" if data is not None else "read",
-                    policy=policy.value,
+                    AccessWhileDisabled(
+                        region=region,
+                        offset=offset,
+                        size=size,
+                        access="write" if data is not None else "read",
+                        policy=policy.value,
+                    )
                 )
                 if policy is DisabledAccess.ERROR:
                     raise BarDisabledError(f"BAR{region} {bar.decoding_bit} decoding is disabled")
@@ -503,7 +515,7 @@ class Device:
 
     async def _config_write(self, offset: int, data: bytes) -> None:
         change = self.config.write(offset, data)
-        self.events.record("config_write", offset=offset, size=len(data), value=change.value)
+        self.events.record(ConfigWrite(offset=offset, size=len(data), value=change.value))
         if self.command_control.held_mask:
             self.config.write_int(PCI_COMMAND, 2, self.command_control.apply_holds(self.command.value))
         if change.old_command != self.command:
@@ -518,7 +530,7 @@ class Device:
         wakes :meth:`wait_for_command` and calls :meth:`on_command`.
         """
         new = self.command
-        self.events.record("command", old=old.value, new=new.value, source=source, **new.decoded())
+        self.events.record(CommandChange(old=old.value, new=new.value, source=source, **new.decoded()))
         if old.memory != new.memory:
             for bar in self._bars.values():
                 if bar.decoding_bit == "memory":
@@ -529,7 +541,7 @@ class Device:
         if old.intx_disable and not new.intx_disable:
             self.irq.intx_unmasked()
 
-    async def _capability_writes(self, change: ConfigWrite) -> None:
+    async def _capability_writes(self, change: ConfigChange) -> None:
         for placed in change.capabilities:
             if isinstance(placed.capability, PciExpress) and placed.capability.flr:
                 # Initiate-FLR is write-only (never stored), so look at what was written.
@@ -547,7 +559,7 @@ class Device:
         if kind is not ResetKind.LOST_CONNECTION:
             fault = self.faults.pick("reset")
             if fault is not None:
-                self.events.record("fault", reason=kind.value, **fault.describe())
+                self.events.record(FaultInjected(fault=fault, at={"reason": kind.value}))
                 raise InjectedError(fault.errno, f"{kind.value} reset")
         old_command = self.command
         if kind is ResetKind.LOST_CONNECTION:
@@ -557,7 +569,7 @@ class Device:
             for bar in self._bars.values():
                 bar.reset()
             self.irq.reset()
-        self.events.record("reset", reason=kind.value)
+        self.events.record(Reset(reason=kind.value))
         if old_command != self.command:
             self.command_changed(old_command, source="reset")
         await call_hook(self.on_reset, kind)

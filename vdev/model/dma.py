@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from vdev.model.events import DmaMap, DmaRefused, DmaUnmap, FaultInjected
+
 if TYPE_CHECKING:
     from vdev.model.device import Device
 
@@ -69,13 +71,13 @@ class Dma:
         if mapping.iova not in self.mappings:
             bisect.insort(self._starts, mapping.iova)
         self.mappings[mapping.iova] = mapping
-        self._device.events.record("dma_map", iova=mapping.iova, size=mapping.size, mapped=mapping.mapped)
+        self._device.events.record(DmaMap(iova=mapping.iova, size=mapping.size, mapped=mapping.mapped))
 
     def remove(self, iova: int) -> None:
         mapping = self.mappings.pop(iova, None)
         if mapping is not None:
             del self._starts[bisect.bisect_left(self._starts, iova)]
-            self._device.events.record("dma_unmap", iova=mapping.iova, size=mapping.size)
+            self._device.events.record(DmaUnmap(iova=mapping.iova, size=mapping.size))
 
     def find(self, address: int) -> DmaMapping | None:
         """The mapping holding bus address ``address``, or None."""
@@ -107,7 +109,8 @@ class Dma:
         reason = None
         fault = self._device.faults.pick("dma")
         if fault is not None:
-            self._device.events.record("fault", direction=direction, address=address, size=size, **fault.describe())
+            at = {"direction": direction, "address": address, "size": size}
+            self._device.events.record(FaultInjected(fault=fault, at=at))
             if fault.action == "delay":
                 await trio.sleep(fault.seconds)
             else:
@@ -121,7 +124,7 @@ class Dma:
             elif self.port is None:
                 reason = "no client is connected"
         if reason is not None:
-            self._device.events.record("violation", what="dma", direction=direction, address=address, size=size)
+            self._device.events.record(DmaRefused(direction=direction, address=address, size=size))
             raise DmaError(f"{self._device.name}: DMA {direction} of {size} bytes at {address:#x} refused: {reason}")
         assert self.port is not None and pieces is not None
         return self.port, pieces

@@ -61,14 +61,14 @@ WAITING_ACTIONS = frozenset({"delay", "busy"})
 
 
 @dataclass(frozen=True)
-class DeviceEvent:
+class DeviceFaultEvent:
     """A fault event a device defines: the actions it takes and how it checks a rule's ``where`` and ``params``."""
 
     actions: frozenset[str]
     check: Callable[[Fault], None] | None = None
 
 
-_device_events: dict[str, DeviceEvent] = {}
+_device_events: dict[str, DeviceFaultEvent] = {}
 
 
 def define_fault_event(on: str, actions: Iterable[str], check: Callable[[Fault], None] | None = None) -> None:
@@ -85,7 +85,7 @@ def define_fault_event(on: str, actions: Iterable[str], check: Callable[[Fault],
     known = _device_events.get(on)
     if known is not None and (known.actions != frozenset(actions) or known.check is not check):
         raise ValueError(f"fault event {on!r} is already defined differently")
-    _device_events[on] = DeviceEvent(frozenset(actions), check)
+    _device_events[on] = DeviceFaultEvent(frozenset(actions), check)
 
 
 class FaultPlanError(ValueError):
