@@ -19,7 +19,7 @@ import trio
 
 from vdev.client import Client
 from vdev.model.events import FaultInjected, Irq
-from vdev.model.faults import Fault, FaultPlan, FaultPlanError
+from vdev.model.faults import DeviceFault, DeviceFaultPlan, DeviceFaultPlanError
 from vdev_devices.nvme import Nvme
 from vdev_devices.nvme.events import NvmeEvent
 from vdev_devices.nvme.host import NvmeHost
@@ -366,8 +366,8 @@ async def test_a_write_to_a_missing_queue_doorbell_is_reported_as_an_error_event
 
 async def test_abort_completes_a_hung_command_and_other_queues_go_on(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB, queues=2)
-    device.faults = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={"qid": 1, "opcode": IoOpcode.READ}, count=1)]
+    device.faults = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={"qid": 1, "opcode": IoOpcode.READ}, count=1)]
     )
     async with host_for(vdev_client, device) as host:
         await host.create_io_queues(2)
@@ -390,11 +390,11 @@ async def test_abort_completes_a_hung_command_and_other_queues_go_on(vdev_client
 
 async def test_an_injected_error_status_and_a_delay(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB)
-    device.faults = FaultPlan(
+    device.faults = DeviceFaultPlan(
         [
-            Fault(on="nvme-command", action="status", where={"opcode": IoOpcode.READ}, count=1,
+            DeviceFault(on="nvme-command", action="status", where={"opcode": IoOpcode.READ}, count=1,
                   params={"status": "UNRECOVERED_READ_ERROR", "dnr": False}),
-            Fault(on="nvme-command", action="delay", where={"opcode": IoOpcode.WRITE}, count=1, seconds=0.05),
+            DeviceFault(on="nvme-command", action="delay", where={"opcode": IoOpcode.WRITE}, count=1, seconds=0.05),
         ]
     )  # fmt: skip
     async with host_for(vdev_client, device) as host:
@@ -411,7 +411,7 @@ async def test_an_injected_error_status_and_a_delay(vdev_client: Connect) -> Non
 
 async def test_a_fatal_fault_sets_cfs_until_the_host_resets_the_controller(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB)
-    device.faults = FaultPlan([Fault(on="nvme-command", action="fatal", where={"qid": 1}, count=1)])
+    device.faults = DeviceFaultPlan([DeviceFault(on="nvme-command", action="fatal", where={"qid": 1}, count=1)])
     async with host_for(vdev_client, device) as host:
         await host.create_io_queues(1)
         before = len(device.events.of_kind(NvmeEvent))
@@ -431,13 +431,15 @@ async def test_a_fatal_fault_sets_cfs_until_the_host_resets_the_controller(vdev_
 
 
 def test_fault_plans_for_the_controller_are_checked_when_loaded() -> None:
-    with pytest.raises(FaultPlanError, match="unknown NVMe status 'NOPE'"):
-        FaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "status", "params": {"status": "NOPE"}}]})
-    with pytest.raises(FaultPlanError, match="match on nsid, opcode, qid, not lba"):
-        FaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "where": {"lba": 3}}]})
-    with pytest.raises(FaultPlanError, match="takes no parameter status"):
-        FaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "params": {"status": 1}}]})
-    plan = FaultPlan.from_mapping(
+    with pytest.raises(DeviceFaultPlanError, match="unknown NVMe status 'NOPE'"):
+        DeviceFaultPlan.from_mapping(
+            {"faults": [{"on": "nvme-command", "action": "status", "params": {"status": "NOPE"}}]}
+        )
+    with pytest.raises(DeviceFaultPlanError, match="match on nsid, opcode, qid, not lba"):
+        DeviceFaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "where": {"lba": 3}}]})
+    with pytest.raises(DeviceFaultPlanError, match="takes no parameter status"):
+        DeviceFaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "params": {"status": 1}}]})
+    plan = DeviceFaultPlan.from_mapping(
         {"faults": [{"on": "nvme-command", "action": "status", "where": {"opcode": [1, 2]},
                      "params": {"status": 0x281}}]}
     )  # fmt: skip
@@ -474,8 +476,8 @@ async def test_an_unsupported_page_size_is_a_fatal_configuration(vdev_client: Co
 
 async def test_a_hang_abort_cannot_reach_is_dropped_by_a_controller_reset(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB)
-    device.faults = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={"qid": 1}, count=1, params={"abortable": False})]
+    device.faults = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={"qid": 1}, count=1, params={"abortable": False})]
     )
     async with host_for(vdev_client, device) as host:
         await host.create_io_queues(1)

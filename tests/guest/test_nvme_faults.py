@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from vdev.model.events import CommandChange, FaultInjected, Violation
-from vdev.model.faults import Fault, FaultPlan
+from vdev.model.faults import DeviceFault, DeviceFaultPlan
 from vdev.qemu.guest import GuestArtefacts, GuestMachine, GuestResult
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
@@ -141,7 +141,7 @@ async def run_scenario(
     artefacts: GuestArtefacts,
     socket_dir: Path,
     steps: str,
-    plan: FaultPlan | None = None,
+    plan: DeviceFaultPlan | None = None,
     *,
     act: Callable[[Nvme], None] | None = None,
     go: bool = True,
@@ -193,8 +193,8 @@ async def test_a_write_that_never_completes_is_aborted_then_the_controller_reset
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The write hangs and Abort does not reach it: timeout -> Abort -> second timeout -> reset -> retry."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1,
+    plan = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1,
                params={"abortable": False})]
     )  # fmt: skip
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
@@ -215,8 +215,8 @@ async def test_an_aborted_write_is_retried_without_a_reset(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The write hangs until the driver's Abort completes it (Command Abort Requested): the driver retries it."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1)]
+    plan = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1)]
     )
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
     run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="hang-abortable")
@@ -235,11 +235,11 @@ async def test_a_read_error_fails_the_read_with_dnr_and_is_retried_without(
 ) -> None:
     """Unrecovered Read Error on two reads: with DNR the read fails (EIO); without, the driver retries it."""
     read = {**NAMESPACE_1, "opcode": IoOpcode.READ}
-    plan = FaultPlan(
+    plan = DeviceFaultPlan(
         [
-            Fault(on="nvme-command", action="status", where=read, count=1,
+            DeviceFault(on="nvme-command", action="status", where=read, count=1,
                   params={"status": "UNRECOVERED_READ_ERROR", "dnr": True}),
-            Fault(on="nvme-command", action="status", where=read, count=1,
+            DeviceFault(on="nvme-command", action="status", where=read, count=1,
                   params={"status": "UNRECOVERED_READ_ERROR", "dnr": False}),
         ]
     )  # fmt: skip
@@ -262,8 +262,12 @@ async def test_controller_fatal_status_during_io_makes_the_driver_reset(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """CSTS.CFS in the middle of a 4 MiB write: the driver's timeout sees it, resets, and the write completes."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="fatal", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16, count=1)]
+    plan = DeviceFaultPlan(
+        [
+            DeviceFault(
+                on="nvme-command", action="fatal", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16, count=1
+            )
+        ]
     )
     steps = "step write write /tmp/data2 4194304 65536\nstep verify verify /tmp/data2 4194304\n"
     run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="cfs")
@@ -278,8 +282,8 @@ async def test_memory_decoding_cleared_by_the_device_under_io_makes_the_driver_r
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The device clears its own MEM bit during a write: BAR reads return all-ones; the driver resets, re-enables it."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="memory-off", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16,
+    plan = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="memory-off", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16,
                count=1)]
     )  # fmt: skip
     steps = "step write write /tmp/data2 4194304 65536\nstep verify verify /tmp/data2 4194304\n"
@@ -299,7 +303,7 @@ async def test_a_dropped_interrupt_is_found_by_the_drivers_timeout_poll(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The completion is posted but its MSI-X message never sent: the timeout handler polls the queue and finds it."""
-    plan = FaultPlan([Fault(on="irq", action="drop", vector=1, count=1)])
+    plan = DeviceFaultPlan([DeviceFault(on="irq", action="drop", vector=1, count=1)])
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
     run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="irq-drop")
 

@@ -16,7 +16,7 @@ import trio
 
 from vdev import RO, RW, RW1C, W1S, WO, Bar, Device, Field, Register
 from vdev.model.events import CommandChange, ConfigWrite, RegionRead, RegionWrite
-from vdev.model.faults import Fault, FaultPlan
+from vdev.model.faults import DeviceFault, DeviceFaultPlan
 from vdev.runtime.context import complete_now
 
 BAR = 0
@@ -113,10 +113,10 @@ def test_the_lane_steps_aside_for_what_only_the_general_path_does() -> None:
     assert enabled(Awaiting()).quick_read(BAR, 0x0, 4) is None  # an async hook
     device = enabled(Mixed())
     assert device.quick_read(BAR, 0x0, 2) is None  # part of a register
-    device.faults = FaultPlan([Fault(on="read", action="corrupt", region=BAR, offset=0x40)])
+    device.faults = DeviceFaultPlan([DeviceFault(on="read", action="corrupt", region=BAR, offset=0x40)])
     assert device.quick_read(BAR, 0x0, 4) is None  # a fault plan about reads
     assert device.quick_write(BAR, 0x0, bytes(4))  # ... not about writes
-    device.faults = FaultPlan()
+    device.faults = DeviceFaultPlan()
     device.command_control.toggle_after_accesses(5)
     assert device.quick_read(BAR, 0x0, 4) is None  # accesses are being counted towards a toggle
     device.command_control.toggle_after_accesses(0)

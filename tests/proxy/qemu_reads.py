@@ -20,7 +20,7 @@ from tests.proxy.support import HELLO_IDS, MSG_TIMEOUT_MS, Behind
 from vdev import Device, RegionRead
 from vdev.model.events import DeviceEvent
 from vdev.protocol import Command
-from vdev.proxy import Direction, Fault, FaultPlan, FaultRule, MessageKind
+from vdev.proxy import Direction, FaultRule, MessageKind, WireFault, WireFaultPlan
 from vdev.qemu import QemuExitedError, QemuMachine, QTestClosedError
 from vdev.testing import vfio_user_pci
 
@@ -30,7 +30,7 @@ ALL_ONES = 0xFFFF_FFFF
 DEFAULT_MSG_TIMEOUT_MS = 5000
 
 
-def on_id_reply(fault: Fault) -> FaultPlan:
+def on_id_reply(fault: WireFault) -> WireFaultPlan:
     """A plan applying ``fault`` to the server's reply to the first read of BAR0's id register."""
     rule = FaultRule(
         fault,
@@ -40,7 +40,7 @@ def on_id_reply(fault: Fault) -> FaultPlan:
         region=0,
         offset=0,
     )
-    return FaultPlan([rule])
+    return WireFaultPlan([rule])
 
 
 @dataclass

@@ -44,10 +44,10 @@ from vdev.proxy import (
     Drop,
     Duplicate,
     ExtraFds,
-    FaultPlan,
     FaultRule,
     Oversize,
     Truncate,
+    WireFaultPlan,
     WrongId,
 )
 from vdev.qemu import QemuMachine
@@ -181,7 +181,7 @@ async def test_a_connection_closed_mid_reply_fails_the_read_at_once_when_qemu_re
 
 
 async def test_a_dropped_posted_write_never_reaches_the_device(vdev_socket_dir: Path) -> None:
-    plan = FaultPlan(
+    plan = WireFaultPlan(
         [FaultRule(Drop(), direction=Direction.TO_SERVER, command=Command.REGION_WRITE, region=0, offset=0x04)]
     )
     async with behind_proxy(vdev_socket_dir, plan=plan) as setup:

@@ -45,7 +45,7 @@ from vdev.model.events import (
     RegionWrite,
     Reset,
 )
-from vdev.model.faults import Fault, FaultPlan, InjectedError
+from vdev.model.faults import DeviceFault, DeviceFaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
@@ -166,7 +166,7 @@ class Device:
         self.irq = Interrupts(self)
         self.dma = Dma(self)
         self.command_control = CommandControl(self)
-        self._faults = FaultPlan()
+        self._faults = DeviceFaultPlan()
         self._command_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -252,14 +252,14 @@ class Device:
     # -- state -------------------------------------------------------------------
 
     @property
-    def faults(self) -> FaultPlan:
+    def faults(self) -> DeviceFaultPlan:
         """Faults to inject (see :mod:`vdev.model.faults`); empty by default."""
         return self._faults
 
     @faults.setter
-    def faults(self, plan: FaultPlan) -> None:
-        if not isinstance(plan, FaultPlan):
-            raise TypeError(f"{self.name}: faults must be a FaultPlan, not {type(plan).__name__}")
+    def faults(self, plan: DeviceFaultPlan) -> None:
+        if not isinstance(plan, DeviceFaultPlan):
+            raise TypeError(f"{self.name}: faults must be a DeviceFaultPlan, not {type(plan).__name__}")
         self._faults = plan
 
     def bar(self, index: int) -> BarState:
@@ -465,7 +465,7 @@ class Device:
             return
         await self._bar_access(region, offset, len(data), data)
 
-    async def _inject(self, on: str, region: int, offset: int) -> Fault | None:
+    async def _inject(self, on: str, region: int, offset: int) -> DeviceFault | None:
         """Apply the plan's fault for this access, if one matches; corrupt is the caller's to apply."""
         fault = self.faults.pick(on, region=region, offset=offset)
         if fault is None:

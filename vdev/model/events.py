@@ -52,7 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 import trio
 
 if TYPE_CHECKING:
-    from vdev.model.faults import Fault
+    from vdev.model.faults import DeviceFault
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,7 +291,7 @@ class FaultInjected(DeviceEvent):
     """The device's fault plan injected ``fault`` at ``at`` (region and offset, vector, DMA range…)."""
 
     kind: ClassVar[str] = "fault"
-    fault: Fault
+    fault: DeviceFault
     at: Mapping[str, Any] = field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:

@@ -101,7 +101,7 @@ from vdev.model.bars import BarKind
 from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaMapping
 from vdev.model.events import FaultInjected, HandlerError, NegotiationTimeout, PeerRefused, Quiesce
-from vdev.model.faults import Fault, InjectedError
+from vdev.model.faults import DeviceFault, InjectedError
 from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
 from vdev.protocol.errors import RemoteProtocolError
@@ -885,7 +885,7 @@ class DeviceContext:
         bindings.set_c_errno(errno.EBUSY)
         return -1
 
-    async def _quiesce_later(self, fault: Fault | None) -> None:
+    async def _quiesce_later(self, fault: DeviceFault | None) -> None:
         """Await the device's quiesce hook (and an injected busy spell), then let libvfio-user go on."""
         self.device.events.record(Quiesce(done=False))
         outcome_errno = 0
