@@ -28,7 +28,7 @@ from vdev_devices.nvme import faults as nvme_faults
 from vdev_devices.nvme.admin import ADMIN_COMMANDS, DEFERRED, FEATURES
 from vdev_devices.nvme.events import (
     AbortRequested,
-    AdminCommand,
+    AdminCommandTaken,
     AsyncEventRaised,
     CommandFailed,
     ControllerEnabled,
@@ -571,7 +571,7 @@ class Nvme(Device):
     async def _execute(self, sq: SubmissionQueue, cmd: Command) -> None:
         self.statistics[(sq.qid, cmd.opcode)] += 1
         if sq.qid == 0:
-            admin = AdminCommand(opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10, cdw11=cmd.cdw11)
+            admin = AdminCommandTaken(opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10, cdw11=cmd.cdw11)
             self.events.record(admin)
         if self.faults.faults:
             fault = self.faults.pick(nvme_faults.EVENT, qid=sq.qid, opcode=cmd.opcode, nsid=cmd.nsid)

@@ -104,7 +104,7 @@ class CqDeleted(NvmeEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class AdminCommand(NvmeEvent):
+class AdminCommandTaken(NvmeEvent):
     """The controller took an admin command (before any injected fault)."""
 
     what: str = "admin"
