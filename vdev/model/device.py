@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import trio
 
 from vdev.model.bars import Bar, BarState
-from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
+from vdev.model.capabilities import Capability, MsiX, PciExpress
 from vdev.model.config import Command, ConfigSpace, ConfigWrite
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
@@ -533,11 +533,9 @@ class Device:
         for placed in change.capabilities:
             if isinstance(placed.capability, PciExpress) and placed.capability.flr:
                 # Initiate-FLR is write-only (never stored), so look at what was written.
-                flr_byte = placed.offset + 9
-                if change.offset <= flr_byte < change.offset + change.size:
-                    written = change.value >> (8 * (flr_byte - change.offset)) & 0xFF
-                    if written & (PCI_EXP_DEVCTL_BCR_FLR >> 8):
-                        await self.reset(ResetKind.FLR)
+                control = placed.register("device_control")
+                if change.written(control) & control.field("initiate_flr").mask:
+                    await self.reset(ResetKind.FLR)
         self.irq.deliver_unmasked_pending()
 
     async def reset(self, kind: ResetKind) -> None:

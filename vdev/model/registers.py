@@ -54,6 +54,16 @@ class Field:
     def mask(self) -> int:
         return ((1 << self.width) - 1) << self.lsb
 
+    def extract(self, register_value: int) -> int:
+        """The field's value within ``register_value``, shifted down to bit 0."""
+        return (register_value & self.mask) >> self.lsb
+
+    def insert(self, register_value: int, value: int) -> int:
+        """``register_value`` with the field set to ``value`` (which must fit)."""
+        if value < 0 or value >> self.width:
+            raise ValueError(f"field {self.name!r} is {self.width} bits wide; {value:#x} does not fit")
+        return (register_value & ~self.mask) | (value << self.lsb)
+
 
 @dataclass(frozen=True)
 class Register:
