@@ -357,7 +357,9 @@ class Device:
         A lane is the register's reader or writer and its BAR's COMMAND
         decode bit.  A register qualifies unless one of its hooks is
         ``async`` or it lies in the MSI-X table or PBA (which the device
-        answers itself).  Registers never lie in mapped areas, and a register
+        answers itself); a read or write lane exists only if the size
+        policies (the BAR's, the register's) accept the whole-register
+        access, so a refused access always takes the general path.  Registers never lie in mapped areas, and a register
         always wins over the BAR's raw handlers, so nothing else can claim
         such an access.
         """
@@ -379,8 +381,10 @@ class Device:
                     for hooks in (registers.read_hooks, registers.write_hooks)
                 ):
                     place = (index, register.offset, register.width)
-                    reads[place] = (registers.whole_reader(register), bit)
-                    writes[place] = (registers.whole_writer(register), bit)
+                    if bar.accepts(register.offset, register.width, write=False):
+                        reads[place] = (registers.whole_reader(register), bit)
+                    if bar.accepts(register.offset, register.width, write=True):
+                        writes[place] = (registers.whole_writer(register), bit)
         return reads, writes
 
     def quick_read(self, region: int, offset: int, size: int) -> bytes | None:
