@@ -211,7 +211,7 @@ class Edu(Device):
             self.start_soon(self._run_dma)
 
     async def _run_dma(self) -> None:
-        await trio.sleep(float(self.dma_delay))
+        await trio.sleep(self.dma_delay)
         source, destination, count = (self._latched[name] for name in ("dma_src", "dma_dst", "dma_count"))
         to_ram = bool(self.dma_cmd & DMA_TO_RAM)
         window_address = source if to_ram else destination
