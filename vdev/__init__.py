@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from vdev.model.errors import DefinitionError
     from vdev.model.events import Event, EventLog
     from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
-    from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, Field, Register
+    from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, AccessRefused, AccessSizes, Field, Refusal, Register
     from vdev.runtime import DeviceContext, ServeError, serve
 
 #: Public name -> the module that defines it.
@@ -70,6 +70,9 @@ _EXPORTS: dict[str, str] = {
     "W1S": "vdev.model.registers",
     "WO": "vdev.model.registers",
     "Access": "vdev.model.registers",
+    "AccessRefused": "vdev.model.registers",
+    "AccessSizes": "vdev.model.registers",
+    "Refusal": "vdev.model.registers",
     "Field": "vdev.model.registers",
     "Register": "vdev.model.registers",
     "DeviceContext": "vdev.runtime",
@@ -84,6 +87,8 @@ __all__ = [
     "W1S",
     "WO",
     "Access",
+    "AccessRefused",
+    "AccessSizes",
     "Bar",
     "BarKind",
     "Capability",
@@ -106,6 +111,7 @@ __all__ = [
     "PowerManagement",
     "Prefault",
     "RawCapability",
+    "Refusal",
     "Register",
     "ResetKind",
     "ServeError",
