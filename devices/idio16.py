@@ -80,7 +80,7 @@ class Idio16(Device):
         self.irq_enabled = False
         self.filters_active = False
         self._outputs = 0
-        self.set_inputs(int(self.inputs))
+        self.set_inputs(self.inputs)
 
     # -- what the outside world sees ---------------------------------------------------
 

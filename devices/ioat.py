@@ -277,11 +277,11 @@ class Ioat(Device):
 
     @bar0.on_read("xfercap")
     def read_xfercap(self) -> int:
-        return int(self.xfercap)
+        return self.xfercap
 
     @bar0.on_read("cbver")
     def read_cbver(self) -> int:
-        return int(self.version)
+        return self.version
 
     @bar0.on_read("intrctrl")
     def read_intrctrl(self) -> int:
@@ -432,7 +432,7 @@ class Ioat(Device):
     async def _execute(self, operation: int, size: int, src: int, dst: int) -> None:
         if operation != OP_COPY:
             raise ChannelError(ChanErr.CONTROL, f"operation {operation:#x} is not implemented (copy only)")
-        limit = 1 << (int(self.xfercap) or 35)
+        limit = 1 << (self.xfercap or 35)
         if not 0 < size <= limit:
             raise ChannelError(ChanErr.LENGTH, f"copy of {size} bytes (XFERCAP allows 1 to {limit})")
         for offset in range(0, size, COPY_CHUNK):

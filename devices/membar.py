@@ -110,7 +110,7 @@ class MemBar(Device):
         self.events.subscribe(self._count)
 
     def bar_specs(self) -> list[Bar]:
-        size = int(self.size)
+        size = self.size
         ram = Bar(size, kind="mem64", prefetchable=True, mapped=[(0, size)], index=0)
         mixed = Bar(
             4 * PAGE,
@@ -123,7 +123,7 @@ class MemBar(Device):
     def capabilities(self) -> list[Capability]:
         return [
             PciExpress(flr=True),
-            MsiX(vectors=int(self.vectors), table_bar=4, table_offset=0x1800, pba_bar=4, pba_offset=0x1C00),
+            MsiX(vectors=self.vectors, table_bar=4, table_offset=0x1800, pba_bar=4, pba_offset=0x1C00),
             Msi(vectors=4),
         ]
 

@@ -40,7 +40,18 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
         (["serve", "nosuchdevice", "--socket-path", "/tmp/x.sock"], "no device named 'nosuchdevice'"),
         (["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "nope=1"], "has no parameter 'nope'"),
         (["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "ident"], "expects name=value"),
-        (["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "ident=zz"], "bad value for ident"),
+        (
+            ["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "ident=zz"],
+            "Hello: bad value for --param ident=zz: expected an integer (42, 0x2a, 0o52 or 0b101010), got 'zz'",
+        ),
+        (
+            ["serve", "nvme", "--socket-path", "/tmp/x.sock", "--param", "interrupts=msx"],
+            "Nvme: bad value for --param interrupts=msx: interrupts: one of",
+        ),
+        (
+            ["serve", "membar", "--socket-path", "/tmp/x.sock", "--param", "split_bar4=maybe"],
+            "MemBar: bad value for --param split_bar4=maybe: expected a boolean",
+        ),
         (["serve", "hello"], "--socket-path"),
         (["serve", "no.such.module:Thing", "--socket-path", "/tmp/x.sock"], "cannot load"),
         (["frobnicate"], "invalid choice"),

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
         Violation,
     )
     from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
-    from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, Field, Register
+    from vdev.model.registers import RO, RW, RW1C, W1S, WO, Access, AccessRefused, AccessSizes, Field, Refusal, Register
     from vdev.runtime import DeviceContext, ServeError, serve
 
 #: Public name -> the module that defines it.
@@ -111,6 +111,9 @@ _EXPORTS: dict[str, str] = {
     "W1S": "vdev.model.registers",
     "WO": "vdev.model.registers",
     "Access": "vdev.model.registers",
+    "AccessRefused": "vdev.model.registers",
+    "AccessSizes": "vdev.model.registers",
+    "Refusal": "vdev.model.registers",
     "Field": "vdev.model.registers",
     "Register": "vdev.model.registers",
     "DeviceContext": "vdev.runtime",
@@ -126,6 +129,8 @@ __all__ = [
     "WO",
     "Access",
     "AccessWhileDisabled",
+    "AccessRefused",
+    "AccessSizes",
     "Bar",
     "BarKind",
     "Capability",
@@ -164,6 +169,7 @@ __all__ = [
     "RawCapability",
     "RegionRead",
     "RegionWrite",
+    "Refusal",
     "Register",
     "Reset",
     "ResetKind",

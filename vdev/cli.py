@@ -52,7 +52,7 @@ def _parse_params(device_class: type[Device], pairs: Sequence[str]) -> dict[str,
         try:
             values[name] = specs[name].parse(text)
         except ValueError as exc:
-            raise UsageError(f"bad value for {name}: {exc}") from None
+            raise UsageError(f"{device_class.__name__}: bad value for --param {name}={text}: {exc}") from None
     return values
 
 

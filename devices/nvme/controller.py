@@ -188,24 +188,24 @@ class Nvme(Device):
 
     def __init__(self, name: str | None = None, **params: Any) -> None:
         super().__init__(name, **params)
-        if not 1 <= int(self.queues) <= 64:
+        if not 1 <= self.queues <= 64:
             raise ValueError("queues: 1 to 64 I/O queue pairs")
-        if not 2 <= int(self.queue_entries) <= 65536:
+        if not 2 <= self.queue_entries <= 65536:
             raise ValueError("queue_entries: 2 to 65536")
-        if not 1 <= int(self.mdts) <= 12:
+        if not 1 <= self.mdts <= 12:
             raise ValueError("mdts: 1 to 12")
-        if not 0 <= int(self.doorbell_stride) <= 8:
+        if not 0 <= self.doorbell_stride <= 8:
             raise ValueError("doorbell_stride: 0 to 8")
-        count = int(self.namespaces)
+        count = self.namespaces
         if not 1 <= count <= 16:
             raise ValueError("namespaces: 1 to 16")
         #: The namespaces, by NSID.
         self.active_namespaces: dict[int, Namespace] = {}
         try:
             for nsid in range(1, count + 1):
-                backing = str(self.backing) if nsid == 1 and self.backing else None
+                backing = self.backing if nsid == 1 and self.backing else None
                 self.active_namespaces[nsid] = Namespace(
-                    nsid, int(self.size), int(self.block_size), backing=backing, identity=str(self.serial)
+                    nsid, self.size, self.block_size, backing=backing, identity=self.serial
                 )
         except BaseException:
             self.close()
@@ -213,11 +213,11 @@ class Nvme(Device):
         self.identity = ControllerIdentity(
             vendor_id=self.vendor_id,
             subsystem_vendor_id=self.subsystem_vendor_id,
-            serial=str(self.serial),
+            serial=self.serial,
             model="vdev NVMe controller",
-            mdts=int(self.mdts),
+            mdts=self.mdts,
             namespaces=count,
-            write_cache=bool(self.write_cache),
+            write_cache=self.write_cache,
         )
         self.sqs: dict[int, SubmissionQueue] = {}
         self.cqs: dict[int, CompletionQueue] = {}
@@ -241,19 +241,19 @@ class Nvme(Device):
 
     @property
     def _doorbell_end(self) -> int:
-        return DOORBELLS + 2 * (int(self.queues) + 1) * (4 << int(self.doorbell_stride))
+        return DOORBELLS + 2 * (self.queues + 1) * (4 << self.doorbell_stride)
 
     @property
     def _msix_layout(self) -> tuple[int, int, int]:
         """(table offset, PBA offset, BAR size): each on its own page after the doorbells."""
-        vectors = int(self.queues) + 1
+        vectors = self.queues + 1
         table = _round_up(self._doorbell_end, PAGE)
         pba = table + _round_up(16 * vectors, PAGE)
         end = pba + PAGE
         return table, pba, max(16 * 1024, 1 << math.ceil(math.log2(end)))
 
     def bar_specs(self) -> list[Bar]:
-        capabilities = cap(mqes=int(self.queue_entries) - 1, timeout_500ms=20, dstrd=int(self.doorbell_stride))
+        capabilities = cap(mqes=self.queue_entries - 1, timeout_500ms=20, dstrd=self.doorbell_stride)
         registers = [
             Register("cap", 0x00, width=8, access=RO, reset=capabilities),
             Register("vs", 0x08, access=RO, reset=VERSION_1_4),
@@ -279,7 +279,7 @@ class Nvme(Device):
         return [bar0]
 
     def capabilities(self) -> list[Capability]:
-        vectors = int(self.queues) + 1
+        vectors = self.queues + 1
         offered: list[Capability] = [PowerManagement(), PciExpress(flr=True)]
         if self.interrupts in ("msix", "msi"):
             offered.append(Msi(vectors=min(32, 1 << (vectors - 1).bit_length()), per_vector_mask=True))
@@ -308,15 +308,15 @@ class Nvme(Device):
 
     @property
     def max_transfer(self) -> int:
-        return (1 << int(self.mdts)) * (1 << PAGE_SHIFT_MIN)
+        return (1 << self.mdts) * (1 << PAGE_SHIFT_MIN)
 
     @property
     def max_queue_entries(self) -> int:
-        return int(self.queue_entries)
+        return self.queue_entries
 
     @property
     def max_io_queues(self) -> int:
-        return int(self.queues)
+        return self.queues
 
     @property
     def queues_allocated(self) -> int:
@@ -425,7 +425,7 @@ class Nvme(Device):
 
     def write_doorbell(self, offset: int, data: bytes) -> None:
         """A new SQ tail or CQ head: move the pointer and wake whoever waits for it.  Never waits itself."""
-        stride = 4 << int(self.doorbell_stride)
+        stride = 4 << self.doorbell_stride
         if offset < DOORBELLS or len(data) != 4 or (offset - DOORBELLS) % stride:
             return
         if not self._csts & CSTS_RDY or self._csts & CSTS_CFS:

@@ -6,16 +6,17 @@ memfd or as private memory served through DMA_READ/DMA_WRITE messages.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 import pytest
 import trio
 
-from vdev import WO, Bar, Device, DmaError, Msi, MsiX, Register
+from vdev import RW, WO, AccessSizes, Bar, Device, DmaError, Msi, MsiX, Refusal, Register
 from vdev.client import Client, Interrupt
 from vdev.libvfio_user import Library
-from vdev.model.events import DmaMap, DmaRefused, DmaUnmap, Irq, Quiesce, Reset
+from vdev.model.events import DmaMap, DmaRefused, DmaUnmap, HandlerError, Irq, Quiesce, Reset
 from vdev.protocol.constants import IrqIndex, IrqSetFlag
 from vdev.testing import ConnectClient, ServeDevice, served
 from vdev_devices.edu import Edu
@@ -317,3 +318,35 @@ async def test_a_library_without_vdevs_patches_still_serves(
         assert await client.read32(0, 0x00) == 0x010000ED
         await client.write32(0, 0x04, 0x1234)
         assert await client.read32(0, 0x04) == ~0x1234 & 0xFFFF_FFFF
+
+
+class Strict(Device):
+    """One register that takes 4-byte accesses only and fails any other."""
+
+    vendor_id = 0x1B36
+    device_id = 0x0F45
+    bar0 = Bar(
+        4096,
+        registers=[Register("word", 0x0, access=RW, sizes=AccessSizes(reads=(4,), writes=(4,), refused=Refusal.ERROR))],
+    )
+
+
+async def test_an_access_a_size_policy_refuses_with_an_error_fails_only_that_access(
+    vdev_client: ConnectClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vdev.client import VfioUserError
+
+    device = Strict()
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=False)
+    with caplog.at_level(logging.DEBUG, logger="vdev"):
+        with pytest.raises(VfioUserError) as read_failed:
+            await client.region_read(0, 0x0, 2)
+        with pytest.raises(VfioUserError) as write_failed:
+            await client.region_write(0, 0x0, b"\x01\x02")
+    assert read_failed.value.errno == write_failed.value.errno == errno.EIO
+    await client.write32(0, 0x0, 0x1234)
+    assert await client.read32(0, 0x0) == 0x1234
+    refused = [r for r in caplog.records if "AccessRefused" in r.getMessage()]
+    assert len(refused) == 2 and not any(r.exc_info for r in refused)
+    assert [e.size for e in device.events.of_kind(HandlerError)] == [2, 2]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from vdev.model.bars import Bar, BarKind
 from vdev.model.capabilities import Capability, ExtendedCapability
@@ -96,10 +96,23 @@ class CommandRegister:
 
 @dataclass(frozen=True)
 class PlacedCapability:
-    """A capability and where the layout put it."""
+    """A capability and where the layout put it, with its registers at their config-space offsets."""
 
     capability: Capability
     offset: int
+    _registers: dict[str, Register] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        placed = {r.name: replace(r, offset=self.offset + r.offset) for r in self.capability.registers()}
+        object.__setattr__(self, "_registers", placed)
+
+    def register(self, name: str) -> Register:
+        """The capability's register ``name``, its offset where it lies in config space."""
+        try:
+            return self._registers[name]
+        except KeyError:
+            known = ", ".join(self._registers) or "none"
+            raise KeyError(f"{type(self.capability).__name__} has no register {name!r} (registers: {known})") from None
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,19 @@ class ConfigChange:
     old_command: CommandRegister
     new_command: CommandRegister
     capabilities: tuple[PlacedCapability, ...]
+
+    def written(self, register: Register) -> int:
+        """The bits the client wrote to ``register`` (0 in bytes the write did not cover).
+
+        What a write-only command bit needs: it is never stored, so only the
+        write itself says whether it was set.
+        """
+        first, last = max(self.offset, register.offset), min(self.offset + self.size, register.end)
+        if first >= last:
+            return 0
+        covered = ((1 << (8 * (last - first))) - 1) << (8 * (first - register.offset))
+        value = self.value >> (8 * (first - self.offset)) << (8 * (first - register.offset))
+        return value & covered
 
 
 class ConfigSpace:
@@ -236,6 +262,14 @@ class ConfigSpace:
 
     def read_int(self, offset: int, size: int) -> int:
         return int.from_bytes(self.data[offset : offset + size], "little")
+
+    def read_register(self, register: Register) -> int:
+        """The current value of a placed capability's register (see :meth:`PlacedCapability.register`)."""
+        return self.read_int(register.offset, register.width)
+
+    def write_register(self, register: Register, value: int) -> None:
+        """A device-side store into a placed capability's register: no masks."""
+        self.write_int(register.offset, register.width, value)
 
     def write_int(self, offset: int, size: int, value: int) -> None:
         """A device-side store: no masks, no BAR rules."""

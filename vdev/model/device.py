@@ -22,13 +22,12 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import trio
 
 from vdev.model.bars import Bar, BarState
-from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress
+from vdev.model.capabilities import Capability, MsiX, PciExpress
 from vdev.model.config import CommandRegister, ConfigChange, ConfigSpace
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
@@ -84,35 +83,94 @@ class ResetKind(enum.Enum):
     LOST_CONNECTION = "lost_connection"
 
 
-@dataclass
-class Param(Generic[T]):
-    """A device parameter the CLI exposes as ``--param name=value``."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-    default: T
-    help: str = ""
-    parser: Callable[[str], T] | None = None
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in _TRUE + _FALSE:
+        raise ValueError(f"expected a boolean ({'/'.join(_TRUE)} or {'/'.join(_FALSE)}), got {text!r}")
+    return lowered in _TRUE
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"expected an integer (42, 0x2a, 0o52 or 0b101010), got {text!r}") from None
+
+
+def _real(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number (0.5, 1e-3), got {text!r}") from None
+
+
+def _text(text: str) -> str:
+    return text
+
+
+#: The converter of a parameter whose default has this type and that names no ``parser``.
+_CONVERTERS: dict[type, Callable[[str], Any]] = {bool: _boolean, int: _integer, float: _real, str: _text}
+
+
+class Param(Generic[T]):
+    """A device parameter the CLI exposes as ``--param name=value``, typed by its default.
+
+    ``Param(8)`` is a ``Param[int]``: on a device instance the attribute is
+    the value, an ``int`` to the type checker, so device code uses
+    ``self.queues`` as it is.  The converter from the command line's text is
+    ``parser`` if given (it decides the type: ``Param(128 * MiB,
+    parser=parse_size)``), else the one for the default's type: ``bool``
+    (true/false, yes/no, on/off, 1/0), ``int`` (decimal or 0x/0o/0b), ``float``
+    or ``str``; any other default needs a ``parser``.
+    """
+
+    def __init__(self, default: T, help: str = "", parser: Callable[[str], T] | None = None) -> None:
+        self.default = default
+        self.help = help
+        self.name = ""
+        if parser is None:
+            parser = _CONVERTERS.get(type(default))
+            if parser is None:
+                raise DefinitionError(
+                    f"Param({default!r}): a {type(default).__name__} parameter needs a parser= from text"
+                )
+        self.parser: Callable[[str], T] = parser
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, instance: Any, owner: type) -> Any:
+    @overload
+    def __get__(self, instance: None, owner: type) -> Param[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: object, owner: type) -> Param[T] | T:
         if instance is None:
             return self
-        return instance.params[self.name]
+        value: T = instance.params[self.name]  # type: ignore[attr-defined]
+        return value
+
+    def __repr__(self) -> str:
+        return f"Param({self.default!r}, help={self.help!r})"
 
     def parse(self, text: str) -> T:
-        """Convert a command-line string to the parameter's type."""
-        if self.parser is not None:
-            return self.parser(text)
-        kind: Any = type(self.default)
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"{self.name}: expected a boolean, got {text!r}")
-            return lowered in ("1", "true", "yes", "on")  # type: ignore[return-value]
-        if kind is int:
-            return int(text, 0)  # type: ignore[return-value]
-        return kind(text)  # type: ignore[no-any-return]
+        """Convert a command-line string to the parameter's type (a ValueError says what was expected)."""
+        return self.parser(text)
+
+    def accepts(self, value: object) -> bool:
+        """Whether ``value``, given from Python rather than parsed, has the parameter's type.
+
+        Only a parameter without its own parser can tell (the parser decides
+        its type); an ``int`` is a fine ``float``, as everywhere in Python.
+        """
+        kind = type(self.default)
+        if kind not in _CONVERTERS:
+            return True
+        return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 class Device:
@@ -208,13 +266,24 @@ class Device:
         return found
 
     def _resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults, overridden by ``given``: text is parsed, anything else must have the parameter's type."""
+        owner = type(self).__name__
         specs = self.param_specs()
         unknown = set(given) - set(specs)
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no parameter {', '.join(sorted(unknown))}")
+            raise TypeError(f"{owner} has no parameter {', '.join(sorted(unknown))}")
         values = {name: spec.default for name, spec in specs.items()}
         for name, value in given.items():
-            values[name] = specs[name].parse(value) if isinstance(value, str) else value
+            spec = specs[name]
+            if isinstance(value, str):
+                try:
+                    value = spec.parse(value)
+                except ValueError as exc:
+                    raise ValueError(f"{owner}: bad value for parameter {name}={value!r}: {exc}") from None
+            elif not spec.accepts(value):
+                expected = type(spec.default).__name__
+                raise TypeError(f"{owner}: parameter {name} is {expected}, not {type(value).__name__} {value!r}")
+            values[name] = value
         return values
 
     def _check_layout(self, capabilities: Sequence[Capability]) -> None:
@@ -369,7 +438,9 @@ class Device:
         A lane is the register's reader or writer and its BAR's COMMAND
         decode bit.  A register qualifies unless one of its hooks is
         ``async`` or it lies in the MSI-X table or PBA (which the device
-        answers itself).  Registers never lie in mapped areas, and a register
+        answers itself); a read or write lane exists only if the size
+        policies (the BAR's, the register's) accept the whole-register
+        access, so a refused access always takes the general path.  Registers never lie in mapped areas, and a register
         always wins over the BAR's raw handlers, so nothing else can claim
         such an access.
         """
@@ -391,8 +462,10 @@ class Device:
                     for hooks in (registers.read_hooks, registers.write_hooks)
                 ):
                     place = (index, register.offset, register.width)
-                    reads[place] = (registers.whole_reader(register), bit)
-                    writes[place] = (registers.whole_writer(register), bit)
+                    if bar.accepts(register.offset, register.width, write=False):
+                        reads[place] = (registers.whole_reader(register), bit)
+                    if bar.accepts(register.offset, register.width, write=True):
+                        writes[place] = (registers.whole_writer(register), bit)
         return reads, writes
 
     def quick_read(self, region: int, offset: int, size: int) -> bytes | None:
@@ -545,11 +618,9 @@ class Device:
         for placed in change.capabilities:
             if isinstance(placed.capability, PciExpress) and placed.capability.flr:
                 # Initiate-FLR is write-only (never stored), so look at what was written.
-                flr_byte = placed.offset + 9
-                if change.offset <= flr_byte < change.offset + change.size:
-                    written = change.value >> (8 * (flr_byte - change.offset)) & 0xFF
-                    if written & (PCI_EXP_DEVCTL_BCR_FLR >> 8):
-                        await self.reset(ResetKind.FLR)
+                control = placed.register("device_control")
+                if change.written(control) & control.field("initiate_flr").mask:
+                    await self.reset(ResetKind.FLR)
         self.irq.deliver_unmasked_pending()
 
     async def reset(self, kind: ResetKind) -> None:

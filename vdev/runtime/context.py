@@ -57,9 +57,11 @@ it lives):
 * **Nothing per access that nobody asked for**: access events are built
   only while someone listens (:mod:`vdev.model.events`), fault plans are
   indexed by event kind (:mod:`vdev.model.faults`).
-* An exception in a handler becomes ``-1``/``errno`` for the library (an
-  error reply to that access) and a log line naming the device, region,
-  offset and register; it never crosses into C, and the device goes on.
+* An exception in a handler, or an access a register's size policy refuses
+  with an error (:class:`~vdev.model.registers.AccessRefused`), becomes
+  ``-1``/``errno`` for the library (an error reply to that access) and a log
+  line naming the device, region, offset and register; it never crosses
+  into C, and the device goes on.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaMapping
 from vdev.model.events import FaultInjected, HandlerError, NegotiationTimeout, PeerRefused, Quiesce
 from vdev.model.faults import DeviceFault, InjectedError
-from vdev.model.registers import call_hook
+from vdev.model.registers import AccessRefused, call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
 from vdev.protocol.errors import RemoteProtocolError
 from vdev.protocol.header import HEADER_SIZE, Command, Header
@@ -841,7 +843,7 @@ class DeviceContext:
             self.device.describe(region, offset),
             type(exc).__name__,
             exc,
-            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled, ServeError)),
+            exc_info=not isinstance(exc, (AccessRefused, DmaError, InjectedError, trio.Cancelled, ServeError)),
         )
         try:
             with self.device.lock:
