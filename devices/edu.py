@@ -20,7 +20,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from vdev import RO, RW, WO, AccessSizes, Bar, Device, DmaError, Field, Msi, Param, Register
+from vdev import RO, RW, WO, AccessSizes, Bar, Device, DmaError, DmaRefused, Field, Msi, Param, Register
 
 MiB = 1 << 20
 ALL_ONES = (1 << 64) - 1
@@ -217,7 +217,11 @@ class Edu(Device):
         window_address = source if to_ram else destination
         start = window_address - DMA_WINDOW
         if not (0 <= start and start + count <= DMA_WINDOW_SIZE):
-            self.events.record("violation", what="edu DMA outside its buffer", address=window_address, size=count)
+            direction = "write" if to_ram else "read"
+            refused = DmaRefused(
+                what="edu DMA outside its buffer", direction=direction, address=window_address, size=count
+            )
+            self.events.record(refused)
         else:
             try:
                 if to_ram:

@@ -161,6 +161,23 @@ def test_serve_paths_that_cannot_work_are_one_line_and_status_2(tmp_path: Path, 
     assert message in one_line_error(result)
 
 
+DEVICE_PLAN = '{"faults": [{"on": "read", "action": "delay", "seconds": 1}]}'
+WIRE_PLAN = '{"faults": [{"fault": "delay", "seconds": 1, "command": "REGION_READ"}]}'
+
+
+def test_each_fault_flag_refuses_the_other_kind_of_plan_and_names_the_right_flag(tmp_path: Path) -> None:
+    device_plan, wire_plan = tmp_path / "device.json", tmp_path / "wire.json"
+    device_plan.write_text(DEVICE_PLAN)
+    wire_plan.write_text(WIRE_PLAN)
+    served = run_vdev("serve", "hello", "--socket-path", str(tmp_path / "s.sock"), "--device-faults", str(wire_plan))
+    assert "wire-fault rule" in one_line_error(served) and "vdev proxy --wire-faults" in one_line_error(served)
+    proxy = ["proxy", "--listen", str(tmp_path / "p.sock"), "--connect", str(tmp_path / "s.sock")]
+    proxied = run_vdev(*proxy, "--wire-faults", str(device_plan))
+    assert "device-fault rule" in one_line_error(proxied) and "vdev serve --device-faults" in one_line_error(proxied)
+    old_flag = run_vdev(*proxy, "--faults", str(wire_plan))
+    assert old_flag.returncode == 2 and "--faults" in old_flag.stderr
+
+
 @pytest.mark.requires("libvfio-user")
 def test_proxy_refuses_a_live_servers_socket_and_its_own_upstream(tmp_path: Path) -> None:
     live = tmp_path / "live.sock"

@@ -9,11 +9,39 @@ from typing import Any
 
 import trio
 
-from vdev import Bar, Device, DmaError, Msi, MsiX, Param, PciExpress, PowerManagement, Register, ResetKind
+from vdev import (
+    Bar,
+    Device,
+    DmaError,
+    FaultInjected,
+    Msi,
+    MsiX,
+    Param,
+    PciExpress,
+    PowerManagement,
+    Register,
+    ResetKind,
+)
 from vdev.model.capabilities import Capability
 from vdev.model.registers import RO, RW, RW1C, W1S
 from vdev_devices.nvme import faults as nvme_faults
 from vdev_devices.nvme.admin import ADMIN_COMMANDS, DEFERRED, FEATURES
+from vdev_devices.nvme.events import (
+    AbortRequested,
+    AdminCommandTaken,
+    AsyncEventRaised,
+    CommandFailed,
+    ControllerEnabled,
+    ControllerFatal,
+    ControllerReset,
+    ControllerShutdown,
+    CqCreated,
+    CqDeleted,
+    DoorbellInvalid,
+    InterruptNotDelivered,
+    SqCreated,
+    SqDeleted,
+)
 from vdev_devices.nvme.namespace import Namespace
 from vdev_devices.nvme.nvm import ALL_NAMESPACES, IO_COMMANDS
 from vdev_devices.nvme.queues import (
@@ -417,7 +445,7 @@ class Nvme(Device):
             self.call_soon(queue.ring(value))
 
     def _doorbell_error(self, info: int, qid: int, value: int) -> None:
-        self.events.record("nvme", what="invalid doorbell write", qid=qid, value=value, info=info)
+        self.events.record(DoorbellInvalid(qid=qid, value=value, info=info))
         self._log_error(ErrorEntry(0, 0xFFFF, 0xFFFF, Status.INVALID_FIELD, 0, 0))
         self.raise_async_event(AsyncEventType.ERROR, info, LogPage.ERROR)
 
@@ -444,7 +472,7 @@ class Nvme(Device):
         self.create_cq(0, acq, cq_entries, vector=0, interrupts=True)
         self.create_sq(0, asq, sq_entries, cqid=0, priority=0)
         self._csts |= CSTS_RDY
-        self.events.record("nvme", what="enabled", page_size=self.page_size, asq=asq, acq=acq)
+        self.events.record(ControllerEnabled(page_size=self.page_size, asq=asq, acq=acq))
 
     def _reset_controller(self, why: str) -> None:
         """Controller reset: every queue and held command dropped, features back to defaults, not ready."""
@@ -463,18 +491,18 @@ class Nvme(Device):
         if self.irq.intx_level:
             self.irq.lower_intx()
         self._csts = self._csts & (0x3 << CSTS_SHST_SHIFT)
-        self.events.record("nvme", what="reset", why=why)
+        self.events.record(ControllerReset(why=why))
 
     def _shut_down(self, kind: int) -> None:
         """CC.SHN: stop taking commands and report the shutdown complete; a reset is needed to go on."""
         self._csts = (self._csts & ~(0x3 << CSTS_SHST_SHIFT)) | SHST_COMPLETE << CSTS_SHST_SHIFT
-        self.events.record("nvme", what="shutdown", abrupt=kind == 2)
+        self.events.record(ControllerShutdown(abrupt=kind == 2))
 
     def _fatal(self, why: str) -> None:
         """Controller Fatal Status: stop processing every queue until the host resets the controller."""
         if not self._csts & CSTS_CFS:
             self._csts |= CSTS_CFS
-            self.events.record("nvme", what="fatal", why=why)
+            self.events.record(ControllerFatal(why=why))
             log.warning("%s: controller fatal: %s", self.name, why)
 
     def on_reset(self, kind: ResetKind) -> None:
@@ -487,14 +515,14 @@ class Nvme(Device):
 
     def create_cq(self, qid: int, base: int, entries: int, vector: int, interrupts: bool) -> None:
         self.cqs[qid] = CompletionQueue(qid, base, entries, vector, interrupts)
-        self.events.record("nvme", what="create cq", qid=qid, entries=entries, vector=vector, interrupts=interrupts)
+        self.events.record(CqCreated(qid=qid, entries=entries, vector=vector, interrupts=interrupts))
 
     def create_sq(self, qid: int, base: int, entries: int, cqid: int, priority: int) -> None:
         sq = SubmissionQueue(qid, base, entries, cqid, priority)
         self.sqs[qid] = sq
         self.cqs[cqid].sqs.add(qid)
         self.start_soon(run_owned, sq, self._serve, sq)
-        self.events.record("nvme", what="create sq", qid=qid, entries=entries, cqid=cqid)
+        self.events.record(SqCreated(qid=qid, entries=entries, cqid=cqid))
 
     def _drop(self, sq: SubmissionQueue) -> None:
         """Stop everything working for ``sq``: at once for its tasks' next step, their scopes from Trio."""
@@ -513,11 +541,11 @@ class Nvme(Device):
         cq = self.cqs.get(sq.cqid)
         if cq is not None:
             cq.sqs.discard(qid)
-        self.events.record("nvme", what="delete sq", qid=qid)
+        self.events.record(SqDeleted(qid=qid))
 
     def delete_cq(self, qid: int) -> None:
         del self.cqs[qid]
-        self.events.record("nvme", what="delete cq", qid=qid)
+        self.events.record(CqDeleted(qid=qid))
 
     async def _serve(self, sq: SubmissionQueue) -> None:
         """Take the commands the host submits on ``sq``, in order, for as long as the queue exists."""
@@ -543,12 +571,12 @@ class Nvme(Device):
     async def _execute(self, sq: SubmissionQueue, cmd: Command) -> None:
         self.statistics[(sq.qid, cmd.opcode)] += 1
         if sq.qid == 0:
-            self.events.record("nvme", what="admin", opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10,
-                               cdw11=cmd.cdw11)  # fmt: skip
+            admin = AdminCommandTaken(opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10, cdw11=cmd.cdw11)
+            self.events.record(admin)
         if self.faults.faults:
             fault = self.faults.pick(nvme_faults.EVENT, qid=sq.qid, opcode=cmd.opcode, nsid=cmd.nsid)
             if fault is not None:
-                self.events.record("fault", qid=sq.qid, cid=cmd.cid, opcode=cmd.opcode, **fault.describe())
+                self.events.record(FaultInjected(fault=fault, at={"qid": sq.qid, "cid": cmd.cid, "opcode": cmd.opcode}))
                 if fault.action == "hang":
                     self._hold(sq, cmd, abortable=bool(fault.params.get("abortable", True)))
                     return
@@ -647,7 +675,7 @@ class Nvme(Device):
         cq.advance()
         cq.unsignalled += 1
         if status:
-            self.events.record("nvme", what="error", qid=sq.qid, cid=cid, status=status, dnr=dnr)
+            self.events.record(CommandFailed(qid=sq.qid, cid=cid, status=status, dnr=dnr))
             nsid = cmd.nsid if cmd is not None else 0
             self._log_error(ErrorEntry(0, sq.qid, cid, field, lba, nsid))
 
@@ -709,7 +737,7 @@ class Nvme(Device):
         try:
             self.irq.trigger(vector)
         except ValueError as exc:
-            self.events.record("nvme", what="interrupt not delivered", vector=vector, why=str(exc))
+            self.events.record(InterruptNotDelivered(vector=vector, why=str(exc)))
 
     def _update_intx(self, *, raise_now: bool) -> None:
         """INTx is a level: high while any interrupt-enabled CQ holds entries the host has not consumed."""
@@ -733,7 +761,7 @@ class Nvme(Device):
     def raise_async_event(self, kind: AsyncEventType, info: int, page: LogPage) -> None:
         """Report an event to the host through an outstanding Asynchronous Event Request (now or later)."""
         self._async_events.append((int(kind), info, int(page)))
-        self.events.record("nvme", what="async event", type=int(kind), info=info, log=int(page))
+        self.events.record(AsyncEventRaised(type=int(kind), info=info, log=int(page)))
         self._deliver_events()
 
     def acknowledge_events(self, kind: AsyncEventType) -> None:
@@ -757,7 +785,7 @@ class Nvme(Device):
         """Complete a held command as aborted; False when there is none to abort (or it may not be)."""
         sq = self.sqs.get(sqid)
         held = sq.held.get(cid) if sq is not None else None
-        self.events.record("nvme", what="abort", qid=sqid, cid=cid, aborted=bool(held and held.abortable))
+        self.events.record(AbortRequested(qid=sqid, cid=cid, aborted=bool(held and held.abortable)))
         if sq is None or held is None or not held.abortable:
             return False
         del sq.held[cid]

@@ -19,6 +19,7 @@ from vdev import (
     VendorSpecificExtended,
 )
 from vdev.model.capabilities import Capability
+from vdev.model.events import Irq, Reset
 from vdev.model.registers import Field
 
 DECLARED: list[Capability] = [
@@ -70,7 +71,7 @@ def write(device: Device, offset: int, size: int, value: int) -> None:
 
 
 def resets(device: Device) -> list[str]:
-    return [e.data["reason"] for e in device.events.of_kind("reset")]
+    return [e.reason for e in device.events.of_kind(Reset)]
 
 
 @pytest.mark.parametrize(
@@ -130,7 +131,7 @@ def test_msi_per_vector_mask_holds_a_vector_pending_until_unmasked() -> None:
     assert device.config.read_register(pending) == 0b10
     write(device, mask.offset, 4, 0)
     assert device.config.read_register(pending) == 0
-    fired = [e.data["vector"] for e in device.events.of_kind("irq")]
+    fired = [e.vector for e in device.events.of_kind(Irq)]
     assert fired == [1]
 
 

@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from vdev import RO, RW, RW1C, W1S, WO, AccessSizes, Bar, Device, Field, Register
-from vdev.model.faults import Fault, FaultPlan
+from vdev.model.events import CommandChange, ConfigWrite, RegionRead, RegionWrite
+from vdev.model.faults import DeviceFault, DeviceFaultPlan
 from vdev.runtime.context import complete_now
 
 BAR = 0
@@ -133,7 +134,7 @@ async def test_the_quick_lane_and_the_general_path_agree(kind: type[Mixed | Poli
         assert quick(lane, offset, size, value) == await general(reference, offset, size, value)
     assert lane.bar(BAR).registers.values == reference.bar(BAR).registers.values
     assert lane.rung == reference.rung
-    assert [(e.kind, e.data) for e in lane.events] == [(e.kind, e.data) for e in reference.events]
+    assert list(lane.events) == list(reference.events)  # times aside, events compare by kind and fields
     assert lane.command_control.accesses == reference.command_control.accesses
 
 
@@ -141,10 +142,10 @@ def test_the_lane_steps_aside_for_what_only_the_general_path_does() -> None:
     assert enabled(Awaiting()).quick_read(BAR, 0x0, 4) is None  # an async hook
     device = enabled(Mixed())
     assert device.quick_read(BAR, 0x0, 2) is None  # part of a register
-    device.faults = FaultPlan([Fault(on="read", action="corrupt", region=BAR, offset=0x40)])
+    device.faults = DeviceFaultPlan([DeviceFault(on="read", action="corrupt", region=BAR, offset=0x40)])
     assert device.quick_read(BAR, 0x0, 4) is None  # a fault plan about reads
     assert device.quick_write(BAR, 0x0, bytes(4))  # ... not about writes
-    device.faults = FaultPlan()
+    device.faults = DeviceFaultPlan()
     device.command_control.toggle_after_accesses(5)
     assert device.quick_read(BAR, 0x0, 4) is None  # accesses are being counted towards a toggle
 
@@ -166,14 +167,14 @@ def test_access_events_are_built_only_while_someone_wants_them() -> None:
     complete_now(device.region_write(7, 0x04, (0x2).to_bytes(2, "little")))
     quick(device, 0x0, 4, 5)
     complete_now(device.region_read(BAR, 0x4, 2))
-    assert not device.events.of_kind("region_read", "region_write")
-    assert device.events.of_kind("config_write", "command")  # other events are always kept
+    assert not device.events.of_kind(RegionRead, RegionWrite)
+    assert device.events.of_kind(ConfigWrite, CommandChange)  # other events are always kept
     seen = []
     unsubscribe = device.events.subscribe(seen.append)
     quick(device, 0x0, 4, -1)
     unsubscribe()
     quick(device, 0x0, 4, -1)
-    assert [(e.kind, e.data["value"]) for e in seen] == [("region_read", 5)]
+    assert seen == [RegionRead(region=BAR, offset=0, size=4, value=5)]
     device.events.keep_accesses = True
     quick(device, 0x0, 4, 6)
-    assert [e.data["value"] for e in device.events.of_kind("region_read", "region_write")] == [5, 6]
+    assert [e.value for e in device.events.of_kind(RegionRead, RegionWrite)] == [5, 6]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vdev.model.errors import DefinitionError
+from vdev.model.events import MemoryAction
 from vdev.model.memory import MappedMemory
 from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
 from vdev.model.registers import AccessSizes, ReadHook, Register, RegisterFile, WriteHook, call_hook
@@ -400,7 +401,7 @@ class BarState:
         policy = self.mapping_when_disabled
         if policy is not DisabledMapping.KEEP:
             saved = self.mapped.revoke(keep_contents=policy is DisabledMapping.REVOKE)
-            self.device.events.record("memory", bar=self.index, action=policy.value, saved_bytes=saved)
+            self.device.events.record(MemoryAction(bar=self.index, action=policy.value, saved_bytes=saved))
 
     def memory_enabled(self) -> None:
         """Decoding came back: restore the mapped areas per the prefault policy."""
@@ -410,7 +411,7 @@ class BarState:
         populate = self.prefault is Prefault.POPULATE
         self.mapped.restore(populate=populate)
         if was_revoked or populate:
-            self.device.events.record("memory", bar=self.index, action="restore", prefault=self.prefault.value)
+            self.device.events.record(MemoryAction(bar=self.index, action="restore", prefault=self.prefault.value))
 
     def reset(self) -> None:
         self.registers.reset()

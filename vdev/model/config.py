@@ -59,7 +59,7 @@ CONFIG_SIZE_EXPRESS = 4096
 
 
 @dataclass(frozen=True)
-class Command:
+class CommandRegister:
     """The COMMAND register decoded into the bits devices and tests care about."""
 
     value: int
@@ -116,14 +116,14 @@ class PlacedCapability:
 
 
 @dataclass(frozen=True)
-class ConfigWrite:
+class ConfigChange:
     """What a client's config write changed, for the device to act on."""
 
     offset: int
     size: int
     value: int
-    old_command: Command
-    new_command: Command
+    old_command: CommandRegister
+    new_command: CommandRegister
     capabilities: tuple[PlacedCapability, ...]
 
     def written(self, register: Register) -> int:
@@ -276,10 +276,10 @@ class ConfigSpace:
         self.data[offset : offset + size] = value.to_bytes(size, "little")
 
     @property
-    def command(self) -> Command:
-        return Command(self.read_int(PCI_COMMAND, 2))
+    def command(self) -> CommandRegister:
+        return CommandRegister(self.read_int(PCI_COMMAND, 2))
 
-    def write(self, offset: int, data: bytes) -> ConfigWrite:
+    def write(self, offset: int, data: bytes) -> ConfigChange:
         """Apply a client write and report what changed."""
         old_command = self.command
         for i, byte in enumerate(data):
@@ -294,7 +294,7 @@ class ConfigSpace:
         touched = tuple(
             p for p in self.capabilities if p.offset < offset + len(data) and offset < p.offset + p.capability.size
         )
-        return ConfigWrite(
+        return ConfigChange(
             offset=offset,
             size=len(data),
             value=int.from_bytes(data, "little"),

@@ -28,11 +28,23 @@ import trio
 
 from vdev.model.bars import Bar, BarState
 from vdev.model.capabilities import Capability, MsiX, PciExpress
-from vdev.model.config import Command, ConfigSpace, ConfigWrite
+from vdev.model.config import CommandRegister, ConfigChange, ConfigSpace
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
-from vdev.model.events import EventLog
-from vdev.model.faults import Fault, FaultPlan, InjectedError
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    ConfigWrite,
+    Connect,
+    Disconnect,
+    EventLog,
+    FaultInjected,
+    HandlerError,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
+from vdev.model.faults import DeviceFault, DeviceFaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
@@ -212,7 +224,7 @@ class Device:
         self.irq = Interrupts(self)
         self.dma = Dma(self)
         self.command_control = CommandControl(self)
-        self._faults = FaultPlan()
+        self._faults = DeviceFaultPlan()
         self._command_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -309,14 +321,14 @@ class Device:
     # -- state -------------------------------------------------------------------
 
     @property
-    def faults(self) -> FaultPlan:
+    def faults(self) -> DeviceFaultPlan:
         """Faults to inject (see :mod:`vdev.model.faults`); empty by default."""
         return self._faults
 
     @faults.setter
-    def faults(self, plan: FaultPlan) -> None:
-        if not isinstance(plan, FaultPlan):
-            raise TypeError(f"{self.name}: faults must be a FaultPlan, not {type(plan).__name__}")
+    def faults(self, plan: DeviceFaultPlan) -> None:
+        if not isinstance(plan, DeviceFaultPlan):
+            raise TypeError(f"{self.name}: faults must be a DeviceFaultPlan, not {type(plan).__name__}")
         self._faults = plan
 
     def bar(self, index: int) -> BarState:
@@ -326,11 +338,11 @@ class Device:
         return iter(self._bars.values())
 
     @property
-    def command(self) -> Command:
+    def command(self) -> CommandRegister:
         """The COMMAND register as the client last wrote it."""
         return self.config.command
 
-    async def wait_for_command(self, predicate: Callable[[Command], bool]) -> Command:
+    async def wait_for_command(self, predicate: Callable[[CommandRegister], bool]) -> CommandRegister:
         """Sleep until COMMAND satisfies ``predicate`` (e.g. ``lambda c: c.memory``)."""
         while True:
             with self.lock:
@@ -367,7 +379,7 @@ class Device:
             await function(*args)
         except Exception as exc:
             log.exception("%s: background task %s failed", self.name, getattr(function, "__name__", function))
-            self.events.record("handler_error", task=getattr(function, "__name__", repr(function)), error=repr(exc))
+            self.events.record(HandlerError(task=getattr(function, "__name__", repr(function)), error=repr(exc)))
 
     def attach_nursery(self, nursery: trio.Nursery | None) -> None:
         """The runtime gives the device the nursery its tasks live in (None when it stops).
@@ -389,14 +401,14 @@ class Device:
         """
         self.irq.sink = sink
         self.dma.port = port
-        self.events.record("connect")
+        self.events.record(Connect())
 
     def detach_client(self) -> None:
         """The client went away: its eventfds, interrupt masks and DMA path went with it."""
         self.irq.sink = None
         self.irq.client_gone()
         self.dma.port = None
-        self.events.record("disconnect")
+        self.events.record(Disconnect())
 
     # -- overridable behaviour ----------------------------------------------------
 
@@ -415,7 +427,7 @@ class Device:
         device that does not override it is quiesced immediately.
         """
 
-    def on_command(self, old: Command, new: Command) -> None:
+    def on_command(self, old: CommandRegister, new: CommandRegister) -> None:
         """Called after each change of COMMAND.  Default: nothing."""
 
     # -- entry points for the runtime ---------------------------------------------
@@ -476,7 +488,7 @@ class Device:
         self.command_control.accesses += 1
         value: int = lane[0]()
         if self.events.accesses_wanted:
-            self.events.record("region_read", region=region, offset=offset, size=size, value=value)
+            self.events.record(RegionRead(region=region, offset=offset, size=size, value=value))
         return value.to_bytes(size, "little")
 
     def quick_write(self, region: int, offset: int, data: bytes) -> bool:
@@ -493,7 +505,7 @@ class Device:
         self.command_control.accesses += 1
         value = int.from_bytes(data, "little")
         if self.events.accesses_wanted:
-            self.events.record("region_write", region=region, offset=offset, size=size, value=value)
+            self.events.record(RegionWrite(region=region, offset=offset, size=size, value=value))
         lane[0](value)
         return True
 
@@ -509,7 +521,7 @@ class Device:
             corrupted = int.from_bytes(data, "little") ^ (fault.xor & ((1 << (8 * size)) - 1))
             data = corrupted.to_bytes(size, "little")
         if self.events.accesses_wanted:
-            self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
+            self.events.record(RegionRead(region=region, offset=offset, size=size, value=_as_int(data)))
         return data
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
@@ -521,17 +533,17 @@ class Device:
             return
         fault = await self._inject("write", region, offset)
         if self.events.accesses_wanted:
-            self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
+            self.events.record(RegionWrite(region=region, offset=offset, size=len(data), value=_as_int(data)))
         if fault is not None and fault.action == "drop":
             return
         await self._bar_access(region, offset, len(data), data)
 
-    async def _inject(self, on: str, region: int, offset: int) -> Fault | None:
+    async def _inject(self, on: str, region: int, offset: int) -> DeviceFault | None:
         """Apply the plan's fault for this access, if one matches; corrupt is the caller's to apply."""
         fault = self.faults.pick(on, region=region, offset=offset)
         if fault is None:
             return None
-        self.events.record("fault", region=region, offset=offset, **fault.describe())
+        self.events.record(FaultInjected(fault=fault, at={"region": region, "offset": offset}))
         if fault.action == "delay":
             await trio.sleep(fault.seconds)
         elif fault.action == "errno":
@@ -549,13 +561,13 @@ class Device:
             policy = bar.when_disabled
             if policy is not DisabledAccess.PASS:
                 self.events.record(
-                    "violation",
-                    what="access while disabled",
-                    region=region,
-                    offset=offset,
-                    size=size,
-                    access="write" if data is not None else "read",
-                    policy=policy.value,
+                    AccessWhileDisabled(
+                        region=region,
+                        offset=offset,
+                        size=size,
+                        access="write" if data is not None else "read",
+                        policy=policy.value,
+                    )
                 )
                 if policy is DisabledAccess.ERROR:
                     raise BarDisabledError(f"BAR{region} {bar.decoding_bit} decoding is disabled")
@@ -576,14 +588,14 @@ class Device:
 
     async def _config_write(self, offset: int, data: bytes) -> None:
         change = self.config.write(offset, data)
-        self.events.record("config_write", offset=offset, size=len(data), value=change.value)
+        self.events.record(ConfigWrite(offset=offset, size=len(data), value=change.value))
         if self.command_control.held_mask:
             self.config.write_int(PCI_COMMAND, 2, self.command_control.apply_holds(self.command.value))
         if change.old_command != self.command:
             self.command_changed(change.old_command, source="client")
         await self._capability_writes(change)
 
-    def command_changed(self, old: Command, *, source: str) -> None:
+    def command_changed(self, old: CommandRegister, *, source: str) -> None:
         """The one path every COMMAND transition takes, from the client or the device.
 
         Records the event, applies the BARs' memory-enable policies (so a
@@ -591,7 +603,7 @@ class Device:
         wakes :meth:`wait_for_command` and calls :meth:`on_command`.
         """
         new = self.command
-        self.events.record("command", old=old.value, new=new.value, source=source, **new.decoded())
+        self.events.record(CommandChange(old=old.value, new=new.value, source=source, **new.decoded()))
         if old.memory != new.memory:
             for bar in self._bars.values():
                 if bar.decoding_bit == "memory":
@@ -602,7 +614,7 @@ class Device:
         if old.intx_disable and not new.intx_disable:
             self.irq.intx_unmasked()
 
-    async def _capability_writes(self, change: ConfigWrite) -> None:
+    async def _capability_writes(self, change: ConfigChange) -> None:
         for placed in change.capabilities:
             if isinstance(placed.capability, PciExpress) and placed.capability.flr:
                 # Initiate-FLR is write-only (never stored), so look at what was written.
@@ -618,7 +630,7 @@ class Device:
         if kind is not ResetKind.LOST_CONNECTION:
             fault = self.faults.pick("reset")
             if fault is not None:
-                self.events.record("fault", reason=kind.value, **fault.describe())
+                self.events.record(FaultInjected(fault=fault, at={"reason": kind.value}))
                 raise InjectedError(fault.errno, f"{kind.value} reset")
         old_command = self.command
         if kind is ResetKind.LOST_CONNECTION:
@@ -628,7 +640,7 @@ class Device:
             for bar in self._bars.values():
                 bar.reset()
             self.irq.reset()
-        self.events.record("reset", reason=kind.value)
+        self.events.record(Reset(reason=kind.value))
         if old_command != self.command:
             self.command_changed(old_command, source="reset")
         await call_hook(self.on_reset, kind)

@@ -32,6 +32,7 @@ import struct
 from typing import TYPE_CHECKING, Protocol
 
 from vdev.model.capabilities import Msi, MsiX
+from vdev.model.events import FaultInjected, Irq
 from vdev.model.pci_regs import PCI_STATUS, PCI_STATUS_INTERRUPT
 from vdev.model.registers import Field, Register
 from vdev.protocol.constants import IrqIndex
@@ -173,11 +174,11 @@ class Interrupts:
         times = 1
         fault = self._device.faults.pick("irq", vector=vector)
         if fault is not None:
-            self._device.events.record("fault", type=irq_type.name.lower(), vector=vector, **fault.describe())
+            self._device.events.record(FaultInjected(fault=fault, at={"type": irq_type.name.lower(), "vector": vector}))
             times = {"drop": 0, "duplicate": 2, "storm": fault.times}[fault.action]
         for _ in range(times):
             connected = self.sink is not None
-            self._device.events.record("irq", type=irq_type.name.lower(), vector=vector, connected=connected)
+            self._device.events.record(Irq(type=irq_type.name.lower(), vector=vector, connected=connected))
             if self.sink is not None:
                 self.sink.fire(irq_type, vector)
 
@@ -232,7 +233,7 @@ class Interrupts:
 
     def _hold(self, vector: int, why: str) -> None:
         self.msix_pending.add(vector)
-        self._device.events.record("irq", type="msix", vector=vector, held=why)
+        self._device.events.record(Irq(type="msix", vector=vector, held=why))
 
     def no_eventfd(self, irq_type: IrqIndex, vector: int) -> None:
         """The client has no eventfd for ``vector``: an MSI-X vector waits, pending, for one.

@@ -54,7 +54,7 @@ import trio
 from vdev.model.bars import BarState
 from vdev.model.capabilities import Msi, MsiX
 from vdev.model.device import Device, ResetKind
-from vdev.model.dma import DmaError, DmaRegion
+from vdev.model.dma import DmaError, DmaMapping
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
@@ -307,7 +307,7 @@ class Bench(Generic[D]):
         await call_hook(self.device.on_quiesce)
         memory = bytearray(size)
         self.memory.regions[iova] = memory
-        self.device.dma.add(DmaRegion(iova, size, mapped))
+        self.device.dma.add(DmaMapping(iova, size, mapped))
         return memory
 
     async def dma_unmap(self, iova: int) -> None:
