@@ -69,7 +69,7 @@ from typing import Any
 import trio
 
 from vdev.guest import GuestSetupError, describe, find_kernel, patched
-from vdev.model.events import Event
+from vdev.model.events import AccessWhileDisabled, CommandChange, DeviceEvent, RegionWrite, Reset
 from vdev.provenance import Provenance, collect
 from vdev.qemu.cmdline import MiB
 from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestMachine, GuestResult, parse_result
@@ -254,22 +254,21 @@ class ServerLog:
     violations: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def from_events(cls, events: Iterable[Event]) -> ServerLog:
+    def from_events(cls, events: Iterable[DeviceEvent]) -> ServerLog:
         log = cls()
         label = BEFORE
         for event in events:
-            data = event.data
-            at_doorbell = data.get("region") == 2 and data.get("offset") == 0
-            if event.kind == "region_write" and at_doorbell:
-                # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
-                label = int(data["value"]) & 0xFFFF_FFFF
-                log.doorbells.append(label)
-            elif event.kind == "violation" and at_doorbell:
-                log.violations[label] = log.violations.get(label, 0) + 1
-            elif event.kind == "command" and bool(data["old"] & 0x2) != bool(data["new"] & 0x2):
-                log.transitions.setdefault(label, []).append(Transition(bool(data["memory"]), data["source"]))
-            elif event.kind == "reset":
-                log.resets.setdefault(label, []).append(data["reason"])
+            match event:
+                case RegionWrite(region=2, offset=0, value=int(value)):
+                    # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
+                    label = value & 0xFFFF_FFFF
+                    log.doorbells.append(label)
+                case AccessWhileDisabled(region=2, offset=0):
+                    log.violations[label] = log.violations.get(label, 0) + 1
+                case CommandChange(old=old, new=new, memory=memory, source=source) if (old ^ new) & 0x2:
+                    log.transitions.setdefault(label, []).append(Transition(memory, source))
+                case Reset(reason=reason):
+                    log.resets.setdefault(label, []).append(reason)
         return log
 
     def memory_changes(self, label: int) -> list[bool]:

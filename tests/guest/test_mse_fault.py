@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from vdev.model.events import Event
+from vdev.model.events import CommandChange, RegionWrite
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts
 from vdev_experiments.mse import (
@@ -127,16 +127,19 @@ async def test_server_toggling_is_invisible_to_the_guests_mappings(
 # -- the analysis on hand-made logs ---------------------------------------------------------
 
 
-def _event(kind: str, **data: Any) -> Event:
-    return Event(kind=kind, device="membar", t=0.0, data=data)
+def _doorbell(value: int) -> RegionWrite:
+    return RegionWrite(region=2, offset=0, size=4, value=value)
 
 
-def _doorbell(value: int) -> Event:
-    return _event("region_write", region=2, offset=0, size=4, value=value)
-
-
-def _command(old: int, new: int, source: str = "client") -> Event:
-    return _event("command", old=old, new=new, source=source, memory=bool(new & 2))
+def _command(old: int, new: int, source: str = "client") -> CommandChange:
+    decoded = {
+        "memory": bool(new & 2),
+        "io": bool(new & 1),
+        "master": bool(new & 4),
+        "serr": False,
+        "intx_disable": False,
+    }
+    return CommandChange(old=old, new=new, source=source, **decoded)
 
 
 def _epoch(number: int, state: str, *, sigbus: int = 0, unexplained: int = 0) -> dict[str, Any]:
@@ -163,7 +166,7 @@ def test_the_server_log_files_each_mem_change_under_the_doorbell_before_it() -> 
         [
             _command(0, 0x103),
             _doorbell(0),
-            _event("region_write", region=2, offset=4, size=4, value=0),
+            RegionWrite(region=2, offset=4, size=4, value=0),
             _doorbell(1),
             _command(0x103, 0x101),
             _command(0x101, 0x103),
