@@ -38,7 +38,9 @@ def bookworm(qemu_binary: Path) -> GuestArtefacts:
 def explain(run: MseRun) -> str:
     lines = [f"{'ok  ' if v.passed else 'FAIL'} {v.name}: {v.detail}" for v in run.verdicts]
     faults = [(e["faults_first_touch"], e["faults_walk"]) for e in run.report.latency]
-    return "\n".join([*lines, *run.kernel_report, f"faults (first touch, walk): {faults}", f"console: {run.console_log}"])
+    return "\n".join(
+        [*lines, *run.kernel_report, f"faults (first touch, walk): {faults}", f"console: {run.console_log}"]
+    )
 
 
 @pytest.mark.requires("libvfio-user")
