@@ -223,6 +223,10 @@ class GuestReport:
     def epoch(self, number: int) -> Mapping[str, Any]:
         return next(epoch for epoch in self.epochs if epoch["epoch"] == number)
 
+    def enable_ns(self, phase: str) -> list[int]:
+        """How long each enabling COMMAND write of ``phase`` took: what a kernel that maps BAR0 at the enable pays."""
+        return [e["flip_ns"] for e in self.epochs if e["phase"] == phase and e["state"] == "enabled"]
+
 
 # -- the server's side ------------------------------------------------------------------
 
@@ -618,6 +622,7 @@ class MseRun:
                 "under_load": loaded,
                 "under_load_median": statistics.median(loaded) if loaded else None,
             },
+            "enable_ns": {"quiet": report.enable_ns("latency"), "under_load": report.enable_ns("toggle")},
             "walk_ns": [entry["walk_ns"] for entry in report.latency],
             "walk_mapped_ns": [entry["walk_mapped_ns"] for entry in report.latency],
             "faults_per_enable": faults_per_enable(report.latency),
@@ -817,6 +822,7 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
         quiet = [ns for data in same for ns in data["first_touch_ns"]["quiet"]]
         loaded = [ns for data in same for ns in data["first_touch_ns"]["under_load"]]
         walks = [ns for data in same for ns in data["walk_ns"]]
+        enables = [ns for data in same for ns in data["enable_ns"]["quiet"]]
         faults = [n for data in same for n in data["faults_per_enable"]]
         entry[mode] = {
             "repeats": len(same),
@@ -826,6 +832,7 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
             "first_touch_us_quiet_median": _us(statistics.median(quiet) if quiet else None),
             "first_touch_us_under_load_median": _us(statistics.median(loaded) if loaded else None),
             "walk_us_median": _us(statistics.median(walks) if walks else None),
+            "enable_us_quiet_median": _us(statistics.median(enables) if enables else None),
             "faults_per_enable": sorted(faults),
             "storm_enables": sum(data["storm"]["cycles"] for data in same if data["storm"]),
             "storm_sigbus": sum(data["storm"]["sigbus"] for data in same if data["storm"]),
@@ -893,6 +900,13 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
             lines += [
                 f"Faults to reach all {latency[0]['pages'] + 1} pages of BAR0 after a quiet enable: "
                 f"median {statistics.median(faults):g} (min {min(faults)}, max {max(faults)}, {len(faults)} enables).",
+                "",
+            ]
+        enables = [ns for run in runs if run.kernel == kernel for ns in run.report.enable_ns("latency")]
+        if enables:
+            lines += [
+                f"The enabling COMMAND write of a quiet enable: median {_us(statistics.median(enables))} µs "
+                f"(min {_us(min(enables))}, max {_us(max(enables))}, {len(enables)} enables).",
                 "",
             ]
     return "\n".join(lines)
