@@ -44,6 +44,7 @@ KINDS = frozenset(
         "reset",
         "quiesce",
         "memory",
+        "power",
         "connect",
         "disconnect",
         "handler_error",

@@ -32,6 +32,12 @@ COMMAND_WRITABLE = (
     | PCI_COMMAND_INTX_DISABLE
 )
 
+#: PMCSR, at this offset in the Power Management capability; its low two bits are the power state.
+PCI_PM_CTRL = 4
+PCI_PM_CTRL_STATE_MASK = 0x0003
+PCI_D0 = 0
+PCI_D3HOT = 3
+
 PCI_STATUS_INTERRUPT = 0x0008
 PCI_STATUS_CAP_LIST = 0x0010
 STATUS_RW1C = 0xF900  # master data parity, target/master aborts, SERR, parity error
