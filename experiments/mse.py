@@ -124,6 +124,11 @@ class MseConfig:
     latency_cycles: int = 6
     reset: bool = True
     fork: bool = True
+    #: Guest mode, under load after the toggles: D3hot and back through PMCSR, and a hot reset where allowed.
+    d3hot: bool = True
+    hot_reset: bool = True
+    #: Guest mode, last: close the device fd, group and container while MEM is off and BAR0 is mapped.
+    close: bool = True
     #: Guest mode: enables under load at the end, every toucher released together after each
     #: (``threads`` threads in the program and in each of ``storm_processes`` children).
     storm_cycles: int = 1000
@@ -175,6 +180,9 @@ class MseConfig:
             words += ["-s", str(self.storm_cycles), "-P", str(self.storm_processes)]
             words += [] if self.reset else ["-R"]
             words += [] if self.fork else ["-F"]
+            words += [] if self.d3hot else ["-D"]
+            words += [] if self.hot_reset else ["-H"]
+            words += [] if self.close else ["-C"]
         else:
             words += ["-d", str(self.seconds)]
         return " ".join(words)
@@ -193,6 +201,10 @@ class GuestReport:
     eio: Mapping[str, Any] | None = None
     reset: Mapping[str, Any] | None = None
     storm: Mapping[str, Any] | None = None
+    d3hot: Mapping[str, Any] | None = None
+    hot_reset: Mapping[str, Any] | None = None
+    close: Mapping[str, Any] | None = None
+    close_steps: list[Mapping[str, Any]] = field(default_factory=list)
     forks: list[Mapping[str, Any]] = field(default_factory=list)
     stamps: list[Mapping[str, Any]] = field(default_factory=list)
     readback: Mapping[str, Any] | None = None
@@ -203,9 +215,9 @@ class GuestReport:
     def from_results(cls, results: Iterable[Mapping[str, Any]]) -> GuestReport:
         report = cls()
         single = {"mse.device": "device", "mse.eio": "eio", "mse.reset": "reset", "mse.readback": "readback"}
-        single |= {"mse.storm": "storm"}
+        single |= {"mse.storm": "storm", "mse.d3hot": "d3hot", "mse.hot_reset": "hot_reset", "mse.close": "close"}
         lists = {"mse.epoch": report.epochs, "mse.latency": report.latency, "mse.fork": report.forks}
-        lists |= {"mse.stamps": report.stamps, "mse.error": report.errors}
+        lists |= {"mse.stamps": report.stamps, "mse.error": report.errors, "mse.close.step": report.close_steps}
         for result in results:
             kind = result["kind"]
             if kind in single:
@@ -248,6 +260,8 @@ class ServerLog:
     resets: dict[int, list[str]] = field(default_factory=dict)
     #: Label -> master-aborted (or refused) doorbell writes under it.
     violations: dict[int, int] = field(default_factory=dict)
+    #: Label -> the power states (PMCSR) the device moved to under it, in order.
+    power: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_events(cls, events: Iterable[Event]) -> ServerLog:
@@ -266,10 +280,16 @@ class ServerLog:
                 log.transitions.setdefault(label, []).append(Transition(bool(data["memory"]), data["source"]))
             elif event.kind == "reset":
                 log.resets.setdefault(label, []).append(data["reason"])
+            elif event.kind == "power":
+                log.power.setdefault(label, []).append(int(data["new"]))
         return log
 
     def memory_changes(self, label: int) -> list[bool]:
         return [t.memory for t in self.transitions.get(label, [])]
+
+    def decoding_stopped(self, label: int) -> bool:
+        """Whether the device stopped decoding memory under ``label``: MEM cleared or a move out of D0."""
+        return False in self.memory_changes(label) or any(state != 0 for state in self.power.get(label, []))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -277,6 +297,7 @@ class ServerLog:
             "transitions": {str(k): [asdict(t) for t in v] for k, v in sorted(self.transitions.items())},
             "resets": {str(k): v for k, v in sorted(self.resets.items())},
             "violations": {str(k): v for k, v in sorted(self.violations.items())},
+            "power": {str(k): v for k, v in sorted(self.power.items())},
         }
 
 
@@ -371,6 +392,10 @@ def _epochs_match_server(report: GuestReport, server: ServerLog) -> Verdict:
             mismatches.append(f"epoch {number} (disabled): server saw MEM changes {changes}")
         elif state == "enabled" and changes:
             mismatches.append(f"epoch {number} (enabled): server saw MEM changes {changes}")
+        elif state == "d3hot" and (changes or server.power.get(number) != [3, 0]):
+            mismatches.append(
+                f"epoch {number} (d3hot): server saw power states {server.power.get(number)}, MEM changes {changes}"
+            )
         elif state == "reset" and not server.resets.get(number):
             mismatches.append(f"epoch {number} (reset): server saw no reset")
         elif state == "storm":
@@ -387,7 +412,7 @@ def _sigbus_only_when_disabled(report: GuestReport, server: ServerLog) -> Verdic
     wrong = [
         f"epoch {epoch['epoch']}: {epoch['sigbus']}"
         for epoch in report.epochs
-        if epoch["sigbus"] and False not in server.memory_changes(epoch["epoch"])
+        if epoch["sigbus"] and not server.decoding_stopped(epoch["epoch"])
     ]
     total = sum(epoch["sigbus"] for epoch in report.epochs)
     ok = not unexplained and not wrong
@@ -457,6 +482,94 @@ def _reset_stalls(report: GuestReport, server: ServerLog) -> Verdict:
     )
 
 
+def _d3hot_blocks_access(report: GuestReport, server: ServerLog) -> Verdict:
+    """D3hot through PMCSR: both transitions took, nothing reached BAR0 in D3hot, and D0 gave it back."""
+    d3hot = report.d3hot
+    if d3hot is None:
+        return Verdict("d3hot_blocks_access", False, "no mse.d3hot report")
+    number = d3hot["epoch"]
+    epoch = report.epoch(number)
+    after = [e for e in report.epochs if e["epoch"] == number + 1]
+    problems = []
+    if (d3hot["to_d3"], d3hot["state_d3"], d3hot["to_d0"], d3hot["state_d0"]) != ("ok", 3, "ok", 0):
+        problems.append(
+            f"PMCSR writes {d3hot['to_d3']}/{d3hot['to_d0']}, read back D{d3hot['state_d3']} then D{d3hot['state_d0']}"
+        )
+    if epoch["stored_while_disabled"] or epoch["sigbus_unexplained"]:
+        problems.append(f"{epoch['stored_while_disabled']} stores succeeded in D3hot")
+    if d3hot["pread_d3"] != "EIO" or d3hot["doorbell_d3"] != "EIO":
+        problems.append(f"in D3hot a BAR0 pread gave {d3hot['pread_d3']}, the doorbell {d3hot['doorbell_d3']}")
+    if d3hot["doorbell_d0"] != "ok" or not after or not after[0]["stamps"] or after[0]["sigbus"]:
+        problems.append("back in D0 the workers did not store without SIGBUS, or the doorbell failed")
+    if server.power.get(number) != [3, 0]:
+        problems.append(f"the server saw power states {server.power.get(number)} in the epoch")
+    detail = (
+        f"D3hot for {epoch['ns'] / 1e6:.0f} ms under load: {epoch['sigbus']} SIGBUS, "
+        f"{epoch['stored_while_disabled']} stores succeeded, pread {d3hot['pread_d3']}; back in D0 "
+        f"{after[0]['stamps'] if after else 0} stores; server power states {server.power.get(number)}"
+    )
+    return Verdict("d3hot_blocks_access", not problems, "; ".join(problems) or detail)
+
+
+#: Why a hot reset cannot run for membar in the experiment's guest, read in the kernel's source: the device sits
+#: on the q35 root bus, with no bridge above it whose secondary bus could be reset, and no hotplug slot.
+HOT_RESET_REFUSED = (
+    "ENODEV",
+    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: vfio_pci_core.c returns -ENODEV when pci_probe_reset_slot() fails "
+    "(no hotplug slot) and pci_probe_reset_bus() fails (pci.c: a root bus has no bus->self bridge, -ENOTTY)",
+)
+
+
+def _hot_reset(report: GuestReport, server: ServerLog) -> Verdict:
+    """A hot reset that ran behaves like a device reset; one that cannot run is refused for the known reason only."""
+    hot = report.hot_reset
+    if hot is None:
+        return Verdict("hot_reset", False, "no mse.hot_reset report")
+    if hot["info"] != "ok":
+        expected, why = HOT_RESET_REFUSED
+        ok = hot["info"] == expected
+        reason = why if ok else f"an unexpected refusal (expected {expected}: {why})"
+        return Verdict("hot_reset", ok, f"not possible here: {hot['info']} (errno {hot['info_errno']}); {reason}")
+    epoch = report.epoch(hot["epoch"])
+    reasons = server.resets.get(hot["epoch"], [])
+    ok = hot["result"] == "ok" and epoch["sigbus"] == 0 and bool(reasons)
+    return Verdict(
+        "hot_reset",
+        ok,
+        f"VFIO_DEVICE_PCI_HOT_RESET {hot['result']} ({hot['devices']} devices affected) in {hot['ns'] / 1e6:.0f} ms, "
+        f"{epoch['sigbus']} SIGBUS; server resets {reasons}",
+    )
+
+
+#: What each step of the close phase must give (see close_phase in guest/mse-fault.c).
+CLOSE_EXPECTED = {
+    "mem_off": "ok",
+    "touch_disabled": "sigbus",
+    "close_device": "ok",
+    "close_group": "ok",
+    "close_container": "ok",
+    "touch_closed": "sigbus",
+    "munmap": "ok",
+    "reopen": "ok",
+    "map": "ok",
+    "stamp_reopened": "match",
+}
+
+
+def _close_while_disabled(report: GuestReport) -> Verdict:
+    """Closing the device with MEM off and BAR0 mapped: every step returned as expected and a re-open works."""
+    steps = {step["step"]: step["result"] for step in report.close_steps}
+    missing = [name for name in CLOSE_EXPECTED if name not in steps]
+    if missing:
+        last = report.close_steps[-1]["step"] if report.close_steps else "none"
+        return Verdict(
+            "close_while_disabled", False, f"steps never reported: {', '.join(missing)} (last reported: {last})"
+        )
+    wrong = {name: steps[name] for name, want in CLOSE_EXPECTED.items() if steps[name] != want}
+    detail = ", ".join(f"{name} {result}" for name, result in steps.items())
+    return Verdict("close_while_disabled", not wrong and report.close is not None, detail)
+
+
 def _fork_child(child: Mapping[str, Any]) -> Verdict:
     expected = {
         "inherited_before": "ok",
@@ -519,6 +632,18 @@ def _doorbells_master_aborted(report: GuestReport, server: ServerLog) -> Verdict
     )
 
 
+def _zap_paths(report: GuestReport, server: ServerLog) -> list[Verdict]:
+    """The verdicts of the zap paths besides COMMAND.MEM that ran: D3hot, hot reset, closing while disabled."""
+    verdicts = []
+    if report.d3hot is not None:
+        verdicts.append(_d3hot_blocks_access(report, server))
+    if report.hot_reset is not None:
+        verdicts.append(_hot_reset(report, server))
+    if report.close_steps:
+        verdicts.append(_close_while_disabled(report))
+    return verdicts
+
+
 def analyse(
     mode: str,
     results: Sequence[Mapping[str, Any]],
@@ -544,6 +669,7 @@ def analyse(
         verdicts += [_fork_child(child) for child in report.forks]
         if report.storm is not None:
             verdicts.append(_storm(report.storm))
+        verdicts += _zap_paths(report, server)
     else:
         verdicts += [
             _guest_saw_server_toggles(report, server),
@@ -633,6 +759,9 @@ class MseRun:
             },
             "stores": sum(s["stores"] for s in report.stamps),
             "storm": report.storm,
+            "d3hot": report.d3hot,
+            "hot_reset": report.hot_reset,
+            "close": report.close,
             "reset": report.reset,
             "fork": report.forks,
             "eio": report.eio,
@@ -650,6 +779,7 @@ async def run_mse(
     on_result: Callable[[GuestResult], None] | None = None,
     repeat: int = 1,
     patch: str | os.PathLike[str] | None = None,
+    program: str | os.PathLike[str] | None = None,
 ) -> MseRun:
     """Boot ``artefacts`` with membar attached, run ``mse-fault`` as ``config`` says, and judge it.
 
@@ -662,7 +792,8 @@ async def run_mse(
     :attr:`MseRun.kernel_report`.  Any other failure of the guest raises
     :class:`~vdev.qemu.guest.GuestError`, never wrapped in an exception group.
     ``patch`` puts the modules it touches, rebuilt (:func:`vdev.guest.patched`), in
-    place of the stock ones.
+    place of the stock ones.  ``program`` is an ``mse-fault`` binary (static) to run
+    in place of the initramfs's, for a changed ``guest/mse-fault.c`` before ``make guest``.
     """
     if patch is not None:
         artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, patch))
@@ -677,6 +808,7 @@ async def run_mse(
         initrd=artefacts.initrd,
         devices=[vfio_user_pci(socket, addr="0x3")],
         run=["pci-list", config.guest_command(), "pci-list"],
+        files={"/bin/mse-fault": await trio.Path(program).read_bytes()} if program is not None else None,
         smp=config.smp,
         memory=config.memory_mib * MiB,
         timeout=config.timeout,
@@ -995,6 +1127,9 @@ class _Progress:
         "mse.fork",
         "mse.storm.progress",
         "mse.storm",
+        "mse.d3hot",
+        "mse.hot_reset",
+        "mse.close.step",
         "mse.done",
         "mse.error",
     )
@@ -1046,7 +1181,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                 print(f"{prefix} running {config.guest_command()}", file=sys.stderr, flush=True)
                 workdir = logs / f"{label}-{mode}-{repeat}"
                 workdir.mkdir(parents=True, exist_ok=True)
-                run = await _run_one(artefacts, config, workdir, prefix, repeat)
+                run = await _run_one(artefacts, config, workdir, prefix, repeat, args.program)
                 for verdict in run.verdicts:
                     mark = "ok  " if verdict.passed else "FAIL"
                     print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
@@ -1057,7 +1192,9 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
     return runs
 
 
-async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, prefix: str, repeat: int) -> MseRun:
+async def _run_one(
+    artefacts: GuestArtefacts, config: MseConfig, workdir: Path, prefix: str, repeat: int, program: Path | None
+) -> MseRun:
     """One run; a guest that times out or exits early becomes a failed ``completed`` verdict, not an exception."""
     # The server's own log (libvfio-user's complaints while QEMU tears down, say)
     # goes next to the console log instead of between the progress lines.
@@ -1065,7 +1202,9 @@ async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, 
     logging.getLogger("vdev").addHandler(server_log)
     started = time.monotonic()
     try:
-        return await run_mse(artefacts, config, workdir=workdir, on_result=_Progress(prefix), repeat=repeat)
+        return await run_mse(
+            artefacts, config, workdir=workdir, on_result=_Progress(prefix), repeat=repeat, program=program
+        )
     except GuestError as exc:
         # Keep going: the other runs' results are worth having, and the report says what broke.
         return MseRun(
@@ -1111,6 +1250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
     parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
+    parser.add_argument(
+        "--program",
+        type=Path,
+        help="a static mse-fault binary to run instead of the initramfs's (gcc -static -Iguest guest/mse-fault.c)",
+    )
     parser.add_argument(
         "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
     )
