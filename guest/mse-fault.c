@@ -2,7 +2,7 @@
  * mse-fault: the concurrent-fault experiment on vfio-pci's memory-enable
  * (COMMAND.MEM) handling, run in a guest against vdev's membar device.
  *
- *   mse-fault [-m guest|server] [-t THREADS] [-c CYCLES] [-p PERIOD_MS]
+ *   mse-fault [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS]
  *             [-d SECONDS] [-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS]
  *             [-R] [-F] [-u] [-D] [-H] [-C] [ADDR]
  *
@@ -55,6 +55,9 @@
  *           Last of all, closing the device fd, group and container while
  *           MEM is off and BAR0 is mapped, then unmapping and opening it
  *           again (unless -C, see close_phase).
+ *   combined  both: the device's server flips MEM on its own schedule while
+ *           a guest thread flips it every PERIOD_MS for SECONDS, the workers
+ *           stamp and a reader makes trapped reads (see combined_phase).
  *   server  the device's server flips MEM (the test drives it); a watcher
  *           polls COMMAND through the config region for SECONDS (3) and
  *           starts an epoch, with its doorbell, when MEM changes.
@@ -91,6 +94,8 @@
  *   VDEV {"kind":"mse.close.step","step":...,"result":...,"ns":N}    (one per step as it finishes)
  *   VDEV {"kind":"mse.close","mem_off":"ok","touch_disabled":"sigbus","close_device":"ok",...,
  *         "munmap":"ok","reopen":"ok","map":"ok","stamp_reopened":"match|mismatch|sigbus"}
+ *   VDEV {"kind":"mse.combined","guest_flips":N,"reads_ok":N,"reads_aborted":N,"reads_eio":N,"reads_other":N,
+ *         "reads_ok_while_disabled":N}      (combined mode: trapped reads of BAR2 0x28 by outcome)
  *   VDEV {"kind":"mse.stamps","thread":N,"stores":N,"sigbus":N,"stamped":N,"hash":N}
  *   VDEV {"kind":"mse.readback","mismatches":N,"checked":N}
  *   VDEV {"kind":"mse.done","status":N,"mode":...,"epochs":N,"sigbus":N,"sigbus_enabled":N,
@@ -855,6 +860,84 @@ static void watch_phase(unsigned seconds)
 	}
 }
 
+/* -- both sides toggling (combined mode) ---------------------------------------------- */
+
+/* Trapped reads of membar's bar0_size register (BAR2 0x28) while both sides flip MEM, by outcome. */
+struct trapped_reads {
+	_Atomic uint64_t ok, aborted, eio, other, ok_while_disabled;
+	_Atomic int stop;
+};
+
+static struct trapped_reads trapped;
+
+/*
+ * Reads the low half of bar0_size through vfio's BAR2 region until told to
+ * stop: the value when the device decodes, all-ones when the device has
+ * MEM off (it master-aborts; the guest kernel is never told), EIO when the
+ * guest has MEM off (vfio-pci refuses before the device sees it).  A read
+ * that returns the value while the guest's disabling write had returned,
+ * before and after the read, counts as ok_while_disabled (see worker()).
+ */
+static void *trapped_reader(void *arg)
+{
+	uint32_t expected = (uint32_t)bar0_region.size;
+	(void)arg;
+	while (!atomic_load(&trapped.stop)) {
+		uint32_t e = atomic_load(&current_epoch);
+		uint32_t settled_before = atomic_load(&settled_epoch);
+		uint32_t value;
+		ssize_t n = pread(dev.fd, &value, sizeof(value), bar2_region.offset + 0x28);
+		if (n == (ssize_t)sizeof(value) && value == expected) {
+			atomic_fetch_add(&trapped.ok, 1);
+			if (epochs[e].state == DISABLED && settled_before == e && atomic_load(&settled_epoch) == e)
+				atomic_fetch_add(&trapped.ok_while_disabled, 1);
+		} else if (n == (ssize_t)sizeof(value) && value == UINT32_MAX) {
+			atomic_fetch_add(&trapped.aborted, 1);
+		} else if (n < 0 && errno == EIO) {
+			atomic_fetch_add(&trapped.eio, 1);
+		} else {
+			atomic_fetch_add(&trapped.other, 1);
+		}
+		sched_yield();
+	}
+	return NULL;
+}
+
+/*
+ * Combined mode: the device's server flips MEM on its own schedule (the
+ * harness starts it at mse.ready) while this program flips it through the
+ * config region every PERIOD_MS for SECONDS, the workers stamp BAR0 and a
+ * reader makes trapped reads.  The report lets the harness check that no
+ * read succeeded while either side had MEM off, and that the reads the
+ * guest saw succeed or master-aborted are the ones the server's log shows.
+ */
+static void combined_phase(unsigned seconds, unsigned period_ms)
+{
+	pthread_t reader;
+	errno = pthread_create(&reader, NULL, trapped_reader, NULL);
+	if (errno) {
+		report_error("pthread_create");
+		return;
+	}
+	report("\"kind\":\"mse.ready\",\"mode\":\"combined\",\"seconds\":%u", seconds);
+	int64_t deadline = now_ns() + (int64_t)seconds * 1000000000;
+	unsigned flips = 0;
+	while (now_ns() < deadline && atomic_load(&current_epoch) + 4 < MAX_EPOCHS) {
+		sleep_ms(period_ms);
+		flip_off("combined");
+		sleep_ms(period_ms);
+		flip_on("combined", 1);
+		flips += 2;
+	}
+	atomic_store(&trapped.stop, 1);
+	pthread_join(reader, NULL);
+	report("\"kind\":\"mse.combined\",\"guest_flips\":%u,\"reads_ok\":%llu,\"reads_aborted\":%llu,\"reads_eio\":%llu,"
+	       "\"reads_other\":%llu,\"reads_ok_while_disabled\":%llu",
+	       flips, (unsigned long long)trapped.ok, (unsigned long long)trapped.aborted,
+	       (unsigned long long)trapped.eio, (unsigned long long)trapped.other,
+	       (unsigned long long)trapped.ok_while_disabled);
+}
+
 /* -- reports ------------------------------------------------------------------------ */
 
 struct errno_counts {
@@ -1252,7 +1335,7 @@ static int close_phase(const char *addr)
 static void usage(const char *argv0)
 {
 	fprintf(stderr,
-		"usage: %s [-m guest|server] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] "
+		"usage: %s [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] "
 		"[-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS] [-R] [-F] [-u] [-D] [-H] [-C] [ADDR]\n",
 		argv0);
 	exit(2);
@@ -1283,8 +1366,8 @@ int main(int argc, char **argv)
 		default: usage(argv[0]);
 		}
 	}
-	int server_mode = strcmp(mode, "server") == 0;
-	if ((!server_mode && strcmp(mode, "guest") != 0) || nthreads < 1 || nthreads > MAX_THREADS ||
+	int server_mode = strcmp(mode, "server") == 0, combined = strcmp(mode, "combined") == 0;
+	if ((!server_mode && !combined && strcmp(mode, "guest") != 0) || nthreads < 1 || nthreads > MAX_THREADS ||
 	    2 * (cycles + latency_cycles) + 8 >= MAX_EPOCHS || storm_procs > 16 || optind < argc - 1)
 		usage(argv[0]);
 	program_start = now_ns();
@@ -1357,6 +1440,9 @@ int main(int argc, char **argv)
 		report("\"kind\":\"mse.ready\",\"mode\":\"server\",\"seconds\":%u", seconds);
 		watch_phase(seconds);
 		stop_workers(nthreads);
+	} else if (combined) {
+		combined_phase(seconds, period_ms);
+		stop_workers(nthreads);
 	} else {
 		if (do_reset)
 			reset_phase(period_ms);
@@ -1368,8 +1454,9 @@ int main(int argc, char **argv)
 		stop_workers(nthreads);
 		latency_phase(latency_cycles);
 	}
-	int fork_result = do_fork && !server_mode ? fork_phase() : 0;
-	int storm_result = storm_cycles && !server_mode ? storm_phase(storm_cycles, nthreads, storm_procs) : 0;
+	int guest_mode = !server_mode && !combined;
+	int fork_result = do_fork && guest_mode ? fork_phase() : 0;
+	int storm_result = storm_cycles && guest_mode ? storm_phase(storm_cycles, nthreads, storm_procs) : 0;
 
 	uint32_t last = atomic_load(&current_epoch);
 	/* Close the last epoch in the server's log: what follows (closing the device resets it) is no epoch's. */
@@ -1385,7 +1472,7 @@ int main(int argc, char **argv)
 	size_t checked;
 	size_t mismatches = readback(nthreads, &checked);
 	report("\"kind\":\"mse.readback\",\"mismatches\":%zu,\"checked\":%zu", mismatches, checked);
-	int close_result = do_close && !server_mode ? close_phase(addr) : 0;
+	int close_result = do_close && guest_mode ? close_phase(addr) : 0;
 
 	if (mismatches)
 		failed[num_failed++] = "readback";
@@ -1399,6 +1486,8 @@ int main(int argc, char **argv)
 			failed[num_failed++] = "stored_while_disabled";
 		if (pread_disabled.ok || pread_disabled.other || doorbell_disabled.ok || doorbell_disabled.other)
 			failed[num_failed++] = "eio";
+		if (combined && trapped.ok_while_disabled)
+			failed[num_failed++] = "trapped_read_while_disabled";
 		if (fork_result)
 			failed[num_failed++] = "fork";
 		if (storm_result)
