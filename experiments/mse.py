@@ -83,7 +83,9 @@ PAGE = 4096
 #: The label of server events before the guest's first doorbell.
 BEFORE = -1
 DEFAULT_KERNELS = ("bookworm", "trixie")
-MODES = ("guest", "server")
+MODES = ("guest", "server", "combined")
+#: membar's BAR2 register the combined mode's reader reads (the low half of ``bar0_size``).
+TRAPPED_READ_OFFSET = 0x28
 
 _STAMP_MAGIC = 0x5A
 _FNV_OFFSET = 0xCBF29CE484222325
@@ -114,7 +116,7 @@ def known_failures(provenance: Provenance) -> Mapping[str, str]:
 class MseConfig:
     """One run's parameters: the guest program's arguments and the device's policies."""
 
-    #: ``guest``: a guest thread flips MEM; ``server``: the device does.
+    #: ``guest``: a guest thread flips MEM; ``server``: the device does; ``combined``: both at once.
     mode: str = "guest"
     threads: int = 4
     #: Guest mode: MEM off/on cycles while the workers fault, ``period_ms`` per epoch.
@@ -154,12 +156,12 @@ class MseConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if self.mode == "server" and self.membar_mapping != "keep":
+        if self.mode in ("server", "combined") and self.membar_mapping != "keep":
             raise ValueError(
                 "server mode needs mapping=keep: QEMU keeps BAR0 in the guest's address space when the device "
                 "clears MEM itself, so a revoked memfd would kill QEMU with SIGBUS on the guest's next store"
             )
-        if self.mode == "server" and self.toggles * self.toggle_period >= self.seconds:
+        if self.mode in ("server", "combined") and self.toggles * self.toggle_period >= self.seconds:
             raise ValueError("the server's toggles must end before the guest stops watching")
 
     @property
@@ -183,6 +185,8 @@ class MseConfig:
             words += [] if self.d3hot else ["-D"]
             words += [] if self.hot_reset else ["-H"]
             words += [] if self.close else ["-C"]
+        elif self.mode == "combined":
+            words += ["-d", str(self.seconds), "-p", str(self.period_ms)]
         else:
             words += ["-d", str(self.seconds)]
         return " ".join(words)
@@ -204,6 +208,7 @@ class GuestReport:
     d3hot: Mapping[str, Any] | None = None
     hot_reset: Mapping[str, Any] | None = None
     close: Mapping[str, Any] | None = None
+    combined: Mapping[str, Any] | None = None
     close_steps: list[Mapping[str, Any]] = field(default_factory=list)
     forks: list[Mapping[str, Any]] = field(default_factory=list)
     stamps: list[Mapping[str, Any]] = field(default_factory=list)
@@ -216,6 +221,7 @@ class GuestReport:
         report = cls()
         single = {"mse.device": "device", "mse.eio": "eio", "mse.reset": "reset", "mse.readback": "readback"}
         single |= {"mse.storm": "storm", "mse.d3hot": "d3hot", "mse.hot_reset": "hot_reset", "mse.close": "close"}
+        single |= {"mse.combined": "combined"}
         lists = {"mse.epoch": report.epochs, "mse.latency": report.latency, "mse.fork": report.forks}
         lists |= {"mse.stamps": report.stamps, "mse.error": report.errors, "mse.close.step": report.close_steps}
         for result in results:
@@ -262,14 +268,29 @@ class ServerLog:
     violations: dict[int, int] = field(default_factory=dict)
     #: Label -> the power states (PMCSR) the device moved to under it, in order.
     power: dict[int, list[int]] = field(default_factory=dict)
+    #: Reads of BAR2 :data:`TRAPPED_READ_OFFSET` (combined mode): answered with the register's value,
+    #: master-aborted, and answered with anything but all-ones while the device had MEM off (never, if the
+    #: device model is right).
+    trapped_reads_answered: int = 0
+    trapped_reads_aborted: int = 0
+    trapped_reads_answered_while_off: int = 0
 
     @classmethod
     def from_events(cls, events: Iterable[Event]) -> ServerLog:
         log = cls()
         label = BEFORE
+        memory = False
         for event in events:
             data = event.data
             at_doorbell = data.get("region") == 2 and data.get("offset") == 0
+            at_trapped = data.get("region") == 2 and data.get("offset") == TRAPPED_READ_OFFSET
+            if event.kind == "command":
+                memory = bool(data["new"] & 0x2)
+            if at_trapped and event.kind == "violation" and data.get("access") == "read":
+                log.trapped_reads_aborted += 1
+            elif at_trapped and event.kind == "region_read" and data["value"] != (1 << (8 * data["size"])) - 1:
+                log.trapped_reads_answered += 1
+                log.trapped_reads_answered_while_off += not memory
             if event.kind == "region_write" and at_doorbell:
                 # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
                 label = int(data["value"]) & 0xFFFF_FFFF
@@ -298,6 +319,11 @@ class ServerLog:
             "resets": {str(k): v for k, v in sorted(self.resets.items())},
             "violations": {str(k): v for k, v in sorted(self.violations.items())},
             "power": {str(k): v for k, v in sorted(self.power.items())},
+            "trapped_reads": {
+                "answered": self.trapped_reads_answered,
+                "aborted": self.trapped_reads_aborted,
+                "answered_while_off": self.trapped_reads_answered_while_off,
+            },
         }
 
 
@@ -632,6 +658,44 @@ def _doorbells_master_aborted(report: GuestReport, server: ServerLog) -> Verdict
     )
 
 
+def _combined_toggles(report: GuestReport, server: ServerLog) -> Verdict:
+    """Both sides flipped MEM; no trapped read succeeded while either had it off; the two sides' counts agree.
+
+    A read succeeds while the guest has MEM off only if vfio-pci lets it
+    through (the guest counts those); while the device has it off only if the
+    device answers it (the server's log shows those).  The guest's successful
+    and master-aborted reads must be exactly the ones the server answered and
+    aborted: EIO reads never reach the device.
+    """
+    combined = report.combined
+    if combined is None:
+        return Verdict("combined_toggles", False, "no mse.combined report")
+    flips = [t.source for transitions in server.transitions.values() for t in transitions]
+    device, client = flips.count("device"), flips.count("client")
+    problems = []
+    if not device or not client or not combined["guest_flips"]:
+        problems.append(f"MEM flips: {device} by the device, {client} by the guest")
+    if combined["reads_ok_while_disabled"] or combined["reads_other"]:
+        problems.append(
+            f"{combined['reads_ok_while_disabled']} reads succeeded with the guest's MEM off, "
+            f"{combined['reads_other']} gave something else"
+        )
+    if server.trapped_reads_answered_while_off:
+        problems.append(f"the server answered {server.trapped_reads_answered_while_off} reads with its MEM off")
+    seen = (combined["reads_ok"], combined["reads_aborted"])
+    logged = (server.trapped_reads_answered, server.trapped_reads_aborted)
+    if seen != logged:
+        problems.append(f"guest saw {seen[0]} answered and {seen[1]} aborted reads, the server logged {logged}")
+    if not combined["reads_aborted"] or not combined["reads_eio"]:
+        problems.append("no read met the device's MEM off and the guest's in turn: not exercised")
+    detail = (
+        f"MEM flipped {device} times by the device and {client} by the guest; reads {combined['reads_ok']} ok, "
+        f"{combined['reads_aborted']} master-aborted, {combined['reads_eio']} EIO; the server logged "
+        f"{logged[0]} answered and {logged[1]} aborted"
+    )
+    return Verdict("combined_toggles", not problems, "; ".join(problems) or detail)
+
+
 def _zap_paths(report: GuestReport, server: ServerLog) -> list[Verdict]:
     """The verdicts of the zap paths besides COMMAND.MEM that ran: D3hot, hot reset, closing while disabled."""
     verdicts = []
@@ -670,6 +734,12 @@ def analyse(
         if report.storm is not None:
             verdicts.append(_storm(report.storm))
         verdicts += _zap_paths(report, server)
+    elif mode == "combined":
+        verdicts += [
+            _combined_toggles(report, server),
+            _no_store_while_disabled(report),
+            _eio_while_disabled(report),
+        ]
     else:
         verdicts += [
             _guest_saw_server_toggles(report, server),
@@ -762,6 +832,7 @@ class MseRun:
             "d3hot": report.d3hot,
             "hot_reset": report.hot_reset,
             "close": report.close,
+            "combined": report.combined,
             "reset": report.reset,
             "fork": report.forks,
             "eio": report.eio,
@@ -830,7 +901,7 @@ async def run_mse(
             async for result in vm:
                 if on_result is not None:
                     on_result(result)
-                if result.kind == "mse.ready" and config.mode == "server":
+                if result.kind == "mse.ready" and config.mode in ("server", "combined"):
                     nursery.start_soon(toggle)
             await vm.wait_exit()
             server = ServerLog.from_events(device.events)
@@ -1130,6 +1201,7 @@ class _Progress:
         "mse.d3hot",
         "mse.hot_reset",
         "mse.close.step",
+        "mse.combined",
         "mse.done",
         "mse.error",
     )

@@ -408,3 +408,51 @@ def test_closing_while_disabled_fails_on_a_step_that_never_returned_or_went_wron
     assert not hung.passed and "last reported: touch_closed" in hung.detail
     assert not verdict({**CLOSE_EXPECTED, "touch_closed": "ok"}).passed
     assert not verdict({**CLOSE_EXPECTED, "stamp_reopened": "mismatch"}).passed
+
+
+def _trapped_read(value: int) -> Event:
+    return _event("region_read", region=2, offset=0x28, size=4, value=value)
+
+
+def _trapped_abort() -> Event:
+    return _event("violation", what="access while disabled", region=2, offset=0x28, size=4, access="read")
+
+
+def test_combined_toggles_fail_on_a_read_answered_with_mem_off_and_on_counts_the_two_sides_disagree_on() -> None:
+    events = [
+        _command(0, 0x103),
+        _doorbell(0),
+        _trapped_read(0x400000),
+        _command(0x103, 0x101, "device"),
+        _trapped_abort(),
+        _trapped_read(0xFFFFFFFF),
+        _command(0x101, 0x103, "client"),
+        _doorbell(1),
+        _command(0x103, 0x101, "client"),
+        _doorbell(2),
+        _command(0x101, 0x103, "client"),
+        _trapped_read(0x400000),
+    ]
+    combined = {
+        "kind": "mse.combined",
+        "guest_flips": 2,
+        "reads_ok": 2,
+        "reads_aborted": 1,
+        "reads_eio": 3,
+        "reads_other": 0,
+        "reads_ok_while_disabled": 0,
+    }
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+
+    def verdict(report: dict[str, Any], log: list[Event] = events) -> Verdict:
+        results = [_epoch(0, "enabled"), _epoch(1, "disabled"), _epoch(2, "enabled"), report, done]
+        found = {v.name: v for v in analyse("combined", results, ServerLog.from_events(log), bytes(4096))}
+        return found["combined_toggles"]
+
+    assert verdict(combined).passed, verdict(combined).detail
+    assert not verdict({**combined, "reads_ok_while_disabled": 1}).passed
+    assert not verdict({**combined, "reads_ok": 3}).passed  # a success the server never answered
+    answered_while_off = [*events[:5], _trapped_read(0x400000), *events[6:]]
+    assert not verdict({**combined, "reads_ok": 3, "reads_aborted": 1}, answered_while_off).passed
+    guest_only = [event for event in events if event.data.get("source") != "device"]
+    assert not verdict(combined, guest_only).passed
