@@ -84,6 +84,10 @@ async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     assert report.storm is not None
     assert (report.storm["cycles"], report.storm["processes"], report.storm["sigbus"]) == (40, 2, 0)
     assert report.storm["faults_per_cycle_min"] >= 1
+    # The other zap paths ran, and passed above: D3hot under load, a hot reset or the kernel's refusal of
+    # one, and closing the device while MEM is off and BAR0 is mapped, every step reported.
+    assert report.d3hot is not None and report.hot_reset is not None
+    assert set(CLOSE_EXPECTED) <= {step["step"] for step in report.close_steps}
     assert run.console_log.exists()
 
 
