@@ -11,8 +11,11 @@ This experiment runs one workload against several guest kernels:
 2. ``mse-fault`` (``guest/mse-fault.c``) binds it to vfio-pci, maps BAR0 and
    stamps its pages from N threads while MEM is toggled — by a guest thread
    through vfio's config region (``guest`` mode) or by the device itself
-   (``server`` mode); in guest mode also a ``VFIO_DEVICE_RESET`` under
-   faults, quiet first-touch timings and a fork case;
+   (``server`` mode), or by both at once (``combined``); in guest mode also
+   a ``VFIO_DEVICE_RESET`` under faults, D3hot through PMCSR under faults,
+   a hot reset where the topology allows one, quiet first-touch timings and
+   fault counts, a fork case, the storm, and last, closing the device while
+   MEM is off and BAR0 is mapped;
 3. the guest's report, the server's ordered event log and BAR0's contents
    after the run become :class:`Verdict` s.
 
@@ -27,10 +30,17 @@ some there: the path was exercised), no store succeeding while MEM was off,
 every stamp intact in BAR0 as the server holds it, EIO from ``pread`` and
 ``pwrite`` while disabled, the reset stalls faulting threads instead of
 SIGBUS, both fork children fault once the parent cleared MEM, a clean
-kernel log, and a console log showing vfio-pci bound to membar.  Server
-mode: the guest saw every device-side flip, got no SIGBUS (its kernel is
-never told), its doorbell writes while disabled were master-aborted, and
-its stamps are intact.
+kernel log, and a console log showing vfio-pci bound to membar; D3hot
+blocks every access until D0 (``d3hot_blocks_access``), a hot reset behaves
+like a reset or is refused for the reason read in the kernel's source
+(``hot_reset``), and closing the device fd, group and container with MEM
+off and BAR0 mapped returns at every step and the device opens again
+(``close_while_disabled``).  Server mode: the guest saw every device-side
+flip, got no SIGBUS (its kernel is never told), its doorbell writes while
+disabled were master-aborted, and its stamps are intact.  Combined mode:
+both sides flipped MEM, no trapped read succeeded while either had it off,
+and the guest's counts of answered and master-aborted reads equal the
+server log's (``combined_toggles``).
 
 Usage::
 
@@ -541,8 +551,9 @@ def _d3hot_blocks_access(report: GuestReport, server: ServerLog) -> Verdict:
 #: on the q35 root bus, with no bridge above it whose secondary bus could be reset, and no hotplug slot.
 HOT_RESET_REFUSED = (
     "ENODEV",
-    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: vfio_pci_core.c returns -ENODEV when pci_probe_reset_slot() fails "
-    "(no hotplug slot) and pci_probe_reset_bus() fails (pci.c: a root bus has no bus->self bridge, -ENOTTY)",
+    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO returns -ENODEV when pci_probe_reset_slot() fails (no hotplug slot) "
+    "and pci_probe_reset_bus() fails (a root bus has no bus->self bridge: -ENOTTY); read in Debian's "
+    "linux-source-6.1 6.1.176-1, drivers/vfio/pci/vfio_pci_core.c and drivers/pci/pci.c",
 )
 
 
