@@ -85,7 +85,7 @@ class MemBar(Device):
             Register("writes", 0x10, width=8, access=RO),
             Register("self_disable", 0x18, width=4, access=WO),
             Register("violations", 0x20, width=8, access=RO),
-            Register("bar0_size", 0x28, width=8, access=RO),
+            Register("bar0_size", 0x28, width=8, access=RO, sticky=True),
         ],
     )
 

@@ -908,12 +908,14 @@ async def run_mse(
         repeat=repeat,
     )
     try:
-        async with served(device, socket), machine as vm, trio.open_nursery() as nursery:
+        async with served(device, socket), machine as vm:
             async for result in vm:
                 if on_result is not None:
                     on_result(result)
                 if result.kind == "mse.ready" and config.mode in ("server", "combined"):
-                    nursery.start_soon(toggle)
+                    # As the device's own task, which holds the device's lock while it runs: each flip is
+                    # then ordered against the accesses the serving thread answers, in the log as it happened.
+                    device.start_soon(toggle)
             await vm.wait_exit()
             server = ServerLog.from_events(device.events)
             # Read BAR0 with MEM on, as the last owner left it or as the device sets it now.

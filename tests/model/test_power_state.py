@@ -95,3 +95,4 @@ async def test_a_reset_in_d3hot_returns_to_d0_with_memory_decoding_as_command_sa
     await bench.enable(memory=True, io=False, master=False)
     await bench.write(2, "epoch", 7)
     assert await bench.read(2, "epoch") == 7
+    assert await bench.read(2, "bar0_size") == 64 << 10  # it describes the BAR: a reset keeps it
