@@ -1256,6 +1256,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     toggles=args.toggles,
                     toggle_period=args.toggle_period,
                     size=args.size,
+                    mapping=args.mapping,
                     misaligned=args.misaligned,
                     reset=not args.no_reset,
                     storm_cycles=args.storm_cycles,
@@ -1325,7 +1326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=defaults.seconds)
     parser.add_argument("--toggles", type=int, default=defaults.toggles)
     parser.add_argument("--toggle-period", type=float, default=defaults.toggle_period)
-    parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
+    parser.add_argument("--size", default=defaults.size, help="membar BAR0 size (4K to 1G, a power of two)")
+    parser.add_argument(
+        "--mapping",
+        default=defaults.mapping,
+        choices=("", "keep", "revoke", "discard"),
+        help="membar's mapping policy (default: revoke in guest mode, keep otherwise); keep spares the server "
+        "saving a big BAR's contents at every disable",
+    )
     parser.add_argument(
         "--storm-cycles", type=int, default=defaults.storm_cycles, help="enables under load after the quiet phases"
     )
@@ -1346,6 +1354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    for mode in args.modes.split():
+        try:
+            MseConfig(
+                mode=mode,
+                mapping=args.mapping,
+                seconds=args.seconds,
+                toggles=args.toggles,
+                toggle_period=args.toggle_period,
+            )
+        except ValueError as exc:
+            parser.error(str(exc).splitlines()[0])
 
     try:
         runs = trio.run(_run_matrix, args)
