@@ -587,6 +587,7 @@ CLOSE_EXPECTED = {
     "close_container": "ok",
     "touch_closed": "sigbus",
     "munmap": "ok",
+    "child_exit": "ok",
     "reopen": "ok",
     "map": "ok",
     "stamp_reopened": "match",

@@ -93,7 +93,8 @@
  *         "result":"ok|errno|not tried","errno":N,"epoch":N,"ns":N}
  *   VDEV {"kind":"mse.close.step","step":...,"result":...,"ns":N}    (one per step as it finishes)
  *   VDEV {"kind":"mse.close","mem_off":"ok","touch_disabled":"sigbus","close_device":"ok",...,
- *         "munmap":"ok","reopen":"ok","map":"ok","stamp_reopened":"match|mismatch|sigbus"}
+ *         "munmap":"ok","child_exit":"ok|status N|signal N","reopen":"ok","map":"ok",
+ *         "stamp_reopened":"match|mismatch|sigbus"}
  *   VDEV {"kind":"mse.combined","guest_flips":N,"reads_ok":N,"reads_aborted":N,"reads_eio":N,"reads_other":N,
  *         "reads_ok_while_disabled":N}      (combined mode: trapped reads of BAR2 0x28 by outcome)
  *   VDEV {"kind":"mse.stamps","thread":N,"stores":N,"sigbus":N,"stamped":N,"hash":N}
@@ -1280,16 +1281,50 @@ static const char *touch_outcome(uint8_t *map)
 }
 
 /*
+ * The same ordering ended by a process's exit instead of munmap: a child
+ * opens the device itself, maps BAR0, clears MEM, checks that the mapping
+ * faults, closes the device fd, group and container and exits with the
+ * mapping in place, so that the exit drops the last reference to the
+ * device.  Exit status 0 when each of those steps went as expected.
+ */
+static void exiting_child(const char *addr)
+{
+	struct vfio_dev own;
+	struct vfio_region_info config, bar;
+	if (vfio_open(addr, &own) < 0)
+		_exit(3);
+	if (vfio_region(&own, VFIO_PCI_CONFIG_REGION_INDEX, &config) < 0 ||
+	    vfio_region(&own, VFIO_PCI_BAR0_REGION_INDEX, &bar) < 0)
+		_exit(4);
+	uint8_t *map = mmap(NULL, bar.size, PROT_READ | PROT_WRITE, MAP_SHARED, own.fd, bar.offset);
+	if (map == MAP_FAILED)
+		_exit(5);
+	uint16_t value;
+	if (pread(own.fd, &value, sizeof(value), config.offset + PCI_COMMAND) != sizeof(value))
+		_exit(6);
+	value &= ~PCI_COMMAND_MEMORY;
+	if (pwrite(own.fd, &value, sizeof(value), config.offset + PCI_COMMAND) != sizeof(value))
+		_exit(6);
+	uint64_t word;
+	if (guarded(map, 0, &word, 0) == 0)
+		_exit(7);
+	if (close(own.fd) || close(own.group) || close(own.container))
+		_exit(8);
+	_exit(0);
+}
+
+/*
  * The ordering behind a 2026 vfio-pci hang: MEM is cleared (vfio-pci zaps
  * BAR0), the mapping stays, and the device fd, the group and the container
  * are closed while it does.  The mapping holds the device file, so the
- * device is released only when it goes: at the munmap.  Then the device is
- * opened again from scratch, mapped, and thread 0's last stamp on page 0 is
- * read back through the new mapping.  Runs last (the program's device fds
- * are gone after it).  Expected: each step returns (bounded by the run's
+ * device is released only when it goes: at the munmap.  A child then does
+ * the same on a device it opens itself and exits instead of unmapping
+ * (exiting_child).  Last, the device is opened again from scratch, mapped,
+ * and thread 0's last stamp on page 0 is read back through the new mapping.
+ * Runs last (the program's device fds are gone after it).  Expected: each step returns (bounded by the run's
  * timeout, not by a sleep here), a touch of the zapped mapping raises
  * SIGBUS before and after the closes, the re-open works and the stamp is
- * there.  0 when every step went as expected.
+ * there, and the child exits 0.  0 when every step went as expected.
  */
 static int close_phase(const char *addr)
 {
@@ -1304,6 +1339,20 @@ static int close_phase(const char *addr)
 	if (!unmapped && storm && storm->offset_map != MAP_FAILED)
 		unmapped = munmap(storm->offset_map, bar0_region.size - PAGE) ? errno : 0;
 	close_step(&steps, "munmap", errno_name(unmapped));
+	char exited[24] = "fork failed";
+	pid_t child = fork();
+	if (child == 0)
+		exiting_child(addr);
+	int status = 0;
+	if (child > 0 && waitpid(child, &status, 0) == child) {
+		if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+			snprintf(exited, sizeof(exited), "ok");
+		else if (WIFEXITED(status))
+			snprintf(exited, sizeof(exited), "status %d", WEXITSTATUS(status));
+		else
+			snprintf(exited, sizeof(exited), "signal %d", WTERMSIG(status));
+	}
+	close_step(&steps, "child_exit", exited);
 
 	int ok = 0;
 	const char *value = "not read";
@@ -1455,7 +1504,8 @@ int main(int argc, char **argv)
 		latency_phase(latency_cycles);
 	}
 	int guest_mode = !server_mode && !combined;
-	int fork_result = do_fork && guest_mode ? fork_phase() : 0;
+	/* The fork phase reads pages 1 to 3 of BAR0. */
+	int fork_result = do_fork && guest_mode && pages >= 4 ? fork_phase() : 0;
 	int storm_result = storm_cycles && guest_mode ? storm_phase(storm_cycles, nthreads, storm_procs) : 0;
 
 	uint32_t last = atomic_load(&current_epoch);
