@@ -61,13 +61,13 @@ kselftest: kselftest-guest
 	$(PY) -m vdev_experiments.kselftest --out results $(KSELFTEST_ARGS)
 
 # Style and types: ruff (lint and format) over everything Python, mypy over the package,
-# devices and experiments.
+# devices and experiments, and the test that proves device parameters are typed.
 LINTED := vdev devices experiments tests bench examples tools
 lint: venv
 	@$(PY) -m pip install --quiet --disable-pip-version-check ruff mypy
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
-	$(PY) -m mypy vdev devices experiments
+	$(PY) -m mypy vdev devices experiments tests/model/test_params.py
 
 clean-deps:
 	rm -rf .deps

@@ -4,22 +4,23 @@ The reference is QEMU's own ``-device edu`` (``hw/misc/edu.c``, documented
 in ``docs/specs/edu.rst``); ``tests/devices/test_edu_differential.py`` runs
 the same qtest sequences against both and requires identical answers.
 
-edu's semantics belong to offsets *and* access sizes — a 4-byte write to an
-8-byte DMA register replaces all of it, accesses of the wrong size read as
-all-ones — so it uses the BAR's raw read/write escape hatch with a table of
-per-offset handlers rather than byte-merging registers.  Background work
-(the factorial engine, the DMA engine) runs as Trio tasks owned by the device.
+edu's semantics belong to offsets *and* access sizes, and both are declared:
+the BAR decodes only 4- and 8-byte accesses, each register says which of
+those it takes (:class:`~vdev.AccessSizes`) and that any other access to it
+reads all-ones and writes nothing, and the 64-bit DMA registers take a
+4-byte write as a whole new value.  Offsets no register claims read
+all-ones too.  Background work (the factorial engine, the DMA engine) runs
+as Trio tasks owned by the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import trio
 import trio.lowlevel
 
-from vdev import Bar, Device, DmaError, Msi, Param
+from vdev import RO, RW, WO, AccessSizes, Bar, Device, DmaError, DmaRefused, Field, Msi, Param, Register
 
 MiB = 1 << 20
 ALL_ONES = (1 << 64) - 1
@@ -34,6 +35,13 @@ DMA_IRQ_ON_DONE = 0x4
 DMA_WINDOW = 0x40000
 DMA_WINDOW_SIZE = 4096
 
+#: A 32-bit register: 4-byte accesses only; any other reads all-ones and writes nothing.
+WORD = AccessSizes(reads=(4,), writes=(4,))
+#: A command register: written with 4 bytes, never read (reads all-ones).
+COMMAND = AccessSizes(reads=(), writes=(4,))
+#: A 64-bit DMA register: 4 or 8 bytes; a 4-byte write replaces all of it.
+DMA_WORD = AccessSizes(reads=(4, 8), writes=(4, 8), zero_extend=True)
+
 
 class Edu(Device):
     """QEMU's educational device: identification, liveness, factorial, interrupts and a DMA engine.
@@ -41,8 +49,8 @@ class Edu(Device):
     BAR0: 1 MiB, 32-bit memory.  Offsets below 0x80 take 4-byte accesses
     only; from 0x80 on, 4 or 8 bytes; an 8-byte access below 0x80 reads
     all-ones.  Accesses narrower than 4 bytes never reach QEMU's edu (its
-    memory region refuses them and the access reads 0), so they read 0 here
-    too; writes of the wrong size change nothing.
+    memory region refuses them and the access reads 0), so the BAR refuses
+    them the same way; writes of the wrong size change nothing.
 
     ======  ==========  ======  ====================================================
     offset  name        access  meaning
@@ -61,7 +69,14 @@ class Edu(Device):
     ======  ==========  ======  ====================================================
 
     The DMA engine's buffer is the 4 KiB window at bus address 0x40000 as
-    seen from the device; bus addresses are masked with ``dma_mask``.
+    seen from the device; bus addresses are masked with ``dma_mask``.  A
+    write the engine would not take (a new factorial while one is being
+    computed, DMA registers while a transfer runs, a command without the
+    start bit) changes nothing: ``factorial`` and ``dma_cmd`` read what the
+    engines hold, and the DMA addresses go back to what the running transfer
+    latched.  A reset leaves edu's state alone (the registers are sticky):
+    QEMU's edu declares no reset handler (its class in ``hw/misc/edu.c``
+    sets none, read at QEMU commit 06b40d25).
     """
 
     vendor_id = 0x1234
@@ -76,88 +91,82 @@ class Edu(Device):
 
     def __init__(self, name: str | None = None, **params: Any) -> None:
         super().__init__(name, **params)
-        self.liveness = 0
         self.factorial = 0
-        self.status = 0
-        self.irq_status = 0
-        self.dma_src = self.dma_dst = self.dma_count = self.dma_cmd = 0
+        self.dma_cmd = 0
+        #: The DMA registers as the running transfer latched them.
+        self._latched: dict[str, int] = {}
         self.dma_buffer = bytearray(DMA_WINDOW_SIZE)
-        self._readers: dict[int, Callable[[], int]] = {
-            0x00: lambda: 0x010000ED,
-            0x04: lambda: self.liveness,
-            0x08: lambda: self.factorial,
-            0x20: lambda: self.status,
-            0x24: lambda: self.irq_status,
-            0x80: lambda: self.dma_src,
-            0x88: lambda: self.dma_dst,
-            0x90: lambda: self.dma_count,
-            0x98: lambda: self.dma_cmd,
-        }
-        self._writers: dict[int, Callable[[int], None]] = {
-            0x04: self._write_liveness,
-            0x08: self._write_factorial,
-            0x20: self._write_status,
-            0x60: self.raise_irq,
-            0x64: self.lower_irq,
-            0x80: lambda value: self._write_dma("dma_src", value),
-            0x88: lambda value: self._write_dma("dma_dst", value),
-            0x90: lambda value: self._write_dma("dma_count", value),
-            0x98: self._write_dma_cmd,
-        }
 
     def capabilities(self) -> list[Msi]:
         return [Msi(vectors=1)]
 
-    @staticmethod
-    def _size_ok(offset: int, size: int) -> bool:
-        return size == 4 if offset < 0x80 else size in (4, 8)
+    def read_unclaimed(self, offset: int, size: int) -> int:
+        """An offset no register claims reads all-ones, as edu answers any address it does not know."""
+        return ALL_ONES & ((1 << (8 * size)) - 1)
 
-    def read_bar0(self, offset: int, size: int) -> int:
-        if size < 4:
-            return 0
-        if not self._size_ok(offset, size):
-            return ALL_ONES & ((1 << (8 * size)) - 1)
-        reader = self._readers.get(offset)
-        return (reader() if reader else ALL_ONES) & ((1 << (8 * size)) - 1)
+    def write_unclaimed(self, offset: int, data: bytes) -> None:
+        """... and a write there changes nothing."""
 
-    def write_bar0(self, offset: int, data: bytes) -> None:
-        writer = self._writers.get(offset)
-        if writer is not None and self._size_ok(offset, len(data)):
-            writer(int.from_bytes(data, "little"))
-
-    bar0 = Bar(1 * MiB, read=read_bar0, write=write_bar0)
+    bar0 = Bar(
+        1 * MiB,
+        sizes=AccessSizes(reads=(4, 8), writes=(4, 8), fill=0x00),
+        read=read_unclaimed,
+        write=write_unclaimed,
+        registers=[
+            Register("ident", 0x00, access=RO, reset=0x010000ED, sizes=WORD),
+            Register("liveness", 0x04, access=RW, sticky=True, sizes=WORD),
+            Register("factorial", 0x08, access=RW, sticky=True, sizes=WORD),
+            Register(
+                "status",
+                0x20,
+                access=RO,
+                fields=(Field("computing", 0, 1, RO), Field("irq_on_fact", 7, 1, RW)),
+                sticky=True,
+                sizes=WORD,
+            ),
+            Register("irq_status", 0x24, access=RO, sticky=True, sizes=WORD),
+            Register("irq_raise", 0x60, access=WO, sticky=True, sizes=COMMAND),
+            Register("irq_ack", 0x64, access=WO, sticky=True, sizes=COMMAND),
+            Register("dma_src", 0x80, width=8, access=RW, sticky=True, sizes=DMA_WORD),
+            Register("dma_dst", 0x88, width=8, access=RW, sticky=True, sizes=DMA_WORD),
+            Register("dma_count", 0x90, width=8, access=RW, sticky=True, sizes=DMA_WORD),
+            Register("dma_cmd", 0x98, width=8, access=RW, sticky=True, sizes=DMA_WORD),
+        ],
+    )
 
     # -- interrupts --------------------------------------------------------------
 
+    @bar0.on_write("irq_raise")
     def raise_irq(self, value: int) -> None:
-        self.irq_status = (self.irq_status | value) & 0xFFFF_FFFF
-        if self.irq_status:
+        self.bar0["irq_status"] |= value
+        if self.bar0["irq_status"]:
             if self.irq.msi_enabled:
                 self.irq.trigger(0)
             else:
                 self.irq.raise_intx()
 
+    @bar0.on_write("irq_ack")
     def lower_irq(self, value: int) -> None:
-        self.irq_status &= ~value & 0xFFFF_FFFF
-        if not self.irq_status and not self.irq.msi_enabled:
+        self.bar0["irq_status"] &= ~value
+        if not self.bar0["irq_status"] and not self.irq.msi_enabled:
             self.irq.lower_intx()
 
     # -- liveness and factorial ------------------------------------------------------
 
+    @bar0.on_write("liveness")
     def _write_liveness(self, value: int) -> None:
-        self.liveness = ~value & 0xFFFF_FFFF
+        self.bar0["liveness"] = ~value
 
-    def _write_status(self, value: int) -> None:
-        if value & STATUS_IRQ_ON_FACT:
-            self.status |= STATUS_IRQ_ON_FACT
-        else:
-            self.status &= ~STATUS_IRQ_ON_FACT
+    @bar0.on_read("factorial")
+    def _read_factorial(self) -> int:
+        return self.factorial
 
+    @bar0.on_write("factorial")
     def _write_factorial(self, value: int) -> None:
-        if self.status & STATUS_COMPUTING:
+        if self.bar0["status"] & STATUS_COMPUTING:
             return
-        self.factorial = value & 0xFFFF_FFFF
-        self.status |= STATUS_COMPUTING
+        self.factorial = value
+        self.bar0["status"] |= STATUS_COMPUTING
         self.start_soon(self._compute_factorial)
 
     async def _compute_factorial(self) -> None:
@@ -167,35 +176,58 @@ class Edu(Device):
             result = (result * n) & 0xFFFF_FFFF
             n -= 1
         self.factorial = result
-        self.status &= ~STATUS_COMPUTING
-        if self.status & STATUS_IRQ_ON_FACT:
+        self.bar0["status"] &= ~STATUS_COMPUTING
+        if self.bar0["status"] & STATUS_IRQ_ON_FACT:
             self.raise_irq(FACT_IRQ)
 
     # -- DMA ----------------------------------------------------------------------------
 
-    def _write_dma(self, register: str, value: int) -> None:
-        if not self.dma_cmd & DMA_RUN:
-            setattr(self, register, value)
+    def _keep_latched(self, register: str) -> None:
+        """While a transfer runs its registers are frozen: a write puts back what it latched."""
+        if self.dma_cmd & DMA_RUN:
+            self.bar0[register] = self._latched[register]
 
+    @bar0.on_write("dma_src")
+    def _write_dma_src(self, value: int) -> None:
+        self._keep_latched("dma_src")
+
+    @bar0.on_write("dma_dst")
+    def _write_dma_dst(self, value: int) -> None:
+        self._keep_latched("dma_dst")
+
+    @bar0.on_write("dma_count")
+    def _write_dma_count(self, value: int) -> None:
+        self._keep_latched("dma_count")
+
+    @bar0.on_read("dma_cmd")
+    def _read_dma_cmd(self) -> int:
+        return self.dma_cmd
+
+    @bar0.on_write("dma_cmd")
     def _write_dma_cmd(self, value: int) -> None:
         if value & DMA_RUN and not self.dma_cmd & DMA_RUN:
             self.dma_cmd = value
+            self._latched = {name: self.bar0[name] for name in ("dma_src", "dma_dst", "dma_count")}
             self.start_soon(self._run_dma)
 
     async def _run_dma(self) -> None:
-        await trio.sleep(float(self.dma_delay))
-        count = self.dma_count
+        await trio.sleep(self.dma_delay)
+        source, destination, count = (self._latched[name] for name in ("dma_src", "dma_dst", "dma_count"))
         to_ram = bool(self.dma_cmd & DMA_TO_RAM)
-        window_address = self.dma_src if to_ram else self.dma_dst
+        window_address = source if to_ram else destination
         start = window_address - DMA_WINDOW
         if not (0 <= start and start + count <= DMA_WINDOW_SIZE):
-            self.events.record("violation", what="edu DMA outside its buffer", address=window_address, size=count)
+            direction = "write" if to_ram else "read"
+            refused = DmaRefused(
+                what="edu DMA outside its buffer", direction=direction, address=window_address, size=count
+            )
+            self.events.record(refused)
         else:
             try:
                 if to_ram:
-                    await self.dma.write(self.dma_dst & self.dma_mask, bytes(self.dma_buffer[start : start + count]))
+                    await self.dma.write(destination & self.dma_mask, bytes(self.dma_buffer[start : start + count]))
                 else:
-                    self.dma_buffer[start : start + count] = await self.dma.read(self.dma_src & self.dma_mask, count)
+                    self.dma_buffer[start : start + count] = await self.dma.read(source & self.dma_mask, count)
             except DmaError:
                 pass  # refused (and recorded) by the framework; the engine still completes, as edu's does
         self.dma_cmd &= ~DMA_RUN

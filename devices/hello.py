@@ -42,7 +42,7 @@ class Hello(Device):
     @bar0.on_read("id")
     def read_id(self) -> int:
         self.bar0["reads"] += 1
-        return int(self.ident)
+        return self.ident
 
     @bar0.on_write("doorbell")
     def ring(self, value: int) -> None:

@@ -6,18 +6,30 @@ card).  Several registers do one thing when read and another when written —
 reading ``irq_ctl`` enables the interrupt, writing it disables it — which the
 register table expresses with read and write hooks.  Every change of an
 output line, and every input change the device makes, is recorded as a
-``gpio`` event.  The input registers are sticky: they mirror the outside
-world, which a reset of the card does not change.
+:class:`Gpio` event (the device's own kind, ``gpio`` in traces).  The
+input registers are sticky: they mirror the outside world, which a reset of
+the card does not change.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from vdev import RO, RW, Bar, Device, Param, Register
+from vdev import RO, RW, Bar, Device, DeviceEvent, Param, Register
 
 OUTPUT_LINES = 16
 IRQ_PENDING = 0x5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Gpio(DeviceEvent):
+    """A line changed level: an output the client drove (``out``) or an input the device set (``in``)."""
+
+    kind: ClassVar[str] = "gpio"
+    direction: str
+    line: int
+    value: int
 
 
 class Idio16(Device):
@@ -68,7 +80,7 @@ class Idio16(Device):
         self.irq_enabled = False
         self.filters_active = False
         self._outputs = 0
-        self.set_inputs(int(self.inputs))
+        self.set_inputs(self.inputs)
 
     # -- what the outside world sees ---------------------------------------------------
 
@@ -84,7 +96,7 @@ class Idio16(Device):
         self.bar2["in0_7"], self.bar2["in8_15"] = lines & 0xFF, lines >> 8
         for line in range(16):
             if (old ^ lines) >> line & 1:
-                self.events.record("gpio", direction="in", line=line, value=lines >> line & 1)
+                self.events.record(Gpio(direction="in", line=line, value=lines >> line & 1))
         if old != lines and self.irq_enabled:
             self.bar2["irq_status"] = IRQ_PENDING
             self.irq.raise_intx()
@@ -95,7 +107,7 @@ class Idio16(Device):
         new = self.outputs
         for line in range(OUTPUT_LINES):
             if (self._outputs ^ new) >> line & 1:
-                self.events.record("gpio", direction="out", line=line, value=new >> line & 1)
+                self.events.record(Gpio(direction="out", line=line, value=new >> line & 1))
         self._outputs = new
 
     @bar2.on_write("out0_7")

@@ -104,7 +104,22 @@ from typing import Any
 
 import trio
 
-from vdev import RO, RW, RW1C, Bar, Device, DmaError, Field, Msi, MsiX, Param, PciExpress, PowerManagement, Register
+from vdev import (
+    RO,
+    RW,
+    RW1C,
+    Bar,
+    Device,
+    DmaError,
+    Field,
+    Msi,
+    MsiX,
+    Param,
+    PciExpress,
+    PowerManagement,
+    Register,
+    Violation,
+)
 from vdev.model.capabilities import Capability
 from vdev.model.device import ResetKind
 
@@ -262,11 +277,11 @@ class Ioat(Device):
 
     @bar0.on_read("xfercap")
     def read_xfercap(self) -> int:
-        return int(self.xfercap)
+        return self.xfercap
 
     @bar0.on_read("cbver")
     def read_cbver(self) -> int:
-        return int(self.version)
+        return self.version
 
     @bar0.on_read("intrctrl")
     def read_intrctrl(self) -> int:
@@ -302,14 +317,16 @@ class Ioat(Device):
     @bar0.on_write("chainaddr")
     def write_chainaddr(self, value: int) -> None:
         if self.state is State.ACTIVE:
-            self.events.record("violation", what="ioat CHAINADDR written while the channel is active", value=value)
+            self.events.record(
+                Violation(what="ioat CHAINADDR written while the channel is active", detail=f"{value:#x}")
+            )
             return
         self._chain_written = True
 
     @bar0.on_write("dmacount")
     def write_dmacount(self, value: int) -> None:
         if self.state is State.HALTED and self.bar0["chanerr"]:
-            self.events.record("violation", what="ioat DMACOUNT written while halted by an error", value=value)
+            self.events.record(Violation(what="ioat DMACOUNT written while halted by an error", detail=f"{value:#x}"))
             return
         if self.state is State.ACTIVE or self._resetting:
             return  # an active channel sees the new count before its next descriptor
@@ -392,7 +409,7 @@ class Ioat(Device):
             if not ctl & CTL_NULL:
                 await self._execute(ctl >> 24, size, src, dst)
         except ChannelError as error:
-            self.events.record("violation", what=f"ioat channel error {error.bit.name}", detail=str(error))
+            self.events.record(Violation(what=f"ioat channel error {error.bit.name}", detail=str(error)))
             self._halt(error.bit)
             return
         self.processed = (self.processed + 1) & 0xFFFF
@@ -406,7 +423,7 @@ class Ioat(Device):
             try:
                 await self.dma.write_int(self.bar0["chancmp"], status, 8)
             except DmaError as exc:
-                self.events.record("violation", what="ioat completion write failed", detail=str(exc))
+                self.events.record(Violation(what="ioat completion write failed", detail=str(exc)))
                 self._halt(ChanErr.COMPLETION_ADDR)
                 return
         if ctl & CTL_INT_EN:
@@ -415,7 +432,7 @@ class Ioat(Device):
     async def _execute(self, operation: int, size: int, src: int, dst: int) -> None:
         if operation != OP_COPY:
             raise ChannelError(ChanErr.CONTROL, f"operation {operation:#x} is not implemented (copy only)")
-        limit = 1 << (int(self.xfercap) or 35)
+        limit = 1 << (self.xfercap or 35)
         if not 0 < size <= limit:
             raise ChannelError(ChanErr.LENGTH, f"copy of {size} bytes (XFERCAP allows 1 to {limit})")
         for offset in range(0, size, COPY_CHUNK):

@@ -12,7 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from vdev import RO, RW, WO, Bar, Device, Msi, MsiX, Param, PciExpress, PowerManagement, Register
+from vdev import (
+    RO,
+    RW,
+    WO,
+    Bar,
+    Device,
+    DeviceEvent,
+    Msi,
+    MsiX,
+    Param,
+    PciExpress,
+    PowerManagement,
+    RegionRead,
+    RegionWrite,
+    Register,
+    Violation,
+)
 from vdev.model.capabilities import Capability
 from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
 
@@ -99,7 +115,7 @@ class MemBar(Device):
         self.events.subscribe(self._count)
 
     def bar_specs(self) -> list[Bar]:
-        size = int(self.size)
+        size = self.size
         ram = Bar(size, kind="mem64", prefetchable=True, mapped=[(0, size)], index=0)
         mixed = Bar(
             4 * PAGE,
@@ -113,15 +129,15 @@ class MemBar(Device):
         return [
             PowerManagement(),
             PciExpress(flr=True),
-            MsiX(vectors=int(self.vectors), table_bar=4, table_offset=0x1800, pba_bar=4, pba_offset=0x1C00),
+            MsiX(vectors=self.vectors, table_bar=4, table_offset=0x1800, pba_bar=4, pba_offset=0x1C00),
             Msi(vectors=4),
         ]
 
-    def _count(self, event: Any) -> None:
-        if event.kind == "violation":
+    def _count(self, event: DeviceEvent) -> None:
+        if isinstance(event, Violation):
             self.bar2["violations"] += 1
-        elif event.kind in ("region_read", "region_write") and event.data["region"] in (2, 4):
-            counter = "reads" if event.kind == "region_read" else "writes"
+        elif isinstance(event, RegionRead | RegionWrite) and event.region in (2, 4):
+            counter = "reads" if isinstance(event, RegionRead) else "writes"
             self.bar2[counter] += 1
 
     @bar2.on_write("self_disable")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from vdev import CommandChange, Connect, Disconnect, RegionRead, RegionWrite, Reset
 from vdev.qemu import QemuMachine
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.hello import Hello
@@ -39,10 +40,10 @@ async def main() -> None:
             print(f"read  BAR0+0x08 (reads)   -> {await function.bar_readl(0, 0x08)}")
     print("\nwhat the device recorded:")
     for event in device.events:
-        if event.kind in ("connect", "command", "region_read", "region_write", "reset", "disconnect"):
+        if isinstance(event, Connect | CommandChange | RegionRead | RegionWrite | Reset | Disconnect):
             fields = " ".join(
                 f"{key}={value:#x}" if isinstance(value, int) and not isinstance(value, bool) else f"{key}={value}"
-                for key, value in event.data.items()
+                for key, value in event.fields().items()
             )
             print(f"  {event.kind:13} {fields}")
 

@@ -58,7 +58,7 @@ from typing import Any
 import trio
 
 from vdev.model.device import Device
-from vdev.model.events import Event
+from vdev.model.events import DeviceEvent, DmaMap, Violation
 from vdev.provenance import collect
 from vdev.qemu.cmdline import MiB
 from vdev.qemu.guest import GuestArtefacts, GuestMachine, guest_dir
@@ -346,12 +346,12 @@ class EventCounts:
     map_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     violations: collections.Counter[str] = field(default_factory=collections.Counter)
 
-    def __call__(self, event: Event) -> None:
+    def __call__(self, event: DeviceEvent) -> None:
         self.kinds[event.kind] += 1
-        if event.kind == "dma_map":
-            self.map_sizes[event.data["size"]] += 1
-        elif event.kind == "violation":
-            self.violations[event.data["what"]] += 1
+        if isinstance(event, DmaMap):
+            self.map_sizes[event.size] += 1
+        elif isinstance(event, Violation):
+            self.violations[event.what] += 1
 
     def to_json(self) -> dict[str, Any]:
         return {

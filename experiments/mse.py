@@ -79,7 +79,15 @@ from typing import Any
 import trio
 
 from vdev.guest import GuestSetupError, describe, find_kernel, patched
-from vdev.model.events import Event
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    DeviceEvent,
+    PowerChange,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
 from vdev.provenance import Provenance, collect
 from vdev.qemu.cmdline import MiB
 from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestMachine, GuestResult, parse_result
@@ -286,33 +294,34 @@ class ServerLog:
     trapped_reads_answered_while_off: int = 0
 
     @classmethod
-    def from_events(cls, events: Iterable[Event]) -> ServerLog:
+    def from_events(cls, events: Iterable[DeviceEvent]) -> ServerLog:
         log = cls()
         label = BEFORE
         memory = False
         for event in events:
-            data = event.data
-            at_doorbell = data.get("region") == 2 and data.get("offset") == 0
-            at_trapped = data.get("region") == 2 and data.get("offset") == TRAPPED_READ_OFFSET
-            if event.kind == "command":
-                memory = bool(data["new"] & 0x2)
-            if at_trapped and event.kind == "violation" and data.get("access") == "read":
-                log.trapped_reads_aborted += 1
-            elif at_trapped and event.kind == "region_read" and data["value"] != (1 << (8 * data["size"])) - 1:
-                log.trapped_reads_answered += 1
-                log.trapped_reads_answered_while_off += not memory
-            if event.kind == "region_write" and at_doorbell:
-                # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
-                label = int(data["value"]) & 0xFFFF_FFFF
-                log.doorbells.append(label)
-            elif event.kind == "violation" and at_doorbell:
-                log.violations[label] = log.violations.get(label, 0) + 1
-            elif event.kind == "command" and bool(data["old"] & 0x2) != bool(data["new"] & 0x2):
-                log.transitions.setdefault(label, []).append(Transition(bool(data["memory"]), data["source"]))
-            elif event.kind == "reset":
-                log.resets.setdefault(label, []).append(data["reason"])
-            elif event.kind == "power":
-                log.power.setdefault(label, []).append(int(data["new"]))
+            match event:
+                case CommandChange(new=new):
+                    memory = bool(new & 0x2)
+            match event:
+                case AccessWhileDisabled(region=2, offset=offset, access="read") if offset == TRAPPED_READ_OFFSET:
+                    log.trapped_reads_aborted += 1
+                case RegionRead(region=2, offset=offset, size=size, value=int(value)) if (
+                    offset == TRAPPED_READ_OFFSET and value != (1 << (8 * size)) - 1
+                ):
+                    log.trapped_reads_answered += 1
+                    log.trapped_reads_answered_while_off += not memory
+                case RegionWrite(region=2, offset=0, value=int(value)):
+                    # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
+                    label = value & 0xFFFF_FFFF
+                    log.doorbells.append(label)
+                case AccessWhileDisabled(region=2, offset=0):
+                    log.violations[label] = log.violations.get(label, 0) + 1
+                case CommandChange(old=old, new=new, memory=memory_now, source=source) if (old ^ new) & 0x2:
+                    log.transitions.setdefault(label, []).append(Transition(memory_now, source))
+                case Reset(reason=reason):
+                    log.resets.setdefault(label, []).append(reason)
+                case PowerChange(new=state):
+                    log.power.setdefault(label, []).append(state)
         return log
 
     def memory_changes(self, label: int) -> list[bool]:

@@ -40,7 +40,18 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
         (["serve", "nosuchdevice", "--socket-path", "/tmp/x.sock"], "no device named 'nosuchdevice'"),
         (["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "nope=1"], "has no parameter 'nope'"),
         (["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "ident"], "expects name=value"),
-        (["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "ident=zz"], "bad value for ident"),
+        (
+            ["serve", "hello", "--socket-path", "/tmp/x.sock", "--param", "ident=zz"],
+            "Hello: bad value for --param ident=zz: expected an integer (42, 0x2a, 0o52 or 0b101010), got 'zz'",
+        ),
+        (
+            ["serve", "nvme", "--socket-path", "/tmp/x.sock", "--param", "interrupts=msx"],
+            "Nvme: bad value for --param interrupts=msx: interrupts: one of",
+        ),
+        (
+            ["serve", "membar", "--socket-path", "/tmp/x.sock", "--param", "split_bar4=maybe"],
+            "MemBar: bad value for --param split_bar4=maybe: expected a boolean",
+        ),
         (["serve", "hello"], "--socket-path"),
         (["serve", "no.such.module:Thing", "--socket-path", "/tmp/x.sock"], "cannot load"),
         (["frobnicate"], "invalid choice"),
@@ -148,6 +159,23 @@ def test_serve_finds_a_device_module_in_the_current_directory(tmp_path: Path, re
 def test_serve_paths_that_cannot_work_are_one_line_and_status_2(tmp_path: Path, extra: list[str], message: str) -> None:
     result = run_vdev("serve", "hello", "--socket-path", str(tmp_path / "s.sock"), *extra)
     assert message in one_line_error(result)
+
+
+DEVICE_PLAN = '{"faults": [{"on": "read", "action": "delay", "seconds": 1}]}'
+WIRE_PLAN = '{"faults": [{"fault": "delay", "seconds": 1, "command": "REGION_READ"}]}'
+
+
+def test_each_fault_flag_refuses_the_other_kind_of_plan_and_names_the_right_flag(tmp_path: Path) -> None:
+    device_plan, wire_plan = tmp_path / "device.json", tmp_path / "wire.json"
+    device_plan.write_text(DEVICE_PLAN)
+    wire_plan.write_text(WIRE_PLAN)
+    served = run_vdev("serve", "hello", "--socket-path", str(tmp_path / "s.sock"), "--device-faults", str(wire_plan))
+    assert "wire-fault rule" in one_line_error(served) and "vdev proxy --wire-faults" in one_line_error(served)
+    proxy = ["proxy", "--listen", str(tmp_path / "p.sock"), "--connect", str(tmp_path / "s.sock")]
+    proxied = run_vdev(*proxy, "--wire-faults", str(device_plan))
+    assert "device-fault rule" in one_line_error(proxied) and "vdev serve --device-faults" in one_line_error(proxied)
+    old_flag = run_vdev(*proxy, "--faults", str(wire_plan))
+    assert old_flag.returncode == 2 and "--faults" in old_flag.stderr
 
 
 @pytest.mark.requires("libvfio-user")

@@ -1,17 +1,41 @@
-"""The tutorial (docs/tutorial.md) works as written: its device, served, read by QEMU."""
+"""The tutorial (docs/tutorial.md) works as written: its device, served, read by QEMU, firing its MSI."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
+from vdev.model.events import Irq
 from vdev.qemu import enable_msi
 from vdev.testing import AttachQemu
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
 from mytimer import MyTimer  # noqa: E402
+
+
+@pytest.mark.requires("qemu", "libvfio-user")
+async def test_the_tutorials_own_test_passes_against_the_finished_device(tmp_path: Path) -> None:
+    """Step 4's block, run the way the page says: pytest in trio mode, next to mytimer.py."""
+    tutorial = (ROOT / "docs" / "tutorial.md").read_text()
+    (code,) = re.findall(r"```python\n(# test_mytimer\.py\n.*?)```", tutorial, flags=re.DOTALL)
+    (tmp_path / "test_mytimer.py").write_text(code)
+    shutil.copy(ROOT / "examples" / "mytimer.py", tmp_path / "mytimer.py")
+    result = await trio.run_process(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "trio_mode=true", "test_mytimer.py"],
+        cwd=tmp_path,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    output = result.stdout.decode()
+    assert result.returncode == 0, output + result.stderr.decode()
+    assert "1 passed" in output
 
 
 async def test_qemu_reads_my_register_and_gets_the_timer_msi(vdev_qemu: AttachQemu) -> None:
@@ -28,4 +52,4 @@ async def test_qemu_reads_my_register_and_gets_the_timer_msi(vdev_qemu: AttachQe
     assert await timer.bar_readl(0, 0x08) & 1
     await timer.bar_writel(0, 0x08, 1)
     await timer.bar_writel(0, 0x0C, 0)
-    assert device.events.of_kind("irq")
+    assert device.events.of_kind(Irq)

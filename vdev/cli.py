@@ -22,7 +22,7 @@ import trio
 from vdev import doctor, plugins, sockets
 from vdev.libvfio_user.bindings import LibraryError
 from vdev.model.device import Device
-from vdev.model.faults import FaultPlan, FaultPlanError
+from vdev.model.faults import DeviceFaultPlan, DeviceFaultPlanError
 from vdev.runtime import ServeError, serve
 from vdev.runtime.activation import activated_fd
 from vdev.runtime.context import listening_socket_path
@@ -52,7 +52,7 @@ def _parse_params(device_class: type[Device], pairs: Sequence[str]) -> dict[str,
         try:
             values[name] = specs[name].parse(text)
         except ValueError as exc:
-            raise UsageError(f"bad value for {name}: {exc}") from None
+            raise UsageError(f"{device_class.__name__}: bad value for --param {name}={text}: {exc}") from None
     return values
 
 
@@ -88,10 +88,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # the device's own __init__ or declaration: one line, never a traceback
         raise UsageError(f"cannot create {args.device}: {plugins.describe_failure(exc)}") from None
     try:
-        if args.faults:
+        if args.device_faults:
             try:
-                device.faults = FaultPlan.load(args.faults)
-            except FaultPlanError as exc:
+                device.faults = DeviceFaultPlan.load(args.device_faults)
+            except DeviceFaultPlanError as exc:
                 raise UsageError(str(exc)) from None
         where: Path | int
         if args.socket_path:
@@ -249,13 +249,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_proxy(args: argparse.Namespace) -> int:
     import signal
 
-    from vdev.proxy import FaultPlan, PlanError, Proxy
+    from vdev.proxy import Proxy, WireFaultPlan, WireFaultPlanError
 
     plan = None
-    if args.faults:
+    if args.wire_faults:
         try:
-            plan = FaultPlan.load(args.faults)
-        except PlanError as exc:
+            plan = WireFaultPlan.load(args.wire_faults)
+        except WireFaultPlanError as exc:
             raise UsageError(str(exc)) from None
     if sockets.same_socket(args.listen, args.connect):
         raise UsageError(f"--listen and --connect are the same socket ({args.listen})")
@@ -421,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="device parameter")
     serve_parser.add_argument("--name", help="the device's name in logs and traces")
     serve_parser.add_argument("--trace", metavar="FILE", help="write every device event as a JSON line ('-': stdout)")
-    serve_parser.add_argument("--faults", metavar="PLAN", help="inject the faults of a plan file (JSON or TOML)")
+    serve_parser.add_argument(
+        "--device-faults",
+        metavar="PLAN",
+        help="make the device misbehave as a device-fault plan says (JSON or TOML; rules keyed 'on')",
+    )
     serve_parser.add_argument(
         "--allow-uid", type=int, action="append", metavar="UID", help="accept clients of this uid only (repeatable)"
     )
@@ -448,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy_parser.add_argument("--listen", required=True, metavar="PATH", help="socket the client connects to")
     proxy_parser.add_argument("--connect", required=True, metavar="PATH", help="socket of the real server")
-    proxy_parser.add_argument("--faults", metavar="PLAN", help="fault plan (.toml or .json; see docs/record-replay.md)")
+    proxy_parser.add_argument(
+        "--wire-faults",
+        metavar="PLAN",
+        help="tamper with messages as a wire-fault plan says (JSON/TOML, rules keyed 'fault'; docs/record-replay.md)",
+    )
     proxy_parser.add_argument("--record", metavar="FILE", help="write every message as a JSON line (a transcript)")
     proxy_parser.add_argument(
         "--fault-log", metavar="FILE", help="append a JSON line per injected fault here (default: stderr)"

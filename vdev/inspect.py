@@ -30,7 +30,9 @@ CONFIG_REGION = 7
 
 
 @dataclass
-class Capability:
+class FoundCapability:
+    """A capability as the chain in a server's config space shows it (not a declared :class:`vdev.Capability`)."""
+
     offset: int
     id: int
     name: str
@@ -63,7 +65,7 @@ class Report:
     status: int
     interrupt_pin: int
     bars: list[dict[str, Any]]
-    capabilities: list[Capability]
+    capabilities: list[FoundCapability]
     regions: list[Region]
     irqs: dict[str, int]
     resettable: bool
@@ -101,15 +103,15 @@ def _decode_capability(config: bytes, at: int, cap_id: int) -> dict[str, Any]:
     return {}
 
 
-def _capabilities(config: bytes) -> list[Capability]:
-    found: list[Capability] = []
+def _capabilities(config: bytes) -> list[FoundCapability]:
+    found: list[FoundCapability] = []
     if _u(config, 0x06, 2) & 0x10:
         pointer, seen = config[0x34] & ~3, set()
         while pointer and pointer not in seen and pointer + 2 <= min(len(config), 256):
             seen.add(pointer)
             cap_id = config[pointer]
             name = CAPABILITY_NAMES.get(cap_id, f"unknown {cap_id:#04x}")
-            found.append(Capability(pointer, cap_id, name, False, _decode_capability(config, pointer, cap_id)))
+            found.append(FoundCapability(pointer, cap_id, name, False, _decode_capability(config, pointer, cap_id)))
             pointer = config[pointer + 1] & ~3
     pointer, seen = 0x100, set()
     while len(config) > 0x100 and pointer and pointer not in seen and pointer + 4 <= len(config):
@@ -122,7 +124,7 @@ def _capabilities(config: bytes) -> list[Capability]:
         if cap_id == 0x0003:
             details["serial"] = f"{_u(config, pointer + 4, 8):016x}"
         name = EXTENDED_NAMES.get(cap_id, f"unknown {cap_id:#06x}")
-        found.append(Capability(pointer, cap_id, name, True, details))
+        found.append(FoundCapability(pointer, cap_id, name, True, details))
         pointer = header >> 20
     return found
 

@@ -9,11 +9,39 @@ from typing import Any
 
 import trio
 
-from vdev import Bar, Device, DmaError, Msi, MsiX, Param, PciExpress, PowerManagement, Register, ResetKind
+from vdev import (
+    Bar,
+    Device,
+    DmaError,
+    FaultInjected,
+    Msi,
+    MsiX,
+    Param,
+    PciExpress,
+    PowerManagement,
+    Register,
+    ResetKind,
+)
 from vdev.model.capabilities import Capability
 from vdev.model.registers import RO, RW, RW1C, W1S
 from vdev_devices.nvme import faults as nvme_faults
 from vdev_devices.nvme.admin import ADMIN_COMMANDS, DEFERRED, FEATURES
+from vdev_devices.nvme.events import (
+    AbortRequested,
+    AdminCommandTaken,
+    AsyncEventRaised,
+    CommandFailed,
+    ControllerEnabled,
+    ControllerFatal,
+    ControllerReset,
+    ControllerShutdown,
+    CqCreated,
+    CqDeleted,
+    DoorbellInvalid,
+    InterruptNotDelivered,
+    SqCreated,
+    SqDeleted,
+)
 from vdev_devices.nvme.namespace import Namespace
 from vdev_devices.nvme.nvm import ALL_NAMESPACES, IO_COMMANDS
 from vdev_devices.nvme.queues import (
@@ -160,24 +188,24 @@ class Nvme(Device):
 
     def __init__(self, name: str | None = None, **params: Any) -> None:
         super().__init__(name, **params)
-        if not 1 <= int(self.queues) <= 64:
+        if not 1 <= self.queues <= 64:
             raise ValueError("queues: 1 to 64 I/O queue pairs")
-        if not 2 <= int(self.queue_entries) <= 65536:
+        if not 2 <= self.queue_entries <= 65536:
             raise ValueError("queue_entries: 2 to 65536")
-        if not 1 <= int(self.mdts) <= 12:
+        if not 1 <= self.mdts <= 12:
             raise ValueError("mdts: 1 to 12")
-        if not 0 <= int(self.doorbell_stride) <= 8:
+        if not 0 <= self.doorbell_stride <= 8:
             raise ValueError("doorbell_stride: 0 to 8")
-        count = int(self.namespaces)
+        count = self.namespaces
         if not 1 <= count <= 16:
             raise ValueError("namespaces: 1 to 16")
         #: The namespaces, by NSID.
         self.active_namespaces: dict[int, Namespace] = {}
         try:
             for nsid in range(1, count + 1):
-                backing = str(self.backing) if nsid == 1 and self.backing else None
+                backing = self.backing if nsid == 1 and self.backing else None
                 self.active_namespaces[nsid] = Namespace(
-                    nsid, int(self.size), int(self.block_size), backing=backing, identity=str(self.serial)
+                    nsid, self.size, self.block_size, backing=backing, identity=self.serial
                 )
         except BaseException:
             self.close()
@@ -185,11 +213,11 @@ class Nvme(Device):
         self.identity = ControllerIdentity(
             vendor_id=self.vendor_id,
             subsystem_vendor_id=self.subsystem_vendor_id,
-            serial=str(self.serial),
+            serial=self.serial,
             model="vdev NVMe controller",
-            mdts=int(self.mdts),
+            mdts=self.mdts,
             namespaces=count,
-            write_cache=bool(self.write_cache),
+            write_cache=self.write_cache,
         )
         self.sqs: dict[int, SubmissionQueue] = {}
         self.cqs: dict[int, CompletionQueue] = {}
@@ -213,19 +241,19 @@ class Nvme(Device):
 
     @property
     def _doorbell_end(self) -> int:
-        return DOORBELLS + 2 * (int(self.queues) + 1) * (4 << int(self.doorbell_stride))
+        return DOORBELLS + 2 * (self.queues + 1) * (4 << self.doorbell_stride)
 
     @property
     def _msix_layout(self) -> tuple[int, int, int]:
         """(table offset, PBA offset, BAR size): each on its own page after the doorbells."""
-        vectors = int(self.queues) + 1
+        vectors = self.queues + 1
         table = _round_up(self._doorbell_end, PAGE)
         pba = table + _round_up(16 * vectors, PAGE)
         end = pba + PAGE
         return table, pba, max(16 * 1024, 1 << math.ceil(math.log2(end)))
 
     def bar_specs(self) -> list[Bar]:
-        capabilities = cap(mqes=int(self.queue_entries) - 1, timeout_500ms=20, dstrd=int(self.doorbell_stride))
+        capabilities = cap(mqes=self.queue_entries - 1, timeout_500ms=20, dstrd=self.doorbell_stride)
         registers = [
             Register("cap", 0x00, width=8, access=RO, reset=capabilities),
             Register("vs", 0x08, access=RO, reset=VERSION_1_4),
@@ -251,7 +279,7 @@ class Nvme(Device):
         return [bar0]
 
     def capabilities(self) -> list[Capability]:
-        vectors = int(self.queues) + 1
+        vectors = self.queues + 1
         offered: list[Capability] = [PowerManagement(), PciExpress(flr=True)]
         if self.interrupts in ("msix", "msi"):
             offered.append(Msi(vectors=min(32, 1 << (vectors - 1).bit_length()), per_vector_mask=True))
@@ -280,15 +308,15 @@ class Nvme(Device):
 
     @property
     def max_transfer(self) -> int:
-        return (1 << int(self.mdts)) * (1 << PAGE_SHIFT_MIN)
+        return (1 << self.mdts) * (1 << PAGE_SHIFT_MIN)
 
     @property
     def max_queue_entries(self) -> int:
-        return int(self.queue_entries)
+        return self.queue_entries
 
     @property
     def max_io_queues(self) -> int:
-        return int(self.queues)
+        return self.queues
 
     @property
     def queues_allocated(self) -> int:
@@ -397,7 +425,7 @@ class Nvme(Device):
 
     def write_doorbell(self, offset: int, data: bytes) -> None:
         """A new SQ tail or CQ head: move the pointer and wake whoever waits for it.  Never waits itself."""
-        stride = 4 << int(self.doorbell_stride)
+        stride = 4 << self.doorbell_stride
         if offset < DOORBELLS or len(data) != 4 or (offset - DOORBELLS) % stride:
             return
         if not self._csts & CSTS_RDY or self._csts & CSTS_CFS:
@@ -417,7 +445,7 @@ class Nvme(Device):
             self.call_soon(queue.ring(value))
 
     def _doorbell_error(self, info: int, qid: int, value: int) -> None:
-        self.events.record("nvme", what="invalid doorbell write", qid=qid, value=value, info=info)
+        self.events.record(DoorbellInvalid(qid=qid, value=value, info=info))
         self._log_error(ErrorEntry(0, 0xFFFF, 0xFFFF, Status.INVALID_FIELD, 0, 0))
         self.raise_async_event(AsyncEventType.ERROR, info, LogPage.ERROR)
 
@@ -444,7 +472,7 @@ class Nvme(Device):
         self.create_cq(0, acq, cq_entries, vector=0, interrupts=True)
         self.create_sq(0, asq, sq_entries, cqid=0, priority=0)
         self._csts |= CSTS_RDY
-        self.events.record("nvme", what="enabled", page_size=self.page_size, asq=asq, acq=acq)
+        self.events.record(ControllerEnabled(page_size=self.page_size, asq=asq, acq=acq))
 
     def _reset_controller(self, why: str) -> None:
         """Controller reset: every queue and held command dropped, features back to defaults, not ready."""
@@ -463,18 +491,18 @@ class Nvme(Device):
         if self.irq.intx_level:
             self.irq.lower_intx()
         self._csts = self._csts & (0x3 << CSTS_SHST_SHIFT)
-        self.events.record("nvme", what="reset", why=why)
+        self.events.record(ControllerReset(why=why))
 
     def _shut_down(self, kind: int) -> None:
         """CC.SHN: stop taking commands and report the shutdown complete; a reset is needed to go on."""
         self._csts = (self._csts & ~(0x3 << CSTS_SHST_SHIFT)) | SHST_COMPLETE << CSTS_SHST_SHIFT
-        self.events.record("nvme", what="shutdown", abrupt=kind == 2)
+        self.events.record(ControllerShutdown(abrupt=kind == 2))
 
     def _fatal(self, why: str) -> None:
         """Controller Fatal Status: stop processing every queue until the host resets the controller."""
         if not self._csts & CSTS_CFS:
             self._csts |= CSTS_CFS
-            self.events.record("nvme", what="fatal", why=why)
+            self.events.record(ControllerFatal(why=why))
             log.warning("%s: controller fatal: %s", self.name, why)
 
     def on_reset(self, kind: ResetKind) -> None:
@@ -487,14 +515,14 @@ class Nvme(Device):
 
     def create_cq(self, qid: int, base: int, entries: int, vector: int, interrupts: bool) -> None:
         self.cqs[qid] = CompletionQueue(qid, base, entries, vector, interrupts)
-        self.events.record("nvme", what="create cq", qid=qid, entries=entries, vector=vector, interrupts=interrupts)
+        self.events.record(CqCreated(qid=qid, entries=entries, vector=vector, interrupts=interrupts))
 
     def create_sq(self, qid: int, base: int, entries: int, cqid: int, priority: int) -> None:
         sq = SubmissionQueue(qid, base, entries, cqid, priority)
         self.sqs[qid] = sq
         self.cqs[cqid].sqs.add(qid)
         self.start_soon(run_owned, sq, self._serve, sq)
-        self.events.record("nvme", what="create sq", qid=qid, entries=entries, cqid=cqid)
+        self.events.record(SqCreated(qid=qid, entries=entries, cqid=cqid))
 
     def _drop(self, sq: SubmissionQueue) -> None:
         """Stop everything working for ``sq``: at once for its tasks' next step, their scopes from Trio."""
@@ -513,11 +541,11 @@ class Nvme(Device):
         cq = self.cqs.get(sq.cqid)
         if cq is not None:
             cq.sqs.discard(qid)
-        self.events.record("nvme", what="delete sq", qid=qid)
+        self.events.record(SqDeleted(qid=qid))
 
     def delete_cq(self, qid: int) -> None:
         del self.cqs[qid]
-        self.events.record("nvme", what="delete cq", qid=qid)
+        self.events.record(CqDeleted(qid=qid))
 
     async def _serve(self, sq: SubmissionQueue) -> None:
         """Take the commands the host submits on ``sq``, in order, for as long as the queue exists."""
@@ -543,12 +571,12 @@ class Nvme(Device):
     async def _execute(self, sq: SubmissionQueue, cmd: Command) -> None:
         self.statistics[(sq.qid, cmd.opcode)] += 1
         if sq.qid == 0:
-            self.events.record("nvme", what="admin", opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10,
-                               cdw11=cmd.cdw11)  # fmt: skip
+            admin = AdminCommandTaken(opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10, cdw11=cmd.cdw11)
+            self.events.record(admin)
         if self.faults.faults:
             fault = self.faults.pick(nvme_faults.EVENT, qid=sq.qid, opcode=cmd.opcode, nsid=cmd.nsid)
             if fault is not None:
-                self.events.record("fault", qid=sq.qid, cid=cmd.cid, opcode=cmd.opcode, **fault.describe())
+                self.events.record(FaultInjected(fault=fault, at={"qid": sq.qid, "cid": cmd.cid, "opcode": cmd.opcode}))
                 if fault.action == "hang":
                     self._hold(sq, cmd, abortable=bool(fault.params.get("abortable", True)))
                     return
@@ -647,7 +675,7 @@ class Nvme(Device):
         cq.advance()
         cq.unsignalled += 1
         if status:
-            self.events.record("nvme", what="error", qid=sq.qid, cid=cid, status=status, dnr=dnr)
+            self.events.record(CommandFailed(qid=sq.qid, cid=cid, status=status, dnr=dnr))
             nsid = cmd.nsid if cmd is not None else 0
             self._log_error(ErrorEntry(0, sq.qid, cid, field, lba, nsid))
 
@@ -709,7 +737,7 @@ class Nvme(Device):
         try:
             self.irq.trigger(vector)
         except ValueError as exc:
-            self.events.record("nvme", what="interrupt not delivered", vector=vector, why=str(exc))
+            self.events.record(InterruptNotDelivered(vector=vector, why=str(exc)))
 
     def _update_intx(self, *, raise_now: bool) -> None:
         """INTx is a level: high while any interrupt-enabled CQ holds entries the host has not consumed."""
@@ -733,7 +761,7 @@ class Nvme(Device):
     def raise_async_event(self, kind: AsyncEventType, info: int, page: LogPage) -> None:
         """Report an event to the host through an outstanding Asynchronous Event Request (now or later)."""
         self._async_events.append((int(kind), info, int(page)))
-        self.events.record("nvme", what="async event", type=int(kind), info=info, log=int(page))
+        self.events.record(AsyncEventRaised(type=int(kind), info=info, log=int(page)))
         self._deliver_events()
 
     def acknowledge_events(self, kind: AsyncEventType) -> None:
@@ -757,7 +785,7 @@ class Nvme(Device):
         """Complete a held command as aborted; False when there is none to abort (or it may not be)."""
         sq = self.sqs.get(sqid)
         held = sq.held.get(cid) if sq is not None else None
-        self.events.record("nvme", what="abort", qid=sqid, cid=cid, aborted=bool(held and held.abortable))
+        self.events.record(AbortRequested(qid=sqid, cid=cid, aborted=bool(held and held.abortable)))
         if sq is None or held is None or not held.abortable:
             return False
         del sq.held[cid]

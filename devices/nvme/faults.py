@@ -29,7 +29,7 @@ Example (JSON plan)::
 
 from __future__ import annotations
 
-from vdev.model.faults import Fault, FaultPlanError, define_fault_event
+from vdev.model.faults import DeviceFault, DeviceFaultPlanError, define_fault_event
 from vdev_devices.nvme.spec import Status
 
 EVENT = "nvme-command"
@@ -37,31 +37,33 @@ ACTIONS = frozenset({"hang", "status", "delay", "fatal", "memory-off"})
 MATCHES = frozenset({"qid", "opcode", "nsid"})
 
 
-def fault_status(fault: Fault) -> tuple[int, bool]:
+def fault_status(fault: DeviceFault) -> tuple[int, bool]:
     """The status a ``status`` rule completes with, and whether Do Not Retry is set."""
     status = fault.params["status"]
     code = Status[status].value if isinstance(status, str) else int(status)
     return code, bool(fault.params.get("dnr", True))
 
 
-def check(fault: Fault) -> None:
+def check(fault: DeviceFault) -> None:
     """Refuse a rule the controller could not carry out."""
     unknown = set(fault.where) - MATCHES
     if unknown:
-        raise FaultPlanError(f"{EVENT} faults match on {', '.join(sorted(MATCHES))}, not {', '.join(sorted(unknown))}")
+        raise DeviceFaultPlanError(
+            f"{EVENT} faults match on {', '.join(sorted(MATCHES))}, not {', '.join(sorted(unknown))}"
+        )
     allowed = {"status": {"status", "dnr"}, "hang": {"abortable"}}.get(fault.action, set())
     extra = set(fault.params) - allowed
     if extra:
-        raise FaultPlanError(f"{EVENT} {fault.action!r} takes no parameter {', '.join(sorted(extra))}")
+        raise DeviceFaultPlanError(f"{EVENT} {fault.action!r} takes no parameter {', '.join(sorted(extra))}")
     if fault.action == "status":
         status = fault.params.get("status")
         if isinstance(status, str) and status not in Status.__members__:
-            raise FaultPlanError(f"unknown NVMe status {status!r}")
+            raise DeviceFaultPlanError(f"unknown NVMe status {status!r}")
         if not isinstance(status, (str, int)) or isinstance(status, int) and not 0 < status < 0x800:
-            raise FaultPlanError(f"{EVENT} 'status' needs params.status: a status name or an 11-bit code")
+            raise DeviceFaultPlanError(f"{EVENT} 'status' needs params.status: a status name or an 11-bit code")
     for flag in ("dnr", "abortable"):
         if not isinstance(fault.params.get(flag, True), bool):
-            raise FaultPlanError(f"{EVENT} params.{flag} is true or false")
+            raise DeviceFaultPlanError(f"{EVENT} params.{flag} is true or false")
 
 
 define_fault_event(EVENT, ACTIONS, check)

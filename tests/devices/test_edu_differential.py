@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from vdev.model.events import DmaMap
 from vdev.qemu import PciFunction, QemuMachine, enable_msi, q35_intx_gsi
 from vdev.testing import AttachQemu
 from vdev_devices.edu import Edu
@@ -197,7 +198,7 @@ async def test_message_dma_through_qemu_without_shared_memory(vdev_qemu: AttachQ
     """
     device = Edu(dma_delay=0)
     vm, edu = await vdev_qemu(device, enable={"memory", "master"}, shared_memory=False)
-    assert not any(event.data["mapped"] for event in device.events.of_kind("dma_map"))
+    assert not any(event.mapped for event in device.events.of_kind(DmaMap))
     gsi = q35_intx_gsi(edu.address, 1)
     await vm.qtest.irq_intercept_in("ioapic")
     source, destination = vm.guest_memory.alloc(4096), vm.guest_memory.alloc(4096)

@@ -7,7 +7,7 @@ import trio
 
 from vdev.qemu import q35_intx_gsi
 from vdev.testing import AttachQemu
-from vdev_devices.idio16 import Idio16
+from vdev_devices.idio16 import Gpio, Idio16
 
 pytestmark = pytest.mark.requires("qemu", "libvfio-user")
 
@@ -24,8 +24,8 @@ async def test_lines_and_interrupt_as_the_linux_driver_uses_them(vdev_qemu: Atta
     assert device.outputs == 0x8005
     assert await card.bar_readb(2, 0x0) == 0x05 and await card.bar_readb(2, 0x4) == 0x80
     assert (await card.bar_readb(2, 0x1), await card.bar_readb(2, 0x5)) == (0xA5, 0x00)
-    outputs = [e.data for e in device.events.of_kind("gpio") if e.data["direction"] == "out"]
-    changes = [(change["line"], change["value"]) for change in outputs]
+    outputs = [e for e in device.events.of_kind(Gpio) if e.direction == "out"]
+    changes = [(change.line, change.value) for change in outputs]
     assert changes == [(0, 1), (2, 1), (15, 1)]
 
     gsi = q35_intx_gsi(card.address, await card.interrupt_pin())

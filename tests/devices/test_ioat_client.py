@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from vdev import Device
-from vdev.client import Client
-from vdev.client._dma import DmaRegion
-from vdev.model.faults import Fault, FaultPlan
+from vdev.client import Client, DmaRegion
+from vdev.model.events import FaultInjected
+from vdev.model.faults import DeviceFault, DeviceFaultPlan
 from vdev.protocol.constants import IrqIndex
 from vdev_devices.ioat import Ioat
 
@@ -266,14 +266,14 @@ async def test_bad_descriptors_halt_with_their_error(vdev_client: Connect, ctl: 
 
 async def test_an_injected_dma_fault_halts_the_channel(vdev_client: Connect) -> None:
     device = Ioat()
-    device.faults = FaultPlan([Fault(on="dma", action="fail", count=1)])
+    device.faults = DeviceFaultPlan([DeviceFault(on="dma", action="fail", count=1)])
     _, driver, _ = await setup(vdev_client, device)
     assert await driver.memcpy(IOVA + SRC, IOVA + DST, 64) == HALTED
     assert await driver.read(CHANERR, 4) == NEXT_ADDR_ERR  # the descriptor fetch was refused
     await driver.write(CHANERR, NEXT_ADDR_ERR, 4)
     await driver.reset()
     assert await driver.memcpy(IOVA + SRC, IOVA + DST, 64) == SUSPENDED
-    assert [e.data["action"] for e in device.events.of_kind("fault")] == ["fail"]
+    assert [e.fault.action for e in device.events.of_kind(FaultInjected)] == ["fail"]
 
 
 async def test_reset_stops_a_long_run_and_device_reset_halts_the_channel(vdev_client: Connect) -> None:

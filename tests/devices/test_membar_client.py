@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from vdev.client import Client, VfioUserError
+from vdev.model.events import CommandChange, Disconnect, MemoryAction, Violation
 from vdev.testing import ConnectClient, ServeDevice, first_touch_ns, resident_pages
 from vdev_devices.membar import MemBar
 
@@ -26,8 +27,8 @@ async def test_master_abort_reads_all_ones_and_counts_violations(vdev_client: Co
     await client.enable(memory=True, io=False, master=False)
     assert await client.region_read(2, 0x00, 8) == bytes(8)
     assert await client.read64(2, 0x20) == 3
-    violations = device.events.of_kind("violation")
-    assert [(v.data["region"], v.data["offset"], v.data["size"], v.data["access"]) for v in violations] == [
+    violations = device.events.of_kind(Violation)
+    assert [(v.region, v.offset, v.size, v.access) for v in violations] == [
         (2, 0x00, 8, "write"),
         (2, 0x00, 8, "read"),
         (4, 0x1000, 4, "read"),
@@ -46,7 +47,7 @@ async def test_pass_policy_reaches_the_handler(vdev_client: ConnectClient) -> No
     device = MemBar(size="1M", disabled_access="pass")
     client = await vdev_client(device)
     await client.region_write(2, 0x00, (9).to_bytes(8, "little"))
-    assert device.bar2["epoch"] == 9 and not device.events.of_kind("violation")
+    assert device.bar2["epoch"] == 9 and not device.events.of_kind(Violation)
 
 
 # A client in its own process: maps BAR0, writes, clears MEM, then touches its mapping.
@@ -77,7 +78,7 @@ async def test_revoke_kills_a_client_touching_its_mapping_and_keeps_the_contents
     assert result.returncode == -signal.SIGBUS
     assert result.stdout.decode().split() == ["touching"]
     with trio.fail_after(10):
-        await device.events.wait_for("disconnect")
+        await device.events.wait_for(Disconnect)
     async with Client.connect(context.socket_path) as client:
         await client.enable(memory=True, io=False, master=False)
         bar0 = await client.map_region(0)
@@ -116,7 +117,7 @@ async def test_forced_and_held_memory_enable(vdev_client: ConnectClient) -> None
     device.command_control.release()
     await client.enable(memory=True, io=False, master=False)
     assert device.command.memory
-    sources = [e.data["source"] for e in device.events.of_kind("command")]
+    sources = [e.source for e in device.events.of_kind(CommandChange)]
     assert sources == ["device", "device", "client", "client"]
 
 
@@ -126,11 +127,11 @@ async def test_toggle_schedules(vdev_client: ConnectClient) -> None:
     device.command_control.toggle_after_accesses(3)
     for _ in range(6):
         await client.region_read(2, 0x00, 8)
-    assert [e.data["memory"] for e in device.events.of_kind("command")] == [True, False]
+    assert [e.memory for e in device.events.of_kind(CommandChange)] == [True, False]
     with trio.fail_after(10):
         await device.command_control.toggle_every(0.01, count=4)
         await device.command_control.toggle_randomly(0.01, seed=7, count=3)
-    transitions = [e.data["memory"] for e in device.events.of_kind("command")]
+    transitions = [e.memory for e in device.events.of_kind(CommandChange)]
     assert transitions == [True, False, True, False, True, False, True, False, True]
 
 
@@ -150,4 +151,4 @@ async def test_a_policy_set_at_run_time_as_its_string_keeps_the_contents(vdev_cl
     await client.enable(memory=False, io=False, master=False)
     await client.enable(memory=True, io=False, master=False)
     assert await client.region_read(0, 0x1000, 4) == b"kept"
-    assert [e.data["action"] for e in device.events.of_kind("memory") if e.data["bar"] == 0] == ["revoke", "restore"]
+    assert [e.action for e in device.events.of_kind(MemoryAction) if e.bar == 0] == ["revoke", "restore"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vdev.libvfio_user import Library
+from vdev.model.events import CommandChange, RegionRead, RegionWrite
 from vdev.qemu import QemuMachine, QemuStartError
 from vdev.testing import AttachQemu, served, vfio_user_pci
 from vdev_devices.membar import MemBar
@@ -39,9 +40,9 @@ async def test_clearing_mem_hides_the_bars_from_the_server_and_keeps_bar0(vdev_q
     assert await function.bar_readq(0, 0x1000) == 0x1122_3344_5566_7788
     assert await function.bar_readq(0, 0xF_FFF8) == 0xAAAA_BBBB_CCCC_DDDD
     assert await function.bar_readq(2, 0x00) == 7
-    commands = [event.data for event in device.events.of_kind("command")]
-    assert [c["memory"] for c in commands] == [False, True]
-    assert all(c["source"] == "client" for c in commands)
+    commands = device.events.of_kind(CommandChange)
+    assert [c.memory for c in commands] == [False, True]
+    assert all(c.source == "client" for c in commands)
 
 
 async def test_device_clears_its_own_mem_and_qemu_reads_the_forced_value(vdev_qemu: AttachQemu) -> None:
@@ -49,8 +50,8 @@ async def test_device_clears_its_own_mem_and_qemu_reads_the_forced_value(vdev_qe
     function = (await vdev_qemu(device, enable={"memory", "master"})).function
     await function.bar_writel(2, 0x18, 1)  # self_disable
     assert not device.command.memory
-    commands = device.events.of_kind("command")
-    assert commands[-1].data["source"] == "device" and not commands[-1].data["memory"]
+    commands = device.events.of_kind(CommandChange)
+    assert commands[-1].source == "device" and not commands[-1].memory
 
 
 async def test_populate_makes_every_page_resident_before_the_enable_is_answered(vdev_qemu: AttachQemu) -> None:
@@ -92,8 +93,8 @@ async def test_bar4_maps_two_areas_around_a_trapped_page(vdev_qemu: AttachQemu) 
     assert not [e for e in device.events if e.kind in ("region_read", "region_write")]
     await function.bar_writel(4, 0x1000, 0xA5A5_5A5A)  # scratch, in the trapped page
     assert await function.bar_readl(4, 0x1000) == 0xA5A5_5A5A
-    accesses = device.events.of_kind("region_read", "region_write")
-    assert [(e.kind, e.data["region"], e.data["offset"]) for e in accesses] == [
+    accesses = device.events.of_kind(RegionRead, RegionWrite)
+    assert [(e.kind, e.region, e.offset) for e in accesses] == [
         ("region_write", 4, 0x1000),
         ("region_read", 4, 0x1000),
     ]

@@ -18,8 +18,10 @@ import pytest
 import trio
 
 from vdev.client import Client
-from vdev.model.faults import Fault, FaultPlan, FaultPlanError
+from vdev.model.events import FaultInjected, Irq
+from vdev.model.faults import DeviceFault, DeviceFaultPlan, DeviceFaultPlanError
 from vdev_devices.nvme import Nvme
+from vdev_devices.nvme.events import NvmeEvent
 from vdev_devices.nvme.host import NvmeHost
 from vdev_devices.nvme.queues import command
 from vdev_devices.nvme.spec import (
@@ -156,7 +158,7 @@ async def test_io_completes_with_each_interrupt_mode(vdev_client: Connect, inter
             assert (await host.write(qid, nsid=1, lba=16 * qid, data=data)).ok
             assert await host.read(qid, nsid=1, lba=16 * qid, blocks=16) == data
         assert device.irq.mode == interrupts
-        fired = {e.data["vector"] for e in device.events.of_kind("irq") if e.data["type"] == interrupts}
+        fired = {e.vector for e in device.events.of_kind(Irq) if e.type == interrupts}
         assert fired == ({0} if interrupts == "intx" else {0, 1, 2})
 
 
@@ -364,8 +366,8 @@ async def test_a_write_to_a_missing_queue_doorbell_is_reported_as_an_error_event
 
 async def test_abort_completes_a_hung_command_and_other_queues_go_on(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB, queues=2)
-    device.faults = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={"qid": 1, "opcode": IoOpcode.READ}, count=1)]
+    device.faults = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={"qid": 1, "opcode": IoOpcode.READ}, count=1)]
     )
     async with host_for(vdev_client, device) as host:
         await host.create_io_queues(2)
@@ -383,16 +385,16 @@ async def test_abort_completes_a_hung_command_and_other_queues_go_on(vdev_client
         with trio.fail_after(10):
             done = await host.wait(1, hung)
         assert done.code == Status.ABORT_REQUESTED and not done.dnr
-        assert [e.data["action"] for e in device.events.of_kind("fault")] == ["hang"]
+        assert [e.fault.action for e in device.events.of_kind(FaultInjected)] == ["hang"]
 
 
 async def test_an_injected_error_status_and_a_delay(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB)
-    device.faults = FaultPlan(
+    device.faults = DeviceFaultPlan(
         [
-            Fault(on="nvme-command", action="status", where={"opcode": IoOpcode.READ}, count=1,
+            DeviceFault(on="nvme-command", action="status", where={"opcode": IoOpcode.READ}, count=1,
                   params={"status": "UNRECOVERED_READ_ERROR", "dnr": False}),
-            Fault(on="nvme-command", action="delay", where={"opcode": IoOpcode.WRITE}, count=1, seconds=0.05),
+            DeviceFault(on="nvme-command", action="delay", where={"opcode": IoOpcode.WRITE}, count=1, seconds=0.05),
         ]
     )  # fmt: skip
     async with host_for(vdev_client, device) as host:
@@ -409,14 +411,14 @@ async def test_an_injected_error_status_and_a_delay(vdev_client: Connect) -> Non
 
 async def test_a_fatal_fault_sets_cfs_until_the_host_resets_the_controller(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB)
-    device.faults = FaultPlan([Fault(on="nvme-command", action="fatal", where={"qid": 1}, count=1)])
+    device.faults = DeviceFaultPlan([DeviceFault(on="nvme-command", action="fatal", where={"qid": 1}, count=1)])
     async with host_for(vdev_client, device) as host:
         await host.create_io_queues(1)
-        before = len(device.events.of_kind("nvme"))
+        before = len(device.events.of_kind(NvmeEvent))
         flush = await host.submit(1, command(IoOpcode.FLUSH, 0, nsid=1))
         with trio.fail_after(10):
-            fatal = await device.events.wait_for("nvme", count=before + 1)
-        assert fatal.data["what"] == "fatal"
+            fatal = await device.events.wait_for(NvmeEvent, count=before + 1)
+        assert fatal.what == "fatal"
         assert await host.csts() & CSTS_CFS
         # a fatal controller ignores doorbells: the admin queue's tail stays where it was
         await host.submit(0, command(AdminOpcode.IDENTIFY, 0, cdw10=1, prp1=host.allocate(4096)))
@@ -429,13 +431,15 @@ async def test_a_fatal_fault_sets_cfs_until_the_host_resets_the_controller(vdev_
 
 
 def test_fault_plans_for_the_controller_are_checked_when_loaded() -> None:
-    with pytest.raises(FaultPlanError, match="unknown NVMe status 'NOPE'"):
-        FaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "status", "params": {"status": "NOPE"}}]})
-    with pytest.raises(FaultPlanError, match="match on nsid, opcode, qid, not lba"):
-        FaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "where": {"lba": 3}}]})
-    with pytest.raises(FaultPlanError, match="takes no parameter status"):
-        FaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "params": {"status": 1}}]})
-    plan = FaultPlan.from_mapping(
+    with pytest.raises(DeviceFaultPlanError, match="unknown NVMe status 'NOPE'"):
+        DeviceFaultPlan.from_mapping(
+            {"faults": [{"on": "nvme-command", "action": "status", "params": {"status": "NOPE"}}]}
+        )
+    with pytest.raises(DeviceFaultPlanError, match="match on nsid, opcode, qid, not lba"):
+        DeviceFaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "where": {"lba": 3}}]})
+    with pytest.raises(DeviceFaultPlanError, match="takes no parameter status"):
+        DeviceFaultPlan.from_mapping({"faults": [{"on": "nvme-command", "action": "hang", "params": {"status": 1}}]})
+    plan = DeviceFaultPlan.from_mapping(
         {"faults": [{"on": "nvme-command", "action": "status", "where": {"opcode": [1, 2]},
                      "params": {"status": 0x281}}]}
     )  # fmt: skip
@@ -467,13 +471,13 @@ async def test_an_unsupported_page_size_is_a_fatal_configuration(vdev_client: Co
         await host.write32(0x24, (31 << 16) | 31)
         await host.write32(REG_CC, 1 | 1 << 7)  # EN with MPS = 8 KiB
         assert await host.read32(REG_CSTS) & (CSTS_RDY | CSTS_CFS) == CSTS_CFS
-        assert [e.data["why"] for e in device.events.of_kind("nvme") if e.data["what"] == "fatal"]
+        assert [e.why for e in device.events.of_kind(NvmeEvent) if e.what == "fatal"]
 
 
 async def test_a_hang_abort_cannot_reach_is_dropped_by_a_controller_reset(vdev_client: Connect) -> None:
     device = Nvme(size=1 * MiB)
-    device.faults = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={"qid": 1}, count=1, params={"abortable": False})]
+    device.faults = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={"qid": 1}, count=1, params={"abortable": False})]
     )
     async with host_for(vdev_client, device) as host:
         await host.create_io_queues(1)

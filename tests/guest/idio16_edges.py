@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from vdev.model.events import RegionRead, RegionWrite
 from vdev.qemu.guest import GuestArtefacts, GuestKernelError, GuestMachine
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.idio16 import Idio16
@@ -191,11 +192,7 @@ async def edge_run(
         error = single_kernel_error(exc)
         if error is None:
             raise
-    bar2 = [
-        (event.kind, event.data["offset"], event.data["value"])
-        for event in device.events
-        if event.data.get("region") == 2
-    ]
+    bar2 = [(e.kind, e.offset, e.value) for e in device.events.of_kind(RegionRead, RegionWrite) if e.region == 2]
     if error is not None:
         if not is_regmap_irq_null_call(error):
             raise error

@@ -46,9 +46,10 @@ from tests.guest.idio16_edges import (
     edge_run,
     recorded_outcome,
 )
+from vdev.model.events import RegionRead, RegionWrite
 from vdev.qemu.guest import GuestArtefacts, GuestMachine
 from vdev.testing import served, vfio_user_pci
-from vdev_devices.idio16 import Idio16
+from vdev_devices.idio16 import Gpio, Idio16
 
 INPUTS = 0xA5C3
 OUTPUTS_SET = {0: 1, 3: 1, 9: 1, 15: 1, 4: 0}
@@ -86,7 +87,7 @@ async def test_the_driver_sets_outputs_and_reads_inputs_through_the_gpio_uapi(
     async with served(device, socket), guest(qemu_binary, guest_artefacts, socket, commands) as vm:
         ready = await vm.expect("init.ready")
         assert "gpio_pci_idio_16" in ready["modules"]
-        probe = [(e.kind, e.data["offset"], e.data["value"]) for e in device.events if e.data.get("region") == 2]
+        probe = [(e.kind, e.offset, e.value) for e in device.events.of_kind(RegionRead, RegionWrite) if e.region == 2]
         device.events.clear()
 
         bound = await vm.expect("pci.device", addr=ADDR)
@@ -115,7 +116,7 @@ async def test_the_driver_sets_outputs_and_reads_inputs_through_the_gpio_uapi(
 
     expected = sum(1 << line for line, value in OUTPUTS_SET.items() if value)
     assert device.outputs == expected
-    changes = [(e.data["line"], e.data["value"]) for e in device.events.of_kind("gpio") if e.data["direction"] == "out"]
+    changes = [(e.line, e.value) for e in device.events.of_kind(Gpio) if e.direction == "out"]
     assert sorted(changes) == [(line, 1) for line in sorted(line for line, v in OUTPUTS_SET.items() if v)]
     assert not vm.kernel_problems
 

@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 
-from vdev.model.events import Event
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    DeviceEvent,
+    PowerChange,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts
 from vdev_experiments.mse import (
@@ -132,16 +140,19 @@ async def test_server_toggling_is_invisible_to_the_guests_mappings(
 # -- the analysis on hand-made logs ---------------------------------------------------------
 
 
-def _event(kind: str, **data: Any) -> Event:
-    return Event(kind=kind, device="membar", t=0.0, data=data)
+def _doorbell(value: int) -> RegionWrite:
+    return RegionWrite(region=2, offset=0, size=4, value=value)
 
 
-def _doorbell(value: int) -> Event:
-    return _event("region_write", region=2, offset=0, size=4, value=value)
-
-
-def _command(old: int, new: int, source: str = "client") -> Event:
-    return _event("command", old=old, new=new, source=source, memory=bool(new & 2))
+def _command(old: int, new: int, source: str = "client") -> CommandChange:
+    decoded = {
+        "memory": bool(new & 2),
+        "io": bool(new & 1),
+        "master": bool(new & 4),
+        "serr": False,
+        "intx_disable": False,
+    }
+    return CommandChange(old=old, new=new, source=source, **decoded)
 
 
 def _epoch(number: int, state: str, *, sigbus: int = 0, unexplained: int = 0) -> dict[str, Any]:
@@ -168,7 +179,7 @@ def test_the_server_log_files_each_mem_change_under_the_doorbell_before_it() -> 
         [
             _command(0, 0x103),
             _doorbell(0),
-            _event("region_write", region=2, offset=4, size=4, value=0),
+            RegionWrite(region=2, offset=4, size=4, value=0),
             _doorbell(1),
             _command(0x103, 0x101),
             _command(0x101, 0x103),
@@ -322,8 +333,8 @@ def test_known_failures_name_an_exact_kernel_package_and_their_evidence() -> Non
 # -- the zap paths besides COMMAND.MEM, on hand-made logs ------------------------------------
 
 
-def _power(old: int, new: int) -> Event:
-    return _event("power", old=old, new=new, source="client")
+def _power(old: int, new: int) -> PowerChange:
+    return PowerChange(old=old, new=new, source="client")
 
 
 def _d3hot_results(*, stored: int = 0, pread: str = "EIO") -> list[dict[str, Any]]:
@@ -381,7 +392,7 @@ def test_a_hot_reset_passes_only_when_it_reset_the_device_or_was_refused_for_the
     done = {"kind": "mse.done", "status": 0, "failed": []}
     reset_epoch = {**_epoch(1, "reset"), "phase": "hot_reset"}
 
-    def verdict(hot: dict[str, Any], events: list[Event]) -> Verdict:
+    def verdict(hot: dict[str, Any], events: list[DeviceEvent]) -> Verdict:
         results = [_epoch(0, "enabled"), reset_epoch, _epoch(2, "enabled"), hot, done]
         found = {v.name: v for v in analyse("guest", results, ServerLog.from_events(events), bytes(4096))}
         return found["hot_reset"]
@@ -390,7 +401,7 @@ def test_a_hot_reset_passes_only_when_it_reset_the_device_or_was_refused_for_the
     refused = verdict(_hot_reset("ENODEV"), bells)
     assert refused.passed and "root bus" in refused.detail
     assert not verdict(_hot_reset("EINVAL"), bells).passed
-    reset = [_doorbell(0), _doorbell(1), _event("reset", reason="flr"), _doorbell(2)]
+    reset = [_doorbell(0), _doorbell(1), Reset(reason="flr"), _doorbell(2)]
     assert verdict(_hot_reset("ok", "ok"), reset).passed
     assert not verdict(_hot_reset("ok", "ok"), bells).passed  # the server never saw it
     assert not verdict(_hot_reset("ok", "EBUSY"), reset).passed
@@ -414,12 +425,12 @@ def test_closing_while_disabled_fails_on_a_step_that_never_returned_or_went_wron
     assert not verdict({**CLOSE_EXPECTED, "stamp_reopened": "mismatch"}).passed
 
 
-def _trapped_read(value: int) -> Event:
-    return _event("region_read", region=2, offset=0x28, size=4, value=value)
+def _trapped_read(value: int) -> RegionRead:
+    return RegionRead(region=2, offset=0x28, size=4, value=value)
 
 
-def _trapped_abort() -> Event:
-    return _event("violation", what="access while disabled", region=2, offset=0x28, size=4, access="read")
+def _trapped_abort() -> AccessWhileDisabled:
+    return AccessWhileDisabled(region=2, offset=0x28, size=4, access="read", policy="master-abort")
 
 
 def test_combined_toggles_fail_on_a_read_answered_with_mem_off_and_on_counts_the_two_sides_disagree_on() -> None:
@@ -448,7 +459,7 @@ def test_combined_toggles_fail_on_a_read_answered_with_mem_off_and_on_counts_the
     }
     done = {"kind": "mse.done", "status": 0, "failed": []}
 
-    def verdict(report: dict[str, Any], log: list[Event] = events) -> Verdict:
+    def verdict(report: dict[str, Any], log: list[DeviceEvent] = events) -> Verdict:
         results = [_epoch(0, "enabled"), _epoch(1, "disabled"), _epoch(2, "enabled"), report, done]
         found = {v.name: v for v in analyse("combined", results, ServerLog.from_events(log), bytes(4096))}
         return found["combined_toggles"]
@@ -458,5 +469,5 @@ def test_combined_toggles_fail_on_a_read_answered_with_mem_off_and_on_counts_the
     assert not verdict({**combined, "reads_ok": 3}).passed  # a success the server never answered
     answered_while_off = [*events[:5], _trapped_read(0x400000), *events[6:]]
     assert not verdict({**combined, "reads_ok": 3, "reads_aborted": 1}, answered_while_off).passed
-    guest_only = [event for event in events if event.data.get("source") != "device"]
+    guest_only = [event for event in events if getattr(event, "source", None) != "device"]
     assert not verdict(combined, guest_only).passed

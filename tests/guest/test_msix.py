@@ -18,6 +18,7 @@ from typing import NoReturn
 import pytest
 
 from vdev import RO, WO, Bar, Device, MsiX, Register
+from vdev.model.events import Irq
 from vdev.qemu.guest import GUEST_BUILD_COMMAND, GuestArtefacts, GuestMachine, guest_dir
 from vdev.testing import served, vfio_user_pci
 
@@ -71,5 +72,5 @@ async def test_a_guest_driver_receives_every_msix_vector(
         await vm.expect("init.done")
         assert await vm.wait_exit() == 0
     assert not vm.kernel_problems
-    fired = [(e.data["vector"], e.data.get("held")) for e in device.events.of_kind("irq")]
+    fired = [(e.vector, e.held) for e in device.events.of_kind(Irq)]
     assert fired == [(0, None), (1, None)]

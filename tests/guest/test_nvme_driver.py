@@ -25,6 +25,7 @@ import pytest
 from vdev.qemu.guest import GuestArtefacts, GuestMachine
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
+from vdev_devices.nvme.events import NvmeEvent
 from vdev_devices.nvme.spec import IoOpcode
 
 pytestmark = pytest.mark.requires("libvfio-user")
@@ -117,7 +118,7 @@ async def test_a_64_mib_pattern_written_through_the_nvme_driver_reads_back_ident
         assert found["queues"] == 1  # one INTx line: admin and one I/O queue share it
         assert set(written) == {1}
     # every admin command the driver sent (probe, scan, shutdown) succeeded: nothing it asks for is missing
-    nvme_events = [e.data for e in device.events.of_kind("nvme")]
+    nvme_events = [e.fields() for e in device.events.of_kind(NvmeEvent)]
     admin = [(e["opcode"], e["cdw10"] & 0xFF) for e in nvme_events if e["what"] == "admin"]
     print(f"admin commands (opcode, CDW10 bits 7:0): {admin}")
     assert not [e for e in nvme_events if e["what"] == "error" and e["qid"] == 0]

@@ -35,10 +35,12 @@ from pathlib import Path
 
 import pytest
 
-from vdev.model.faults import Fault, FaultPlan
+from vdev.model.events import CommandChange, FaultInjected, Violation
+from vdev.model.faults import DeviceFault, DeviceFaultPlan
 from vdev.qemu.guest import GuestArtefacts, GuestMachine, GuestResult
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.nvme import Nvme
+from vdev_devices.nvme.events import NvmeEvent
 from vdev_devices.nvme.spec import IoOpcode
 
 pytestmark = pytest.mark.requires("libvfio-user")
@@ -101,7 +103,7 @@ class Run:
         self.ns1, self.ns2 = next((r["ns1"], r["ns2"]) for r in results if r.kind == "nvme.ready")
         self.steps = {r["name"]: r for r in results if r.kind == "nvme.step"}
         self.dmesg = [r["line"] for r in results if r.kind == "nvme.dmesg"]
-        self.nvme_events = [e.data for e in device.events.of_kind("nvme")]
+        self.nvme_events = [e.fields() for e in device.events.of_kind(NvmeEvent)]
 
     def logged(self, pattern: str) -> list[str]:
         return [line for line in self.dmesg if re.search(pattern, line)]
@@ -125,7 +127,7 @@ def keep_evidence(run: Run, artefacts: GuestArtefacts, scenario: str, machine: G
         "steps": run.steps,
         "dmesg": run.dmesg,
         "controller": run.nvme_events,
-        "faults": [e.data for e in run.device.events.of_kind("fault")],
+        "faults": [e.fields() for e in run.device.events.of_kind(FaultInjected)],
     }
     (where / "summary.json").write_text(json.dumps(record, indent=1, default=lambda r: dict(r.data)) + "\n")
     with open(machine.console_log, "rb") as log, gzip.open(where / "console.log.gz", "wb") as packed:
@@ -139,7 +141,7 @@ async def run_scenario(
     artefacts: GuestArtefacts,
     socket_dir: Path,
     steps: str,
-    plan: FaultPlan | None = None,
+    plan: DeviceFaultPlan | None = None,
     *,
     act: Callable[[Nvme], None] | None = None,
     go: bool = True,
@@ -191,8 +193,8 @@ async def test_a_write_that_never_completes_is_aborted_then_the_controller_reset
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The write hangs and Abort does not reach it: timeout -> Abort -> second timeout -> reset -> retry."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1,
+    plan = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1,
                params={"abortable": False})]
     )  # fmt: skip
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
@@ -213,8 +215,8 @@ async def test_an_aborted_write_is_retried_without_a_reset(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The write hangs until the driver's Abort completes it (Command Abort Requested): the driver retries it."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1)]
+    plan = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="hang", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, count=1)]
     )
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
     run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="hang-abortable")
@@ -233,11 +235,11 @@ async def test_a_read_error_fails_the_read_with_dnr_and_is_retried_without(
 ) -> None:
     """Unrecovered Read Error on two reads: with DNR the read fails (EIO); without, the driver retries it."""
     read = {**NAMESPACE_1, "opcode": IoOpcode.READ}
-    plan = FaultPlan(
+    plan = DeviceFaultPlan(
         [
-            Fault(on="nvme-command", action="status", where=read, count=1,
+            DeviceFault(on="nvme-command", action="status", where=read, count=1,
                   params={"status": "UNRECOVERED_READ_ERROR", "dnr": True}),
-            Fault(on="nvme-command", action="status", where=read, count=1,
+            DeviceFault(on="nvme-command", action="status", where=read, count=1,
                   params={"status": "UNRECOVERED_READ_ERROR", "dnr": False}),
         ]
     )  # fmt: skip
@@ -260,8 +262,12 @@ async def test_controller_fatal_status_during_io_makes_the_driver_reset(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """CSTS.CFS in the middle of a 4 MiB write: the driver's timeout sees it, resets, and the write completes."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="fatal", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16, count=1)]
+    plan = DeviceFaultPlan(
+        [
+            DeviceFault(
+                on="nvme-command", action="fatal", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16, count=1
+            )
+        ]
     )
     steps = "step write write /tmp/data2 4194304 65536\nstep verify verify /tmp/data2 4194304\n"
     run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="cfs")
@@ -276,8 +282,8 @@ async def test_memory_decoding_cleared_by_the_device_under_io_makes_the_driver_r
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The device clears its own MEM bit during a write: BAR reads return all-ones; the driver resets, re-enables it."""
-    plan = FaultPlan(
-        [Fault(on="nvme-command", action="memory-off", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16,
+    plan = DeviceFaultPlan(
+        [DeviceFault(on="nvme-command", action="memory-off", where={**NAMESPACE_1, "opcode": IoOpcode.WRITE}, after=16,
                count=1)]
     )  # fmt: skip
     steps = "step write write /tmp/data2 4194304 65536\nstep verify verify /tmp/data2 4194304\n"
@@ -285,10 +291,10 @@ async def test_memory_decoding_cleared_by_the_device_under_io_makes_the_driver_r
 
     assert run.steps["write"]["status"] == 0 and run.steps["verify"]["status"] == 0, run.summary()
     assert run.logged(r"controller is down; will reset: CSTS=0xffffffff"), run.summary()
-    transitions = [(e.data["source"], e.data["memory"]) for e in run.device.events.of_kind("command")]
+    transitions = [(e.source, e.memory) for e in run.device.events.of_kind(CommandChange)]
     assert transitions[0] == ("device", False)
     assert ("client", True) in transitions[1:]
-    dropped = [e for e in run.device.events.of_kind("violation") if e.data["what"] == "access while disabled"]
+    dropped = [e for e in run.device.events.of_kind(Violation) if e.what == "access while disabled"]
     assert dropped, "no BAR access arrived while memory decoding was off"
     assert [e["what"] for e in run.nvme_events].count("enabled") >= 1
 
@@ -297,7 +303,7 @@ async def test_a_dropped_interrupt_is_found_by_the_drivers_timeout_poll(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, vdev_socket_dir: Path
 ) -> None:
     """The completion is posted but its MSI-X message never sent: the timeout handler polls the queue and finds it."""
-    plan = FaultPlan([Fault(on="irq", action="drop", vector=1, count=1)])
+    plan = DeviceFaultPlan([DeviceFault(on="irq", action="drop", vector=1, count=1)])
     steps = "step write write /tmp/data2 4096 4096\nstep verify verify /tmp/data2 4096\n"
     run = await run_scenario(qemu_binary, guest_artefacts, vdev_socket_dir, steps, plan, scenario="irq-drop")
 
@@ -305,7 +311,7 @@ async def test_a_dropped_interrupt_is_found_by_the_drivers_timeout_poll(
     assert run.logged(r"I/O (tag )?\d+ .*QID 1 timeout, completion polled"), run.summary()
     assert not run.logged(r"aborting|reset controller"), run.summary()
     assert run.steps["write"]["seconds"] >= IO_TIMEOUT
-    assert [e.data["action"] for e in run.device.events.of_kind("fault")] == ["drop"]
+    assert [e.fault.action for e in run.device.events.of_kind(FaultInjected)] == ["drop"]
 
 
 async def test_a_namespace_resize_is_announced_by_an_async_event_and_rescanned(

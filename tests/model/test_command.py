@@ -11,7 +11,7 @@ from collections.abc import Callable
 import trio
 import trio.testing
 
-from vdev import Command, ResetKind
+from vdev import CommandRegister, ResetKind
 from vdev.testing import OpenBench
 from vdev_devices.hello import Hello
 
@@ -28,7 +28,7 @@ async def test_it_sleeps_through_writes_that_do_not_satisfy_it_and_wakes_on_the_
     vdev_bench: OpenBench,
 ) -> None:
     bench = await vdev_bench(Hello())
-    seen: list[Command] = []
+    seen: list[CommandRegister] = []
 
     async def wait_for_mastering() -> None:
         seen.append(await bench.device.wait_for_command(lambda c: c.master))
@@ -47,9 +47,9 @@ async def test_it_sleeps_through_writes_that_do_not_satisfy_it_and_wakes_on_the_
 async def test_device_side_changes_and_resets_wake_it_too(vdev_bench: OpenBench) -> None:
     bench = await vdev_bench(Hello())
     await bench.enable(memory=True, io=False, master=True)
-    seen: list[Command] = []
+    seen: list[CommandRegister] = []
 
-    async def wait_for(predicate: Callable[[Command], bool]) -> None:
+    async def wait_for(predicate: Callable[[CommandRegister], bool]) -> None:
         seen.append(await bench.device.wait_for_command(predicate))
 
     async with trio.open_nursery() as nursery:

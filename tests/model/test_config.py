@@ -23,6 +23,7 @@ from vdev import (
     VendorSpecific,
     VendorSpecificExtended,
 )
+from vdev.model.events import Reset
 from vdev.model.pci_regs import PCI_STATUS_CAP_LIST
 
 
@@ -151,7 +152,7 @@ def test_pcie_flr_bit_reads_back_zero_and_resets() -> None:
     trio.run(device.region_write, 7, pcie_at + 8, (0x8000).to_bytes(2, "little"))
     assert cfg_read(device, pcie_at + 8, 2) & 0x8000 == 0
     assert device.command.value == 0
-    assert [e.data["reason"] for e in device.events.of_kind("reset")] == ["flr"]
+    assert [e.reason for e in device.events.of_kind(Reset)] == ["flr"]
 
 
 def test_capabilities_must_fit() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vdev import Device, DmaError
-from vdev.model.dma import DmaRegion
+from vdev.model.dma import DmaMapping
+from vdev.model.events import Violation
 
 
 class Port:
@@ -30,7 +31,7 @@ def device_with(regions: list[tuple[int, int]], master: bool = True) -> tuple[De
     port = Port(0x10_0000)
     device.dma.port = port
     for iova, size in regions:
-        device.dma.add(DmaRegion(iova, size, True))
+        device.dma.add(DmaMapping(iova, size, True))
     return device, port
 
 
@@ -52,7 +53,7 @@ async def test_a_range_with_any_unmapped_byte_is_refused_whole(address: int, siz
     with pytest.raises(DmaError, match="not inside memory the client mapped"):
         await device.dma.write(address, b"z" * size)
     assert port.transfers == []
-    assert device.events.of_kind("violation")[-1].data["address"] == address
+    assert device.events.of_kind(Violation)[-1].address == address
 
 
 async def test_no_dma_without_bus_mastering() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from vdev import WO, Bar, Device, Msi, MsiX, Register
 from vdev.model.capabilities import PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL
+from vdev.model.events import Irq
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_STATUS, PCI_STATUS_INTERRUPT
 from vdev.protocol.constants import IrqIndex
 from vdev.testing import Bench, Fired, OpenBench
@@ -131,8 +132,8 @@ async def test_a_vector_without_an_eventfd_waits_pending_until_the_client_instal
     await ring(bench, 2)
     assert bench.irqs.take() == []
     assert await pba(bench) == 0b0100
-    held = [e.data for e in bench.device.events.of_kind("irq") if "held" in e.data]
-    assert held == [{"type": "msix", "vector": 2, "held": "no eventfd"}]
+    held = [e for e in bench.device.events.of_kind(Irq) if e.held is not None]
+    assert held == [Irq(type="msix", vector=2, held="no eventfd")]
     bench.set_irqs(MSIX, 0, 4)  # what QEMU does when the guest unmasks the vector
     assert bench.irqs.take() == [Fired(MSIX, 2)]
     assert await pba(bench) == 0

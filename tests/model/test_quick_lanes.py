@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import trio
 
-from vdev import RO, RW, RW1C, W1S, WO, Bar, Device, Field, Register
-from vdev.model.faults import Fault, FaultPlan
+from vdev import RO, RW, RW1C, W1S, WO, AccessSizes, Bar, Device, Field, Register
+from vdev.model.events import CommandChange, ConfigWrite, RegionRead, RegionWrite
+from vdev.model.faults import DeviceFault, DeviceFaultPlan
 from vdev.runtime.context import complete_now
 
 BAR = 0
@@ -52,6 +54,33 @@ class Mixed(Device):
         self.bar0["plain"] = value
 
 
+class Policed(Device):
+    """Registers with access-size policies: refused accesses must look the same on both paths."""
+
+    vendor_id = 0x1B36
+    device_id = 0x0F44
+    bar0 = Bar(
+        4096,
+        sizes=AccessSizes(reads=(2, 4, 8), writes=(2, 4, 8), fill=0x00),
+        registers=[
+            Register("word", 0x0, width=4, access=RW, sizes=AccessSizes(reads=(4,), writes=(4,))),
+            Register("kick", 0x4, width=4, access=WO, sizes=AccessSizes(reads=(), writes=(4,))),
+            Register("wide", 0x8, width=8, access=RW, sizes=AccessSizes(reads=(4, 8), writes=(4, 8), zero_extend=True)),
+            Register("free", 0x10, width=4, access=RW),
+            Register("byte", 0x14, width=1, access=RW),
+        ],
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rung: list[int] = []
+
+    @bar0.on_write("kick")
+    def ring(self, value: int) -> None:
+        self.rung.append(value)
+        self.bar0["free"] = value
+
+
 class Awaiting(Device):
     vendor_id = 0x1B36
     device_id = 0x0F43
@@ -63,13 +92,13 @@ class Awaiting(Device):
         return 7
 
 
-def accesses(seed: int) -> list[tuple[int, int, int]]:
+def accesses(seed: int, kind: type[Device] = Mixed) -> list[tuple[int, int, int]]:
     """(offset, size, value or -1 for a read): whole registers, and some that are not."""
     rng = random.Random(seed)
-    whole = [(r.offset, r.width) for r in Mixed.bar0.registers]
+    whole = [(r.offset, r.width) for r in kind.bar0.registers]  # type: ignore[attr-defined]
     chosen = []
     for _ in range(ACCESSES):
-        offset, size = rng.choice(whole) if rng.random() < 0.8 else (rng.randrange(0, 0x30), rng.choice((1, 2, 4)))
+        offset, size = rng.choice(whole) if rng.random() < 0.8 else (rng.randrange(0, 0x30), rng.choice((1, 2, 4, 8)))
         chosen.append((offset, size, rng.getrandbits(8 * size) if rng.random() < 0.5 else -1))
     return chosen
 
@@ -98,13 +127,14 @@ async def general(device: Device, offset: int, size: int, value: int) -> bytes |
     return None
 
 
-async def test_the_quick_lane_and_the_general_path_agree() -> None:
-    lane, reference = enabled(Mixed()), enabled(Mixed())
-    for offset, size, value in accesses(seed=20):
+@pytest.mark.parametrize("kind", [Mixed, Policed])
+async def test_the_quick_lane_and_the_general_path_agree(kind: type[Mixed | Policed]) -> None:
+    lane, reference = enabled(kind()), enabled(kind())
+    for offset, size, value in accesses(seed=20, kind=kind):
         assert quick(lane, offset, size, value) == await general(reference, offset, size, value)
     assert lane.bar(BAR).registers.values == reference.bar(BAR).registers.values
     assert lane.rung == reference.rung
-    assert [(e.kind, e.data) for e in lane.events] == [(e.kind, e.data) for e in reference.events]
+    assert list(lane.events) == list(reference.events)  # times aside, events compare by kind and fields
     assert lane.command_control.accesses == reference.command_control.accesses
 
 
@@ -112,12 +142,21 @@ def test_the_lane_steps_aside_for_what_only_the_general_path_does() -> None:
     assert enabled(Awaiting()).quick_read(BAR, 0x0, 4) is None  # an async hook
     device = enabled(Mixed())
     assert device.quick_read(BAR, 0x0, 2) is None  # part of a register
-    device.faults = FaultPlan([Fault(on="read", action="corrupt", region=BAR, offset=0x40)])
+    device.faults = DeviceFaultPlan([DeviceFault(on="read", action="corrupt", region=BAR, offset=0x40)])
     assert device.quick_read(BAR, 0x0, 4) is None  # a fault plan about reads
     assert device.quick_write(BAR, 0x0, bytes(4))  # ... not about writes
-    device.faults = FaultPlan()
+    device.faults = DeviceFaultPlan()
     device.command_control.toggle_after_accesses(5)
     assert device.quick_read(BAR, 0x0, 4) is None  # accesses are being counted towards a toggle
+
+
+def test_an_access_a_size_policy_refuses_has_no_lane() -> None:
+    device = enabled(Policed())
+    assert device.quick_read(BAR, 0x4, 4) is None  # the register refuses reads
+    assert device.quick_write(BAR, 0x4, bytes(4))  # ... and takes writes
+    assert device.quick_read(BAR, 0x14, 1) is None  # the BAR refuses 1-byte accesses
+    assert not device.quick_write(BAR, 0x14, b"\x01")
+    assert device.quick_read(BAR, 0x8, 8) is not None
     device.command_control.toggle_after_accesses(0)
     complete_now(device.region_write(7, 0x04, bytes(2)))
     assert device.quick_read(BAR, 0x0, 4) is None  # memory decoding is off
@@ -128,14 +167,14 @@ def test_access_events_are_built_only_while_someone_wants_them() -> None:
     complete_now(device.region_write(7, 0x04, (0x2).to_bytes(2, "little")))
     quick(device, 0x0, 4, 5)
     complete_now(device.region_read(BAR, 0x4, 2))
-    assert not device.events.of_kind("region_read", "region_write")
-    assert device.events.of_kind("config_write", "command")  # other events are always kept
+    assert not device.events.of_kind(RegionRead, RegionWrite)
+    assert device.events.of_kind(ConfigWrite, CommandChange)  # other events are always kept
     seen = []
     unsubscribe = device.events.subscribe(seen.append)
     quick(device, 0x0, 4, -1)
     unsubscribe()
     quick(device, 0x0, 4, -1)
-    assert [(e.kind, e.data["value"]) for e in seen] == [("region_read", 5)]
+    assert seen == [RegionRead(region=BAR, offset=0, size=4, value=5)]
     device.events.keep_accesses = True
     quick(device, 0x0, 4, 6)
-    assert [e.data["value"] for e in device.events.of_kind("region_read", "region_write")] == [5, 6]
+    assert [e.value for e in device.events.of_kind(RegionRead, RegionWrite)] == [5, 6]

@@ -17,10 +17,10 @@ from typing import Any
 import trio
 
 from tests.proxy.support import HELLO_IDS, MSG_TIMEOUT_MS, Behind
-from vdev import Device
-from vdev.model.events import Event
+from vdev import Device, RegionRead
+from vdev.model.events import DeviceEvent
 from vdev.protocol import Command
-from vdev.proxy import Direction, Fault, FaultPlan, FaultRule, MessageKind
+from vdev.proxy import Direction, FaultRule, MessageKind, WireFault, WireFaultPlan
 from vdev.qemu import QemuExitedError, QemuMachine, QTestClosedError
 from vdev.testing import vfio_user_pci
 
@@ -30,7 +30,7 @@ ALL_ONES = 0xFFFF_FFFF
 DEFAULT_MSG_TIMEOUT_MS = 5000
 
 
-def on_id_reply(fault: Fault) -> FaultPlan:
+def on_id_reply(fault: WireFault) -> WireFaultPlan:
     """A plan applying ``fault`` to the server's reply to the first read of BAR0's id register."""
     rule = FaultRule(
         fault,
@@ -40,7 +40,7 @@ def on_id_reply(fault: Fault) -> FaultPlan:
         region=0,
         offset=0,
     )
-    return FaultPlan([rule])
+    return WireFaultPlan([rule])
 
 
 @dataclass
@@ -86,8 +86,8 @@ def stop_on_id_read(device: Device, pid: int) -> Callable[[], None]:
     the proxy makes of the reply is all in QEMU's socket when it resumes.
     """
 
-    def stop(event: Event) -> None:
-        if event.kind == "region_read" and (event.data["region"], event.data["offset"]) == (0, 0x00):
+    def stop(event: DeviceEvent) -> None:
+        if isinstance(event, RegionRead) and (event.region, event.offset) == (0, 0x00):
             os.kill(pid, signal.SIGSTOP)
             state = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
             if state is None or state.si_code != os.CLD_STOPPED:

@@ -12,7 +12,7 @@ import trio
 
 from vdev import Device
 from vdev.client import Client
-from vdev.proxy import FaultPlan, Proxy, proxied
+from vdev.proxy import Proxy, WireFaultPlan, proxied
 from vdev.testing import served
 from vdev_devices.hello import Hello
 
@@ -46,7 +46,7 @@ async def behind_proxy(
     directory: Path,
     device: Device | None = None,
     *,
-    plan: FaultPlan | None = None,
+    plan: WireFaultPlan | None = None,
     transcript: IO[str] | None = None,
     fault_log: IO[str] | None = None,
 ) -> AsyncIterator[Behind]:

@@ -40,10 +40,10 @@ from vdev.proxy import (
     Drop,
     Duplicate,
     ExtraFds,
-    FaultPlan,
     FaultRule,
     Oversize,
     Truncate,
+    WireFaultPlan,
     WrongId,
     describe_fd,
     load_transcript,
@@ -55,7 +55,7 @@ from vdev_devices.membar import MemBar
 pytestmark = pytest.mark.requires("libvfio-user")
 
 
-def on_id_reply(fault: object, **selectors: object) -> FaultPlan:
+def on_id_reply(fault: object, **selectors: object) -> WireFaultPlan:
     """A plan applying ``fault`` to the reply of the first read of Hello's id register."""
     rule = FaultRule(
         fault,  # type: ignore[arg-type]
@@ -65,7 +65,7 @@ def on_id_reply(fault: object, **selectors: object) -> FaultPlan:
         offset=0,
         **selectors,  # type: ignore[arg-type]
     )
-    return FaultPlan([rule])
+    return WireFaultPlan([rule])
 
 
 async def test_a_delayed_reply_arrives_late_and_later_replies_overtake_it(vdev_socket_dir: Path) -> None:
@@ -170,7 +170,7 @@ async def test_unexpected_fds_arrive_with_the_reply(vdev_socket_dir: Path, kind:
 
 
 async def test_unexpected_fds_on_a_request_do_not_break_the_server(vdev_socket_dir: Path) -> None:
-    plan = FaultPlan([FaultRule(ExtraFds(), direction=Direction.TO_SERVER, command=Command.REGION_READ, region=0)])
+    plan = WireFaultPlan([FaultRule(ExtraFds(), direction=Direction.TO_SERVER, command=Command.REGION_READ, region=0)])
     async with behind_proxy(vdev_socket_dir, plan=plan) as setup:
         async with Client.connect(setup.proxy_path) as client:
             await enable_memory(client)

@@ -1,4 +1,4 @@
-"""Fault plans and the injector without sockets: parsing, matching, schedules and byte rewrites."""
+"""Wire-fault plans and the injector without sockets: parsing, matching, schedules and byte rewrites."""
 
 from __future__ import annotations
 
@@ -30,16 +30,16 @@ from vdev.proxy import (
     Duplicate,
     ExtraFds,
     FaultInjector,
-    FaultPlan,
     FaultRule,
     Frame,
     Hangup,
     MessageKind,
     Oversize,
-    PlanError,
     RequestTracker,
     Send,
     Truncate,
+    WireFaultPlan,
+    WireFaultPlanError,
     WrongId,
 )
 
@@ -85,7 +85,7 @@ probability = 0.5
 
 
 def test_a_toml_plan_and_its_json_twin_load_the_same() -> None:
-    plan = FaultPlan.from_toml(TOML_PLAN)
+    plan = WireFaultPlan.from_toml(TOML_PLAN)
     assert plan.seed == 42
     delay, fds = plan.rules
     assert delay == FaultRule(
@@ -98,7 +98,7 @@ def test_a_toml_plan_and_its_json_twin_load_the_same() -> None:
     )
     assert fds.fault == ExtraFds(2, "memfd")
     assert (fds.command, fds.nth, fds.count, fds.probability) == (Command.DEVICE_GET_REGION_INFO, 3, None, 0.5)
-    again = FaultPlan.from_json(json.dumps(plan.to_dict()))
+    again = WireFaultPlan.from_json(json.dumps(plan.to_dict()))
     assert again == plan
 
 
@@ -120,8 +120,8 @@ def test_a_toml_plan_and_its_json_twin_load_the_same() -> None:
     ],
 )
 def test_every_fault_round_trips_through_the_file_format(fault: object) -> None:
-    plan = FaultPlan([FaultRule(fault, command=Command.REGION_WRITE, region=7, nth=2, count=3)], seed=9)  # type: ignore[arg-type]
-    assert FaultPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    plan = WireFaultPlan([FaultRule(fault, command=Command.REGION_WRITE, region=7, nth=2, count=3)], seed=9)  # type: ignore[arg-type]
+    assert WireFaultPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
 @pytest.mark.parametrize(
@@ -144,8 +144,8 @@ def test_every_fault_round_trips_through_the_file_format(fault: object) -> None:
     ],
 )
 def test_a_bad_plan_is_refused_with_the_rule_and_key(text: str, message: str) -> None:
-    with pytest.raises(PlanError) as caught:
-        FaultPlan.from_json(text, source="plan.json")
+    with pytest.raises(WireFaultPlanError) as caught:
+        WireFaultPlan.from_json(text, source="plan.json")
     assert message in str(caught.value)
     assert str(caught.value).startswith("plan.json")
 
@@ -155,10 +155,10 @@ def test_plan_files_are_read_by_suffix(tmp_path: object) -> None:
 
     directory = Path(str(tmp_path))
     (directory / "plan.toml").write_text(TOML_PLAN)
-    (directory / "plan.json").write_text(json.dumps(FaultPlan.from_toml(TOML_PLAN).to_dict()))
-    assert FaultPlan.load(directory / "plan.toml") == FaultPlan.load(directory / "plan.json")
-    with pytest.raises(PlanError, match="cannot read fault plan"):
-        FaultPlan.load(directory / "missing.toml")
+    (directory / "plan.json").write_text(json.dumps(WireFaultPlan.from_toml(TOML_PLAN).to_dict()))
+    assert WireFaultPlan.load(directory / "plan.toml") == WireFaultPlan.load(directory / "plan.json")
+    with pytest.raises(WireFaultPlanError, match="cannot read fault plan"):
+        WireFaultPlan.load(directory / "missing.toml")
 
 
 # --- matching and schedules ----------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_no_plan_forwards_every_frame_unchanged() -> None:
 def test_a_reply_is_matched_by_the_offset_its_request_covered() -> None:
     tracker = RequestTracker()
     rule = FaultRule(Drop(), direction=Direction.TO_CLIENT, command=Command.REGION_READ, region=0, offset=2)
-    injector = FaultInjector(FaultPlan([rule]))
+    injector = FaultInjector(WireFaultPlan([rule]))
     request = frame_of(READ)
     assert tracker.observe(Direction.TO_SERVER, request) is None
     assert injector.apply(request, direction=Direction.TO_SERVER)[1] is None  # wrong direction
@@ -190,7 +190,7 @@ def test_a_reply_is_matched_by_the_offset_its_request_covered() -> None:
 
 def test_offsets_outside_the_access_and_other_regions_do_not_match() -> None:
     rule = FaultRule(Drop(), region=0, offset=4)
-    injector = FaultInjector(FaultPlan([rule]))
+    injector = FaultInjector(WireFaultPlan([rule]))
     for message in (
         RegionReadRequest(msg_id=1, region=0, offset=0, count=4),  # covers 0-3
         RegionReadRequest(msg_id=2, region=7, offset=4, count=4),  # config space
@@ -204,14 +204,14 @@ def test_offsets_outside_the_access_and_other_regions_do_not_match() -> None:
 
 def test_region_only_rules_match_region_info() -> None:
     rule = FaultRule(Drop(), message=MessageKind.REPLY, region=7)
-    injector = FaultInjector(FaultPlan([rule]))
+    injector = FaultInjector(WireFaultPlan([rule]))
     reply = RegionInfoReply(msg_id=1, index=7, flags=3, size=256)
     assert injector.apply(frame_of(reply), direction=Direction.TO_CLIENT)[1] is not None
 
 
 def test_nth_and_count_choose_which_matches_fire() -> None:
     rule = FaultRule(Drop(), command=Command.REGION_READ, nth=2, count=2)
-    injector = FaultInjector(FaultPlan([rule]))
+    injector = FaultInjector(WireFaultPlan([rule]))
     fired = [injector.apply(frame_of(READ), direction=Direction.TO_SERVER)[1] is not None for _ in range(5)]
     assert fired == [False, True, True, False, False]
 
@@ -219,7 +219,7 @@ def test_nth_and_count_choose_which_matches_fire() -> None:
 def test_the_first_firing_rule_wins_and_every_matching_rule_counts() -> None:
     first = FaultRule(Drop(), command=Command.REGION_READ, nth=2)
     second = FaultRule(Duplicate(), command=Command.REGION_READ, nth=2)
-    injector = FaultInjector(FaultPlan([first, second]))
+    injector = FaultInjector(WireFaultPlan([first, second]))
     kinds = []
     for _ in range(3):
         _actions, injected = injector.apply(frame_of(READ), direction=Direction.TO_SERVER)
@@ -232,7 +232,7 @@ def test_the_first_firing_rule_wins_and_every_matching_rule_counts() -> None:
 def test_probability_is_reproducible_from_the_seed() -> None:
     def pattern(seed: int) -> list[bool]:
         rule = FaultRule(Drop(), count=None, probability=0.5)
-        injector = FaultInjector(FaultPlan([rule], seed=seed))
+        injector = FaultInjector(WireFaultPlan([rule], seed=seed))
         return [injector.apply(frame_of(READ), direction=Direction.TO_SERVER)[1] is not None for _ in range(64)]
 
     assert pattern(1) == pattern(1)
@@ -244,7 +244,7 @@ def test_probability_is_reproducible_from_the_seed() -> None:
 
 
 def inflict(fault: object, message: Message = REPLY, fds: tuple[int, ...] = (9,)) -> list[object]:
-    injector = FaultInjector(FaultPlan([FaultRule(fault)]))  # type: ignore[arg-type]
+    injector = FaultInjector(WireFaultPlan([FaultRule(fault)]))  # type: ignore[arg-type]
     actions, injected = injector.apply(frame_of(message, fds), direction=Direction.TO_CLIENT)
     assert injected is not None
     return list(actions)
@@ -302,6 +302,6 @@ def test_rewrites_keep_reserved_flag_bits() -> None:
     data = bytearray(REPLY.encode())
     struct.pack_into("=I", data, 8, 1 | 0x4000_0000)  # a reply with a reserved bit set
     frame = Frame(bytes(data), (), Header.decode(bytes(data)), REPLY)
-    injector = FaultInjector(FaultPlan([FaultRule(WrongId(1))]))
+    injector = FaultInjector(WireFaultPlan([FaultRule(WrongId(1))]))
     (send,), _ = injector.apply(frame, direction=Direction.TO_CLIENT)
     assert isinstance(send, Send) and send.data[2:] == bytes(data[2:])

@@ -35,6 +35,7 @@ from tests.proxy.support import (
     assert_still_served,
     behind_proxy,
 )
+from vdev.model.events import RegionWrite
 from vdev.protocol import Command
 from vdev.proxy import (
     Close,
@@ -43,10 +44,10 @@ from vdev.proxy import (
     Drop,
     Duplicate,
     ExtraFds,
-    FaultPlan,
     FaultRule,
     Oversize,
     Truncate,
+    WireFaultPlan,
     WrongId,
 )
 from vdev.qemu import QemuMachine
@@ -180,7 +181,7 @@ async def test_a_connection_closed_mid_reply_fails_the_read_at_once_when_qemu_re
 
 
 async def test_a_dropped_posted_write_never_reaches_the_device(vdev_socket_dir: Path) -> None:
-    plan = FaultPlan(
+    plan = WireFaultPlan(
         [FaultRule(Drop(), direction=Direction.TO_SERVER, command=Command.REGION_WRITE, region=0, offset=0x04)]
     )
     async with behind_proxy(vdev_socket_dir, plan=plan) as setup:
@@ -193,7 +194,7 @@ async def test_a_dropped_posted_write_never_reaches_the_device(vdev_socket_dir: 
             assert await function.bar_readl(0, 0x04) == 0x9ABC_DEF0
         (fault,) = setup.proxy.injected
         assert (fault.fault, fault.is_reply, fault.region, fault.offset) == ("drop", False, 0, 0x04)
-        writes = [e.data for e in setup.device.events.of_kind("region_write") if e.data.get("region") == 0]
+        writes = [e for e in setup.device.events.of_kind(RegionWrite) if e.region == 0]
         assert len(writes) == 1
         await assert_still_served(setup.proxy_path)
 
@@ -207,4 +208,4 @@ async def test_qemu_maps_a_region_fd_passed_through_the_proxy(vdev_socket_dir: P
             await function.enable(memory=True, io=False, master=True)
             await function.bar_writeq(0, 0x2000, 0x0123_4567_89AB_CDEF)  # into QEMU's mapping of the fd
             assert device.bar(0).memory[0x2000:0x2008] == (0x0123_4567_89AB_CDEF).to_bytes(8, "little")
-        assert not [e for e in setup.device.events.of_kind("region_write") if e.data.get("region") == 0]
+        assert not [e for e in setup.device.events.of_kind(RegionWrite) if e.region == 0]

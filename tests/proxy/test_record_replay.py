@@ -281,7 +281,7 @@ async def test_vdev_proxy_records_and_logs_faults_from_a_toml_plan(vdev_socket_d
     server, listen = vdev_socket_dir / "server.sock", vdev_socket_dir / "proxy.sock"
     transcript, fault_log = vdev_socket_dir / "session.jsonl", vdev_socket_dir / "faults.jsonl"
     async with served(Hello(), server), trio.open_nursery() as nursery:
-        command = [*VDEV, "proxy", "--listen", str(listen), "--connect", str(server), "--faults", str(plan)]
+        command = [*VDEV, "proxy", "--listen", str(listen), "--connect", str(server), "--wire-faults", str(plan)]
         command += ["--record", str(transcript), "--fault-log", str(fault_log)]
         process = await nursery.start(functools.partial(trio.run_process, command, check=False, capture_stderr=True))
         with trio.fail_after(20):
@@ -307,7 +307,7 @@ async def test_vdev_proxy_refuses_a_bad_plan_in_one_line(tmp_path: Path) -> None
     plan.write_text('{"faults": [{"fault": "delay", "seconds": 1, "regoin": 0}]}')
     command = [*VDEV, "proxy", "--listen", str(tmp_path / "a.sock"), "--connect", str(tmp_path / "b.sock")]
     result = await trio.run_process(
-        [*command, "--faults", str(plan)],
+        [*command, "--wire-faults", str(plan)],
         capture_stdout=True,
         capture_stderr=True,
         check=False,

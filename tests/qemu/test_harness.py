@@ -16,7 +16,7 @@ import trio
 
 from vdev.qemu import (
     BarInfo,
-    BarKind,
+    BarSpace,
     HotplugError,
     PciBus,
     PciFunction,
@@ -91,7 +91,7 @@ async def test_enumerate_finds_edu_and_multifunction_chipset(qemu_binary: Path) 
 async def test_edu_bar0_sizes_to_1mib_of_32bit_memory(qemu_binary: Path) -> None:
     async with machine(qemu_binary, devices=["edu"]) as vm:
         edu = await (await vm.pci_bus()).find(*EDU)
-        assert await edu.size_bar(0) == BarInfo(0, BarKind.MEMORY, 1 << 20)
+        assert await edu.size_bar(0) == BarInfo(0, BarSpace.MEMORY, 1 << 20)
         assert await edu.size_bar(1) is None
 
 
@@ -113,7 +113,7 @@ async def test_64bit_bar_is_placed_above_4gib_and_works(qemu_binary: Path) -> No
     async with machine(qemu_binary, **options) as vm:
         ivshmem = await (await vm.pci_bus()).find(*IVSHMEM)
         bar = await ivshmem.size_bar(2)
-        assert bar == BarInfo(2, BarKind.MEMORY, 1 << 20, is_64bit=True, prefetchable=True)
+        assert bar == BarInfo(2, BarSpace.MEMORY, 1 << 20, is_64bit=True, prefetchable=True)
         with pytest.raises(ValueError, match="upper half"):
             await ivshmem.size_bar(3)
         addresses = await ivshmem.map_bars()
@@ -129,7 +129,7 @@ async def test_64bit_bar_is_placed_above_4gib_and_works(qemu_binary: Path) -> No
 async def test_io_bar_accesses_use_port_io(qemu_binary: Path) -> None:
     async with machine(qemu_binary, devices=["pci-testdev"]) as vm:
         testdev = await (await vm.pci_bus()).find(*PCI_TESTDEV)
-        assert await testdev.size_bar(1) == BarInfo(1, BarKind.IO, 256)
+        assert await testdev.size_bar(1) == BarInfo(1, BarSpace.IO, 256)
         addresses = await testdev.map_bars()
         await testdev.enable()
         assert 0xC000 <= addresses[1] < 0x1_0000

@@ -18,6 +18,7 @@ import trio
 
 from vdev import Device
 from vdev.client import Client
+from vdev.model.events import Connect, Disconnect
 from vdev.runtime import DeviceContext
 from vdev_devices.membar import MemBar
 
@@ -66,8 +67,8 @@ async def test_many_clients_leave_no_trace(vdev_serve: Serve) -> None:
         if cycle % 50 == 0:
             device.events.clear()  # the log is bounded by design; measure leaks, not retention
     with trio.fail_after(10):
-        while device.events.of_kind("connect") and len(device.events.of_kind("disconnect")) < len(
-            device.events.of_kind("connect")
+        while device.events.of_kind(Connect) and len(device.events.of_kind(Disconnect)) < len(
+            device.events.of_kind(Connect)
         ):
             await trio.sleep(0.01)
     assert open_fds() == fds
@@ -75,4 +76,4 @@ async def test_many_clients_leave_no_trace(vdev_serve: Serve) -> None:
     last_polite = max(c for c in range(CYCLES) if c % 3 != 2)
     assert device.bar2["epoch"] == last_polite
     assert device.bar(0).memory[0x1000:0x1008] == struct.pack("<Q", last_polite)
-    assert not device.dma.regions
+    assert not device.dma.mappings

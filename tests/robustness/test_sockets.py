@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from vdev.client import Client, ServerDisconnected
+from vdev.model.events import Violation
 from vdev.runtime import DeviceContext, ServeError
 from vdev.testing import served
 from vdev_devices.hello import Hello
@@ -63,8 +64,8 @@ async def test_peer_uid_allow_list(vdev_socket_dir: Path, allowed: bool) -> None
                 async with Client.connect(path) as client:
                     with trio.fail_after(10):
                         await client.config_read(0, 2)
-            refused = [e for e in device.events.of_kind("violation") if e.data["what"] == "peer not allowed"]
-            assert refused and refused[0].data["uid"] == os.getuid()
+            refused = [e for e in device.events.of_kind(Violation) if e.what == "peer not allowed"]
+            assert refused and refused[0].uid == os.getuid()
         nursery.cancel_scope.cancel()
 
 
@@ -84,11 +85,11 @@ async def test_a_peer_that_never_speaks_is_dropped_after_the_negotiation_deadlin
                     assert await client.region_read(7, 0, 2) == b"\x36\x1b"
                 # The watchdog records why it hung up from its own thread, under the device's lock:
                 # wait for the record rather than expect it the moment the next client is served.
-                await device.events.wait_for("violation")
+                await device.events.wait_for(Violation)
             nursery.cancel_scope.cancel()
     finally:
         silent.close()  # without the deadline, what unblocks the server
-    dropped = [e for e in device.events.of_kind("violation") if e.data["what"] == "no VERSION in time"]
+    dropped = [e for e in device.events.of_kind(Violation) if e.what == "no VERSION in time"]
     assert len(dropped) == 1
     assert silent.fileno() == -1
 

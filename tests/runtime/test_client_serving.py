@@ -6,15 +6,17 @@ memfd or as private memory served through DMA_READ/DMA_WRITE messages.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 import pytest
 import trio
 
-from vdev import WO, Bar, Device, DmaError, Msi, MsiX, Register
+from vdev import RW, WO, AccessSizes, Bar, Device, DmaError, Msi, MsiX, Refusal, Register
 from vdev.client import Client, Interrupt
 from vdev.libvfio_user import Library
+from vdev.model.events import DmaMap, DmaRefused, DmaUnmap, HandlerError, Irq, Quiesce, Reset
 from vdev.protocol.constants import IrqIndex, IrqSetFlag
 from vdev.testing import ConnectClient, ServeDevice, served
 from vdev_devices.edu import Edu
@@ -53,14 +55,14 @@ async def test_dma_both_ways(vdev_client: ConnectClient, kind: str) -> None:
     assert bytes(device.dma_buffer[: len(pattern)]) == pattern
     await edu_dma(client, intx, 0x40000, iova + 0x2000, len(pattern), to_ram=True)
     assert region.read(0x2000, len(pattern)) == pattern
-    mapped = [e.data["mapped"] for e in device.events.of_kind("dma_map")]
+    mapped = [e.mapped for e in device.events.of_kind(DmaMap)]
     assert mapped == [kind == "memfd"]
     if kind == "private":
         assert [(a.kind, a.offset, a.size) for a in region.accesses] == [("read", 0x100, 200), ("write", 0x2000, 200)]
     else:
         assert region.accesses == []
     await client.dma_unmap(region)
-    assert device.events.of_kind("dma_unmap")
+    assert device.events.of_kind(DmaUnmap)
 
 
 async def test_dma_without_bus_mastering_is_refused(vdev_client: ConnectClient) -> None:
@@ -74,8 +76,8 @@ async def test_dma_without_bus_mastering_is_refused(vdev_client: ConnectClient) 
         await device.dma.read(0x10_0000, 6)
     await edu_dma(client, intx, 0x10_0000, 0x40000, 6, to_ram=False)
     assert bytes(device.dma_buffer[:6]) == bytes(6)
-    violations = [e.data for e in device.events.of_kind("violation") if e.data["what"] == "dma"]
-    assert len(violations) == 2 and violations[0]["address"] == 0x10_0000
+    violations = device.events.of_kind(DmaRefused)
+    assert len(violations) == 2 and violations[0].address == 0x10_0000
 
 
 async def test_dma_outside_mapped_memory_is_refused(vdev_client: ConnectClient) -> None:
@@ -164,7 +166,7 @@ class Quiescing(Device):
     bar0 = Bar(4096, registers=[Register("r", 0)])
 
     async def on_quiesce(self) -> None:
-        self.events.record("quiesce", done=False, note="draining")
+        self.events.record(Quiesce(done=False))
         await trio.sleep(0.2)
 
 
@@ -176,8 +178,8 @@ async def test_dma_map_waits_for_an_async_quiesce(vdev_serve: ServeDevice) -> No
         await client.dma_map_memfd(0x10_0000, 0x1000)
         kinds = [e.kind for e in device.events if e.kind in ("quiesce", "dma_map")]
         assert kinds[-1] == "dma_map" and "quiesce" in kinds
-        quiesces = device.events.of_kind("quiesce")
-        assert quiesces[-1].data["done"] is True and quiesces[-1].t <= device.events.of_kind("dma_map")[0].t
+        quiesces = device.events.of_kind(Quiesce)
+        assert quiesces[-1].done is True and quiesces[-1].t <= device.events.of_kind(DmaMap)[0].t
         assert await client.read32(0, 0) == 0
 
 
@@ -287,7 +289,7 @@ async def test_what_clients_routinely_do_is_not_logged_as_a_problem(
         await client.write32(0, 0x0C, 1)  # doorbell: INTx, which the client never wired
         with pytest.raises(VfioUserError):
             await client.request(DmaUnmapRequest(address=0x10_0000, size=0x1000))
-    assert device.events.of_kind("irq")
+    assert device.events.of_kind(Irq)
     messages = {record.getMessage() for record in caplog.records}
     assert any("no fd for interrupt" in message for message in messages)  # still there, for -vv
     assert any("failed to remove DMA region" in message for message in messages)
@@ -301,7 +303,7 @@ async def test_a_server_that_never_had_a_client_stops_without_a_reset(vdev_socke
     device = Hello()
     async with served(device, vdev_socket_dir / "hello.sock"):
         pass
-    assert not device.events.of_kind("reset")
+    assert not device.events.of_kind(Reset)
 
 
 async def test_a_library_without_vdevs_patches_still_serves(
@@ -316,3 +318,35 @@ async def test_a_library_without_vdevs_patches_still_serves(
         assert await client.read32(0, 0x00) == 0x010000ED
         await client.write32(0, 0x04, 0x1234)
         assert await client.read32(0, 0x04) == ~0x1234 & 0xFFFF_FFFF
+
+
+class Strict(Device):
+    """One register that takes 4-byte accesses only and fails any other."""
+
+    vendor_id = 0x1B36
+    device_id = 0x0F45
+    bar0 = Bar(
+        4096,
+        registers=[Register("word", 0x0, access=RW, sizes=AccessSizes(reads=(4,), writes=(4,), refused=Refusal.ERROR))],
+    )
+
+
+async def test_an_access_a_size_policy_refuses_with_an_error_fails_only_that_access(
+    vdev_client: ConnectClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vdev.client import VfioUserError
+
+    device = Strict()
+    client = await vdev_client(device)
+    await client.enable(memory=True, io=False, master=False)
+    with caplog.at_level(logging.DEBUG, logger="vdev"):
+        with pytest.raises(VfioUserError) as read_failed:
+            await client.region_read(0, 0x0, 2)
+        with pytest.raises(VfioUserError) as write_failed:
+            await client.region_write(0, 0x0, b"\x01\x02")
+    assert read_failed.value.errno == write_failed.value.errno == errno.EIO
+    await client.write32(0, 0x0, 0x1234)
+    assert await client.read32(0, 0x0) == 0x1234
+    refused = [r for r in caplog.records if "AccessRefused" in r.getMessage()]
+    assert len(refused) == 2 and not any(r.exc_info for r in refused)
+    assert [e.size for e in device.events.of_kind(HandlerError)] == [2, 2]

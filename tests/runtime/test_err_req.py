@@ -26,6 +26,7 @@ from vdev import RO, WO, Bar, Device, MsiX, Register
 from vdev.client import Client
 from vdev.libvfio_user import Library
 from vdev.libvfio_user.bindings import MissingFixError
+from vdev.model.events import Connect
 from vdev.protocol.constants import IrqIndex
 from vdev.qemu import enable_msix, q35_intx_gsi
 from vdev.testing import AttachQemu, ConnectClient, served
@@ -144,7 +145,7 @@ async def test_without_patch_0003_signalling_err_fails_naming_the_patch(
     device = Notifier()
     socket = vdev_socket_dir / "notifier.sock"
     async with served(device, socket, library=unpatched_libvfio_user), Client.connect(socket):
-        await device.events.wait_for("connect")
+        await device.events.wait_for(Connect)
         for signal in (device.irq.report_error, device.irq.request_release):
             with pytest.raises(MissingFixError) as missing:
                 signal()

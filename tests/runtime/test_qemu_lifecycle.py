@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from vdev.model.events import CommandChange, ConfigWrite, Connect, Disconnect, Reset
 from vdev.qemu import QemuMachine
 from vdev.testing import AttachQemu, served, vfio_user_pci
 from vdev_devices.hello import Hello
@@ -25,12 +26,12 @@ async def test_system_reset_reaches_the_device_as_a_reset_sequence(vdev_qemu: At
     await vm.qmp.system_reset()
     events = list(device.events)
     # QEMU's reset sequence: COMMAND cleared by a config write, then DEVICE_RESET, then BARs rewritten.
-    command_off = next(i for i, e in enumerate(events) if e.kind == "command" and not e.data["memory"])
-    reset = next(i for i, e in enumerate(events) if e.kind == "reset")
-    bar_rewrite = next(i for i, e in enumerate(events) if e.kind == "config_write" and e.data["offset"] == 0x10)
+    command_off = next(i for i, e in enumerate(events) if isinstance(e, CommandChange) and not e.memory)
+    reset = next(i for i, e in enumerate(events) if isinstance(e, Reset))
+    bar_rewrite = next(i for i, e in enumerate(events) if isinstance(e, ConfigWrite) and e.offset == 0x10)
     assert command_off < reset < bar_rewrite
-    assert events[command_off].data["source"] == "client"
-    assert events[reset].data["reason"] == "device"
+    assert events[command_off].source == "client"
+    assert events[reset].reason == "device"
     assert not device.command.memory and not device.command.master
     assert device.bar0["reads"] == 0  # a device reset restores registers...
     assert device.bar0["scratch"] == 0x55  # ...except sticky ones
@@ -46,7 +47,7 @@ async def test_hot_plug_unplug_and_replug(vdev_socket_dir: Path, machine: str) -
         for round_number in range(2):
             await vm.qmp.device_add(**vfio_user_pci(socket, id="hot-hello", **extra))
             assert "hot-hello" in await vm.qmp.qom_list("/machine/peripheral")
-            assert len(device.events.of_kind("connect")) == round_number + 1
+            assert len(device.events.of_kind(Connect)) == round_number + 1
             if machine == "pc":
                 function = await (await vm.pci_bus()).find(*HELLO)
                 await function.map_bars()
@@ -56,7 +57,7 @@ async def test_hot_plug_unplug_and_replug(vdev_socket_dir: Path, machine: str) -
                 await vm.hot_unplug("hot-hello")
             assert "hot-hello" not in await vm.qmp.qom_list("/machine/peripheral")
             with trio.fail_after(10):
-                await device.events.wait_for("disconnect", count=round_number + 1)
+                await device.events.wait_for(Disconnect, count=round_number + 1)
     assert [e.kind for e in device.events if e.kind in ("connect", "disconnect")] == [
         "connect",
         "disconnect",

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from vdev import RO, RW, RW1C, Bar, Device, Msi, Register
+from vdev.model.events import Connect, Disconnect, HandlerError
 from vdev.testing import AttachQemu
 from vdev_devices.hello import Hello
 
@@ -102,7 +103,7 @@ async def test_second_qemu_after_the_first_has_gone(vdev_qemu: AttachQemu) -> No
     with pytest.raises(ProcessLookupError):
         os.kill(qemu_pid, 0)
     with trio.fail_after(10):
-        await device.events.wait_for("disconnect")
+        await device.events.wait_for(Disconnect)
     second = (await vdev_qemu(device, enable={"memory"})).function
     assert await second.bar_readl(0, 0x04) == 0x1234_5678  # sticky: survives the reset
     assert await second.bar_readl(0, 0x08) == 0  # not sticky: reset when QEMU attached
@@ -172,7 +173,7 @@ async def test_a_raising_handler_fails_only_that_access(
     assert await function.bar_readl(0, 0x4) == 0x600D
     failure = [r.getMessage() for r in caplog.records if "deliberate failure" in r.getMessage()]
     assert failure and "faulty" in failure[0] and "BAR0+0x0 (broken)" in failure[0]
-    assert [e.data["region"] for e in device.events.of_kind("handler_error")] == [0]
+    assert [e.region for e in device.events.of_kind(HandlerError)] == [0]
 
 
 async def test_state_survives_twenty_clients_in_turn(vdev_qemu: AttachQemu) -> None:
@@ -184,6 +185,6 @@ async def test_state_survives_twenty_clients_in_turn(vdev_qemu: AttachQemu) -> N
         assert await attached.function.bar_readl(0, 0x04) == round_number + 1  # orders the posted write
         await attached.vm.quit()
         with trio.fail_after(10):
-            await device.events.wait_for("disconnect", count=round_number + 1)
+            await device.events.wait_for(Disconnect, count=round_number + 1)
     assert device.bar0["scratch"] == 20
-    assert len(device.events.of_kind("connect")) == 20
+    assert len(device.events.of_kind(Connect)) == 20

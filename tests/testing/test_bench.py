@@ -14,6 +14,7 @@ import vdev.testing.bench
 import vdev.testing.conformance
 import vdev.testing.peer
 from vdev import RO, Bar, Device, DmaError, Register, ResetKind
+from vdev.model.events import Quiesce, RegionRead, Violation
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE
 from vdev.protocol.constants import IrqIndex
 from vdev.testing import DmaTransfer, Fired, OpenBench, open_bench
@@ -50,15 +51,15 @@ async def test_hooks_run_as_they_do_when_served(vdev_bench: OpenBench) -> None:
     await bench.enable(memory=True, io=False, master=False)
     assert [await bench.read(0, "id") for _ in range(3)] == [0x1234] * 3
     assert await bench.read(0, "reads") == 3
-    reads = [e.data for e in bench.device.events.of_kind("region_read")]
-    assert reads[0] == {"region": 0, "offset": 0, "size": 4, "value": 0x1234}
+    reads = bench.device.events.of_kind(RegionRead)
+    assert reads[0] == RegionRead(region=0, offset=0, size=4, value=0x1234)
 
 
 async def test_a_bar_answers_only_while_its_decoding_is_on(vdev_bench: OpenBench) -> None:
     bench = await vdev_bench(Idio16())
     await bench.enable(memory=True, io=False, master=False)
     assert await bench.read(2, "out0_7") == 0xFF  # I/O decoding off: master abort
-    assert bench.device.events.of_kind("violation")[0].data["what"] == "access while disabled"
+    assert bench.device.events.of_kind(Violation)[0].what == "access while disabled"
     await bench.enable(memory=False, io=True, master=False)
     await bench.write(2, "out0_7", 0x5)
     assert await bench.read(2, "out0_7") == 0x5 and bench.device.outputs == 0x5
@@ -117,7 +118,7 @@ async def test_dma_without_bus_mastering_never_reaches_client_memory(vdev_bench:
     with pytest.raises(DmaError, match="not inside memory the client mapped"):
         await bench.device.dma.read(0x10_0FFE, 4)
     assert bench.memory.transfers == []
-    assert [e.data["what"] for e in bench.device.events.of_kind("violation")] == ["dma", "dma"]
+    assert [e.what for e in bench.device.events.of_kind(Violation)] == ["dma", "dma"]
 
 
 async def test_factorial_runs_in_the_background_and_interrupts(vdev_bench: OpenBench) -> None:
@@ -148,7 +149,7 @@ class Touchy(Device):
 
     async def on_quiesce(self) -> None:
         self.quiesced += 1
-        self.events.record("quiesce", done=True)
+        self.events.record(Quiesce(done=True))
 
 
 async def test_a_handler_failure_reaches_the_test(vdev_bench: OpenBench) -> None:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vdev.model.errors import DefinitionError
+from vdev.model.events import MemoryAction
 from vdev.model.memory import MappedMemory
 from vdev.model.memory_enable import DisabledAccess, DisabledMapping, Prefault
-from vdev.model.registers import ReadHook, Register, RegisterFile, WriteHook, call_hook
+from vdev.model.registers import AccessSizes, ReadHook, Register, RegisterFile, WriteHook, call_hook
 
 if TYPE_CHECKING:
     from vdev.model.device import Device
@@ -86,7 +87,11 @@ class Bar:
     ``index``).  Hooks are looked up by method name on each device, so a
     subclass changes a register's behaviour by overriding the method.  ``when_disabled``, ``mapping_when_disabled`` and
     ``prefault`` are the memory-enable policies of
-    :mod:`vdev.model.memory_enable`.  Hooks are attached with the
+    :mod:`vdev.model.memory_enable`.  ``sizes`` are the access sizes the
+    BAR decodes at all (:class:`~vdev.model.registers.AccessSizes`; default:
+    every size): any other trapped access outside the mapped areas is
+    refused before a register or handler sees it, the way a memory region
+    with a minimum access size refuses narrower ones.  Hooks are attached with the
     decorators::
 
         bar0 = Bar(4096, registers=[Register("doorbell", 0x0)])
@@ -114,6 +119,7 @@ class Bar:
         when_disabled: DisabledAccess | str = DisabledAccess.MASTER_ABORT,
         mapping_when_disabled: DisabledMapping | str = DisabledMapping.KEEP,
         prefault: Prefault | str = Prefault.LAZY,
+        sizes: AccessSizes | None = None,
     ) -> None:
         # Mistakes are collected here and raised by check(), which knows the
         # class and attribute the BAR belongs to.
@@ -130,6 +136,9 @@ class Bar:
         self.mapped = tuple(area for area in (self._area(a) for a in mapped) if area is not None)
         self.raw_read = read
         self.raw_write = write
+        self.sizes = sizes
+        if sizes is not None:
+            self._problems.extend(f"sizes: {problem}" for problem in sizes.problems())
         self.index = index
         self.attribute: str | None = None
         self.read_hooks: dict[str, ReadHook] = {}
@@ -346,10 +355,20 @@ class BarState:
                 return area
         return None
 
+    def accepts(self, offset: int, size: int, *, write: bool) -> bool:
+        """Whether the BAR's and its registers' size policies take this trapped access."""
+        sizes = self.spec.sizes
+        if sizes is not None and not sizes.accepts(size, write=write):
+            return False
+        return self.registers.refusing(offset, size, write=write) is None
+
     async def read(self, offset: int, size: int) -> bytes:
         """A trapped read: mapped memory, raw handler, or registers, in that order."""
         if self.mapped is not None and self.mapped_area_at(offset, size):
             return self.memory[offset : offset + size]
+        if self.spec.sizes is not None and not self.spec.sizes.accepts(size, write=False):
+            refused = self.spec.sizes.refuse(size, write=False, what=f"at BAR{self.index}+{offset:#x}")
+            return refused.to_bytes(size, "little")
         if self.raw_read is not None and not self.registers.covers(offset, size):
             result = await call_hook(self.raw_read, offset, size)
             return result if isinstance(result, bytes) else int(result).to_bytes(size, "little")
@@ -361,6 +380,9 @@ class BarState:
         size = len(data)
         if self.mapped is not None and self.mapped_area_at(offset, size):
             self.memory[offset : offset + size] = data
+            return
+        if self.spec.sizes is not None and not self.spec.sizes.accepts(size, write=True):
+            self.spec.sizes.refuse(size, write=True, what=f"at BAR{self.index}+{offset:#x}")
             return
         if self.raw_write is not None and not self.registers.covers(offset, size):
             await call_hook(self.raw_write, offset, data)
@@ -379,7 +401,7 @@ class BarState:
         policy = self.mapping_when_disabled
         if policy is not DisabledMapping.KEEP:
             saved = self.mapped.revoke(keep_contents=policy is DisabledMapping.REVOKE)
-            self.device.events.record("memory", bar=self.index, action=policy.value, saved_bytes=saved)
+            self.device.events.record(MemoryAction(bar=self.index, action=policy.value, saved_bytes=saved))
 
     def memory_enabled(self) -> None:
         """Decoding came back: restore the mapped areas per the prefault policy."""
@@ -389,7 +411,7 @@ class BarState:
         populate = self.prefault is Prefault.POPULATE
         self.mapped.restore(populate=populate)
         if was_revoked or populate:
-            self.device.events.record("memory", bar=self.index, action="restore", prefault=self.prefault.value)
+            self.device.events.record(MemoryAction(bar=self.index, action="restore", prefault=self.prefault.value))
 
     def reset(self) -> None:
         self.registers.reset()

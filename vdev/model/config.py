@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from vdev.model.bars import Bar, BarKind
 from vdev.model.capabilities import Capability, ExtendedCapability
@@ -59,7 +59,7 @@ CONFIG_SIZE_EXPRESS = 4096
 
 
 @dataclass(frozen=True)
-class Command:
+class CommandRegister:
     """The COMMAND register decoded into the bits devices and tests care about."""
 
     value: int
@@ -96,22 +96,48 @@ class Command:
 
 @dataclass(frozen=True)
 class PlacedCapability:
-    """A capability and where the layout put it."""
+    """A capability and where the layout put it, with its registers at their config-space offsets."""
 
     capability: Capability
     offset: int
+    _registers: dict[str, Register] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        placed = {r.name: replace(r, offset=self.offset + r.offset) for r in self.capability.registers()}
+        object.__setattr__(self, "_registers", placed)
+
+    def register(self, name: str) -> Register:
+        """The capability's register ``name``, its offset where it lies in config space."""
+        try:
+            return self._registers[name]
+        except KeyError:
+            known = ", ".join(self._registers) or "none"
+            raise KeyError(f"{type(self.capability).__name__} has no register {name!r} (registers: {known})") from None
 
 
 @dataclass(frozen=True)
-class ConfigWrite:
+class ConfigChange:
     """What a client's config write changed, for the device to act on."""
 
     offset: int
     size: int
     value: int
-    old_command: Command
-    new_command: Command
+    old_command: CommandRegister
+    new_command: CommandRegister
     capabilities: tuple[PlacedCapability, ...]
+
+    def written(self, register: Register) -> int:
+        """The bits the client wrote to ``register`` (0 in bytes the write did not cover).
+
+        What a write-only command bit needs: it is never stored, so only the
+        write itself says whether it was set.
+        """
+        first, last = max(self.offset, register.offset), min(self.offset + self.size, register.end)
+        if first >= last:
+            return 0
+        covered = ((1 << (8 * (last - first))) - 1) << (8 * (first - register.offset))
+        value = self.value >> (8 * (first - self.offset)) << (8 * (first - register.offset))
+        return value & covered
 
 
 class ConfigSpace:
@@ -237,15 +263,23 @@ class ConfigSpace:
     def read_int(self, offset: int, size: int) -> int:
         return int.from_bytes(self.data[offset : offset + size], "little")
 
+    def read_register(self, register: Register) -> int:
+        """The current value of a placed capability's register (see :meth:`PlacedCapability.register`)."""
+        return self.read_int(register.offset, register.width)
+
+    def write_register(self, register: Register, value: int) -> None:
+        """A device-side store into a placed capability's register: no masks."""
+        self.write_int(register.offset, register.width, value)
+
     def write_int(self, offset: int, size: int, value: int) -> None:
         """A device-side store: no masks, no BAR rules."""
         self.data[offset : offset + size] = value.to_bytes(size, "little")
 
     @property
-    def command(self) -> Command:
-        return Command(self.read_int(PCI_COMMAND, 2))
+    def command(self) -> CommandRegister:
+        return CommandRegister(self.read_int(PCI_COMMAND, 2))
 
-    def write(self, offset: int, data: bytes) -> ConfigWrite:
+    def write(self, offset: int, data: bytes) -> ConfigChange:
         """Apply a client write and report what changed."""
         old_command = self.command
         for i, byte in enumerate(data):
@@ -260,7 +294,7 @@ class ConfigSpace:
         touched = tuple(
             p for p in self.capabilities if p.offset < offset + len(data) and offset < p.offset + p.capability.size
         )
-        return ConfigWrite(
+        return ConfigChange(
             offset=offset,
             size=len(data),
             value=int.from_bytes(data, "little"),

@@ -22,29 +22,33 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import trio
 
 from vdev.model.bars import Bar, BarState
-from vdev.model.capabilities import PCI_EXP_DEVCTL_BCR_FLR, Capability, MsiX, PciExpress, PowerManagement
-from vdev.model.config import Command, ConfigSpace, ConfigWrite
+from vdev.model.capabilities import Capability, MsiX, PciExpress, PowerManagement
+from vdev.model.config import CommandRegister, ConfigChange, ConfigSpace, PlacedCapability
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
-from vdev.model.events import EventLog
-from vdev.model.faults import Fault, FaultPlan, InjectedError
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    ConfigWrite,
+    Connect,
+    Disconnect,
+    EventLog,
+    FaultInjected,
+    HandlerError,
+    PowerChange,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
+from vdev.model.faults import DeviceFault, DeviceFaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
-from vdev.model.pci_regs import (
-    PCI_COMMAND,
-    PCI_COMMAND_IO,
-    PCI_COMMAND_MEMORY,
-    PCI_D0,
-    PCI_D3HOT,
-    PCI_PM_CTRL,
-    PCI_PM_CTRL_STATE_MASK,
-)
+from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_D0, PCI_D3HOT
 from vdev.model.registers import Register, call_hook
 from vdev.protocol.constants import RegionIndex
 
@@ -80,35 +84,94 @@ class ResetKind(enum.Enum):
     LOST_CONNECTION = "lost_connection"
 
 
-@dataclass
-class Param(Generic[T]):
-    """A device parameter the CLI exposes as ``--param name=value``."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-    default: T
-    help: str = ""
-    parser: Callable[[str], T] | None = None
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in _TRUE + _FALSE:
+        raise ValueError(f"expected a boolean ({'/'.join(_TRUE)} or {'/'.join(_FALSE)}), got {text!r}")
+    return lowered in _TRUE
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"expected an integer (42, 0x2a, 0o52 or 0b101010), got {text!r}") from None
+
+
+def _real(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number (0.5, 1e-3), got {text!r}") from None
+
+
+def _text(text: str) -> str:
+    return text
+
+
+#: The converter of a parameter whose default has this type and that names no ``parser``.
+_CONVERTERS: dict[type, Callable[[str], Any]] = {bool: _boolean, int: _integer, float: _real, str: _text}
+
+
+class Param(Generic[T]):
+    """A device parameter the CLI exposes as ``--param name=value``, typed by its default.
+
+    ``Param(8)`` is a ``Param[int]``: on a device instance the attribute is
+    the value, an ``int`` to the type checker, so device code uses
+    ``self.queues`` as it is.  The converter from the command line's text is
+    ``parser`` if given (it decides the type: ``Param(128 * MiB,
+    parser=parse_size)``), else the one for the default's type: ``bool``
+    (true/false, yes/no, on/off, 1/0), ``int`` (decimal or 0x/0o/0b), ``float``
+    or ``str``; any other default needs a ``parser``.
+    """
+
+    def __init__(self, default: T, help: str = "", parser: Callable[[str], T] | None = None) -> None:
+        self.default = default
+        self.help = help
+        self.name = ""
+        if parser is None:
+            parser = _CONVERTERS.get(type(default))
+            if parser is None:
+                raise DefinitionError(
+                    f"Param({default!r}): a {type(default).__name__} parameter needs a parser= from text"
+                )
+        self.parser: Callable[[str], T] = parser
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, instance: Any, owner: type) -> Any:
+    @overload
+    def __get__(self, instance: None, owner: type) -> Param[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: object, owner: type) -> Param[T] | T:
         if instance is None:
             return self
-        return instance.params[self.name]
+        value: T = instance.params[self.name]  # type: ignore[attr-defined]
+        return value
+
+    def __repr__(self) -> str:
+        return f"Param({self.default!r}, help={self.help!r})"
 
     def parse(self, text: str) -> T:
-        """Convert a command-line string to the parameter's type."""
-        if self.parser is not None:
-            return self.parser(text)
-        kind: Any = type(self.default)
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"{self.name}: expected a boolean, got {text!r}")
-            return lowered in ("1", "true", "yes", "on")  # type: ignore[return-value]
-        if kind is int:
-            return int(text, 0)  # type: ignore[return-value]
-        return kind(text)  # type: ignore[no-any-return]
+        """Convert a command-line string to the parameter's type (a ValueError says what was expected)."""
+        return self.parser(text)
+
+    def accepts(self, value: object) -> bool:
+        """Whether ``value``, given from Python rather than parsed, has the parameter's type.
+
+        Only a parameter without its own parser can tell (the parser decides
+        its type); an ``int`` is a fine ``float``, as everywhere in Python.
+        """
+        kind = type(self.default)
+        if kind not in _CONVERTERS:
+            return True
+        return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 class Device:
@@ -162,7 +225,7 @@ class Device:
         self.irq = Interrupts(self)
         self.dma = Dma(self)
         self.command_control = CommandControl(self)
-        self._faults = FaultPlan()
+        self._faults = DeviceFaultPlan()
         self._command_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -208,13 +271,24 @@ class Device:
         return found
 
     def _resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults, overridden by ``given``: text is parsed, anything else must have the parameter's type."""
+        owner = type(self).__name__
         specs = self.param_specs()
         unknown = set(given) - set(specs)
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no parameter {', '.join(sorted(unknown))}")
+            raise TypeError(f"{owner} has no parameter {', '.join(sorted(unknown))}")
         values = {name: spec.default for name, spec in specs.items()}
         for name, value in given.items():
-            values[name] = specs[name].parse(value) if isinstance(value, str) else value
+            spec = specs[name]
+            if isinstance(value, str):
+                try:
+                    value = spec.parse(value)
+                except ValueError as exc:
+                    raise ValueError(f"{owner}: bad value for parameter {name}={value!r}: {exc}") from None
+            elif not spec.accepts(value):
+                expected = type(spec.default).__name__
+                raise TypeError(f"{owner}: parameter {name} is {expected}, not {type(value).__name__} {value!r}")
+            values[name] = value
         return values
 
     def _check_layout(self, capabilities: Sequence[Capability]) -> None:
@@ -252,14 +326,14 @@ class Device:
     # -- state -------------------------------------------------------------------
 
     @property
-    def faults(self) -> FaultPlan:
+    def faults(self) -> DeviceFaultPlan:
         """Faults to inject (see :mod:`vdev.model.faults`); empty by default."""
         return self._faults
 
     @faults.setter
-    def faults(self, plan: FaultPlan) -> None:
-        if not isinstance(plan, FaultPlan):
-            raise TypeError(f"{self.name}: faults must be a FaultPlan, not {type(plan).__name__}")
+    def faults(self, plan: DeviceFaultPlan) -> None:
+        if not isinstance(plan, DeviceFaultPlan):
+            raise TypeError(f"{self.name}: faults must be a DeviceFaultPlan, not {type(plan).__name__}")
         self._faults = plan
 
     def bar(self, index: int) -> BarState:
@@ -269,7 +343,7 @@ class Device:
         return iter(self._bars.values())
 
     @property
-    def command(self) -> Command:
+    def command(self) -> CommandRegister:
         """The COMMAND register as the client last wrote it."""
         return self.config.command
 
@@ -286,7 +360,7 @@ class Device:
         """
         return self._power_state == PCI_D0 and bool(getattr(self.command, bit))
 
-    async def wait_for_command(self, predicate: Callable[[Command], bool]) -> Command:
+    async def wait_for_command(self, predicate: Callable[[CommandRegister], bool]) -> CommandRegister:
         """Sleep until COMMAND satisfies ``predicate`` (e.g. ``lambda c: c.memory``)."""
         while True:
             with self.lock:
@@ -323,7 +397,7 @@ class Device:
             await function(*args)
         except Exception as exc:
             log.exception("%s: background task %s failed", self.name, getattr(function, "__name__", function))
-            self.events.record("handler_error", task=getattr(function, "__name__", repr(function)), error=repr(exc))
+            self.events.record(HandlerError(task=getattr(function, "__name__", repr(function)), error=repr(exc)))
 
     def attach_nursery(self, nursery: trio.Nursery | None) -> None:
         """The runtime gives the device the nursery its tasks live in (None when it stops).
@@ -345,14 +419,14 @@ class Device:
         """
         self.irq.sink = sink
         self.dma.port = port
-        self.events.record("connect")
+        self.events.record(Connect())
 
     def detach_client(self) -> None:
         """The client went away: its eventfds, interrupt masks and DMA path went with it."""
         self.irq.sink = None
         self.irq.client_gone()
         self.dma.port = None
-        self.events.record("disconnect")
+        self.events.record(Disconnect())
 
     # -- overridable behaviour ----------------------------------------------------
 
@@ -371,7 +445,7 @@ class Device:
         device that does not override it is quiesced immediately.
         """
 
-    def on_command(self, old: Command, new: Command) -> None:
+    def on_command(self, old: CommandRegister, new: CommandRegister) -> None:
         """Called after each change of COMMAND.  Default: nothing."""
 
     # -- entry points for the runtime ---------------------------------------------
@@ -382,7 +456,9 @@ class Device:
         A lane is the register's reader or writer and its BAR's COMMAND
         decode bit.  A register qualifies unless one of its hooks is
         ``async`` or it lies in the MSI-X table or PBA (which the device
-        answers itself).  Registers never lie in mapped areas, and a register
+        answers itself); a read or write lane exists only if the size
+        policies (the BAR's, the register's) accept the whole-register
+        access, so a refused access always takes the general path.  Registers never lie in mapped areas, and a register
         always wins over the BAR's raw handlers, so nothing else can claim
         such an access.
         """
@@ -404,8 +480,10 @@ class Device:
                     for hooks in (registers.read_hooks, registers.write_hooks)
                 ):
                     place = (index, register.offset, register.width)
-                    reads[place] = (registers.whole_reader(register), bit)
-                    writes[place] = (registers.whole_writer(register), bit)
+                    if bar.accepts(register.offset, register.width, write=False):
+                        reads[place] = (registers.whole_reader(register), bit)
+                    if bar.accepts(register.offset, register.width, write=True):
+                        writes[place] = (registers.whole_writer(register), bit)
         return reads, writes
 
     def quick_read(self, region: int, offset: int, size: int) -> bytes | None:
@@ -429,7 +507,7 @@ class Device:
         self.command_control.accesses += 1
         value: int = lane[0]()
         if self.events.accesses_wanted:
-            self.events.record("region_read", region=region, offset=offset, size=size, value=value)
+            self.events.record(RegionRead(region=region, offset=offset, size=size, value=value))
         return value.to_bytes(size, "little")
 
     def quick_write(self, region: int, offset: int, data: bytes) -> bool:
@@ -447,7 +525,7 @@ class Device:
         self.command_control.accesses += 1
         value = int.from_bytes(data, "little")
         if self.events.accesses_wanted:
-            self.events.record("region_write", region=region, offset=offset, size=size, value=value)
+            self.events.record(RegionWrite(region=region, offset=offset, size=size, value=value))
         lane[0](value)
         return True
 
@@ -463,7 +541,7 @@ class Device:
             corrupted = int.from_bytes(data, "little") ^ (fault.xor & ((1 << (8 * size)) - 1))
             data = corrupted.to_bytes(size, "little")
         if self.events.accesses_wanted:
-            self.events.record("region_read", region=region, offset=offset, size=size, value=_as_int(data))
+            self.events.record(RegionRead(region=region, offset=offset, size=size, value=_as_int(data)))
         return data
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
@@ -475,17 +553,17 @@ class Device:
             return
         fault = await self._inject("write", region, offset)
         if self.events.accesses_wanted:
-            self.events.record("region_write", region=region, offset=offset, size=len(data), value=_as_int(data))
+            self.events.record(RegionWrite(region=region, offset=offset, size=len(data), value=_as_int(data)))
         if fault is not None and fault.action == "drop":
             return
         await self._bar_access(region, offset, len(data), data)
 
-    async def _inject(self, on: str, region: int, offset: int) -> Fault | None:
+    async def _inject(self, on: str, region: int, offset: int) -> DeviceFault | None:
         """Apply the plan's fault for this access, if one matches; corrupt is the caller's to apply."""
         fault = self.faults.pick(on, region=region, offset=offset)
         if fault is None:
             return None
-        self.events.record("fault", region=region, offset=offset, **fault.describe())
+        self.events.record(FaultInjected(fault=fault, at={"region": region, "offset": offset}))
         if fault.action == "delay":
             await trio.sleep(fault.seconds)
         elif fault.action == "errno":
@@ -503,13 +581,13 @@ class Device:
             policy = bar.when_disabled
             if policy is not DisabledAccess.PASS:
                 self.events.record(
-                    "violation",
-                    what="access while disabled",
-                    region=region,
-                    offset=offset,
-                    size=size,
-                    access="write" if data is not None else "read",
-                    policy=policy.value,
+                    AccessWhileDisabled(
+                        region=region,
+                        offset=offset,
+                        size=size,
+                        access="write" if data is not None else "read",
+                        policy=policy.value,
+                    )
                 )
                 if policy is DisabledAccess.ERROR:
                     raise BarDisabledError(f"BAR{region} {bar.decoding_bit} decoding is disabled")
@@ -530,14 +608,14 @@ class Device:
 
     async def _config_write(self, offset: int, data: bytes) -> None:
         change = self.config.write(offset, data)
-        self.events.record("config_write", offset=offset, size=len(data), value=change.value)
+        self.events.record(ConfigWrite(offset=offset, size=len(data), value=change.value))
         if self.command_control.held_mask:
             self.config.write_int(PCI_COMMAND, 2, self.command_control.apply_holds(self.command.value))
         if change.old_command != self.command:
             self.command_changed(change.old_command, source="client")
         await self._capability_writes(change)
 
-    def command_changed(self, old: Command, *, source: str) -> None:
+    def command_changed(self, old: CommandRegister, *, source: str) -> None:
         """The one path every COMMAND transition takes, from the client or the device.
 
         Records the event, applies the BARs' memory-enable policies (so a
@@ -545,7 +623,7 @@ class Device:
         wakes :meth:`wait_for_command` and calls :meth:`on_command`.
         """
         new = self.command
-        self.events.record("command", old=old.value, new=new.value, source=source, **new.decoded())
+        self.events.record(CommandChange(old=old.value, new=new.value, source=source, **new.decoded()))
         self._apply_memory_decoding()
         changed, self._command_changed = self._command_changed, trio.Event()
         self.call_soon(changed.set)
@@ -563,38 +641,43 @@ class Device:
             if bar.decoding_bit == "memory":
                 bar.memory_enabled() if decoding else bar.memory_disabled()
 
-    def _power_written(self, offset: int) -> None:
+    def _stored_power_state(self, pm: PlacedCapability) -> int:
+        """The power state PMCSR holds now."""
+        pmcsr = pm.register("pmcsr")
+        return pmcsr.field("power_state").extract(self.config.read_int(pmcsr.offset, pmcsr.width))
+
+    def _power_written(self, pm: PlacedCapability) -> None:
         """A client wrote PMCSR: move to the state written, or keep the current one if it is one we lack.
 
         The capability advertises D0 and D3hot only (no D1, D2), and a
         function ignores a write of a state it does not support.
         """
-        written = self.config.read_int(offset + PCI_PM_CTRL, 2)
-        state = written & PCI_PM_CTRL_STATE_MASK
+        state = self._stored_power_state(pm)
         if state not in (PCI_D0, PCI_D3HOT):
-            self.config.write_int(offset + PCI_PM_CTRL, 2, (written & ~PCI_PM_CTRL_STATE_MASK) | self._power_state)
+            pmcsr = pm.register("pmcsr")
+            field = pmcsr.field("power_state")
+            stored = self.config.read_int(pmcsr.offset, pmcsr.width)
+            self.config.write_int(pmcsr.offset, pmcsr.width, (stored & ~field.mask) | self._power_state << field.lsb)
             return
         self._set_power_state(state, source="client")
 
     def _set_power_state(self, state: int, *, source: str) -> None:
         old, self._power_state = self._power_state, state
         if old != state:
-            self.events.record("power", old=old, new=state, source=source)
+            self.events.record(PowerChange(old=old, new=state, source=source))
             self._apply_memory_decoding()
 
-    async def _capability_writes(self, change: ConfigWrite) -> None:
+    async def _capability_writes(self, change: ConfigChange) -> None:
         for placed in change.capabilities:
             if isinstance(placed.capability, PowerManagement):
-                pmcsr = placed.offset + PCI_PM_CTRL
-                if change.offset < pmcsr + 2 and pmcsr < change.offset + change.size:
-                    self._power_written(placed.offset)
+                pmcsr = placed.register("pmcsr")
+                if change.offset < pmcsr.end and pmcsr.offset < change.offset + change.size:
+                    self._power_written(placed)
             if isinstance(placed.capability, PciExpress) and placed.capability.flr:
                 # Initiate-FLR is write-only (never stored), so look at what was written.
-                flr_byte = placed.offset + 9
-                if change.offset <= flr_byte < change.offset + change.size:
-                    written = change.value >> (8 * (flr_byte - change.offset)) & 0xFF
-                    if written & (PCI_EXP_DEVCTL_BCR_FLR >> 8):
-                        await self.reset(ResetKind.FLR)
+                control = placed.register("device_control")
+                if change.written(control) & control.field("initiate_flr").mask:
+                    await self.reset(ResetKind.FLR)
         self.irq.deliver_unmasked_pending()
 
     async def reset(self, kind: ResetKind) -> None:
@@ -604,7 +687,7 @@ class Device:
         if kind is not ResetKind.LOST_CONNECTION:
             fault = self.faults.pick("reset")
             if fault is not None:
-                self.events.record("fault", reason=kind.value, **fault.describe())
+                self.events.record(FaultInjected(fault=fault, at={"reason": kind.value}))
                 raise InjectedError(fault.errno, f"{kind.value} reset")
         old_command = self.command
         if kind is ResetKind.LOST_CONNECTION:
@@ -614,10 +697,9 @@ class Device:
             for bar in self._bars.values():
                 bar.reset()
             self.irq.reset()
-        self.events.record("reset", reason=kind.value)
+        self.events.record(Reset(reason=kind.value))
         if self._pm is not None:
-            state = self.config.read_int(self._pm.offset + PCI_PM_CTRL, 2) & PCI_PM_CTRL_STATE_MASK
-            self._set_power_state(state, source="reset")
+            self._set_power_state(self._stored_power_state(self._pm), source="reset")
         if old_command != self.command:
             self.command_changed(old_command, source="reset")
         await call_hook(self.on_reset, kind)

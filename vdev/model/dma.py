@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from vdev.model.events import DmaMap, DmaRefused, DmaUnmap, FaultInjected
+
 if TYPE_CHECKING:
     from vdev.model.device import Device
 
@@ -36,7 +38,7 @@ class DmaError(Exception):
 
 
 @dataclass(frozen=True)
-class DmaRegion:
+class DmaMapping:
     """One DMA_MAP from the client; ``mapped`` when the server can touch it directly."""
 
     iova: int
@@ -61,53 +63,54 @@ class Dma:
 
     def __init__(self, device: Device) -> None:
         self._device = device
-        self.regions: dict[int, DmaRegion] = {}
+        self.mappings: dict[int, DmaMapping] = {}
         self._starts: list[int] = []
         self.port: DmaPort | None = None
 
-    def add(self, region: DmaRegion) -> None:
-        if region.iova not in self.regions:
-            bisect.insort(self._starts, region.iova)
-        self.regions[region.iova] = region
-        self._device.events.record("dma_map", iova=region.iova, size=region.size, mapped=region.mapped)
+    def add(self, mapping: DmaMapping) -> None:
+        if mapping.iova not in self.mappings:
+            bisect.insort(self._starts, mapping.iova)
+        self.mappings[mapping.iova] = mapping
+        self._device.events.record(DmaMap(iova=mapping.iova, size=mapping.size, mapped=mapping.mapped))
 
     def remove(self, iova: int) -> None:
-        region = self.regions.pop(iova, None)
-        if region is not None:
+        mapping = self.mappings.pop(iova, None)
+        if mapping is not None:
             del self._starts[bisect.bisect_left(self._starts, iova)]
-            self._device.events.record("dma_unmap", iova=region.iova, size=region.size)
+            self._device.events.record(DmaUnmap(iova=mapping.iova, size=mapping.size))
 
-    def find(self, address: int) -> DmaRegion | None:
+    def find(self, address: int) -> DmaMapping | None:
         """The mapping holding bus address ``address``, or None."""
         index = bisect.bisect_right(self._starts, address) - 1
         if index < 0:
             return None
-        region = self.regions[self._starts[index]]
-        return region if address < region.end else None
+        mapping = self.mappings[self._starts[index]]
+        return mapping if address < mapping.end else None
 
     def pieces(self, address: int, size: int) -> list[tuple[int, int]] | None:
         """``(address, size)`` pieces of the range, one per mapping it crosses; None if part is unmapped."""
         pieces: list[tuple[int, int]] = []
         end = address + size
         while address < end:
-            region = self.find(address)
-            if region is None:
+            mapping = self.find(address)
+            if mapping is None:
                 return None
-            length = min(end, region.end) - address
+            length = min(end, mapping.end) - address
             pieces.append((address, length))
             address += length
         return pieces
 
     def clear(self) -> None:
         """The client went away: its mappings went with it."""
-        for iova in list(self.regions):
+        for iova in list(self.mappings):
             self.remove(iova)
 
     async def _check(self, address: int, size: int, direction: str) -> tuple[DmaPort, list[tuple[int, int]]]:
         reason = None
         fault = self._device.faults.pick("dma")
         if fault is not None:
-            self._device.events.record("fault", direction=direction, address=address, size=size, **fault.describe())
+            at = {"direction": direction, "address": address, "size": size}
+            self._device.events.record(FaultInjected(fault=fault, at=at))
             if fault.action == "delay":
                 await trio.sleep(fault.seconds)
             else:
@@ -121,7 +124,7 @@ class Dma:
             elif self.port is None:
                 reason = "no client is connected"
         if reason is not None:
-            self._device.events.record("violation", what="dma", direction=direction, address=address, size=size)
+            self._device.events.record(DmaRefused(direction=direction, address=address, size=size))
             raise DmaError(f"{self._device.name}: DMA {direction} of {size} bytes at {address:#x} refused: {reason}")
         assert self.port is not None and pieces is not None
         return self.port, pieces

@@ -1,6 +1,16 @@
-"""Device-level fault injection: a plan of faults applied without touching the device's code.
+"""Device faults: a plan of misbehaviour applied inside a device without touching its code.
 
-A :class:`FaultPlan` is a list of :class:`Fault` rules.  At each point where
+Not the proxy's wire faults (:class:`vdev.proxy.WireFaultPlan`, ``vdev proxy
+--wire-faults``), which tamper with vfio-user messages between any client and
+any server.  Device faults happen where the device meets its client, with
+the device's knowledge (an errno from a handler, an interrupt not sent); wire
+faults happen to the bytes, so the device never knows.  The two plan files
+look alike (a ``seed`` and a list of ``faults``) but their rules do not: a
+device-fault rule says ``on`` (what happened in the device), a wire-fault rule
+says ``fault`` (what to do to a message), and each loader refuses the other's
+plan with a line saying which flag it belongs to.
+
+A :class:`DeviceFaultPlan` is a list of :class:`DeviceFault` rules.  At each point where
 a device meets its client — a trapped access, an interrupt, a DMA, a reset,
 a quiesce — the device asks the plan whether a fault applies and, if so,
 carries it out and records a ``fault`` event.  Rules match on what happened
@@ -12,7 +22,7 @@ reports an unrecoverable error) or REQ (it asks the client to release it),
 and the access goes on as usual.
 
 Plans are Python objects or files (JSON, or TOML by extension) for
-``vdev serve --faults PLAN``::
+``vdev serve --device-faults PLAN``::
 
     {"seed": 7, "faults": [
       {"on": "read", "region": 0, "offset": 8, "action": "delay", "seconds": 2, "count": 1},
@@ -61,21 +71,21 @@ WAITING_ACTIONS = frozenset({"delay", "busy"})
 
 
 @dataclass(frozen=True)
-class DeviceEvent:
+class DeviceFaultEvent:
     """A fault event a device defines: the actions it takes and how it checks a rule's ``where`` and ``params``."""
 
     actions: frozenset[str]
-    check: Callable[[Fault], None] | None = None
+    check: Callable[[DeviceFault], None] | None = None
 
 
-_device_events: dict[str, DeviceEvent] = {}
+_device_events: dict[str, DeviceFaultEvent] = {}
 
 
-def define_fault_event(on: str, actions: Iterable[str], check: Callable[[Fault], None] | None = None) -> None:
+def define_fault_event(on: str, actions: Iterable[str], check: Callable[[DeviceFault], None] | None = None) -> None:
     """Let plans target a device's own code point ``on`` with ``actions``.
 
     Devices call this when their module is imported, before any plan naming
-    the event is read.  ``check`` raises :class:`FaultPlanError` for a rule
+    the event is read.  ``check`` raises :class:`DeviceFaultPlanError` for a rule
     the device could not carry out (an unknown parameter, say), so a bad
     plan fails when it is loaded rather than when the fault fires.  The
     framework's own events cannot be redefined.
@@ -85,10 +95,10 @@ def define_fault_event(on: str, actions: Iterable[str], check: Callable[[Fault],
     known = _device_events.get(on)
     if known is not None and (known.actions != frozenset(actions) or known.check is not check):
         raise ValueError(f"fault event {on!r} is already defined differently")
-    _device_events[on] = DeviceEvent(frozenset(actions), check)
+    _device_events[on] = DeviceFaultEvent(frozenset(actions), check)
 
 
-class FaultPlanError(ValueError):
+class DeviceFaultPlanError(ValueError):
     """A plan that cannot be applied: unknown kinds or actions, missing parameters."""
 
 
@@ -101,7 +111,7 @@ class InjectedError(Exception):
 
 
 @dataclass
-class Fault:
+class DeviceFault:
     """One rule of a plan."""
 
     on: str
@@ -126,16 +136,16 @@ class Fault:
         actions = ACTIONS.get(self.on, device_event.actions if device_event else None)
         if actions is None:
             known = ", ".join(sorted({*ACTIONS, *_device_events}))
-            raise FaultPlanError(f"unknown fault event {self.on!r} (one of {known})")
+            raise DeviceFaultPlanError(f"unknown fault event {self.on!r} (one of {known})")
         if self.action not in actions:
             allowed = ", ".join(sorted(actions))
-            raise FaultPlanError(f"action {self.action!r} does not apply to {self.on!r} (one of {allowed})")
+            raise DeviceFaultPlanError(f"action {self.action!r} does not apply to {self.on!r} (one of {allowed})")
         if not 0.0 <= self.probability <= 1.0:
-            raise FaultPlanError("probability must be between 0 and 1")
+            raise DeviceFaultPlanError("probability must be between 0 and 1")
         if self.action in WAITING_ACTIONS and self.seconds < 0:
-            raise FaultPlanError("seconds must not be negative")
+            raise DeviceFaultPlanError("seconds must not be negative")
         if device_event is None and (self.where or self.params):
-            raise FaultPlanError(f"{self.on!r} faults take no 'where' or 'params'")
+            raise DeviceFaultPlanError(f"{self.on!r} faults take no 'where' or 'params'")
         if device_event is not None and device_event.check is not None:
             device_event.check(self)
 
@@ -173,7 +183,7 @@ class Fault:
         return details
 
 
-class FaultPlan:
+class DeviceFaultPlan:
     """The faults one device suffers, with the seeded chance that decides probabilistic ones.
 
     A plan is fixed once made (assign a new one to change it), so that what
@@ -181,11 +191,11 @@ class FaultPlan:
     is about costs one dictionary lookup.
     """
 
-    def __init__(self, faults: Sequence[Fault] = (), *, seed: int = 0) -> None:
+    def __init__(self, faults: Sequence[DeviceFault] = (), *, seed: int = 0) -> None:
         self.faults = tuple(faults)
         self.seed = seed
         self._random = random.Random(seed)
-        self._by_event: dict[str, tuple[Fault, ...]] = {}
+        self._by_event: dict[str, tuple[DeviceFault, ...]] = {}
         for fault in self.faults:
             self._by_event[fault.on] = (*self._by_event.get(fault.on, ()), fault)
         #: The kinds of event (``on``) some rule is about.
@@ -206,7 +216,7 @@ class FaultPlan:
         offset: int | None = None,
         vector: int | None = None,
         **attributes: Any,
-    ) -> Fault | None:
+    ) -> DeviceFault | None:
         """The fault to inject now for this event, if any (counting matches as it goes).
 
         ``attributes`` are what a device reports about its own events, for
@@ -227,33 +237,36 @@ class FaultPlan:
         return None
 
     @classmethod
-    def from_mapping(cls, document: Mapping[str, Any]) -> FaultPlan:
+    def from_mapping(cls, document: Mapping[str, Any]) -> DeviceFaultPlan:
         """A plan from its JSON/TOML form (see the module docstring)."""
         faults = []
         for number, entry in enumerate(document.get("faults", [])):
             entry = dict(entry)
+            if "fault" in entry and "on" not in entry:
+                wire = "that plan is for vdev proxy --wire-faults"
+                raise DeviceFaultPlanError(f"fault {number} is a wire-fault rule ('fault', not 'on'): {wire}")
             if isinstance(entry.get("errno"), str):
                 name = entry["errno"]
                 if not hasattr(errnos, name):
-                    raise FaultPlanError(f"fault {number}: unknown errno {name!r}")
+                    raise DeviceFaultPlanError(f"fault {number}: unknown errno {name!r}")
                 entry["errno"] = getattr(errnos, name)
             if isinstance(entry.get("offset"), list):
                 entry["offset"] = tuple(entry["offset"])
             try:
-                faults.append(Fault(**entry))
+                faults.append(DeviceFault(**entry))
             except TypeError as exc:
-                raise FaultPlanError(f"fault {number}: {exc}") from None
-            except FaultPlanError as exc:
-                raise FaultPlanError(f"fault {number}: {exc}") from None
+                raise DeviceFaultPlanError(f"fault {number}: {exc}") from None
+            except DeviceFaultPlanError as exc:
+                raise DeviceFaultPlanError(f"fault {number}: {exc}") from None
         return cls(faults, seed=int(document.get("seed", 0)))
 
     @classmethod
-    def load(cls, path: str | Path) -> FaultPlan:
+    def load(cls, path: str | Path) -> DeviceFaultPlan:
         """Read a plan file: TOML if it ends in ``.toml``, JSON otherwise."""
         path = Path(path)
         try:
             text = path.read_text()
             document = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError) as exc:
-            raise FaultPlanError(f"cannot read fault plan {path}: {exc}") from None
+            raise DeviceFaultPlanError(f"cannot read fault plan {path}: {exc}") from None
         return cls.from_mapping(document)

@@ -31,14 +31,10 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Protocol
 
-from vdev.model.capabilities import (
-    PCI_MSI_FLAGS_ENABLE,
-    PCI_MSIX_FLAGS_ENABLE,
-    PCI_MSIX_FLAGS_MASKALL,
-    Msi,
-    MsiX,
-)
+from vdev.model.capabilities import Msi, MsiX
+from vdev.model.events import FaultInjected, Irq
 from vdev.model.pci_regs import PCI_STATUS, PCI_STATUS_INTERRUPT
+from vdev.model.registers import Field, Register
 from vdev.protocol.constants import IrqIndex
 
 if TYPE_CHECKING:
@@ -71,6 +67,13 @@ class Interrupts:
         self._client_masked: dict[IrqIndex, set[int]] = {t: set() for t in IrqIndex}
         self._msix = device.config.find(MsiX)
         self._msi = device.config.find(Msi)
+        # The capability registers the rules read, looked up once by name.
+        self._msix_control = self._msix.register("message_control") if self._msix else None
+        self._msi_control = self._msi.register("message_control") if self._msi else None
+        self._msi_mask_bits = self._msi_pending_bits = None
+        if self._msi is not None and self._msi_cap is not None and self._msi_cap.per_vector_mask:
+            self._msi_mask_bits = self._msi.register("mask_bits")
+            self._msi_pending_bits = self._msi.register("pending_bits")
         self.msix_table = bytearray(self._msix_cap.table_size) if self._msix_cap else bytearray()
         #: MSI-X vectors held pending (what the PBA reads as).
         self.msix_pending: set[int] = set()
@@ -115,14 +118,15 @@ class Interrupts:
 
     @property
     def msix_enabled(self) -> bool:
-        return bool(self._msix and self._cap_flags(self._msix.offset) & PCI_MSIX_FLAGS_ENABLE)
+        return self._msix_control is not None and bool(self._control_field(self._msix_control, "enable"))
 
     @property
     def msi_enabled(self) -> bool:
-        return bool(self._msi and self._cap_flags(self._msi.offset) & PCI_MSI_FLAGS_ENABLE)
+        return self._msi_control is not None and bool(self._control_field(self._msi_control, "enable"))
 
-    def _cap_flags(self, offset: int) -> int:
-        return self._device.config.read_int(offset + 2, 2)
+    def _control_field(self, control: Register, name: str) -> int:
+        field: Field = control.field(name)
+        return field.extract(self._device.config.read_register(control))
 
     @property
     def mode(self) -> str:
@@ -170,11 +174,11 @@ class Interrupts:
         times = 1
         fault = self._device.faults.pick("irq", vector=vector)
         if fault is not None:
-            self._device.events.record("fault", type=irq_type.name.lower(), vector=vector, **fault.describe())
+            self._device.events.record(FaultInjected(fault=fault, at={"type": irq_type.name.lower(), "vector": vector}))
             times = {"drop": 0, "duplicate": 2, "storm": fault.times}[fault.action]
         for _ in range(times):
             connected = self.sink is not None
-            self._device.events.record("irq", type=irq_type.name.lower(), vector=vector, connected=connected)
+            self._device.events.record(Irq(type=irq_type.name.lower(), vector=vector, connected=connected))
             if self.sink is not None:
                 self.sink.fire(irq_type, vector)
 
@@ -190,8 +194,8 @@ class Interrupts:
 
     def _trigger_msi(self, vector: int) -> None:
         cap = self._msi_cap
-        assert cap is not None and self._msi is not None
-        enabled_vectors = 1 << ((self._cap_flags(self._msi.offset) >> 4) & 0x7)
+        assert cap is not None and self._msi_control is not None
+        enabled_vectors = 1 << self._control_field(self._msi_control, "multiple_message_enable")
         if vector >= min(enabled_vectors, cap.vectors):
             raise ValueError(f"MSI vector {vector} is not enabled ({enabled_vectors} allocated)")
         if cap.per_vector_mask and self._msi_vector_masked(vector):
@@ -200,16 +204,15 @@ class Interrupts:
         self._fire(IrqIndex.MSI, vector)
 
     def _msi_vector_masked(self, vector: int) -> bool:
-        assert self._msi is not None
-        mask = self._device.config.read_int(self._msi.offset + 16, 4)
+        assert self._msi_mask_bits is not None
+        mask = self._device.config.read_register(self._msi_mask_bits)
         return bool(mask >> vector & 1) or vector in self._client_masked[IrqIndex.MSI]
 
     def _msi_set_pending(self, vector: int, pending: bool) -> None:
-        assert self._msi is not None
-        at = self._msi.offset + 20
-        bits = self._device.config.read_int(at, 4)
+        assert self._msi_pending_bits is not None
+        bits = self._device.config.read_register(self._msi_pending_bits)
         bits = bits | (1 << vector) if pending else bits & ~(1 << vector)
-        self._device.config.write_int(at, 4, bits)
+        self._device.config.write_register(self._msi_pending_bits, bits)
 
     def _trigger_msix(self, vector: int) -> None:
         cap = self._msix_cap
@@ -223,14 +226,14 @@ class Interrupts:
 
     def _msix_vector_held(self, vector: int) -> bool:
         """Whether the client masked ``vector`` (function mask, SET_IRQS, or no eventfd)."""
-        assert self._msix is not None
-        if self._cap_flags(self._msix.offset) & PCI_MSIX_FLAGS_MASKALL:
+        assert self._msix_control is not None
+        if self._control_field(self._msix_control, "function_mask"):
             return True
         return vector in self._client_masked[IrqIndex.MSIX] or vector in self._without_eventfd
 
     def _hold(self, vector: int, why: str) -> None:
         self.msix_pending.add(vector)
-        self._device.events.record("irq", type="msix", vector=vector, held=why)
+        self._device.events.record(Irq(type="msix", vector=vector, held=why))
 
     def no_eventfd(self, irq_type: IrqIndex, vector: int) -> None:
         """The client has no eventfd for ``vector``: an MSI-X vector waits, pending, for one.
@@ -266,8 +269,8 @@ class Interrupts:
                 if not self._msix_vector_held(vector):
                     self.msix_pending.discard(vector)
                     self._fire(IrqIndex.MSIX, vector)
-        if self.msi_enabled and self._msi_cap and self._msi_cap.per_vector_mask and self._msi:
-            pending = self._device.config.read_int(self._msi.offset + 20, 4)
+        if self.msi_enabled and self._msi_pending_bits is not None:
+            pending = self._device.config.read_register(self._msi_pending_bits)
             for vector in range(32):
                 if pending >> vector & 1 and not self._msi_vector_masked(vector):
                     self._msi_set_pending(vector, False)

@@ -32,9 +32,7 @@ COMMAND_WRITABLE = (
     | PCI_COMMAND_INTX_DISABLE
 )
 
-#: PMCSR, at this offset in the Power Management capability; its low two bits are the power state.
-PCI_PM_CTRL = 4
-PCI_PM_CTRL_STATE_MASK = 0x0003
+#: Power states in PMCSR's power_state field (the Power Management capability).
 PCI_D0 = 0
 PCI_D3HOT = 3
 

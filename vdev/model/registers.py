@@ -10,6 +10,14 @@ Rules this module enforces, so device code never has to:
   as 1, ``W1S`` sets them, and ``WO`` stores them but reads back 0.  A
   register may mix types through :class:`Field`.  Only the bytes the access
   covers are affected.
+* A register may declare which access sizes it takes (:class:`AccessSizes`),
+  as many devices decode only naturally sized, aligned accesses: an access
+  that overlaps it and is not one of those sizes at its own offset is
+  *refused* as a whole — a write changes nothing, a read returns the
+  declared fill bytes — or fails, if the policy says so.  An accepted write
+  narrower than the register may replace all of it (``zero_extend``), as
+  hardware that latches a whole bus word does.  Without a policy a register
+  takes every access.
 * Hooks run after the write has been applied (``on_write(value)``) and
   before the read is answered (``on_read() -> value``); either may be
   ``async``.  Hooks run under the device's lock: plain ones in the thread
@@ -40,6 +48,70 @@ class Access(enum.Enum):
 
 RO, RW, RW1C, W1S, WO = Access.RO, Access.RW, Access.RW1C, Access.W1S, Access.WO
 
+#: Every access size a bus delivers.
+ACCESS_SIZES = (1, 2, 4, 8)
+
+
+class Refusal(enum.Enum):
+    """What an access an :class:`AccessSizes` policy does not accept does."""
+
+    #: The write changes nothing; the read returns the policy's fill bytes.
+    IGNORE = "ignore"
+    #: The access fails: :class:`AccessRefused` is raised, and the client's request gets an error reply.
+    ERROR = "error"
+
+
+class AccessRefused(Exception):
+    """An access refused by an :class:`AccessSizes` policy whose refusal is :attr:`Refusal.ERROR`."""
+
+
+@dataclass(frozen=True)
+class AccessSizes:
+    """Which access sizes something decodes, and what any other access does.
+
+    On a :class:`Register`, ``reads`` and ``writes`` are the sizes accepted
+    *at the register's own offset* (so none may exceed its width; an empty
+    tuple refuses every read, or every write); an access that overlaps the
+    register any other way is refused.  On a
+    :class:`~vdev.model.bars.Bar`, they are the sizes the BAR decodes at
+    all, anywhere: a refused access reaches no register and no handler.
+    ``fill`` is the byte every byte of a refused read returns (``0xFF``:
+    all-ones, what a PCI read nobody claims returns).  ``zero_extend``
+    makes an accepted write narrower than the register replace all of it,
+    its upper bytes zero; without it the write changes only the bytes it
+    covers.
+    """
+
+    reads: tuple[int, ...] = ACCESS_SIZES
+    writes: tuple[int, ...] = ACCESS_SIZES
+    refused: Refusal = Refusal.IGNORE
+    fill: int = 0xFF
+    zero_extend: bool = False
+
+    def problems(self) -> list[str]:
+        """What is wrong with the policy itself (empty if nothing)."""
+        found = [
+            f"access size {size!r} is not one of {ACCESS_SIZES}"
+            for size in (*self.reads, *self.writes)
+            if size not in ACCESS_SIZES
+        ]
+        if not isinstance(self.refused, Refusal):
+            found.append(f"refused must be Refusal.IGNORE or Refusal.ERROR, not {self.refused!r}")
+        if not isinstance(self.fill, int) or not 0 <= self.fill <= 0xFF:
+            found.append(f"fill is one byte (0..0xff), not {self.fill!r}")
+        return found
+
+    def accepts(self, size: int, *, write: bool) -> bool:
+        return size in (self.writes if write else self.reads)
+
+    def refuse(self, size: int, *, write: bool, what: str) -> int:
+        """What a refused access returns (the fill, for a read), or :class:`AccessRefused` raised."""
+        if self.refused is Refusal.ERROR:
+            accepted = self.writes if write else self.reads
+            sizes = ", ".join(map(str, accepted)) or "none"
+            raise AccessRefused(f"{size}-byte {'write' if write else 'read'} {what} (accepted sizes: {sizes})")
+        return int.from_bytes(bytes([self.fill]) * size, "little")
+
 
 @dataclass(frozen=True)
 class Field:
@@ -54,13 +126,24 @@ class Field:
     def mask(self) -> int:
         return ((1 << self.width) - 1) << self.lsb
 
+    def extract(self, register_value: int) -> int:
+        """The field's value within ``register_value``, shifted down to bit 0."""
+        return (register_value & self.mask) >> self.lsb
+
+    def insert(self, register_value: int, value: int) -> int:
+        """``register_value`` with the field set to ``value`` (which must fit)."""
+        if value < 0 or value >> self.width:
+            raise ValueError(f"field {self.name!r} is {self.width} bits wide; {value:#x} does not fit")
+        return (register_value & ~self.mask) | (value << self.lsb)
+
 
 @dataclass(frozen=True)
 class Register:
     """One register of a trapped area: where it is, how wide, how it behaves.
 
     ``fields`` refine ``access`` for some bits; bits no field names keep the
-    register's own access type.  A ``sticky`` register keeps its value
+    register's own access type.  ``sizes`` declares the accesses it takes
+    (:class:`AccessSizes`; default: every size and alignment).  A ``sticky`` register keeps its value
     through device resets and FLR, like PCIe's sticky (``*S``) bits — the way
     to keep state that must outlive a client, since QEMU resets the device
     whenever it attaches.
@@ -73,6 +156,7 @@ class Register:
     reset: int = 0
     fields: tuple[Field, ...] = ()
     sticky: bool = False
+    sizes: AccessSizes | None = None
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -89,6 +173,18 @@ class Register:
                     f"{where}: field {f.name!r} (bits {f.lsb}..{f.lsb + f.width - 1}) does not fit in"
                     f" {8 * self.width} bits"
                 )
+        if self.sizes is not None:
+            for problem in self.sizes.problems():
+                raise DefinitionError(f"{where}: {problem}")
+            wider = [size for size in (*self.sizes.reads, *self.sizes.writes) if size > self.width]
+            if wider:
+                raise DefinitionError(
+                    f"{where}: accepts {wider[0]}-byte accesses, wider than the register ({self.width} bytes)"
+                )
+
+    def accepts(self, offset: int, size: int, *, write: bool) -> bool:
+        """Whether the register's size policy takes this access (one that overlaps the register)."""
+        return self.sizes is None or (offset == self.offset and self.sizes.accepts(size, write=write))
 
     @property
     def end(self) -> int:
@@ -232,8 +328,23 @@ class RegisterFile:
             known = ", ".join(self.by_name) or "none"
             raise KeyError(f"no register {name!r} here (registers: {known})") from None
 
+    def refusing(self, offset: int, size: int, *, write: bool) -> Register | None:
+        """The first register whose size policy refuses this access, if any does."""
+        for register in self.overlapping(offset, size):
+            if not register.accepts(offset, size, write=write):
+                return register
+        return None
+
+    def _refuse(self, register: Register, offset: int, size: int, *, write: bool) -> int:
+        assert register.sizes is not None
+        what = f"at {offset:#x} to register {register.name!r} at {register.offset:#x}"
+        return register.sizes.refuse(size, write=write, what=what)
+
     async def read(self, offset: int, size: int) -> int:
         """Read ``size`` bytes at ``offset`` as a little-endian integer."""
+        refusing = self.refusing(offset, size, write=False)
+        if refusing is not None:
+            return self._refuse(refusing, offset, size, write=False)
         result = 0
         for register in self.overlapping(offset, size):
             hook = self.read_hooks.get(register.name)
@@ -246,10 +357,16 @@ class RegisterFile:
 
     async def write(self, offset: int, size: int, value: int) -> None:
         """Write ``size`` bytes of ``value`` at ``offset`` with each register's semantics."""
+        refusing = self.refusing(offset, size, write=True)
+        if refusing is not None:
+            self._refuse(refusing, offset, size, write=True)
+            return
         for register in self.overlapping(offset, size):
             shift = (register.offset - offset) * 8
             full = self._full[register.name]
-            if shift >= 0:
+            if register.sizes is not None and register.sizes.zero_extend:
+                written, covered = value, full  # accepted, so it starts at the register
+            elif shift >= 0:
                 written = value >> shift
                 covered = ((1 << (8 * size)) - 1) >> shift
             else:

@@ -2,12 +2,12 @@
 
 ``Proxy`` sits between any vfio-user client (QEMU, ``vdev.client``) and any
 server, relaying every message byte for byte with its fds, unless a
-``FaultPlan`` says to delay, drop, duplicate, renumber, cut, pad, decorate
+``WireFaultPlan`` says to delay, drop, duplicate, renumber, cut, pad, decorate
 with fds or hang up on it.  With a transcript it writes each message as a
 JSON line, and ``replay`` plays such a transcript's client side against a
 server, reporting the first answer that differs.
 
-    plan = FaultPlan([FaultRule(Delay(6.0), direction=Direction.TO_CLIENT,
+    plan = WireFaultPlan([FaultRule(Delay(6.0), direction=Direction.TO_CLIENT,
                                 command=Command.REGION_READ, region=0)])
     async with served(Hello(), server_path), proxied(proxy_path, server_path, plan=plan):
         ...  # QEMU attached to proxy_path times out on its first BAR0 read
@@ -36,13 +36,13 @@ from vdev.proxy._plan import (
     Drop,
     Duplicate,
     ExtraFds,
-    Fault,
-    FaultPlan,
     FaultRule,
     MessageKind,
     Oversize,
-    PlanError,
     Truncate,
+    WireFault,
+    WireFaultPlan,
+    WireFaultPlanError,
     WrongId,
 )
 from vdev.proxy._proxy import Proxy, proxied
@@ -74,9 +74,9 @@ __all__ = [
     "Duplicate",
     "ExtraFds",
     "FAULT_TYPES",
-    "Fault",
+    "WireFault",
     "FaultInjector",
-    "FaultPlan",
+    "WireFaultPlan",
     "FaultRule",
     "FdInfo",
     "Frame",
@@ -85,7 +85,7 @@ __all__ = [
     "InjectedFault",
     "MessageKind",
     "Oversize",
-    "PlanError",
+    "WireFaultPlanError",
     "Proxy",
     "Record",
     "ReplayResult",

@@ -46,12 +46,12 @@ from vdev.proxy._plan import (
     Drop,
     Duplicate,
     ExtraFds,
-    FaultPlan,
     FaultRule,
     FdKind,
     MessageKind,
     Oversize,
     Truncate,
+    WireFaultPlan,
     WrongId,
 )
 
@@ -170,10 +170,10 @@ class RequestTracker:
 
 
 class FaultInjector:
-    """Applies a ``FaultPlan`` to the frames passing through a proxy."""
+    """Applies a ``WireFaultPlan`` to the frames passing through a proxy."""
 
-    def __init__(self, plan: FaultPlan | None = None) -> None:
-        self.plan = plan if plan is not None else FaultPlan()
+    def __init__(self, plan: WireFaultPlan | None = None) -> None:
+        self.plan = plan if plan is not None else WireFaultPlan()
         self._random = random.Random(self.plan.seed)
         self._matched = [0] * len(self.plan.rules)
         self._fired = [0] * len(self.plan.rules)

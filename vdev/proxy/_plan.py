@@ -8,10 +8,10 @@
 #   region index and an offset the access covers.  A reply is matched with
 #   the region and offset of the request it answers.
 # * Plans load from a mapping, JSON or TOML with the same keys; an unknown key
-#   or a bad value is a ``PlanError`` naming the rule and the key, because a
+#   or a bad value is a ``WireFaultPlanError`` naming the rule and the key, because a
 #   misspelt selector would silently match everything.
 # * Nothing here touches a socket or a clock: the proxy shell applies plans.
-"""Fault plans: which faults to inject into which vfio-user messages."""
+"""Wire-fault plans: which faults to inject into which vfio-user messages."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from vdev.protocol import Command, RegionIndex
 DEFAULT_OVERSIZE_EXTRA = 2 << 20
 
 
-class PlanError(ValueError):
+class WireFaultPlanError(ValueError):
     """A fault plan that cannot be understood; the message names the rule and key."""
 
 
@@ -146,10 +146,10 @@ class Close:
     name: ClassVar[str] = "close"
 
 
-Fault = Delay | Drop | Duplicate | WrongId | Truncate | Oversize | ExtraFds | Close
+WireFault = Delay | Drop | Duplicate | WrongId | Truncate | Oversize | ExtraFds | Close
 
-#: Fault classes by the name plans use for them.
-FAULT_TYPES: dict[str, type[Fault]] = {
+#: Wire-fault classes by the name plans use for them.
+FAULT_TYPES: dict[str, type[WireFault]] = {
     cls.name: cls for cls in (Delay, Drop, Duplicate, WrongId, Truncate, Oversize, ExtraFds, Close)
 }
 
@@ -170,7 +170,7 @@ class FaultRule:
         ...                  command=Command.REGION_READ, region=0, offset=0x0)
     """
 
-    fault: Fault
+    fault: WireFault
     _: KW_ONLY
     direction: Direction | None = None
     message: MessageKind | None = None
@@ -184,39 +184,39 @@ class FaultRule:
 
     def __post_init__(self) -> None:
         if self.nth < 1:
-            raise PlanError(f"nth counts from 1, not {self.nth}")
+            raise WireFaultPlanError(f"nth counts from 1, not {self.nth}")
         if self.count is not None and self.count < 1:
-            raise PlanError(f"count must be at least 1 (or None for no limit), not {self.count}")
+            raise WireFaultPlanError(f"count must be at least 1 (or None for no limit), not {self.count}")
         if not 0.0 <= self.probability <= 1.0 or math.isnan(self.probability):
-            raise PlanError(f"probability must lie in [0, 1], not {self.probability}")
+            raise WireFaultPlanError(f"probability must lie in [0, 1], not {self.probability}")
         _check_fault(self.fault)
 
 
-def _check_fault(fault: Fault) -> None:
+def _check_fault(fault: WireFault) -> None:
     match fault:
         case Delay(seconds=seconds) if not (seconds >= 0 and math.isfinite(seconds)):
-            raise PlanError(f"delay needs a finite, non-negative number of seconds, not {seconds}")
+            raise WireFaultPlanError(f"delay needs a finite, non-negative number of seconds, not {seconds}")
         case WrongId(msg_id=msg_id) if msg_id is not None and not 0 <= msg_id <= 0xFFFF:
-            raise PlanError(f"a message id is 16 bits, not {msg_id}")
+            raise WireFaultPlanError(f"a message id is 16 bits, not {msg_id}")
         case Truncate(keep=keep) if keep is not None and keep < 0:
-            raise PlanError(f"truncate cannot keep {keep} bytes")
+            raise WireFaultPlanError(f"truncate cannot keep {keep} bytes")
         case Oversize(extra=extra) if extra < 1:
-            raise PlanError(f"oversize must add at least one byte, not {extra}")
+            raise WireFaultPlanError(f"oversize must add at least one byte, not {extra}")
         case ExtraFds(fds=fds, kind=kind) if fds < 1 or kind not in ("eventfd", "memfd"):
-            raise PlanError(f"extra_fds needs at least one fd of kind eventfd or memfd, not {fds} {kind!r}")
+            raise WireFaultPlanError(f"extra_fds needs at least one fd of kind eventfd or memfd, not {fds} {kind!r}")
         case Close(after=after) if after is not None and after < 0:
-            raise PlanError(f"close cannot deliver {after} bytes")
+            raise WireFaultPlanError(f"close cannot deliver {after} bytes")
 
 
 @dataclass(frozen=True)
-class FaultPlan:
+class WireFaultPlan:
     """The faults a proxy injects: rules in priority order and the seed of their dice.
 
     The first rule that fires on a message decides its fate; every rule
     whose selectors match still counts the message, so ``nth`` means the
     same thing whatever other rules do.
 
-        >>> plan = FaultPlan.from_json('{"seed": 1, "faults": [{"fault": "drop", "command": "REGION_READ"}]}')
+        >>> plan = WireFaultPlan.from_json('{"seed": 1, "faults": [{"fault": "drop", "command": "REGION_READ"}]}')
         >>> plan.rules[0].fault
         Drop()
     """
@@ -233,51 +233,51 @@ class FaultPlan:
     # -- loading ---------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<plan>") -> FaultPlan:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<plan>") -> WireFaultPlan:
         """A plan from ``{"seed": N, "faults": [{...}, ...]}``, as JSON and TOML give it."""
         if not isinstance(data, Mapping):
-            raise PlanError(f"{source}: a plan is an object with 'seed' and 'faults'")
+            raise WireFaultPlanError(f"{source}: a plan is an object with 'seed' and 'faults'")
         unknown = set(data) - {"seed", "faults"}
         if unknown:
-            raise PlanError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} (expected seed, faults)")
+            raise WireFaultPlanError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} (expected seed, faults)")
         seed = data.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise PlanError(f"{source}: seed must be an integer, not {seed!r}")
+            raise WireFaultPlanError(f"{source}: seed must be an integer, not {seed!r}")
         faults = data.get("faults", [])
         if not isinstance(faults, list):
-            raise PlanError(f"{source}: 'faults' must be a list of rules")
+            raise WireFaultPlanError(f"{source}: 'faults' must be a list of rules")
         rules = []
         for number, entry in enumerate(faults):
             try:
                 rules.append(_rule_from_dict(entry))
-            except PlanError as exc:
-                raise PlanError(f"{source}: fault #{number}: {exc}") from None
+            except WireFaultPlanError as exc:
+                raise WireFaultPlanError(f"{source}: fault #{number}: {exc}") from None
         return cls(rules, seed=seed, source=source)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "<json>") -> FaultPlan:
+    def from_json(cls, text: str, *, source: str = "<json>") -> WireFaultPlan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanError(f"{source}: not JSON: {exc}") from None
+            raise WireFaultPlanError(f"{source}: not JSON: {exc}") from None
         return cls.from_dict(data, source=source)
 
     @classmethod
-    def from_toml(cls, text: str, *, source: str = "<toml>") -> FaultPlan:
+    def from_toml(cls, text: str, *, source: str = "<toml>") -> WireFaultPlan:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise PlanError(f"{source}: not TOML: {exc}") from None
+            raise WireFaultPlanError(f"{source}: not TOML: {exc}") from None
         return cls.from_dict(data, source=source)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> FaultPlan:
+    def load(cls, path: str | os.PathLike[str]) -> WireFaultPlan:
         """Read a ``.toml`` or ``.json`` plan file (anything else is tried as JSON)."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise PlanError(f"cannot read fault plan {path}: {exc.strerror}") from None
+            raise WireFaultPlanError(f"cannot read fault plan {path}: {exc.strerror}") from None
         if path.suffix.lower() == ".toml":
             return cls.from_toml(text, source=str(path))
         return cls.from_json(text, source=str(path))
@@ -305,7 +305,7 @@ _FAULT_KEYS: dict[str, set[str]] = {
 def _integer(value: object, key: str) -> int:
     """An integer, also from a string such as ``"0x10"`` (JSON has no hex literals)."""
     if isinstance(value, bool):
-        raise PlanError(f"{key} must be an integer, not {value!r}")
+        raise WireFaultPlanError(f"{key} must be an integer, not {value!r}")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
@@ -313,12 +313,12 @@ def _integer(value: object, key: str) -> int:
             return int(value, 0)
         except ValueError:
             pass
-    raise PlanError(f"{key} must be an integer, not {value!r}")
+    raise WireFaultPlanError(f"{key} must be an integer, not {value!r}")
 
 
 def _number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"{key} must be a number, not {value!r}")
+        raise WireFaultPlanError(f"{key} must be a number, not {value!r}")
     return float(value)
 
 
@@ -327,7 +327,7 @@ def _enum_value(enum_type: type[enum.Enum], value: object, key: str) -> Any:
         return enum_type(value)
     except ValueError:
         names = ", ".join(repr(member.value) for member in enum_type)
-        raise PlanError(f"{key} must be one of {names}, not {value!r}") from None
+        raise WireFaultPlanError(f"{key} must be one of {names}, not {value!r}") from None
 
 
 def parse_command(value: object) -> int:
@@ -340,7 +340,7 @@ def parse_command(value: object) -> int:
             return int(name, 0)
         except ValueError:
             known = ", ".join(Command.__members__)
-            raise PlanError(f"unknown command {value!r} (commands: {known})") from None
+            raise WireFaultPlanError(f"unknown command {value!r} (commands: {known})") from None
     return _integer(value, "command")
 
 
@@ -353,14 +353,16 @@ def parse_region(value: object) -> int:
 
 def _rule_from_dict(entry: object) -> FaultRule:
     if not isinstance(entry, Mapping):
-        raise PlanError(f"a rule is an object with a 'fault' key, not {entry!r}")
+        raise WireFaultPlanError(f"a rule is an object with a 'fault' key, not {entry!r}")
+    if "on" in entry and "fault" not in entry:
+        raise WireFaultPlanError("a device-fault rule ('on', not 'fault'): that plan is for vdev serve --device-faults")
     kind = entry.get("fault")
     if kind not in _FAULT_KEYS:
-        raise PlanError(f"'fault' must be one of {', '.join(_FAULT_KEYS)}, not {kind!r}")
+        raise WireFaultPlanError(f"'fault' must be one of {', '.join(_FAULT_KEYS)}, not {kind!r}")
     unknown = set(entry) - {"fault"} - _SELECTOR_KEYS - _FAULT_KEYS[kind]
     if unknown:
         allowed = ", ".join(sorted(_SELECTOR_KEYS | _FAULT_KEYS[kind]))
-        raise PlanError(f"unknown key(s) {', '.join(sorted(unknown))} for {kind} (allowed: {allowed})")
+        raise WireFaultPlanError(f"unknown key(s) {', '.join(sorted(unknown))} for {kind} (allowed: {allowed})")
     fault = _fault_from_dict(kind, entry)
     selectors: dict[str, Any] = {}
     if "direction" in entry:
@@ -383,11 +385,11 @@ def _rule_from_dict(entry: object) -> FaultRule:
     return FaultRule(fault, **selectors)
 
 
-def _fault_from_dict(kind: str, entry: Mapping[str, Any]) -> Fault:
+def _fault_from_dict(kind: str, entry: Mapping[str, Any]) -> WireFault:
     match kind:
         case "delay":
             if "seconds" not in entry:
-                raise PlanError("delay needs 'seconds'")
+                raise WireFaultPlanError("delay needs 'seconds'")
             return Delay(_number(entry["seconds"], "seconds"))
         case "drop":
             return Drop()
@@ -400,14 +402,14 @@ def _fault_from_dict(kind: str, entry: Mapping[str, Any]) -> Fault:
             keep = entry.get("keep")
             resize = entry.get("resize", True)
             if not isinstance(resize, bool):
-                raise PlanError(f"resize must be true or false, not {resize!r}")
+                raise WireFaultPlanError(f"resize must be true or false, not {resize!r}")
             return Truncate(None if keep is None else _integer(keep, "keep"), resize)
         case "oversize":
             return Oversize(_integer(entry.get("extra", DEFAULT_OVERSIZE_EXTRA), "extra"))
         case "extra_fds":
             fd_kind = entry.get("kind", "eventfd")
             if fd_kind not in ("eventfd", "memfd"):
-                raise PlanError(f"kind must be 'eventfd' or 'memfd', not {fd_kind!r}")
+                raise WireFaultPlanError(f"kind must be 'eventfd' or 'memfd', not {fd_kind!r}")
             return ExtraFds(_integer(entry.get("fds", 1), "fds"), fd_kind)
         case _:
             after = entry.get("after")

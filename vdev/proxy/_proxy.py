@@ -38,7 +38,7 @@ from vdev.protocol import NEED_DATA, ConnectionClosed, RemoteProtocolError
 from vdev.proxy._fds import FdInfo, close_fds, create_fd
 from vdev.proxy._framing import Frame, FrameReader, Unframed
 from vdev.proxy._inject import FaultInjector, Hangup, InjectedFault, RequestTracker, Send
-from vdev.proxy._plan import Direction, FaultPlan
+from vdev.proxy._plan import Direction, WireFaultPlan
 from vdev.proxy._transcript import TranscriptWriter, frame_record
 from vdev.sockets import prepare_socket_path, same_socket
 from vdev.transport import FdStream
@@ -96,7 +96,7 @@ class Proxy:
         listen: str | os.PathLike[str],
         connect: str | os.PathLike[str],
         *,
-        plan: FaultPlan | None = None,
+        plan: WireFaultPlan | None = None,
         transcript: IO[str] | None = None,
         fault_log: IO[str] | None = None,
         connect_patience: float = 5.0,
@@ -342,7 +342,7 @@ async def proxied(
     listen: str | os.PathLike[str],
     connect: str | os.PathLike[str],
     *,
-    plan: FaultPlan | None = None,
+    plan: WireFaultPlan | None = None,
     transcript: IO[str] | None = None,
     fault_log: IO[str] | None = None,
 ) -> AsyncIterator[Proxy]:

@@ -49,7 +49,7 @@ from vdev.qemu.memory import GuestMemoryAllocator
 from vdev.qemu.msi import MsiMailbox, MsixTable, enable_msi, enable_msix
 from vdev.qemu.pci import (
     BarInfo,
-    BarKind,
+    BarSpace,
     PciAllocator,
     PciBus,
     PciFunction,
@@ -83,7 +83,7 @@ __all__ = [
     "kernel_rip",
     "parse_result",
     "BarInfo",
-    "BarKind",
+    "BarSpace",
     "ConfigAccess",
     "DeviceSpec",
     "EcamConfigAccess",

@@ -94,8 +94,13 @@ class PciWindows:
         return cls(mmio32=range(mmio32_start, hole.stop), mmio64=hole64)
 
 
-class BarKind(enum.Enum):
-    """Which address space a BAR decodes."""
+class BarSpace(enum.Enum):
+    """Which address space a BAR decodes, as sizing reads it back.
+
+    Not :class:`vdev.BarKind`, which a device declares and which also fixes a
+    memory BAR's width: the harness cannot import the model, and it only
+    needs the space to allocate an address from.
+    """
 
     MEMORY = "memory"
     IO = "io"
@@ -106,7 +111,7 @@ class BarInfo:
     """What sizing a BAR found out."""
 
     index: int
-    kind: BarKind
+    kind: BarSpace
     size: int
     is_64bit: bool = False
     prefetchable: bool = False
@@ -129,7 +134,7 @@ class PciAllocator:
 
     def allocate(self, bar: BarInfo) -> int:
         """An address for ``bar``, aligned to its size (memory BARs to at least a page)."""
-        if bar.kind is BarKind.IO:
+        if bar.kind is BarSpace.IO:
             name, alignment = "io", bar.size
         else:
             name, alignment = ("mmio64" if bar.is_64bit else "mmio32"), max(bar.size, _PAGE)
@@ -311,7 +316,7 @@ class PciFunction:
             bits = mask & 0xFFFF_FFFC
             if not bits:
                 return None
-            return BarInfo(index, BarKind.IO, ((~(bits | 0xFFFF_0000)) & 0xFFFF_FFFF) + 1)
+            return BarInfo(index, BarSpace.IO, ((~(bits | 0xFFFF_0000)) & 0xFFFF_FFFF) + 1)
         is_64bit = (original >> 1) & 3 == 2
         bits = mask & 0xFFFF_FFF0
         width = 32
@@ -322,7 +327,7 @@ class PciFunction:
         if not bits:
             return None
         size = (~bits & ((1 << width) - 1)) + 1
-        return BarInfo(index, BarKind.MEMORY, size, is_64bit, bool(original & 8))
+        return BarInfo(index, BarSpace.MEMORY, size, is_64bit, bool(original & 8))
 
     async def size_bar(self, index: int) -> BarInfo | None:
         """What BAR ``index`` decodes, or ``None`` if it is not implemented.
@@ -371,14 +376,14 @@ class PciFunction:
     async def bar_read(self, index: int, offset: int, size: int) -> int:
         """Read ``size`` bytes (1, 2, 4; 8 for memory BARs) at ``offset`` into a mapped BAR."""
         bar, target = self._bar_target(index, offset, size)
-        if bar.kind is BarKind.IO:
+        if bar.kind is BarSpace.IO:
             return await self.bus.qtest.port_read(target, size)
         return await self.bus.qtest.read(target, size)
 
     async def bar_write(self, index: int, offset: int, value: int, size: int) -> None:
         """Write ``size`` bytes (1, 2, 4; 8 for memory BARs) at ``offset`` into a mapped BAR."""
         bar, target = self._bar_target(index, offset, size)
-        if bar.kind is BarKind.IO:
+        if bar.kind is BarSpace.IO:
             await self.bus.qtest.port_write(target, value, size)
         else:
             await self.bus.qtest.write(target, value, size)

@@ -57,9 +57,11 @@ it lives):
 * **Nothing per access that nobody asked for**: access events are built
   only while someone listens (:mod:`vdev.model.events`), fault plans are
   indexed by event kind (:mod:`vdev.model.faults`).
-* An exception in a handler becomes ``-1``/``errno`` for the library (an
-  error reply to that access) and a log line naming the device, region,
-  offset and register; it never crosses into C, and the device goes on.
+* An exception in a handler, or an access a register's size policy refuses
+  with an error (:class:`~vdev.model.registers.AccessRefused`), becomes
+  ``-1``/``errno`` for the library (an error reply to that access) and a log
+  line naming the device, region, offset and register; it never crosses
+  into C, and the device goes on.
 """
 
 from __future__ import annotations
@@ -99,9 +101,10 @@ from vdev.libvfio_user.constants import (
 )
 from vdev.model.bars import BarKind
 from vdev.model.device import Device, ResetKind
-from vdev.model.dma import DmaError, DmaRegion
-from vdev.model.faults import Fault, InjectedError
-from vdev.model.registers import call_hook
+from vdev.model.dma import DmaError, DmaMapping
+from vdev.model.events import FaultInjected, HandlerError, NegotiationTimeout, PeerRefused, Quiesce
+from vdev.model.faults import DeviceFault, InjectedError
+from vdev.model.registers import AccessRefused, call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
 from vdev.protocol.errors import RemoteProtocolError
 from vdev.protocol.header import HEADER_SIZE, Command, Header
@@ -734,7 +737,7 @@ class DeviceContext:
                     continue
             self._hung_up = True
             with self.device.lock:
-                self.device.events.record("violation", what="no VERSION in time", seconds=self.negotiation_timeout)
+                self.device.events.record(NegotiationTimeout(seconds=self.negotiation_timeout))
             log.warning(
                 "%s: dropped a client that sent no VERSION within %g s", self.device.name, self.negotiation_timeout
             )
@@ -756,7 +759,7 @@ class DeviceContext:
                 return True
             connection.shutdown(socket.SHUT_RDWR)
         with self.device.lock:
-            self.device.events.record("violation", what="peer not allowed", uid=uid, pid=pid)
+            self.device.events.record(PeerRefused(uid=uid, pid=pid))
         log.warning("%s: refused a client with uid %d (pid %d): not in the allow-list", self.device.name, uid, pid)
         return False
 
@@ -840,12 +843,12 @@ class DeviceContext:
             self.device.describe(region, offset),
             type(exc).__name__,
             exc,
-            exc_info=not isinstance(exc, (DmaError, InjectedError, trio.Cancelled, ServeError)),
+            exc_info=not isinstance(exc, (AccessRefused, DmaError, InjectedError, trio.Cancelled, ServeError)),
         )
         try:
             with self.device.lock:
                 self.device.events.record(
-                    "handler_error", region=region, offset=offset, size=count, error=f"{type(exc).__name__}: {exc}"
+                    HandlerError(region=region, offset=offset, size=count, error=f"{type(exc).__name__}: {exc}")
                 )
         except BaseException:
             log.debug("%s: could not record a handler error", self.device.name)
@@ -872,7 +875,7 @@ class DeviceContext:
                 fault = self.device.faults.pick("quiesce")
                 if fault is None and not inspect.iscoroutinefunction(self.device.on_quiesce):
                     self.device.on_quiesce()
-                    self.device.events.record("quiesce", done=True)
+                    self.device.events.record(Quiesce(done=True))
                     return 0
             assert self._nursery is not None and self._trio_token is not None
             self._quiesced.clear()
@@ -884,19 +887,19 @@ class DeviceContext:
         bindings.set_c_errno(errno.EBUSY)
         return -1
 
-    async def _quiesce_later(self, fault: Fault | None) -> None:
+    async def _quiesce_later(self, fault: DeviceFault | None) -> None:
         """Await the device's quiesce hook (and an injected busy spell), then let libvfio-user go on."""
-        self.device.events.record("quiesce", done=False)
+        self.device.events.record(Quiesce(done=False))
         outcome_errno = 0
         try:
             if fault is not None:
-                self.device.events.record("fault", **fault.describe())
+                self.device.events.record(FaultInjected(fault=fault))
                 await trio.sleep(fault.seconds)
             await call_hook(self.device.on_quiesce)
         except Exception:
             log.exception("%s: on_quiesce failed; the client's request fails", self.device.name)
             outcome_errno = errno.EIO
-        self.device.events.record("quiesce", done=True, error=outcome_errno)
+        self.device.events.record(Quiesce(done=True, error=outcome_errno))
         try:
             result, code = await trio.to_thread.run_sync(self._locked, self._lib.vfu_device_quiesced, outcome_errno)
         finally:
@@ -910,7 +913,7 @@ class DeviceContext:
         try:
             self._dma_vaddrs[iova] = vaddr or 0
             with self.device.lock:
-                self.device.dma.add(DmaRegion(iova, size, bool(vaddr)))
+                self.device.dma.add(DmaMapping(iova, size, bool(vaddr)))
         except BaseException as exc:
             log.error("%s: DMA map callback failed: %s", self.device.name, exc)
 

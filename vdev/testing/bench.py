@@ -52,9 +52,9 @@ from typing import Generic, Literal, TypeVar
 import trio
 
 from vdev.model.bars import BarState
-from vdev.model.capabilities import PCI_MSI_FLAGS_ENABLE, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL, Msi, MsiX
+from vdev.model.capabilities import Msi, MsiX
 from vdev.model.device import Device, ResetKind
-from vdev.model.dma import DmaError, DmaRegion
+from vdev.model.dma import DmaError, DmaMapping
 from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from vdev.model.registers import call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
@@ -250,19 +250,22 @@ class Bench(Generic[D]):
             raise ValueError(f"{self.device.name} has no MSI capability")
         if vectors not in (1, 2, 4, 8, 16, 32):
             raise ValueError("MSI allocates 1, 2, 4, 8, 16 or 32 vectors")
-        control = await self.config_read(placed.offset + 2, 2)
-        control = (control & ~0x70) | ((vectors.bit_length() - 1) << 4) | PCI_MSI_FLAGS_ENABLE
-        await self.config_write(placed.offset + 2, control, 2)
+        register = placed.register("message_control")
+        control = await self.config_read(register.offset, register.width)
+        control = register.field("multiple_message_enable").insert(control, vectors.bit_length() - 1)
+        control = register.field("enable").insert(control, 1)
+        await self.config_write(register.offset, control, register.width)
 
     async def enable_msix(self, *, function_masked: bool = False) -> None:
         """Enable MSI-X, with the function mask set or clear."""
         placed = self.device.config.find(MsiX)
         if placed is None:
             raise ValueError(f"{self.device.name} has no MSI-X capability")
-        control = await self.config_read(placed.offset + 2, 2)
-        control |= PCI_MSIX_FLAGS_ENABLE
-        control = control | PCI_MSIX_FLAGS_MASKALL if function_masked else control & ~PCI_MSIX_FLAGS_MASKALL
-        await self.config_write(placed.offset + 2, control, 2)
+        register = placed.register("message_control")
+        control = await self.config_read(register.offset, register.width)
+        control = register.field("enable").insert(control, 1)
+        control = register.field("function_mask").insert(control, int(function_masked))
+        await self.config_write(register.offset, control, register.width)
 
     def set_irqs(self, irq_type: IrqIndex, start: int = 0, count: int = 1) -> None:
         """SET_IRQS with eventfds: the client can now be signalled on ``[start, start + count)``.
@@ -304,7 +307,7 @@ class Bench(Generic[D]):
         await call_hook(self.device.on_quiesce)
         memory = bytearray(size)
         self.memory.regions[iova] = memory
-        self.device.dma.add(DmaRegion(iova, size, mapped))
+        self.device.dma.add(DmaMapping(iova, size, mapped))
         return memory
 
     async def dma_unmap(self, iova: int) -> None:

@@ -1,6 +1,6 @@
 """Tabulate the runs kept here: per kernel and scenario, each step's exit statuses and the driver's distinct messages.
 
-    python3 docs/evidence/nvme-faults-2026-11-26/summarize.py > docs/evidence/nvme-faults-2026-11-26/summary.md
+python3 docs/evidence/nvme-faults-2026-11-26/summarize.py > docs/evidence/nvme-faults-2026-11-26/summary.md
 """
 
 from __future__ import annotations
@@ -38,5 +38,7 @@ for (kernel, scenario), records in sorted(runs.items()):
         for line in {message(line) for line in record["dmesg"] if not any(word in line for word in BOOT)}:
             seen[line] += 1
     statuses = ", ".join(f"{name} {sorted(set(values))}" for name, values in steps.items())
-    messages = "<br>".join(f"`{line}`" + ("" if count == len(records) else f" ({count}×)") for line, count in seen.items())
+    messages = "<br>".join(
+        f"`{line}`" + ("" if count == len(records) else f" ({count}×)") for line, count in seen.items()
+    )
     print(f"| {kernel} | {scenario} | {len(records)} | {statuses} | {messages} |")
