@@ -8,14 +8,11 @@ what vdev installs (its pytest plugin) is there.
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 
 import pytest
-import trio
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+from tests.documented import DOCS, assert_pytest_passes, python_blocks
 
 #: The page's test files and how many tests each has.
 TEST_FILES = {
@@ -26,8 +23,7 @@ TEST_FILES = {
 
 
 def documented_files() -> dict[str, str]:
-    blocks = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
-    return {name: code for name, code in blocks}
+    return python_blocks(DOCS / "testing.md")
 
 
 def test_the_page_has_the_device_and_exactly_these_test_files() -> None:
@@ -45,13 +41,4 @@ def test_the_page_has_the_device_and_exactly_these_test_files() -> None:
 async def test_the_documented_test_file_passes(tmp_path: Path, test_file: str) -> None:
     for name, code in documented_files().items():
         (tmp_path / name).write_text(code)
-    result = await trio.run_process(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
-        cwd=tmp_path,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    output = result.stdout.decode()
-    assert result.returncode == 0, output + result.stderr.decode()
-    assert f"{TEST_FILES[test_file]} passed" in output
+    await assert_pytest_passes(tmp_path, test_file, TEST_FILES[test_file])

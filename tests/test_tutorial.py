@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.documented import DOCS, assert_pytest_passes, python_blocks
 from vdev.model.events import Irq
 from vdev.qemu import enable_msi
 from vdev.testing import AttachQemu
@@ -22,20 +22,9 @@ from mytimer import MyTimer  # noqa: E402
 @pytest.mark.requires("qemu", "libvfio-user")
 async def test_the_tutorials_own_test_passes_against_the_finished_device(tmp_path: Path) -> None:
     """Step 4's block, run the way the page says: pytest in trio mode, next to mytimer.py."""
-    tutorial = (ROOT / "docs" / "tutorial.md").read_text()
-    (code,) = re.findall(r"```python\n(# test_mytimer\.py\n.*?)```", tutorial, flags=re.DOTALL)
-    (tmp_path / "test_mytimer.py").write_text(code)
+    (tmp_path / "test_mytimer.py").write_text(python_blocks(DOCS / "tutorial.md")["test_mytimer.py"])
     shutil.copy(ROOT / "examples" / "mytimer.py", tmp_path / "mytimer.py")
-    result = await trio.run_process(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "trio_mode=true", "test_mytimer.py"],
-        cwd=tmp_path,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    output = result.stdout.decode()
-    assert result.returncode == 0, output + result.stderr.decode()
-    assert "1 passed" in output
+    await assert_pytest_passes(tmp_path, "test_mytimer.py", 1, "-o", "trio_mode=true")
 
 
 async def test_qemu_reads_my_register_and_gets_the_timer_msi(vdev_qemu: AttachQemu) -> None:

@@ -9,7 +9,7 @@ Event Request waits for an event).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -49,10 +49,11 @@ class AdminCommand:
 # -- queues ---------------------------------------------------------------------------------
 
 
-async def create_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
-    qid, entries = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
-    contiguous, interrupts, vector = cmd.cdw11 & 1, bool(cmd.cdw11 & 2), cmd.cdw11 >> 16
-    if qid == 0 or qid > ctrl.queues_allocated or qid in ctrl.cqs:
+def _check_new_queue(
+    ctrl: Nvme, cmd: Command, qid: int, entries: int, contiguous: int, existing: Container[int]
+) -> None:
+    """What Create I/O CQ and Create I/O SQ both check about the queue to create."""
+    if qid == 0 or qid > ctrl.queues_allocated or qid in existing:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER)
     if entries < 2 or entries > ctrl.max_queue_entries:
         raise CommandError(Status.INVALID_QUEUE_SIZE)
@@ -60,6 +61,12 @@ async def create_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
         raise CommandError(Status.INVALID_FIELD)
     if cmd.prp1 & (ctrl.page_size - 1):
         raise CommandError(Status.PRP_OFFSET_INVALID)
+
+
+async def create_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+    qid, entries = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
+    contiguous, interrupts, vector = cmd.cdw11 & 1, bool(cmd.cdw11 & 2), cmd.cdw11 >> 16
+    _check_new_queue(ctrl, cmd, qid, entries, contiguous, ctrl.cqs)
     if interrupts and vector >= ctrl.interrupt_vectors:
         raise CommandError(Status.INVALID_INTERRUPT_VECTOR)
     ctrl.create_cq(qid, cmd.prp1, entries, vector, interrupts)
@@ -71,14 +78,7 @@ async def create_sq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
     contiguous, priority, cqid = cmd.cdw11 & 1, (cmd.cdw11 >> 1) & 0x3, cmd.cdw11 >> 16
     if cqid == 0 or cqid not in ctrl.cqs:
         raise CommandError(Status.COMPLETION_QUEUE_INVALID)
-    if qid == 0 or qid > ctrl.queues_allocated or qid in ctrl.sqs:
-        raise CommandError(Status.INVALID_QUEUE_IDENTIFIER)
-    if entries < 2 or entries > ctrl.max_queue_entries:
-        raise CommandError(Status.INVALID_QUEUE_SIZE)
-    if not contiguous:
-        raise CommandError(Status.INVALID_FIELD)
-    if cmd.prp1 & (ctrl.page_size - 1):
-        raise CommandError(Status.PRP_OFFSET_INVALID)
+    _check_new_queue(ctrl, cmd, qid, entries, contiguous, ctrl.sqs)
     ctrl.create_sq(qid, cmd.prp1, entries, cqid, priority)
     return 0
 
