@@ -11,8 +11,11 @@ This experiment runs one workload against several guest kernels:
 2. ``mse-fault`` (``guest/mse-fault.c``) binds it to vfio-pci, maps BAR0 and
    stamps its pages from N threads while MEM is toggled — by a guest thread
    through vfio's config region (``guest`` mode) or by the device itself
-   (``server`` mode); in guest mode also a ``VFIO_DEVICE_RESET`` under
-   faults, quiet first-touch timings and a fork case;
+   (``server`` mode), or by both at once (``combined``); in guest mode also
+   a ``VFIO_DEVICE_RESET`` under faults, D3hot through PMCSR under faults,
+   a hot reset where the topology allows one, quiet first-touch timings and
+   fault counts, a fork case, the storm, and last, closing the device while
+   MEM is off and BAR0 is mapped;
 3. the guest's report, the server's ordered event log and BAR0's contents
    after the run become :class:`Verdict` s.
 
@@ -27,10 +30,17 @@ some there: the path was exercised), no store succeeding while MEM was off,
 every stamp intact in BAR0 as the server holds it, EIO from ``pread`` and
 ``pwrite`` while disabled, the reset stalls faulting threads instead of
 SIGBUS, both fork children fault once the parent cleared MEM, a clean
-kernel log, and a console log showing vfio-pci bound to membar.  Server
-mode: the guest saw every device-side flip, got no SIGBUS (its kernel is
-never told), its doorbell writes while disabled were master-aborted, and
-its stamps are intact.
+kernel log, and a console log showing vfio-pci bound to membar; D3hot
+blocks every access until D0 (``d3hot_blocks_access``), a hot reset behaves
+like a reset or is refused for the reason read in the kernel's source
+(``hot_reset``), and closing the device fd, group and container with MEM
+off and BAR0 mapped returns at every step and the device opens again
+(``close_while_disabled``).  Server mode: the guest saw every device-side
+flip, got no SIGBUS (its kernel is never told), its doorbell writes while
+disabled were master-aborted, and its stamps are intact.  Combined mode:
+both sides flipped MEM, no trapped read succeeded while either had it off,
+and the guest's counts of answered and master-aborted reads equal the
+server log's (``combined_toggles``).
 
 Usage::
 
@@ -69,7 +79,15 @@ from typing import Any
 import trio
 
 from vdev.guest import GuestSetupError, describe, find_kernel, patched
-from vdev.model.events import AccessWhileDisabled, CommandChange, DeviceEvent, RegionWrite, Reset
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    DeviceEvent,
+    PowerChange,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
 from vdev.provenance import Provenance, collect
 from vdev.qemu.cmdline import MiB
 from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestMachine, GuestResult, parse_result
@@ -83,7 +101,9 @@ PAGE = 4096
 #: The label of server events before the guest's first doorbell.
 BEFORE = -1
 DEFAULT_KERNELS = ("bookworm", "trixie")
-MODES = ("guest", "server")
+MODES = ("guest", "server", "combined")
+#: membar's BAR2 register the combined mode's reader reads (the low half of ``bar0_size``).
+TRAPPED_READ_OFFSET = 0x28
 
 _STAMP_MAGIC = 0x5A
 _FNV_OFFSET = 0xCBF29CE484222325
@@ -114,7 +134,7 @@ def known_failures(provenance: Provenance) -> Mapping[str, str]:
 class MseConfig:
     """One run's parameters: the guest program's arguments and the device's policies."""
 
-    #: ``guest``: a guest thread flips MEM; ``server``: the device does.
+    #: ``guest``: a guest thread flips MEM; ``server``: the device does; ``combined``: both at once.
     mode: str = "guest"
     threads: int = 4
     #: Guest mode: MEM off/on cycles while the workers fault, ``period_ms`` per epoch.
@@ -124,6 +144,11 @@ class MseConfig:
     latency_cycles: int = 6
     reset: bool = True
     fork: bool = True
+    #: Guest mode, under load after the toggles: D3hot and back through PMCSR, and a hot reset where allowed.
+    d3hot: bool = True
+    hot_reset: bool = True
+    #: Guest mode, last: close the device fd, group and container while MEM is off and BAR0 is mapped.
+    close: bool = True
     #: Guest mode: enables under load at the end, every toucher released together after each
     #: (``threads`` threads in the program and in each of ``storm_processes`` children).
     storm_cycles: int = 1000
@@ -149,12 +174,12 @@ class MseConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if self.mode == "server" and self.membar_mapping != "keep":
+        if self.mode in ("server", "combined") and self.membar_mapping != "keep":
             raise ValueError(
                 "server mode needs mapping=keep: QEMU keeps BAR0 in the guest's address space when the device "
                 "clears MEM itself, so a revoked memfd would kill QEMU with SIGBUS on the guest's next store"
             )
-        if self.mode == "server" and self.toggles * self.toggle_period >= self.seconds:
+        if self.mode in ("server", "combined") and self.toggles * self.toggle_period >= self.seconds:
             raise ValueError("the server's toggles must end before the guest stops watching")
 
     @property
@@ -175,6 +200,11 @@ class MseConfig:
             words += ["-s", str(self.storm_cycles), "-P", str(self.storm_processes)]
             words += [] if self.reset else ["-R"]
             words += [] if self.fork else ["-F"]
+            words += [] if self.d3hot else ["-D"]
+            words += [] if self.hot_reset else ["-H"]
+            words += [] if self.close else ["-C"]
+        elif self.mode == "combined":
+            words += ["-d", str(self.seconds), "-p", str(self.period_ms)]
         else:
             words += ["-d", str(self.seconds)]
         return " ".join(words)
@@ -193,6 +223,11 @@ class GuestReport:
     eio: Mapping[str, Any] | None = None
     reset: Mapping[str, Any] | None = None
     storm: Mapping[str, Any] | None = None
+    d3hot: Mapping[str, Any] | None = None
+    hot_reset: Mapping[str, Any] | None = None
+    close: Mapping[str, Any] | None = None
+    combined: Mapping[str, Any] | None = None
+    close_steps: list[Mapping[str, Any]] = field(default_factory=list)
     forks: list[Mapping[str, Any]] = field(default_factory=list)
     stamps: list[Mapping[str, Any]] = field(default_factory=list)
     readback: Mapping[str, Any] | None = None
@@ -203,9 +238,10 @@ class GuestReport:
     def from_results(cls, results: Iterable[Mapping[str, Any]]) -> GuestReport:
         report = cls()
         single = {"mse.device": "device", "mse.eio": "eio", "mse.reset": "reset", "mse.readback": "readback"}
-        single |= {"mse.storm": "storm"}
+        single |= {"mse.storm": "storm", "mse.d3hot": "d3hot", "mse.hot_reset": "hot_reset", "mse.close": "close"}
+        single |= {"mse.combined": "combined"}
         lists = {"mse.epoch": report.epochs, "mse.latency": report.latency, "mse.fork": report.forks}
-        lists |= {"mse.stamps": report.stamps, "mse.error": report.errors}
+        lists |= {"mse.stamps": report.stamps, "mse.error": report.errors, "mse.close.step": report.close_steps}
         for result in results:
             kind = result["kind"]
             if kind in single:
@@ -252,27 +288,52 @@ class ServerLog:
     resets: dict[int, list[str]] = field(default_factory=dict)
     #: Label -> master-aborted (or refused) doorbell writes under it.
     violations: dict[int, int] = field(default_factory=dict)
+    #: Label -> the power states (PMCSR) the device moved to under it, in order.
+    power: dict[int, list[int]] = field(default_factory=dict)
+    #: Reads of BAR2 :data:`TRAPPED_READ_OFFSET` (combined mode): answered with the register's value,
+    #: master-aborted, and answered with anything but all-ones while the device had MEM off (never, if the
+    #: device model is right).
+    trapped_reads_answered: int = 0
+    trapped_reads_aborted: int = 0
+    trapped_reads_answered_while_off: int = 0
 
     @classmethod
     def from_events(cls, events: Iterable[DeviceEvent]) -> ServerLog:
         log = cls()
         label = BEFORE
+        memory = False
         for event in events:
             match event:
+                case CommandChange(new=new):
+                    memory = bool(new & 0x2)
+            match event:
+                case AccessWhileDisabled(region=2, offset=offset, access="read") if offset == TRAPPED_READ_OFFSET:
+                    log.trapped_reads_aborted += 1
+                case RegionRead(region=2, offset=offset, size=size, value=int(value)) if (
+                    offset == TRAPPED_READ_OFFSET and value != (1 << (8 * size)) - 1
+                ):
+                    log.trapped_reads_answered += 1
+                    log.trapped_reads_answered_while_off += not memory
                 case RegionWrite(region=2, offset=0, value=int(value)):
                     # Written as 8 bytes; vfio-pci may split that into two 4-byte writes, offset 0 first.
                     label = value & 0xFFFF_FFFF
                     log.doorbells.append(label)
                 case AccessWhileDisabled(region=2, offset=0):
                     log.violations[label] = log.violations.get(label, 0) + 1
-                case CommandChange(old=old, new=new, memory=memory, source=source) if (old ^ new) & 0x2:
-                    log.transitions.setdefault(label, []).append(Transition(memory, source))
+                case CommandChange(old=old, new=new, memory=memory_now, source=source) if (old ^ new) & 0x2:
+                    log.transitions.setdefault(label, []).append(Transition(memory_now, source))
                 case Reset(reason=reason):
                     log.resets.setdefault(label, []).append(reason)
+                case PowerChange(new=state):
+                    log.power.setdefault(label, []).append(state)
         return log
 
     def memory_changes(self, label: int) -> list[bool]:
         return [t.memory for t in self.transitions.get(label, [])]
+
+    def decoding_stopped(self, label: int) -> bool:
+        """Whether the device stopped decoding memory under ``label``: MEM cleared or a move out of D0."""
+        return False in self.memory_changes(label) or any(state != 0 for state in self.power.get(label, []))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -280,6 +341,12 @@ class ServerLog:
             "transitions": {str(k): [asdict(t) for t in v] for k, v in sorted(self.transitions.items())},
             "resets": {str(k): v for k, v in sorted(self.resets.items())},
             "violations": {str(k): v for k, v in sorted(self.violations.items())},
+            "power": {str(k): v for k, v in sorted(self.power.items())},
+            "trapped_reads": {
+                "answered": self.trapped_reads_answered,
+                "aborted": self.trapped_reads_aborted,
+                "answered_while_off": self.trapped_reads_answered_while_off,
+            },
         }
 
 
@@ -374,6 +441,10 @@ def _epochs_match_server(report: GuestReport, server: ServerLog) -> Verdict:
             mismatches.append(f"epoch {number} (disabled): server saw MEM changes {changes}")
         elif state == "enabled" and changes:
             mismatches.append(f"epoch {number} (enabled): server saw MEM changes {changes}")
+        elif state == "d3hot" and (changes or server.power.get(number) != [3, 0]):
+            mismatches.append(
+                f"epoch {number} (d3hot): server saw power states {server.power.get(number)}, MEM changes {changes}"
+            )
         elif state == "reset" and not server.resets.get(number):
             mismatches.append(f"epoch {number} (reset): server saw no reset")
         elif state == "storm":
@@ -390,7 +461,7 @@ def _sigbus_only_when_disabled(report: GuestReport, server: ServerLog) -> Verdic
     wrong = [
         f"epoch {epoch['epoch']}: {epoch['sigbus']}"
         for epoch in report.epochs
-        if epoch["sigbus"] and False not in server.memory_changes(epoch["epoch"])
+        if epoch["sigbus"] and not server.decoding_stopped(epoch["epoch"])
     ]
     total = sum(epoch["sigbus"] for epoch in report.epochs)
     ok = not unexplained and not wrong
@@ -460,6 +531,96 @@ def _reset_stalls(report: GuestReport, server: ServerLog) -> Verdict:
     )
 
 
+def _d3hot_blocks_access(report: GuestReport, server: ServerLog) -> Verdict:
+    """D3hot through PMCSR: both transitions took, nothing reached BAR0 in D3hot, and D0 gave it back."""
+    d3hot = report.d3hot
+    if d3hot is None:
+        return Verdict("d3hot_blocks_access", False, "no mse.d3hot report")
+    number = d3hot["epoch"]
+    epoch = report.epoch(number)
+    after = [e for e in report.epochs if e["epoch"] == number + 1]
+    problems = []
+    if (d3hot["to_d3"], d3hot["state_d3"], d3hot["to_d0"], d3hot["state_d0"]) != ("ok", 3, "ok", 0):
+        problems.append(
+            f"PMCSR writes {d3hot['to_d3']}/{d3hot['to_d0']}, read back D{d3hot['state_d3']} then D{d3hot['state_d0']}"
+        )
+    if epoch["stored_while_disabled"] or epoch["sigbus_unexplained"]:
+        problems.append(f"{epoch['stored_while_disabled']} stores succeeded in D3hot")
+    if d3hot["pread_d3"] != "EIO" or d3hot["doorbell_d3"] != "EIO":
+        problems.append(f"in D3hot a BAR0 pread gave {d3hot['pread_d3']}, the doorbell {d3hot['doorbell_d3']}")
+    if d3hot["doorbell_d0"] != "ok" or not after or not after[0]["stamps"] or after[0]["sigbus"]:
+        problems.append("back in D0 the workers did not store without SIGBUS, or the doorbell failed")
+    if server.power.get(number) != [3, 0]:
+        problems.append(f"the server saw power states {server.power.get(number)} in the epoch")
+    detail = (
+        f"D3hot for {epoch['ns'] / 1e6:.0f} ms under load: {epoch['sigbus']} SIGBUS, "
+        f"{epoch['stored_while_disabled']} stores succeeded, pread {d3hot['pread_d3']}; back in D0 "
+        f"{after[0]['stamps'] if after else 0} stores; server power states {server.power.get(number)}"
+    )
+    return Verdict("d3hot_blocks_access", not problems, "; ".join(problems) or detail)
+
+
+#: Why a hot reset cannot run for membar in the experiment's guest, read in the kernel's source: the device sits
+#: on the q35 root bus, with no bridge above it whose secondary bus could be reset, and no hotplug slot.
+HOT_RESET_REFUSED = (
+    "ENODEV",
+    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO returns -ENODEV when pci_probe_reset_slot() fails (no hotplug slot) "
+    "and pci_probe_reset_bus() fails (a root bus has no bus->self bridge: -ENOTTY); read in Debian's "
+    "linux-source-6.1 6.1.176-1, drivers/vfio/pci/vfio_pci_core.c and drivers/pci/pci.c",
+)
+
+
+def _hot_reset(report: GuestReport, server: ServerLog) -> Verdict:
+    """A hot reset that ran behaves like a device reset; one that cannot run is refused for the known reason only."""
+    hot = report.hot_reset
+    if hot is None:
+        return Verdict("hot_reset", False, "no mse.hot_reset report")
+    if hot["info"] != "ok":
+        expected, why = HOT_RESET_REFUSED
+        ok = hot["info"] == expected
+        reason = why if ok else f"an unexpected refusal (expected {expected}: {why})"
+        return Verdict("hot_reset", ok, f"not possible here: {hot['info']} (errno {hot['info_errno']}); {reason}")
+    epoch = report.epoch(hot["epoch"])
+    reasons = server.resets.get(hot["epoch"], [])
+    ok = hot["result"] == "ok" and epoch["sigbus"] == 0 and bool(reasons)
+    return Verdict(
+        "hot_reset",
+        ok,
+        f"VFIO_DEVICE_PCI_HOT_RESET {hot['result']} ({hot['devices']} devices affected) in {hot['ns'] / 1e6:.0f} ms, "
+        f"{epoch['sigbus']} SIGBUS; server resets {reasons}",
+    )
+
+
+#: What each step of the close phase must give (see close_phase in guest/mse-fault.c).
+CLOSE_EXPECTED = {
+    "mem_off": "ok",
+    "touch_disabled": "sigbus",
+    "close_device": "ok",
+    "close_group": "ok",
+    "close_container": "ok",
+    "touch_closed": "sigbus",
+    "munmap": "ok",
+    "child_exit": "ok",
+    "reopen": "ok",
+    "map": "ok",
+    "stamp_reopened": "match",
+}
+
+
+def _close_while_disabled(report: GuestReport) -> Verdict:
+    """Closing the device with MEM off and BAR0 mapped: every step returned as expected and a re-open works."""
+    steps = {step["step"]: step["result"] for step in report.close_steps}
+    missing = [name for name in CLOSE_EXPECTED if name not in steps]
+    if missing:
+        last = report.close_steps[-1]["step"] if report.close_steps else "none"
+        return Verdict(
+            "close_while_disabled", False, f"steps never reported: {', '.join(missing)} (last reported: {last})"
+        )
+    wrong = {name: steps[name] for name, want in CLOSE_EXPECTED.items() if steps[name] != want}
+    detail = ", ".join(f"{name} {result}" for name, result in steps.items())
+    return Verdict("close_while_disabled", not wrong and report.close is not None, detail)
+
+
 def _fork_child(child: Mapping[str, Any]) -> Verdict:
     expected = {
         "inherited_before": "ok",
@@ -522,6 +683,56 @@ def _doorbells_master_aborted(report: GuestReport, server: ServerLog) -> Verdict
     )
 
 
+def _combined_toggles(report: GuestReport, server: ServerLog) -> Verdict:
+    """Both sides flipped MEM; no trapped read succeeded while either had it off; the two sides' counts agree.
+
+    A read succeeds while the guest has MEM off only if vfio-pci lets it
+    through (the guest counts those); while the device has it off only if the
+    device answers it (the server's log shows those).  The guest's successful
+    and master-aborted reads must be exactly the ones the server answered and
+    aborted: EIO reads never reach the device.
+    """
+    combined = report.combined
+    if combined is None:
+        return Verdict("combined_toggles", False, "no mse.combined report")
+    flips = [t.source for transitions in server.transitions.values() for t in transitions]
+    device, client = flips.count("device"), flips.count("client")
+    problems = []
+    if not device or not client or not combined["guest_flips"]:
+        problems.append(f"MEM flips: {device} by the device, {client} by the guest")
+    if combined["reads_ok_while_disabled"] or combined["reads_other"]:
+        problems.append(
+            f"{combined['reads_ok_while_disabled']} reads succeeded with the guest's MEM off, "
+            f"{combined['reads_other']} gave something else"
+        )
+    if server.trapped_reads_answered_while_off:
+        problems.append(f"the server answered {server.trapped_reads_answered_while_off} reads with its MEM off")
+    seen = (combined["reads_ok"], combined["reads_aborted"])
+    logged = (server.trapped_reads_answered, server.trapped_reads_aborted)
+    if seen != logged:
+        problems.append(f"guest saw {seen[0]} answered and {seen[1]} aborted reads, the server logged {logged}")
+    if not combined["reads_aborted"] or not combined["reads_eio"]:
+        problems.append("no read met the device's MEM off and the guest's in turn: not exercised")
+    detail = (
+        f"MEM flipped {device} times by the device and {client} by the guest; reads {combined['reads_ok']} ok, "
+        f"{combined['reads_aborted']} master-aborted, {combined['reads_eio']} EIO; the server logged "
+        f"{logged[0]} answered and {logged[1]} aborted"
+    )
+    return Verdict("combined_toggles", not problems, "; ".join(problems) or detail)
+
+
+def _zap_paths(report: GuestReport, server: ServerLog) -> list[Verdict]:
+    """The verdicts of the zap paths besides COMMAND.MEM that ran: D3hot, hot reset, closing while disabled."""
+    verdicts = []
+    if report.d3hot is not None:
+        verdicts.append(_d3hot_blocks_access(report, server))
+    if report.hot_reset is not None:
+        verdicts.append(_hot_reset(report, server))
+    if report.close_steps:
+        verdicts.append(_close_while_disabled(report))
+    return verdicts
+
+
 def analyse(
     mode: str,
     results: Sequence[Mapping[str, Any]],
@@ -547,6 +758,13 @@ def analyse(
         verdicts += [_fork_child(child) for child in report.forks]
         if report.storm is not None:
             verdicts.append(_storm(report.storm))
+        verdicts += _zap_paths(report, server)
+    elif mode == "combined":
+        verdicts += [
+            _combined_toggles(report, server),
+            _no_store_while_disabled(report),
+            _eio_while_disabled(report),
+        ]
     else:
         verdicts += [
             _guest_saw_server_toggles(report, server),
@@ -637,6 +855,10 @@ class MseRun:
             },
             "stores": sum(s["stores"] for s in report.stamps),
             "storm": report.storm,
+            "d3hot": report.d3hot,
+            "hot_reset": report.hot_reset,
+            "close": report.close,
+            "combined": report.combined,
             "reset": report.reset,
             "fork": report.forks,
             "eio": report.eio,
@@ -654,6 +876,7 @@ async def run_mse(
     on_result: Callable[[GuestResult], None] | None = None,
     repeat: int = 1,
     patch: str | os.PathLike[str] | None = None,
+    program: str | os.PathLike[str] | None = None,
 ) -> MseRun:
     """Boot ``artefacts`` with membar attached, run ``mse-fault`` as ``config`` says, and judge it.
 
@@ -666,7 +889,8 @@ async def run_mse(
     :attr:`MseRun.kernel_report`.  Any other failure of the guest raises
     :class:`~vdev.qemu.guest.GuestError`, never wrapped in an exception group.
     ``patch`` puts the modules it touches, rebuilt (:func:`vdev.guest.patched`), in
-    place of the stock ones.
+    place of the stock ones.  ``program`` is an ``mse-fault`` binary (static) to run
+    in place of the initramfs's, for a changed ``guest/mse-fault.c`` before ``make guest``.
     """
     if patch is not None:
         artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, patch))
@@ -681,6 +905,7 @@ async def run_mse(
         initrd=artefacts.initrd,
         devices=[vfio_user_pci(socket, addr="0x3")],
         run=["pci-list", config.guest_command(), "pci-list"],
+        files={"/bin/mse-fault": await trio.Path(program).read_bytes()} if program is not None else None,
         smp=config.smp,
         memory=config.memory_mib * MiB,
         timeout=config.timeout,
@@ -698,12 +923,14 @@ async def run_mse(
         repeat=repeat,
     )
     try:
-        async with served(device, socket), machine as vm, trio.open_nursery() as nursery:
+        async with served(device, socket), machine as vm:
             async for result in vm:
                 if on_result is not None:
                     on_result(result)
-                if result.kind == "mse.ready" and config.mode == "server":
-                    nursery.start_soon(toggle)
+                if result.kind == "mse.ready" and config.mode in ("server", "combined"):
+                    # As the device's own task, which holds the device's lock while it runs: each flip is
+                    # then ordered against the accesses the serving thread answers, in the log as it happened.
+                    device.start_soon(toggle)
             await vm.wait_exit()
             server = ServerLog.from_events(device.events)
             # Read BAR0 with MEM on, as the last owner left it or as the device sets it now.
@@ -1008,6 +1235,10 @@ class _Progress:
         "mse.fork",
         "mse.storm.progress",
         "mse.storm",
+        "mse.d3hot",
+        "mse.hot_reset",
+        "mse.close.step",
+        "mse.combined",
         "mse.done",
         "mse.error",
     )
@@ -1049,6 +1280,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     toggles=args.toggles,
                     toggle_period=args.toggle_period,
                     size=args.size,
+                    mapping=args.mapping,
                     misaligned=args.misaligned,
                     reset=not args.no_reset,
                     storm_cycles=args.storm_cycles,
@@ -1059,7 +1291,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                 print(f"{prefix} running {config.guest_command()}", file=sys.stderr, flush=True)
                 workdir = logs / f"{label}-{mode}-{repeat}"
                 workdir.mkdir(parents=True, exist_ok=True)
-                run = await _run_one(artefacts, config, workdir, prefix, repeat)
+                run = await _run_one(artefacts, config, workdir, prefix, repeat, args.program)
                 for verdict in run.verdicts:
                     mark = "ok  " if verdict.passed else "FAIL"
                     print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
@@ -1070,7 +1302,9 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
     return runs
 
 
-async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, prefix: str, repeat: int) -> MseRun:
+async def _run_one(
+    artefacts: GuestArtefacts, config: MseConfig, workdir: Path, prefix: str, repeat: int, program: Path | None
+) -> MseRun:
     """One run; a guest that times out or exits early becomes a failed ``completed`` verdict, not an exception."""
     # The server's own log (libvfio-user's complaints while QEMU tears down, say)
     # goes next to the console log instead of between the progress lines.
@@ -1078,7 +1312,9 @@ async def _run_one(artefacts: GuestArtefacts, config: MseConfig, workdir: Path, 
     logging.getLogger("vdev").addHandler(server_log)
     started = time.monotonic()
     try:
-        return await run_mse(artefacts, config, workdir=workdir, on_result=_Progress(prefix), repeat=repeat)
+        return await run_mse(
+            artefacts, config, workdir=workdir, on_result=_Progress(prefix), repeat=repeat, program=program
+        )
     except GuestError as exc:
         # Keep going: the other runs' results are worth having, and the report says what broke.
         return MseRun(
@@ -1114,7 +1350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=defaults.seconds)
     parser.add_argument("--toggles", type=int, default=defaults.toggles)
     parser.add_argument("--toggle-period", type=float, default=defaults.toggle_period)
-    parser.add_argument("--size", default=defaults.size, help="membar BAR0 size")
+    parser.add_argument("--size", default=defaults.size, help="membar BAR0 size (4K to 1G, a power of two)")
+    parser.add_argument(
+        "--mapping",
+        default=defaults.mapping,
+        choices=("", "keep", "revoke", "discard"),
+        help="membar's mapping policy (default: revoke in guest mode, keep otherwise); keep spares the server "
+        "saving a big BAR's contents at every disable",
+    )
     parser.add_argument(
         "--storm-cycles", type=int, default=defaults.storm_cycles, help="enables under load after the quiet phases"
     )
@@ -1125,11 +1368,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
     parser.add_argument(
+        "--program",
+        type=Path,
+        help="a static mse-fault binary to run instead of the initramfs's (gcc -static -Iguest guest/mse-fault.c)",
+    )
+    parser.add_argument(
         "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
     )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    for mode in args.modes.split():
+        try:
+            MseConfig(
+                mode=mode,
+                mapping=args.mapping,
+                seconds=args.seconds,
+                toggles=args.toggles,
+                toggle_period=args.toggle_period,
+            )
+        except ValueError as exc:
+            parser.error(str(exc).splitlines()[0])
 
     try:
         runs = trio.run(_run_matrix, args)
