@@ -94,8 +94,17 @@ from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestM
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.membar import MemBar
 
-#: Where membar sits in the guest (``addr=0x3`` on the q35 root bus).
-MEMBAR_ADDR = "0000:00:03.0"
+#: Where membar sits in the guest, per topology: ``root-bus`` puts it at ``addr=0x3`` on the q35 root bus (no
+#: bridge above it, so no bus reset); ``root-port`` puts it in slot 0 behind a PCIe root port at ``addr=0x3``,
+#: whose secondary bus (1) a hot reset can reset.
+TOPOLOGIES = ("root-bus", "root-port")
+MEMBAR_ADDRS = {"root-bus": "0000:00:03.0", "root-port": "0000:01:00.0"}
+ROOT_PORT_ID = "membar-port"
+#: The root port's link speed.  Above 5 GT/s the kernel waits, after a secondary bus reset, for the port to
+#: report its data link layer active, which QEMU's port never does again: the reset then fails with ENOTTY
+#: ("Data Link Layer Link Active not set" on the console).  At 5 GT/s it waits a fixed delay and polls the
+#: device instead (drivers/pci/pci.c, pci_bridge_wait_for_secondary_bus).
+ROOT_PORT_SPEED = "5"
 MEMBAR_IDS = ("1b36", "0f01")
 PAGE = 4096
 #: The label of server events before the guest's first doorbell.
@@ -168,12 +177,16 @@ class MseConfig:
     mapping: str = ""
     smp: int = 2
     memory_mib: int = 256
+    #: Where membar sits in the guest (:data:`TOPOLOGIES`).
+    topology: str = "root-port"
     #: The whole run's bound; a kernel problem ends it at once, so this only catches a silent hang.
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}, not {self.topology!r}")
         if self.mode in ("server", "combined") and self.membar_mapping != "keep":
             raise ValueError(
                 "server mode needs mapping=keep: QEMU keeps BAR0 in the guest's address space when the device "
@@ -191,6 +204,25 @@ class MseConfig:
         removes the BAR before anything could touch it.
         """
         return self.mapping or ("revoke" if self.mode == "guest" else "keep")
+
+    @property
+    def membar_addr(self) -> str:
+        """membar's PCI address in the guest, which the topology decides."""
+        return MEMBAR_ADDRS[self.topology]
+
+    def qemu_devices(self, socket: Path) -> list[dict[str, object]]:
+        """The ``-device`` specs that put membar, served on ``socket``, where :attr:`topology` says."""
+        if self.topology == "root-bus":
+            return [vfio_user_pci(socket, addr="0x3")]
+        port = {
+            "driver": "pcie-root-port",
+            "id": ROOT_PORT_ID,
+            "bus": "pcie.0",
+            "addr": "0x3",
+            "chassis": 1,
+            "x-speed": ROOT_PORT_SPEED,
+        }
+        return [port, vfio_user_pci(socket, bus=ROOT_PORT_ID, addr="0x0")]
 
     def guest_command(self) -> str:
         """The ``mse-fault`` command line."""
@@ -412,7 +444,7 @@ def _completed(report: GuestReport) -> Verdict:
     )
 
 
-def _console_shows_vfio_pci(console: str) -> Verdict:
+def _console_shows_vfio_pci(console: str, addr: str) -> Verdict:
     for line in console.splitlines():
         try:
             data = parse_result(line)
@@ -421,12 +453,12 @@ def _console_shows_vfio_pci(console: str) -> Verdict:
         if (
             data is not None
             and data["kind"] == "pci.device"
-            and data.get("addr") == MEMBAR_ADDR
+            and data.get("addr") == addr
             and (data.get("vendor"), data.get("device")) == MEMBAR_IDS
             and data.get("driver") == "vfio-pci"
         ):
-            return Verdict("vfio_pci_bound", True, f"console: {MEMBAR_ADDR} {':'.join(MEMBAR_IDS)} driver vfio-pci")
-    return Verdict("vfio_pci_bound", False, f"no pci.device line shows {MEMBAR_ADDR} bound to vfio-pci")
+            return Verdict("vfio_pci_bound", True, f"console: {addr} {':'.join(MEMBAR_IDS)} driver vfio-pci")
+    return Verdict("vfio_pci_bound", False, f"no pci.device line shows {addr} bound to vfio-pci")
 
 
 def _epochs_match_server(report: GuestReport, server: ServerLog) -> Verdict:
@@ -560,8 +592,8 @@ def _d3hot_blocks_access(report: GuestReport, server: ServerLog) -> Verdict:
     return Verdict("d3hot_blocks_access", not problems, "; ".join(problems) or detail)
 
 
-#: Why a hot reset cannot run for membar in the experiment's guest, read in the kernel's source: the device sits
-#: on the q35 root bus, with no bridge above it whose secondary bus could be reset, and no hotplug slot.
+#: Why a hot reset cannot run for membar on the q35 root bus (topology ``root-bus``), read in the kernel's source:
+#: no bridge above it whose secondary bus could be reset, and no hotplug slot.  Behind a root port it must run.
 HOT_RESET_REFUSED = (
     "ENODEV",
     "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO returns -ENODEV when pci_probe_reset_slot() fails (no hotplug slot) "
@@ -570,25 +602,44 @@ HOT_RESET_REFUSED = (
 )
 
 
-def _hot_reset(report: GuestReport, server: ServerLog) -> Verdict:
-    """A hot reset that ran behaves like a device reset; one that cannot run is refused for the known reason only."""
+def _hot_reset(report: GuestReport, server: ServerLog, topology: str) -> Verdict:
+    """A hot reset that ran behaves like a device reset; one that cannot run is refused for the known reason only.
+
+    Like ``VFIO_DEVICE_RESET``, the bus reset holds the memory lock for
+    writing across the reset, so the workers faulting on BAR0 wait rather
+    than take a SIGBUS; the kernel clears COMMAND (MEM with it) before the
+    reset and writes the saved COMMAND back after it, which the server
+    sees as MEM off then on, and the guest reads MEM set afterwards.
+    """
     hot = report.hot_reset
     if hot is None:
         return Verdict("hot_reset", False, "no mse.hot_reset report")
     if hot["info"] != "ok":
         expected, why = HOT_RESET_REFUSED
-        ok = hot["info"] == expected
-        reason = why if ok else f"an unexpected refusal (expected {expected}: {why})"
+        ok = hot["info"] == expected and topology == "root-bus"
+        reason = why if ok else f"an unexpected refusal with membar on the {topology} (on the root bus: {why})"
         return Verdict("hot_reset", ok, f"not possible here: {hot['info']} (errno {hot['info_errno']}); {reason}")
-    epoch = report.epoch(hot["epoch"])
+    epoch = report.epoch(hot["epoch"]) if hot["result"] != "not tried" else {"sigbus": 0}
     reasons = server.resets.get(hot["epoch"], [])
-    ok = hot["result"] == "ok" and epoch["sigbus"] == 0 and bool(reasons)
-    return Verdict(
-        "hot_reset",
-        ok,
-        f"VFIO_DEVICE_PCI_HOT_RESET {hot['result']} ({hot['devices']} devices affected) in {hot['ns'] / 1e6:.0f} ms, "
-        f"{epoch['sigbus']} SIGBUS; server resets {reasons}",
+    memory = server.memory_changes(hot["epoch"])
+    command = hot.get("command", -1)
+    problems = []
+    if hot["result"] != "ok":
+        problems.append(f"the reset answered {hot['result']} after {hot.get('attempts', 1)} attempts")
+    if epoch["sigbus"]:
+        problems.append(f"{epoch['sigbus']} SIGBUS while the reset held the memory lock")
+    if not reasons:
+        problems.append("the server saw no reset")
+    if memory[:1] != [False] or memory[-1:] != [True]:
+        problems.append(f"the server saw MEM {memory} in the reset epoch, not cleared then restored")
+    if command < 0 or not command & 0x2:
+        problems.append(f"COMMAND read back after the reset is {command:#x}, MEM not restored")
+    detail = (
+        f"VFIO_DEVICE_PCI_HOT_RESET {hot['result']} ({hot['devices']} devices affected, {hot.get('attempts', 1)} "
+        f"attempts) in {hot['ns'] / 1e6:.0f} ms, {epoch['sigbus']} SIGBUS; server resets {reasons}, MEM {memory}; "
+        f"COMMAND after {command:#x}"
     )
+    return Verdict("hot_reset", not problems, "; ".join(problems + [detail]) if problems else detail)
 
 
 #: What each step of the close phase must give (see close_phase in guest/mse-fault.c).
@@ -721,13 +772,13 @@ def _combined_toggles(report: GuestReport, server: ServerLog) -> Verdict:
     return Verdict("combined_toggles", not problems, "; ".join(problems) or detail)
 
 
-def _zap_paths(report: GuestReport, server: ServerLog) -> list[Verdict]:
+def _zap_paths(report: GuestReport, server: ServerLog, topology: str) -> list[Verdict]:
     """The verdicts of the zap paths besides COMMAND.MEM that ran: D3hot, hot reset, closing while disabled."""
     verdicts = []
     if report.d3hot is not None:
         verdicts.append(_d3hot_blocks_access(report, server))
     if report.hot_reset is not None:
-        verdicts.append(_hot_reset(report, server))
+        verdicts.append(_hot_reset(report, server, topology))
     if report.close_steps:
         verdicts.append(_close_while_disabled(report))
     return verdicts
@@ -741,8 +792,13 @@ def analyse(
     *,
     kernel_problems: Sequence[str] = (),
     console: str = "",
+    topology: str = "root-port",
 ) -> list[Verdict]:
-    """The verdicts of one run from the guest's results, the server's log and BAR0's final contents."""
+    """The verdicts of one run from the guest's results, the server's log and BAR0's final contents.
+
+    ``topology`` is where membar sat (:data:`TOPOLOGIES`): it decides its address and whether a hot reset may be
+    refused.
+    """
     report = GuestReport.from_results(results)
     verdicts = [_completed(report)]
     if mode == "guest":
@@ -758,7 +814,7 @@ def analyse(
         verdicts += [_fork_child(child) for child in report.forks]
         if report.storm is not None:
             verdicts.append(_storm(report.storm))
-        verdicts += _zap_paths(report, server)
+        verdicts += _zap_paths(report, server, topology)
     elif mode == "combined":
         verdicts += [
             _combined_toggles(report, server),
@@ -774,7 +830,7 @@ def analyse(
     verdicts += [
         check_stamps(memory, report.stamps, report.last_epoch),
         _kernel_clean(kernel_problems),
-        _console_shows_vfio_pci(console),
+        _console_shows_vfio_pci(console, MEMBAR_ADDRS[topology]),
     ]
     return verdicts
 
@@ -903,8 +959,11 @@ async def run_mse(
     machine = GuestMachine(
         kernel=artefacts.kernel,
         initrd=artefacts.initrd,
-        devices=[vfio_user_pci(socket, addr="0x3")],
+        devices=config.qemu_devices(socket),
         run=["pci-list", config.guest_command(), "pci-list"],
+        # Behind a root port, the PCI core's account of a bus reset (how long the link took, a device
+        # that did not come back) is at info level: keep it on the console.
+        kernel_loglevel=7 if config.topology == "root-port" else 5,
         files={"/bin/mse-fault": await trio.Path(program).read_bytes()} if program is not None else None,
         smp=config.smp,
         memory=config.memory_mib * MiB,
@@ -970,6 +1029,7 @@ async def run_mse(
         memory,
         kernel_problems=vm.kernel_problems,
         console=vm.console_log.read_text(errors="replace"),
+        topology=config.topology,
     )
     return run(
         results=results,
@@ -1285,6 +1345,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     reset=not args.no_reset,
                     storm_cycles=args.storm_cycles,
                     storm_processes=args.storm_processes,
+                    topology=args.topology,
                 )
                 prefix = f"[{len(runs) + 1}/{total} {label} {mode} #{repeat}]"
                 print(f"{prefix} booting {describe(collect(artefacts))}", file=sys.stderr, flush=True)
@@ -1366,6 +1427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
     parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
+    parser.add_argument(
+        "--topology",
+        default=defaults.topology,
+        choices=TOPOLOGIES,
+        help="membar on the q35 root bus, or behind a PCIe root port (where a hot reset can run)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
     parser.add_argument(
         "--program",
