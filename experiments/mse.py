@@ -51,7 +51,12 @@ writes ``results/experiment.json`` (every run, with the kernel package and
 version, QEMU, libvfio-user and vdev commit it ran with),
 ``results/experiment.md`` (per kernel and mode, how many of the repeats
 passed each verdict) and ``results/experiment.png``, and keeps every console
-log (and the server's log) under ``results/experiment/``.  A kernel problem
+log (and the server's log) under ``results/experiment/``.  After the main
+runs, each kernel also boots once per cell of the fault matrix
+(:data:`FAULT_MATRIX`: quiet enables only, BAR0 of 4 KiB to 1 GiB mapped
+aligned and misaligned, and 6.1's prefault-at-enable variant), and the
+report gains one table of faults per enable and first-touch latency
+(``--no-fault-matrix`` skips it).  A kernel problem
 on the console ends that run at once, with the kernel's report in the
 output and the JSON.  The exit status is 1 only when a run could not
 finish; a failed verdict is printed and counted, and is called a finding
@@ -1092,11 +1097,19 @@ def verdict_counts(runs: Sequence[MseRun]) -> dict[str, dict[str, dict[str, int]
     return counts
 
 
-def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> dict[str, Any]:
+def write_report(
+    runs: Sequence[MseRun],
+    path: Path,
+    *,
+    plot: Path | None,
+    matrix: Sequence[MseRun] = (),
+    matrix_seconds: float = 0.0,
+) -> dict[str, Any]:
     """``experiment.json``: the machine, every run's data and verdicts, and a per-kernel summary.
 
     The summary gives, per kernel and mode, how many of the repeats passed
     each verdict and the components that ran; the medians are over all repeats.
+    ``fault_matrix`` holds the fault matrix's table, its runs and the seconds its boots took.
     """
     summary: dict[str, Any] = {}
     counts = verdict_counts(runs)
@@ -1132,13 +1145,23 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
         "plot": str(plot) if plot else None,
         "runs": [run.to_json() for run in runs],
     }
+    if matrix:
+        recorded = [run.to_json() for run in matrix]
+        document["fault_matrix"] = {
+            "seconds": round(matrix_seconds, 1),
+            "table": fault_matrix_table(recorded),
+            "runs": recorded,
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return document
 
 
-def markdown_summary(runs: Sequence[MseRun]) -> str:
-    """A table per kernel and mode: each verdict's passes out of the repeats, and the components that ran."""
+def markdown_summary(runs: Sequence[MseRun], *, matrix: Sequence[MseRun] = (), matrix_seconds: float = 0.0) -> str:
+    """A table per kernel and mode: each verdict's passes out of the repeats, and the components that ran.
+
+    With ``matrix``, the fault matrix's table follows.
+    """
     lines: list[str] = []
     for kernel, modes in verdict_counts(runs).items():
         first = next(run for run in runs if run.kernel == kernel)
@@ -1196,6 +1219,16 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
                 f"(min {_us(min(enables))}, max {_us(max(enables))}, {len(enables)} enables).",
                 "",
             ]
+    if matrix:
+        lines += [
+            "### Fault matrix: faults per enable",
+            "",
+            f"One boot per cell, quiet enables only (`{matrix[0].config.guest_command()}` with the cell's size "
+            "and alignment); {len(matrix)} boots in {matrix_seconds:.0f} s. Faults per enable: "
+            "what reaching every page of BAR0 took after an enable (first touch plus a walk).",
+            "",
+            fault_matrix_markdown(fault_matrix_table([run.to_json() for run in matrix])),
+        ]
     return "\n".join(lines)
 
 
@@ -1281,6 +1314,133 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
     plt.close(figure)
 
 
+# -- the fault matrix ----------------------------------------------------------------------------
+
+#: The seed's proposal (issue 18): 6.1's vfio-pci prefaulting every user mapping when memory is enabled.
+PREFAULT_PATCH = Path(__file__).resolve().parent.parent / "variants" / "vfio-pci-6.1-prefault-on-enable.diff"
+
+
+@dataclass(frozen=True)
+class MatrixCell:
+    """One boot of the fault matrix: a BAR0 size, mapped aligned or not, on the stock or the prefault modules."""
+
+    size: str
+    misaligned: bool = False
+    prefault: bool = False
+    #: membar's mapping policy; ``keep`` where revoking would make the server save a whole populated BAR
+    #: at every disable (1 GiB misaligned: QEMU's request then times out).
+    mapping: str = ""
+
+    @property
+    def slug(self) -> str:
+        return f"{self.size}-{'misaligned' if self.misaligned else 'aligned'}{'-prefault' if self.prefault else ''}"
+
+    def applies_to(self, release: str) -> bool:
+        """The prefault variant is a patch to 6.1's vfio-pci: it runs on 6.1 kernels only."""
+        return not self.prefault or release.startswith("6.1.")
+
+    def config(self, topology: str) -> MseConfig:
+        """Quiet enables only: one toggle cycle, four timed enables, no reset, fork, D3hot, hot reset, close or storm.
+
+        The boot is the cell's cost; everything but the latency phase is
+        left out so that it is short.
+        """
+        return MseConfig(
+            mode="guest",
+            threads=2,
+            cycles=1,
+            latency_cycles=4,
+            storm_cycles=0,
+            reset=False,
+            fork=False,
+            d3hot=False,
+            hot_reset=False,
+            close=False,
+            size=self.size,
+            misaligned=self.misaligned,
+            mapping=self.mapping,
+            topology=topology,
+        )
+
+
+#: The fault matrix each kernel boots through after the main runs.
+FAULT_MATRIX = (
+    MatrixCell("4K"),
+    MatrixCell("2M"),
+    MatrixCell("2M", misaligned=True),
+    MatrixCell("1G"),
+    MatrixCell("1G", misaligned=True, mapping="keep"),
+    MatrixCell(MseConfig.size),
+    MatrixCell(MseConfig.size, prefault=True),
+)
+
+
+def fault_matrix_table(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per kernel, BAR0 size, alignment and variant, from runs as :meth:`MseRun.to_json` records them.
+
+    Faults per enable is what reaching every page of BAR0 took after each
+    quiet enable (:func:`faults_per_enable`): median, range and how many
+    enables, pooled over the runs of a cell; first touch is the quiet
+    first-touch latency.  ``passed`` counts the runs whose verdicts all passed.
+    """
+    rows: dict[tuple[str, str, bool, str, str], dict[str, Any]] = {}
+    for run in runs:
+        config = run["config"]
+        variant = Path(run["provenance"]["kernel_patch"]).stem if run["provenance"].get("kernel_patch") else "stock"
+        key = (run["kernel"], config["size"], bool(config["misaligned"]), config["membar_mapping"], variant)
+        row = rows.setdefault(
+            key,
+            {
+                "kernel": run["kernel"],
+                "release": run["release"],
+                "size": config["size"],
+                "alignment": "misaligned" if config["misaligned"] else "aligned",
+                "membar_mapping": config["membar_mapping"],
+                "variant": variant,
+                "pages": (run.get("device") or {}).get("pages"),
+                "runs": 0,
+                "passed": 0,
+                "faults": [],
+                "first_touch_ns": [],
+            },
+        )
+        row["runs"] += 1
+        row["passed"] += bool(run["passed"])
+        row["faults"] += run["faults_per_enable"]
+        row["first_touch_ns"] += run["first_touch_ns"]["quiet"]
+    table = []
+    for row in rows.values():
+        faults, touches = row.pop("faults"), row.pop("first_touch_ns")
+        row["enables"] = len(faults)
+        row["faults_median"] = statistics.median(faults) if faults else None
+        row["faults_min"] = min(faults) if faults else None
+        row["faults_max"] = max(faults) if faults else None
+        row["first_touch_us_median"] = _us(statistics.median(touches) if touches else None)
+        table.append(row)
+    return table
+
+
+def fault_matrix_markdown(table: Sequence[Mapping[str, Any]]) -> str:
+    """The fault matrix as one Markdown table."""
+    lines = [
+        "| kernel | BAR0 | mapped | membar policy | variant | faults per enable, median (range) | enables "
+        "| first touch, µs (median) | runs passing every verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        if row["enables"]:
+            faults = f"{row['faults_median']:g} ({row['faults_min']}–{row['faults_max']})"
+        else:
+            faults = "none measured"
+        pages = f", {row['pages']} pages" if row["pages"] else ""
+        lines.append(
+            f"| {row['kernel']} ({row['release']}) | {row['size']}{pages} | {row['alignment']} "
+            f"| {row['membar_mapping']} | {row['variant']} "
+            f"| {faults} | {row['enables']} | {row['first_touch_us_median']} | {row['passed']}/{row['runs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -1314,8 +1474,53 @@ class _Progress:
         print(f"{self.prefix} {result.at:6.1f}s {result.kind}: {text}"[:200], file=sys.stderr, flush=True)
 
 
-async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
+@dataclass
+class _Outcome:
+    """What :func:`_run_matrix` ran: the main runs, the fault matrix's runs and the seconds the matrix took."""
+
+    runs: list[MseRun] = field(default_factory=list)
+    matrix: list[MseRun] = field(default_factory=list)
+    matrix_seconds: float = 0.0
+
+
+def _say_verdicts(prefix: str, run: MseRun) -> None:
+    for verdict in run.verdicts:
+        mark = "ok  " if verdict.passed else "FAIL"
+        print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
+    if run.kernel_report:
+        report = "\n".join(f"{prefix}   | {line}" for line in run.kernel_report)
+        print(f"{prefix}   the kernel's report:\n{report}", file=sys.stderr, flush=True)
+
+
+async def _run_fault_matrix(
+    artefacts: GuestArtefacts, label: str, args: argparse.Namespace, say: Callable[[str], None]
+) -> list[MseRun]:
+    """Each cell of :data:`FAULT_MATRIX` that applies to the kernel, one boot each, on the stock or variant modules."""
     runs: list[MseRun] = []
+    cells = [cell for cell in FAULT_MATRIX if cell.applies_to(artefacts.release)]
+    prefault = None
+    for number, cell in enumerate(cells, start=1):
+        booted = artefacts
+        if cell.prefault:
+            if prefault is None:
+                prefault = await trio.to_thread.run_sync(
+                    functools.partial(patched, artefacts, PREFAULT_PATCH, progress=say)
+                )
+            booted = prefault
+        config = cell.config(args.topology)
+        prefix = f"[matrix {number}/{len(cells)} {label} {cell.slug}]"
+        print(f"{prefix} running {config.guest_command()}", file=sys.stderr, flush=True)
+        workdir = args.out / "experiment" / f"{label}-matrix-{cell.slug}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        run = await _run_one(booted, config, workdir, prefix, 1, args.program)
+        _say_verdicts(prefix, run)
+        runs.append(run)
+    return runs
+
+
+async def _run_matrix(args: argparse.Namespace) -> _Outcome:
+    outcome = _Outcome()
+    runs = outcome.runs
     kernels, modes = args.kernels.split(), args.modes.split()
     logs = args.out / "experiment"
     total = len(kernels) * len(modes) * args.repeat
@@ -1326,6 +1531,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
         )
         # A kernel of one's own is named by its (absolute) path; its logs go under the last component.
         label = Path(artefacts.name).name
+        stock = artefacts
         if args.patch is not None:
             artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, args.patch, progress=say))
         for repeat in range(1, args.repeat + 1):
@@ -1353,14 +1559,13 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                 workdir = logs / f"{label}-{mode}-{repeat}"
                 workdir.mkdir(parents=True, exist_ok=True)
                 run = await _run_one(artefacts, config, workdir, prefix, repeat, args.program)
-                for verdict in run.verdicts:
-                    mark = "ok  " if verdict.passed else "FAIL"
-                    print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
-                if run.kernel_report:
-                    report = "\n".join(f"{prefix}   | {line}" for line in run.kernel_report)
-                    print(f"{prefix}   the kernel's report:\n{report}", file=sys.stderr, flush=True)
+                _say_verdicts(prefix, run)
                 runs.append(run)
-    return runs
+        if args.fault_matrix:
+            started = time.monotonic()
+            outcome.matrix += await _run_fault_matrix(stock, label, args, say)
+            outcome.matrix_seconds += time.monotonic() - started
+    return outcome
 
 
 async def _run_one(
@@ -1442,6 +1647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
     )
+    parser.add_argument(
+        "--no-fault-matrix",
+        dest="fault_matrix",
+        action="store_false",
+        help="skip the fault matrix (a short boot per BAR0 size, alignment and variant after the main runs)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -1458,15 +1669,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc).splitlines()[0])
 
     try:
-        runs = trio.run(_run_matrix, args)
+        outcome = trio.run(_run_matrix, args)
     except GuestSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    runs = outcome.runs
     plot = args.out / "experiment.png"
     plot_runs(runs, plot)
     report = args.out / "experiment.json"
-    write_report(runs, report, plot=plot)
-    summary = markdown_summary(runs)
+    write_report(runs, report, plot=plot, matrix=outcome.matrix, matrix_seconds=outcome.matrix_seconds)
+    summary = markdown_summary(runs, matrix=outcome.matrix, matrix_seconds=outcome.matrix_seconds)
     (args.out / "experiment.md").write_text(summary)
     print(summary)
     print(
@@ -1475,7 +1687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     # Failed verdicts are findings (the report lists them); only a run that could not finish is an error.
-    return 0 if all(run.verdict("completed").passed for run in runs) else 1
+    return 0 if all(run.verdict("completed").passed for run in runs + outcome.matrix) else 1
 
 
 if __name__ == "__main__":
