@@ -1224,7 +1224,7 @@ def markdown_summary(runs: Sequence[MseRun], *, matrix: Sequence[MseRun] = (), m
             "### Fault matrix: faults per enable",
             "",
             f"One boot per cell, quiet enables only (`{matrix[0].config.guest_command()}` with the cell's size "
-            "and alignment); {len(matrix)} boots in {matrix_seconds:.0f} s. Faults per enable: "
+            f"and alignment); {len(matrix)} boots in {matrix_seconds:.0f} s. Faults per enable: "
             "what reaching every page of BAR0 took after an enable (first touch plus a walk).",
             "",
             fault_matrix_markdown(fault_matrix_table([run.to_json() for run in matrix])),
