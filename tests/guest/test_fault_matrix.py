@@ -11,7 +11,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vdev_experiments.mse import FAULT_MATRIX, PREFAULT_PATCH, fault_matrix_markdown, fault_matrix_table
+from vdev.provenance import Provenance
+from vdev_experiments.mse import (
+    FAULT_MATRIX,
+    PREFAULT_PATCH,
+    MatrixCell,
+    MseRun,
+    ServerLog,
+    Verdict,
+    fault_matrix_markdown,
+    fault_matrix_table,
+    markdown_summary,
+    write_report,
+)
 
 EVIDENCE = Path(__file__).resolve().parents[2] / "docs" / "evidence"
 
@@ -79,3 +91,57 @@ def test_the_matrix_boots_are_quiet_enables_only_and_the_prefault_variant_runs_o
     [prefault] = [cell for cell in FAULT_MATRIX if cell.prefault]
     assert prefault.applies_to("6.1.0-50-amd64") and not prefault.applies_to("6.12.117+deb13-amd64")
     assert PREFAULT_PATCH.is_file()
+
+
+def _matrix_run(cell: MatrixCell, faults: list[int]) -> MseRun:
+    provenance = Provenance(
+        vdev_commit="abc",
+        vdev_version="0.1.0",
+        qemu_package_version="1:11.1.3",
+        qemu_version="QEMU emulator version 11.1.3",
+        libvfio_user_revision="0b28d205",
+        kernel_name="bookworm",
+        kernel_package="linux-image-6.1.0-50-amd64",
+        kernel_package_version="6.1.176-1",
+        kernel_release="6.1.0-50-amd64",
+        kernel_patch=PREFAULT_PATCH.name if cell.prefault else None,
+    )
+    latency = [
+        {
+            "kind": "mse.latency",
+            "first_touch_ns": 1000 * (n + 1),
+            "walk_ns": 5000,
+            "walk_mapped_ns": 1000,
+            "faults_first_touch": min(n, 1),
+            "faults_walk": max(n - 1, 0),
+        }
+        for n in faults
+    ]
+    return MseRun(
+        kernel="bookworm",
+        release="6.1.0-50-amd64",
+        config=cell.config("root-port"),
+        results=[{"kind": "mse.device", "pages": 1024}, *latency],
+        server=ServerLog(),
+        verdicts=[Verdict("completed", True, "")],
+        console_log=Path("console.log"),
+        boot_seconds=None,
+        seconds=1.0,
+        provenance=provenance,
+    )
+
+
+def test_the_report_carries_the_matrix_in_its_json_and_its_markdown(tmp_path: Path) -> None:
+    stock, prefault = MatrixCell("4M"), MatrixCell("4M", prefault=True)
+    matrix = [_matrix_run(stock, [1, 1, 2]), _matrix_run(prefault, [0, 0, 0])]
+    document = write_report([], tmp_path / "experiment.json", plot=None, matrix=matrix, matrix_seconds=42.4)
+    recorded = json.loads((tmp_path / "experiment.json").read_text())["fault_matrix"]
+    assert recorded == json.loads(json.dumps(document["fault_matrix"]))
+    assert recorded["seconds"] == 42.4 and len(recorded["runs"]) == 2
+    rows = {row["variant"]: row for row in recorded["table"]}
+    assert (rows["stock"]["faults_median"], rows["stock"]["faults_max"], rows["stock"]["enables"]) == (1, 2, 3)
+    assert rows[PREFAULT_PATCH.stem]["faults_max"] == 0
+    summary = markdown_summary([], matrix=matrix, matrix_seconds=42.4)
+    assert "2 boots in 42 s" in summary
+    assert f"| {PREFAULT_PATCH.stem} | 0 (0–0) | 3 |" in summary
+    assert "faults per enable" not in markdown_summary([])  # no matrix, no table
