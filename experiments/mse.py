@@ -51,7 +51,12 @@ writes ``results/experiment.json`` (every run, with the kernel package and
 version, QEMU, libvfio-user and vdev commit it ran with),
 ``results/experiment.md`` (per kernel and mode, how many of the repeats
 passed each verdict) and ``results/experiment.png``, and keeps every console
-log (and the server's log) under ``results/experiment/``.  A kernel problem
+log (and the server's log) under ``results/experiment/``.  After the main
+runs, each kernel also boots once per cell of the fault matrix
+(:data:`FAULT_MATRIX`: quiet enables only, BAR0 of 4 KiB to 1 GiB mapped
+aligned and misaligned, and 6.1's prefault-at-enable variant), and the
+report gains one table of faults per enable and first-touch latency
+(``--no-fault-matrix`` skips it).  A kernel problem
 on the console ends that run at once, with the kernel's report in the
 output and the JSON.  The exit status is 1 only when a run could not
 finish; a failed verdict is printed and counted, and is called a finding
@@ -94,8 +99,17 @@ from vdev.qemu.guest import GuestArtefacts, GuestError, GuestKernelError, GuestM
 from vdev.testing import served, vfio_user_pci
 from vdev_devices.membar import MemBar
 
-#: Where membar sits in the guest (``addr=0x3`` on the q35 root bus).
-MEMBAR_ADDR = "0000:00:03.0"
+#: Where membar sits in the guest, per topology: ``root-bus`` puts it at ``addr=0x3`` on the q35 root bus (no
+#: bridge above it, so no bus reset); ``root-port`` puts it in slot 0 behind a PCIe root port at ``addr=0x3``,
+#: whose secondary bus (1) a hot reset can reset.
+TOPOLOGIES = ("root-bus", "root-port")
+MEMBAR_ADDRS = {"root-bus": "0000:00:03.0", "root-port": "0000:01:00.0"}
+ROOT_PORT_ID = "membar-port"
+#: The root port's link speed.  Above 5 GT/s the kernel waits, after a secondary bus reset, for the port to
+#: report its data link layer active, which QEMU's port never does again: the reset then fails with ENOTTY
+#: ("Data Link Layer Link Active not set" on the console).  At 5 GT/s it waits a fixed delay and polls the
+#: device instead (drivers/pci/pci.c, pci_bridge_wait_for_secondary_bus).
+ROOT_PORT_SPEED = "5"
 MEMBAR_IDS = ("1b36", "0f01")
 PAGE = 4096
 #: The label of server events before the guest's first doorbell.
@@ -168,12 +182,16 @@ class MseConfig:
     mapping: str = ""
     smp: int = 2
     memory_mib: int = 256
+    #: Where membar sits in the guest (:data:`TOPOLOGIES`).
+    topology: str = "root-port"
     #: The whole run's bound; a kernel problem ends it at once, so this only catches a silent hang.
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}, not {self.topology!r}")
         if self.mode in ("server", "combined") and self.membar_mapping != "keep":
             raise ValueError(
                 "server mode needs mapping=keep: QEMU keeps BAR0 in the guest's address space when the device "
@@ -191,6 +209,25 @@ class MseConfig:
         removes the BAR before anything could touch it.
         """
         return self.mapping or ("revoke" if self.mode == "guest" else "keep")
+
+    @property
+    def membar_addr(self) -> str:
+        """membar's PCI address in the guest, which the topology decides."""
+        return MEMBAR_ADDRS[self.topology]
+
+    def qemu_devices(self, socket: Path) -> list[dict[str, object]]:
+        """The ``-device`` specs that put membar, served on ``socket``, where :attr:`topology` says."""
+        if self.topology == "root-bus":
+            return [vfio_user_pci(socket, addr="0x3")]
+        port = {
+            "driver": "pcie-root-port",
+            "id": ROOT_PORT_ID,
+            "bus": "pcie.0",
+            "addr": "0x3",
+            "chassis": 1,
+            "x-speed": ROOT_PORT_SPEED,
+        }
+        return [port, vfio_user_pci(socket, bus=ROOT_PORT_ID, addr="0x0")]
 
     def guest_command(self) -> str:
         """The ``mse-fault`` command line."""
@@ -412,7 +449,7 @@ def _completed(report: GuestReport) -> Verdict:
     )
 
 
-def _console_shows_vfio_pci(console: str) -> Verdict:
+def _console_shows_vfio_pci(console: str, addr: str) -> Verdict:
     for line in console.splitlines():
         try:
             data = parse_result(line)
@@ -421,12 +458,12 @@ def _console_shows_vfio_pci(console: str) -> Verdict:
         if (
             data is not None
             and data["kind"] == "pci.device"
-            and data.get("addr") == MEMBAR_ADDR
+            and data.get("addr") == addr
             and (data.get("vendor"), data.get("device")) == MEMBAR_IDS
             and data.get("driver") == "vfio-pci"
         ):
-            return Verdict("vfio_pci_bound", True, f"console: {MEMBAR_ADDR} {':'.join(MEMBAR_IDS)} driver vfio-pci")
-    return Verdict("vfio_pci_bound", False, f"no pci.device line shows {MEMBAR_ADDR} bound to vfio-pci")
+            return Verdict("vfio_pci_bound", True, f"console: {addr} {':'.join(MEMBAR_IDS)} driver vfio-pci")
+    return Verdict("vfio_pci_bound", False, f"no pci.device line shows {addr} bound to vfio-pci")
 
 
 def _epochs_match_server(report: GuestReport, server: ServerLog) -> Verdict:
@@ -560,8 +597,8 @@ def _d3hot_blocks_access(report: GuestReport, server: ServerLog) -> Verdict:
     return Verdict("d3hot_blocks_access", not problems, "; ".join(problems) or detail)
 
 
-#: Why a hot reset cannot run for membar in the experiment's guest, read in the kernel's source: the device sits
-#: on the q35 root bus, with no bridge above it whose secondary bus could be reset, and no hotplug slot.
+#: Why a hot reset cannot run for membar on the q35 root bus (topology ``root-bus``), read in the kernel's source:
+#: no bridge above it whose secondary bus could be reset, and no hotplug slot.  Behind a root port it must run.
 HOT_RESET_REFUSED = (
     "ENODEV",
     "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO returns -ENODEV when pci_probe_reset_slot() fails (no hotplug slot) "
@@ -570,25 +607,44 @@ HOT_RESET_REFUSED = (
 )
 
 
-def _hot_reset(report: GuestReport, server: ServerLog) -> Verdict:
-    """A hot reset that ran behaves like a device reset; one that cannot run is refused for the known reason only."""
+def _hot_reset(report: GuestReport, server: ServerLog, topology: str) -> Verdict:
+    """A hot reset that ran behaves like a device reset; one that cannot run is refused for the known reason only.
+
+    Like ``VFIO_DEVICE_RESET``, the bus reset holds the memory lock for
+    writing across the reset, so the workers faulting on BAR0 wait rather
+    than take a SIGBUS; the kernel clears COMMAND (MEM with it) before the
+    reset and writes the saved COMMAND back after it, which the server
+    sees as MEM off then on, and the guest reads MEM set afterwards.
+    """
     hot = report.hot_reset
     if hot is None:
         return Verdict("hot_reset", False, "no mse.hot_reset report")
     if hot["info"] != "ok":
         expected, why = HOT_RESET_REFUSED
-        ok = hot["info"] == expected
-        reason = why if ok else f"an unexpected refusal (expected {expected}: {why})"
+        ok = hot["info"] == expected and topology == "root-bus"
+        reason = why if ok else f"an unexpected refusal with membar on the {topology} (on the root bus: {why})"
         return Verdict("hot_reset", ok, f"not possible here: {hot['info']} (errno {hot['info_errno']}); {reason}")
-    epoch = report.epoch(hot["epoch"])
+    epoch = report.epoch(hot["epoch"]) if hot["result"] != "not tried" else {"sigbus": 0}
     reasons = server.resets.get(hot["epoch"], [])
-    ok = hot["result"] == "ok" and epoch["sigbus"] == 0 and bool(reasons)
-    return Verdict(
-        "hot_reset",
-        ok,
-        f"VFIO_DEVICE_PCI_HOT_RESET {hot['result']} ({hot['devices']} devices affected) in {hot['ns'] / 1e6:.0f} ms, "
-        f"{epoch['sigbus']} SIGBUS; server resets {reasons}",
+    memory = server.memory_changes(hot["epoch"])
+    command = hot.get("command", -1)
+    problems = []
+    if hot["result"] != "ok":
+        problems.append(f"the reset answered {hot['result']} after {hot.get('attempts', 1)} attempts")
+    if epoch["sigbus"]:
+        problems.append(f"{epoch['sigbus']} SIGBUS while the reset held the memory lock")
+    if not reasons:
+        problems.append("the server saw no reset")
+    if memory[:1] != [False] or memory[-1:] != [True]:
+        problems.append(f"the server saw MEM {memory} in the reset epoch, not cleared then restored")
+    if command < 0 or not command & 0x2:
+        problems.append(f"COMMAND read back after the reset is {command:#x}, MEM not restored")
+    detail = (
+        f"VFIO_DEVICE_PCI_HOT_RESET {hot['result']} ({hot['devices']} devices affected, {hot.get('attempts', 1)} "
+        f"attempts) in {hot['ns'] / 1e6:.0f} ms, {epoch['sigbus']} SIGBUS; server resets {reasons}, MEM {memory}; "
+        f"COMMAND after {command:#x}"
     )
+    return Verdict("hot_reset", not problems, "; ".join(problems + [detail]) if problems else detail)
 
 
 #: What each step of the close phase must give (see close_phase in guest/mse-fault.c).
@@ -721,13 +777,13 @@ def _combined_toggles(report: GuestReport, server: ServerLog) -> Verdict:
     return Verdict("combined_toggles", not problems, "; ".join(problems) or detail)
 
 
-def _zap_paths(report: GuestReport, server: ServerLog) -> list[Verdict]:
+def _zap_paths(report: GuestReport, server: ServerLog, topology: str) -> list[Verdict]:
     """The verdicts of the zap paths besides COMMAND.MEM that ran: D3hot, hot reset, closing while disabled."""
     verdicts = []
     if report.d3hot is not None:
         verdicts.append(_d3hot_blocks_access(report, server))
     if report.hot_reset is not None:
-        verdicts.append(_hot_reset(report, server))
+        verdicts.append(_hot_reset(report, server, topology))
     if report.close_steps:
         verdicts.append(_close_while_disabled(report))
     return verdicts
@@ -741,8 +797,13 @@ def analyse(
     *,
     kernel_problems: Sequence[str] = (),
     console: str = "",
+    topology: str = "root-port",
 ) -> list[Verdict]:
-    """The verdicts of one run from the guest's results, the server's log and BAR0's final contents."""
+    """The verdicts of one run from the guest's results, the server's log and BAR0's final contents.
+
+    ``topology`` is where membar sat (:data:`TOPOLOGIES`): it decides its address and whether a hot reset may be
+    refused.
+    """
     report = GuestReport.from_results(results)
     verdicts = [_completed(report)]
     if mode == "guest":
@@ -758,7 +819,7 @@ def analyse(
         verdicts += [_fork_child(child) for child in report.forks]
         if report.storm is not None:
             verdicts.append(_storm(report.storm))
-        verdicts += _zap_paths(report, server)
+        verdicts += _zap_paths(report, server, topology)
     elif mode == "combined":
         verdicts += [
             _combined_toggles(report, server),
@@ -774,7 +835,7 @@ def analyse(
     verdicts += [
         check_stamps(memory, report.stamps, report.last_epoch),
         _kernel_clean(kernel_problems),
-        _console_shows_vfio_pci(console),
+        _console_shows_vfio_pci(console, MEMBAR_ADDRS[topology]),
     ]
     return verdicts
 
@@ -903,8 +964,11 @@ async def run_mse(
     machine = GuestMachine(
         kernel=artefacts.kernel,
         initrd=artefacts.initrd,
-        devices=[vfio_user_pci(socket, addr="0x3")],
+        devices=config.qemu_devices(socket),
         run=["pci-list", config.guest_command(), "pci-list"],
+        # Behind a root port, the PCI core's account of a bus reset (how long the link took, a device
+        # that did not come back) is at info level: keep it on the console.
+        kernel_loglevel=7 if config.topology == "root-port" else 5,
         files={"/bin/mse-fault": await trio.Path(program).read_bytes()} if program is not None else None,
         smp=config.smp,
         memory=config.memory_mib * MiB,
@@ -970,6 +1034,7 @@ async def run_mse(
         memory,
         kernel_problems=vm.kernel_problems,
         console=vm.console_log.read_text(errors="replace"),
+        topology=config.topology,
     )
     return run(
         results=results,
@@ -1032,11 +1097,19 @@ def verdict_counts(runs: Sequence[MseRun]) -> dict[str, dict[str, dict[str, int]
     return counts
 
 
-def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> dict[str, Any]:
+def write_report(
+    runs: Sequence[MseRun],
+    path: Path,
+    *,
+    plot: Path | None,
+    matrix: Sequence[MseRun] = (),
+    matrix_seconds: float = 0.0,
+) -> dict[str, Any]:
     """``experiment.json``: the machine, every run's data and verdicts, and a per-kernel summary.
 
     The summary gives, per kernel and mode, how many of the repeats passed
     each verdict and the components that ran; the medians are over all repeats.
+    ``fault_matrix`` holds the fault matrix's table, its runs and the seconds its boots took.
     """
     summary: dict[str, Any] = {}
     counts = verdict_counts(runs)
@@ -1072,13 +1145,23 @@ def write_report(runs: Sequence[MseRun], path: Path, *, plot: Path | None) -> di
         "plot": str(plot) if plot else None,
         "runs": [run.to_json() for run in runs],
     }
+    if matrix:
+        recorded = [run.to_json() for run in matrix]
+        document["fault_matrix"] = {
+            "seconds": round(matrix_seconds, 1),
+            "table": fault_matrix_table(recorded),
+            "runs": recorded,
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return document
 
 
-def markdown_summary(runs: Sequence[MseRun]) -> str:
-    """A table per kernel and mode: each verdict's passes out of the repeats, and the components that ran."""
+def markdown_summary(runs: Sequence[MseRun], *, matrix: Sequence[MseRun] = (), matrix_seconds: float = 0.0) -> str:
+    """A table per kernel and mode: each verdict's passes out of the repeats, and the components that ran.
+
+    With ``matrix``, the fault matrix's table follows.
+    """
     lines: list[str] = []
     for kernel, modes in verdict_counts(runs).items():
         first = next(run for run in runs if run.kernel == kernel)
@@ -1136,6 +1219,16 @@ def markdown_summary(runs: Sequence[MseRun]) -> str:
                 f"(min {_us(min(enables))}, max {_us(max(enables))}, {len(enables)} enables).",
                 "",
             ]
+    if matrix:
+        lines += [
+            "### Fault matrix: faults per enable",
+            "",
+            f"One boot per cell, quiet enables only (`{matrix[0].config.guest_command()}` with the cell's size "
+            f"and alignment); {len(matrix)} boots in {matrix_seconds:.0f} s. Faults per enable: "
+            "what reaching every page of BAR0 took after an enable (first touch plus a walk).",
+            "",
+            fault_matrix_markdown(fault_matrix_table([run.to_json() for run in matrix])),
+        ]
     return "\n".join(lines)
 
 
@@ -1221,6 +1314,133 @@ def plot_runs(runs: Sequence[MseRun], path: Path) -> None:
     plt.close(figure)
 
 
+# -- the fault matrix ----------------------------------------------------------------------------
+
+#: The seed's proposal (issue 18): 6.1's vfio-pci prefaulting every user mapping when memory is enabled.
+PREFAULT_PATCH = Path(__file__).resolve().parent.parent / "variants" / "vfio-pci-6.1-prefault-on-enable.diff"
+
+
+@dataclass(frozen=True)
+class MatrixCell:
+    """One boot of the fault matrix: a BAR0 size, mapped aligned or not, on the stock or the prefault modules."""
+
+    size: str
+    misaligned: bool = False
+    prefault: bool = False
+    #: membar's mapping policy; ``keep`` where revoking would make the server save a whole populated BAR
+    #: at every disable (1 GiB misaligned: QEMU's request then times out).
+    mapping: str = ""
+
+    @property
+    def slug(self) -> str:
+        return f"{self.size}-{'misaligned' if self.misaligned else 'aligned'}{'-prefault' if self.prefault else ''}"
+
+    def applies_to(self, release: str) -> bool:
+        """The prefault variant is a patch to 6.1's vfio-pci: it runs on 6.1 kernels only."""
+        return not self.prefault or release.startswith("6.1.")
+
+    def config(self, topology: str) -> MseConfig:
+        """Quiet enables only: one toggle cycle, four timed enables, no reset, fork, D3hot, hot reset, close or storm.
+
+        The boot is the cell's cost; everything but the latency phase is
+        left out so that it is short.
+        """
+        return MseConfig(
+            mode="guest",
+            threads=2,
+            cycles=1,
+            latency_cycles=4,
+            storm_cycles=0,
+            reset=False,
+            fork=False,
+            d3hot=False,
+            hot_reset=False,
+            close=False,
+            size=self.size,
+            misaligned=self.misaligned,
+            mapping=self.mapping,
+            topology=topology,
+        )
+
+
+#: The fault matrix each kernel boots through after the main runs.
+FAULT_MATRIX = (
+    MatrixCell("4K"),
+    MatrixCell("2M"),
+    MatrixCell("2M", misaligned=True),
+    MatrixCell("1G"),
+    MatrixCell("1G", misaligned=True, mapping="keep"),
+    MatrixCell(MseConfig.size),
+    MatrixCell(MseConfig.size, prefault=True),
+)
+
+
+def fault_matrix_table(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per kernel, BAR0 size, alignment and variant, from runs as :meth:`MseRun.to_json` records them.
+
+    Faults per enable is what reaching every page of BAR0 took after each
+    quiet enable (:func:`faults_per_enable`): median, range and how many
+    enables, pooled over the runs of a cell; first touch is the quiet
+    first-touch latency.  ``passed`` counts the runs whose verdicts all passed.
+    """
+    rows: dict[tuple[str, str, bool, str, str], dict[str, Any]] = {}
+    for run in runs:
+        config = run["config"]
+        variant = Path(run["provenance"]["kernel_patch"]).stem if run["provenance"].get("kernel_patch") else "stock"
+        key = (run["kernel"], config["size"], bool(config["misaligned"]), config["membar_mapping"], variant)
+        row = rows.setdefault(
+            key,
+            {
+                "kernel": run["kernel"],
+                "release": run["release"],
+                "size": config["size"],
+                "alignment": "misaligned" if config["misaligned"] else "aligned",
+                "membar_mapping": config["membar_mapping"],
+                "variant": variant,
+                "pages": (run.get("device") or {}).get("pages"),
+                "runs": 0,
+                "passed": 0,
+                "faults": [],
+                "first_touch_ns": [],
+            },
+        )
+        row["runs"] += 1
+        row["passed"] += bool(run["passed"])
+        row["faults"] += run["faults_per_enable"]
+        row["first_touch_ns"] += run["first_touch_ns"]["quiet"]
+    table = []
+    for row in rows.values():
+        faults, touches = row.pop("faults"), row.pop("first_touch_ns")
+        row["enables"] = len(faults)
+        row["faults_median"] = statistics.median(faults) if faults else None
+        row["faults_min"] = min(faults) if faults else None
+        row["faults_max"] = max(faults) if faults else None
+        row["first_touch_us_median"] = _us(statistics.median(touches) if touches else None)
+        table.append(row)
+    return table
+
+
+def fault_matrix_markdown(table: Sequence[Mapping[str, Any]]) -> str:
+    """The fault matrix as one Markdown table."""
+    lines = [
+        "| kernel | BAR0 | mapped | membar policy | variant | faults per enable, median (range) | enables "
+        "| first touch, µs (median) | runs passing every verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        if row["enables"]:
+            faults = f"{row['faults_median']:g} ({row['faults_min']}–{row['faults_max']})"
+        else:
+            faults = "none measured"
+        pages = f", {row['pages']} pages" if row["pages"] else ""
+        lines.append(
+            f"| {row['kernel']} ({row['release']}) | {row['size']}{pages} | {row['alignment']} "
+            f"| {row['membar_mapping']} | {row['variant']} "
+            f"| {faults} | {row['enables']} | {row['first_touch_us_median']} | {row['passed']}/{row['runs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -1254,8 +1474,53 @@ class _Progress:
         print(f"{self.prefix} {result.at:6.1f}s {result.kind}: {text}"[:200], file=sys.stderr, flush=True)
 
 
-async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
+@dataclass
+class _Outcome:
+    """What :func:`_run_matrix` ran: the main runs, the fault matrix's runs and the seconds the matrix took."""
+
+    runs: list[MseRun] = field(default_factory=list)
+    matrix: list[MseRun] = field(default_factory=list)
+    matrix_seconds: float = 0.0
+
+
+def _say_verdicts(prefix: str, run: MseRun) -> None:
+    for verdict in run.verdicts:
+        mark = "ok  " if verdict.passed else "FAIL"
+        print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
+    if run.kernel_report:
+        report = "\n".join(f"{prefix}   | {line}" for line in run.kernel_report)
+        print(f"{prefix}   the kernel's report:\n{report}", file=sys.stderr, flush=True)
+
+
+async def _run_fault_matrix(
+    artefacts: GuestArtefacts, label: str, args: argparse.Namespace, say: Callable[[str], None]
+) -> list[MseRun]:
+    """Each cell of :data:`FAULT_MATRIX` that applies to the kernel, one boot each, on the stock or variant modules."""
     runs: list[MseRun] = []
+    cells = [cell for cell in FAULT_MATRIX if cell.applies_to(artefacts.release)]
+    prefault = None
+    for number, cell in enumerate(cells, start=1):
+        booted = artefacts
+        if cell.prefault:
+            if prefault is None:
+                prefault = await trio.to_thread.run_sync(
+                    functools.partial(patched, artefacts, PREFAULT_PATCH, progress=say)
+                )
+            booted = prefault
+        config = cell.config(args.topology)
+        prefix = f"[matrix {number}/{len(cells)} {label} {cell.slug}]"
+        print(f"{prefix} running {config.guest_command()}", file=sys.stderr, flush=True)
+        workdir = args.out / "experiment" / f"{label}-matrix-{cell.slug}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        run = await _run_one(booted, config, workdir, prefix, 1, args.program)
+        _say_verdicts(prefix, run)
+        runs.append(run)
+    return runs
+
+
+async def _run_matrix(args: argparse.Namespace) -> _Outcome:
+    outcome = _Outcome()
+    runs = outcome.runs
     kernels, modes = args.kernels.split(), args.modes.split()
     logs = args.out / "experiment"
     total = len(kernels) * len(modes) * args.repeat
@@ -1266,6 +1531,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
         )
         # A kernel of one's own is named by its (absolute) path; its logs go under the last component.
         label = Path(artefacts.name).name
+        stock = artefacts
         if args.patch is not None:
             artefacts = await trio.to_thread.run_sync(functools.partial(patched, artefacts, args.patch, progress=say))
         for repeat in range(1, args.repeat + 1):
@@ -1285,6 +1551,7 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                     reset=not args.no_reset,
                     storm_cycles=args.storm_cycles,
                     storm_processes=args.storm_processes,
+                    topology=args.topology,
                 )
                 prefix = f"[{len(runs) + 1}/{total} {label} {mode} #{repeat}]"
                 print(f"{prefix} booting {describe(collect(artefacts))}", file=sys.stderr, flush=True)
@@ -1292,14 +1559,13 @@ async def _run_matrix(args: argparse.Namespace) -> list[MseRun]:
                 workdir = logs / f"{label}-{mode}-{repeat}"
                 workdir.mkdir(parents=True, exist_ok=True)
                 run = await _run_one(artefacts, config, workdir, prefix, repeat, args.program)
-                for verdict in run.verdicts:
-                    mark = "ok  " if verdict.passed else "FAIL"
-                    print(f"{prefix}   {mark} {verdict.name}: {verdict.detail}", file=sys.stderr, flush=True)
-                if run.kernel_report:
-                    report = "\n".join(f"{prefix}   | {line}" for line in run.kernel_report)
-                    print(f"{prefix}   the kernel's report:\n{report}", file=sys.stderr, flush=True)
+                _say_verdicts(prefix, run)
                 runs.append(run)
-    return runs
+        if args.fault_matrix:
+            started = time.monotonic()
+            outcome.matrix += await _run_fault_matrix(stock, label, args, say)
+            outcome.matrix_seconds += time.monotonic() - started
+    return outcome
 
 
 async def _run_one(
@@ -1366,6 +1632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--misaligned", action="store_true", help="map BAR0 off its alignment (no huge-page faults)")
     parser.add_argument("--no-reset", action="store_true", help="guest mode: no VFIO_DEVICE_RESET under load")
+    parser.add_argument(
+        "--topology",
+        default=defaults.topology,
+        choices=TOPOLOGIES,
+        help="membar on the q35 root bus, or behind a PCIe root port (where a hot reset can run)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="boot each kernel and mode this many times")
     parser.add_argument(
         "--program",
@@ -1374,6 +1646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--patch", type=Path, help="rebuild the vfio modules this kernel patch touches and load them (Debian sets)"
+    )
+    parser.add_argument(
+        "--no-fault-matrix",
+        dest="fault_matrix",
+        action="store_false",
+        help="skip the fault matrix (a short boot per BAR0 size, alignment and variant after the main runs)",
     )
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -1391,15 +1669,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc).splitlines()[0])
 
     try:
-        runs = trio.run(_run_matrix, args)
+        outcome = trio.run(_run_matrix, args)
     except GuestSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    runs = outcome.runs
     plot = args.out / "experiment.png"
     plot_runs(runs, plot)
     report = args.out / "experiment.json"
-    write_report(runs, report, plot=plot)
-    summary = markdown_summary(runs)
+    write_report(runs, report, plot=plot, matrix=outcome.matrix, matrix_seconds=outcome.matrix_seconds)
+    summary = markdown_summary(runs, matrix=outcome.matrix, matrix_seconds=outcome.matrix_seconds)
     (args.out / "experiment.md").write_text(summary)
     print(summary)
     print(
@@ -1408,7 +1687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     # Failed verdicts are findings (the report lists them); only a run that could not finish is an error.
-    return 0 if all(run.verdict("completed").passed for run in runs) else 1
+    return 0 if all(run.verdict("completed").passed for run in runs + outcome.matrix) else 1
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@
  *         "doorbell_d3":"EIO|...","to_d0":"ok|errno","state_d0":N,"to_d0_ns":N,"doorbell_d0":"ok|...","command":N}
  *     (epoch: the d3hot epoch, whose SIGBUS and stores are in its mse.epoch line; state_*: PMCSR read back)
  *   VDEV {"kind":"mse.hot_reset","info":"ok|ENODEV|...","info_errno":N,"devices":N,"flags":N,
- *         "result":"ok|errno|not tried","errno":N,"epoch":N,"ns":N}
+ *         "result":"ok|errno|not tried","errno":N,"attempts":N,"epoch":N,"ns":N,"command":N}
+ *     (attempts: ioctls made, EBUSY being retried; command: COMMAND read back after the reset, -1: none ran)
  *   VDEV {"kind":"mse.close.step","step":...,"result":...,"ns":N}    (one per step as it finishes)
  *   VDEV {"kind":"mse.close","mem_off":"ok","touch_disabled":"sigbus","close_device":"ok",...,
  *         "munmap":"ok","child_exit":"ok|status N|signal N","reopen":"ok","map":"ok",
@@ -607,6 +608,8 @@ static int d3hot_phase(unsigned period_ms)
  * says so and the reset is not attempted.  When it is, the epoch is a
  * reset epoch like reset_phase's.
  */
+enum { HOT_RESET_ATTEMPTS = 1000 };
+
 static void hot_reset_phase(unsigned period_ms)
 {
 	enum { MOST = 8 };
@@ -615,6 +618,7 @@ static void hot_reset_phase(unsigned period_ms)
 	info->argsz = info_size;
 	int info_result = ioctl(dev.fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, info) < 0 ? errno : 0;
 	int result = -1;
+	unsigned attempts = 0;
 	uint32_t r = 0;
 	int64_t took = 0;
 	if (!info_result) {
@@ -630,7 +634,15 @@ static void hot_reset_phase(unsigned period_ms)
 		atomic_store(&current_epoch, r);
 		atomic_store(&settled_epoch, r);
 		int64_t t0 = now_ns();
-		result = ioctl(dev.fd, VFIO_DEVICE_PCI_HOT_RESET, reset) < 0 ? errno : 0;
+		/* vfio-pci only trylocks the vma and memory locks of every device it resets, and answers EBUSY
+		 * when a faulting thread holds one (vfio_pci_dev_set_hot_reset): retry, as a VMM would. */
+		for (;;) {
+			attempts++;
+			result = ioctl(dev.fd, VFIO_DEVICE_PCI_HOT_RESET, reset) < 0 ? errno : 0;
+			if (result != EBUSY || attempts == HOT_RESET_ATTEMPTS)
+				break;
+			sleep_ms(1);
+		}
 		took = now_ns() - t0;
 		epochs[r].flip_ns = took;
 		sleep_ms(period_ms);
@@ -641,10 +653,14 @@ static void hot_reset_phase(unsigned period_ms)
 		epochs[r].doorbell = doorbell(e);
 		free(reset);
 	}
+	/* COMMAND as the kernel restored it after the bus reset (-1: not read). */
+	uint16_t after = 0;
+	int after_ok = result >= 0 && read_command(&after) == 0;
 	report("\"kind\":\"mse.hot_reset\",\"info\":\"%s\",\"info_errno\":%d,\"devices\":%u,\"flags\":%u,"
-	       "\"result\":\"%s\",\"errno\":%d,\"epoch\":%u,\"ns\":%lld",
+	       "\"result\":\"%s\",\"errno\":%d,\"attempts\":%u,\"epoch\":%u,\"ns\":%lld,\"command\":%d",
 	       errno_name(info_result), info_result, info_result ? 0 : info->count, info_result ? 0 : info->flags,
-	       result < 0 ? "not tried" : errno_name(result), result < 0 ? 0 : result, r, (long long)took);
+	       result < 0 ? "not tried" : errno_name(result), result < 0 ? 0 : result, attempts, r, (long long)took,
+	       after_ok ? (int)after : -1);
 	free(info);
 }
 

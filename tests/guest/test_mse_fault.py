@@ -374,7 +374,7 @@ def test_d3hot_fails_on_a_store_that_landed_in_d3hot_and_on_a_server_that_never_
     assert not verdicts(_d3hot_results(), stayed_in_d0)["sigbus_only_when_disabled"].passed
 
 
-def _hot_reset(info: str, result: str = "not tried") -> dict[str, Any]:
+def _hot_reset(info: str, result: str = "not tried", *, command: int = 0x103, reset_epoch: int = 1) -> dict[str, Any]:
     return {
         "kind": "mse.hot_reset",
         "info": info,
@@ -383,8 +383,10 @@ def _hot_reset(info: str, result: str = "not tried") -> dict[str, Any]:
         "flags": 0,
         "result": result,
         "errno": 0,
-        "epoch": 1 if info == "ok" else 0,
+        "attempts": 1,
+        "epoch": reset_epoch if info == "ok" else 0,
         "ns": 1_000_000,
+        "command": command if result != "not tried" else -1,
     }
 
 
@@ -392,19 +394,30 @@ def test_a_hot_reset_passes_only_when_it_reset_the_device_or_was_refused_for_the
     done = {"kind": "mse.done", "status": 0, "failed": []}
     reset_epoch = {**_epoch(1, "reset"), "phase": "hot_reset"}
 
-    def verdict(hot: dict[str, Any], events: list[DeviceEvent]) -> Verdict:
+    def verdict(hot: dict[str, Any], events: list[DeviceEvent], topology: str = "root-port") -> Verdict:
         results = [_epoch(0, "enabled"), reset_epoch, _epoch(2, "enabled"), hot, done]
-        found = {v.name: v for v in analyse("guest", results, ServerLog.from_events(events), bytes(4096))}
+        found = {
+            v.name: v for v in analyse("guest", results, ServerLog.from_events(events), bytes(4096), topology=topology)
+        }
         return found["hot_reset"]
 
     bells = [_doorbell(0), _doorbell(1), _doorbell(2)]
-    refused = verdict(_hot_reset("ENODEV"), bells)
+    refused = verdict(_hot_reset("ENODEV"), bells, "root-bus")
     assert refused.passed and "root bus" in refused.detail
-    assert not verdict(_hot_reset("EINVAL"), bells).passed
-    reset = [_doorbell(0), _doorbell(1), Reset(reason="flr"), _doorbell(2)]
-    assert verdict(_hot_reset("ok", "ok"), reset).passed
-    assert not verdict(_hot_reset("ok", "ok"), bells).passed  # the server never saw it
+    assert not verdict(_hot_reset("ENODEV"), bells).passed  # behind a root port a bus reset must be possible
+    assert not verdict(_hot_reset("EINVAL"), bells, "root-bus").passed
+    # The kernel clears COMMAND before the bus reset and restores it after: MEM off, reset, MEM on.
+    cleared, restored = _command(0x103, 0x400), _command(0x400, 0x103)
+    reset = [_doorbell(0), _doorbell(1), cleared, Reset(reason="device"), restored, _doorbell(2)]
+    assert verdict(_hot_reset("ok", "ok"), reset).passed, verdict(_hot_reset("ok", "ok"), reset).detail
+    assert not verdict(_hot_reset("ok", "ok"), [*bells[:2], cleared, restored, bells[2]]).passed  # no reset seen
+    assert not verdict(_hot_reset("ok", "ok"), [*bells[:2], Reset(reason="device"), bells[2]]).passed  # MEM kept
+    assert not verdict(_hot_reset("ok", "ok"), [*reset[:4], bells[2]]).passed  # MEM never restored
+    assert not verdict(_hot_reset("ok", "ok", command=0x400), reset).passed  # COMMAND read back without MEM
     assert not verdict(_hot_reset("ok", "EBUSY"), reset).passed
+    faulted = [_epoch(0, "enabled"), {**reset_epoch, "sigbus": 3}, _epoch(2, "enabled"), _hot_reset("ok", "ok"), done]
+    found = {v.name: v for v in analyse("guest", faulted, ServerLog.from_events(reset), bytes(4096))}
+    assert not found["hot_reset"].passed  # a worker took a SIGBUS instead of waiting out the reset
 
 
 def test_closing_while_disabled_fails_on_a_step_that_never_returned_or_went_wrong() -> None:
