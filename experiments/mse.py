@@ -170,8 +170,10 @@ class MseConfig:
     #: Map BAR0 one page off its natural alignment, which rules out huge-page
     #: faults (6.12+), to compare first-touch costs with and without them.
     misaligned: bool = False
-    #: Server mode: the guest watches COMMAND this long; the server flips MEM
-    #: ``toggles`` times (even, so that it ends enabled), every ``toggle_period`` s.
+    #: Combined mode: both sides flip for this long.  Server mode: the server flips MEM
+    #: ``toggles`` times (even, so that it ends enabled), each ``toggle_period`` s after
+    #: the guest showed it saw the last flip (:func:`toggle_when_seen`); the guest
+    #: watches COMMAND until it has seen them all, or :data:`SERVER_WATCH_BOUND` s.
     seconds: int = 3
     toggles: int = 6
     toggle_period: float = 0.25
@@ -197,8 +199,10 @@ class MseConfig:
                 "server mode needs mapping=keep: QEMU keeps BAR0 in the guest's address space when the device "
                 "clears MEM itself, so a revoked memfd would kill QEMU with SIGBUS on the guest's next store"
             )
-        if self.mode in ("server", "combined") and self.toggles * self.toggle_period >= self.seconds:
+        if self.mode == "combined" and self.toggles * self.toggle_period >= self.seconds:
             raise ValueError("the server's toggles must end before the guest stops watching")
+        if self.mode == "server" and self.toggles % 2:
+            raise ValueError(f"server mode needs an even number of toggles (to end enabled), not {self.toggles}")
 
     @property
     def membar_mapping(self) -> str:
@@ -243,7 +247,7 @@ class MseConfig:
         elif self.mode == "combined":
             words += ["-d", str(self.seconds), "-p", str(self.period_ms)]
         else:
-            words += ["-d", str(self.seconds)]
+            words += ["-d", str(SERVER_WATCH_BOUND), "-n", str(self.toggles)]
         return " ".join(words)
 
 
@@ -928,6 +932,39 @@ class MseRun:
         }
 
 
+#: Server mode: how long the guest watches COMMAND at most (it stops once it has seen every
+#: flip); reached only when a flip was missed, which fails ``guest_saw_server_toggles``.
+SERVER_WATCH_BOUND = 60
+
+
+async def toggle_when_seen(device: MemBar, period: float, count: int) -> None:
+    """Flip MEM ``count`` times, each ``period`` s after the guest showed it saw the flip before.
+
+    The guest's watcher polls COMMAND and rings BAR2's doorbell as soon as it
+    sees MEM change: answered when MEM is on, master-aborted (a violation in
+    the log) when off.  That ring is its acknowledgement.  On a fixed clock a
+    guest starved by a loaded host could sleep through an off-and-on pair and
+    fail ``guest_saw_server_toggles`` with nothing wrong in the kernel; this
+    way every flip is seen before the next one is made, on any host.
+    """
+    token = trio.lowlevel.current_trio_token()
+    acknowledged = trio.Event()
+
+    def on_event(event: DeviceEvent) -> None:
+        if isinstance(event, RegionWrite | AccessWhileDisabled) and (event.region, event.offset) == (2, 0):
+            token.run_sync_soon(acknowledged.set)
+
+    unsubscribe = device.events.subscribe(on_event)
+    try:
+        for _ in range(count):
+            await trio.sleep(period)
+            acknowledged = trio.Event()
+            device.command_control.toggle_memory()
+            await acknowledged.wait()
+    finally:
+        unsubscribe()
+
+
 async def run_mse(
     artefacts: GuestArtefacts,
     config: MseConfig,
@@ -976,7 +1013,10 @@ async def run_mse(
         binary=binary,
         workdir=workdir,
     )
-    toggle = functools.partial(device.command_control.toggle_every, config.toggle_period, count=config.toggles)
+    if config.mode == "server":
+        toggle = functools.partial(toggle_when_seen, device, config.toggle_period, config.toggles)
+    else:
+        toggle = functools.partial(device.command_control.toggle_every, config.toggle_period, count=config.toggles)
     run = functools.partial(
         MseRun,
         kernel=artefacts.name,

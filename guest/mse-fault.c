@@ -3,7 +3,7 @@
  * (COMMAND.MEM) handling, run in a guest against vdev's membar device.
  *
  *   mse-fault [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS]
- *             [-d SECONDS] [-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS]
+ *             [-d SECONDS] [-n FLIPS] [-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS]
  *             [-R] [-F] [-u] [-D] [-H] [-C] [ADDR]
  *
  * Without ADDR the first 1b36:0f01 function is used; it is bound to vfio-pci
@@ -59,8 +59,10 @@
  *           a guest thread flips it every PERIOD_MS for SECONDS, the workers
  *           stamp and a reader makes trapped reads (see combined_phase).
  *   server  the device's server flips MEM (the test drives it); a watcher
- *           polls COMMAND through the config region for SECONDS (3) and
- *           starts an epoch, with its doorbell, when MEM changes.
+ *           polls COMMAND through the config region and starts an epoch,
+ *           with its doorbell, when MEM changes, until it has seen FLIPS
+ *           changes (-n; 0: no limit) or SECONDS (3) have passed.  The
+ *           doorbell is the server's sign that the flip was seen.
  *
  * Output, one line each (numbers are JSON integers, times in ns):
  *   VDEV {"kind":"mse.bound","addr":...,"driver":...}
@@ -847,12 +849,13 @@ static int fork_phase(void)
 	return expected ? 0 : 1;
 }
 
-/* Server mode: the device flips MEM; start an epoch whenever COMMAND says it changed. */
-static void watch_phase(unsigned seconds)
+/* Server mode: the device flips MEM; start an epoch whenever COMMAND says it changed (FLIPS times, 0: any). */
+static void watch_phase(unsigned seconds, unsigned flips)
 {
 	int64_t deadline = now_ns() + (int64_t)seconds * 1000000000;
 	int on = 1;
-	while (now_ns() < deadline) {
+	unsigned seen = 0;
+	while (now_ns() < deadline && (flips == 0 || seen < flips)) {
 		uint16_t value;
 		if (read_command(&value) < 0) {
 			report_error("read COMMAND");
@@ -872,6 +875,7 @@ static void watch_phase(unsigned seconds)
 				epochs[e].bar0_pread = pread_bar0();
 			epochs[e - 1].doorbell = doorbell(e);
 			on = now_on;
+			seen++;
 		}
 		sleep_ms(1);
 	}
@@ -1400,7 +1404,7 @@ static int close_phase(const char *addr)
 static void usage(const char *argv0)
 {
 	fprintf(stderr,
-		"usage: %s [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] "
+		"usage: %s [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] [-n FLIPS] "
 		"[-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS] [-R] [-F] [-u] [-D] [-H] [-C] [ADDR]\n",
 		argv0);
 	exit(2);
@@ -1409,16 +1413,17 @@ static void usage(const char *argv0)
 int main(int argc, char **argv)
 {
 	const char *mode = "guest";
-	unsigned nthreads = 4, cycles = 8, period_ms = 20, seconds = 3, latency_cycles = 6, storm_cycles = 0,
+	unsigned nthreads = 4, cycles = 8, period_ms = 20, seconds = 3, flips = 0, latency_cycles = 6, storm_cycles = 0,
 		 storm_procs = 2;
 	int do_reset = 1, do_fork = 1, misalign = 0, do_d3hot = 1, do_hot_reset = 1, do_close = 1, opt;
-	while ((opt = getopt(argc, argv, "m:t:c:p:d:l:s:P:RFuDHC")) != -1) {
+	while ((opt = getopt(argc, argv, "m:t:c:p:d:n:l:s:P:RFuDHC")) != -1) {
 		switch (opt) {
 		case 'm': mode = optarg; break;
 		case 't': nthreads = strtoul(optarg, NULL, 0); break;
 		case 'c': cycles = strtoul(optarg, NULL, 0); break;
 		case 'p': period_ms = strtoul(optarg, NULL, 0); break;
 		case 'd': seconds = strtoul(optarg, NULL, 0); break;
+		case 'n': flips = strtoul(optarg, NULL, 0); break;
 		case 'l': latency_cycles = strtoul(optarg, NULL, 0); break;
 		case 's': storm_cycles = strtoul(optarg, NULL, 0); break;
 		case 'P': storm_procs = strtoul(optarg, NULL, 0); break;
@@ -1503,7 +1508,7 @@ int main(int argc, char **argv)
 	tl_log = new_log(-1); /* the main thread's own accesses (first touches), after the workers' logs */
 	if (server_mode) {
 		report("\"kind\":\"mse.ready\",\"mode\":\"server\",\"seconds\":%u", seconds);
-		watch_phase(seconds);
+		watch_phase(seconds, flips);
 		stop_workers(nthreads);
 	} else if (combined) {
 		combined_phase(seconds, period_ms);

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from vdev.model.events import (
     AccessWhileDisabled,
@@ -31,6 +33,8 @@ from vdev.model.events import (
 )
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts
+from vdev.testing import open_bench
+from vdev_devices.membar import MemBar
 from vdev_experiments.mse import (
     BEFORE,
     CLOSE_EXPECTED,
@@ -46,6 +50,7 @@ from vdev_experiments.mse import (
     known_failures,
     markdown_summary,
     run_mse,
+    toggle_when_seen,
     verdict_counts,
     write_report,
 )
@@ -127,7 +132,7 @@ async def test_debian_6_1_192_2_lets_a_child_forked_with_bar0_mapped_keep_its_ma
 async def test_server_toggling_is_invisible_to_the_guests_mappings(
     qemu_binary: Path, guest_artefacts: GuestArtefacts, tmp_path: Path
 ) -> None:
-    config = MseConfig(mode="server", threads=2, seconds=2, toggles=4, toggle_period=0.3)
+    config = MseConfig(mode="server", threads=2, toggles=4, toggle_period=0.3)
     run = await run_mse(guest_artefacts, config, workdir=tmp_path, binary=qemu_binary)
     print(explain(run))
 
@@ -135,6 +140,31 @@ async def test_server_toggling_is_invisible_to_the_guests_mappings(
     states = [epoch["state"] for epoch in run.report.epochs]
     assert states == ["enabled", "disabled", "enabled", "disabled", "enabled"]
     assert sum(run.server.violations.values()) >= 2  # a doorbell per disabled epoch, maybe split in two
+
+
+async def test_the_server_flips_mem_again_only_after_the_guest_rang_for_the_last_flip() -> None:
+    """Server mode's flips are paced by the guest's doorbell (answered, or master-aborted while MEM is off).
+
+    A guest starved by a loaded host once slept through an off-and-on pair of
+    flips made on a fixed clock; paced by its rings, it cannot miss one.
+    """
+    device = MemBar(size="64K", mapping="keep")
+    async with open_bench(device) as bench:
+        await bench.enable(memory=True, io=False, master=False)
+
+        def flips() -> list[bool]:
+            return [e.memory for e in device.events.of_kind(CommandChange) if e.source == "device"]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(toggle_when_seen, device, 0, 4)
+            for number in range(1, 5):
+                with trio.fail_after(10):
+                    await device.events.wait_for(CommandChange, count=number + 1)
+                await trio.testing.wait_all_tasks_blocked()
+                assert flips() == [False, True, False, True][:number]  # no flip before the ring
+                await bench.write(2, "epoch", number)
+        assert device.command.memory
+        assert len(device.events.of_kind(AccessWhileDisabled)) == 2
 
 
 # -- the analysis on hand-made logs ---------------------------------------------------------
