@@ -43,13 +43,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vdev.provenance import collect
-from vdev.qemu.guest import GuestArtefacts
+from vdev.qemu.guest import KERNEL_PROBLEM, GuestArtefacts, kernel_call_trace
 
 SOURCE = Path(__file__).resolve().parents[2] / "guest" / "munmap-race.c"
-#: A kernel problem's first line.  "NMI watchdog: ... disabled" is boot chatter, not a problem.
-PROBLEM = re.compile(r"(BUG: |WARNING: |Oops|general protection fault|kernel BUG at|Kernel panic)")
-#: Call-trace frames that say which side tore the mapping down.
-SIDES = re.compile(r"\b(vfio_pci_zap_and_vma_lock|vfio_pci_mmap_\w+|do_mas_align_munmap|__vm_munmap|do_vmi_\w+)\+0x")
+#: Call-trace functions that say which side was tearing the mapping down: vfio-pci's zap, or munmap.
+SIDES = ("vfio_pci_zap_and_vma_lock", "vfio_pci_zap_bars", "do_mas_align_munmap", "__vm_munmap")
 DONE = re.compile(r'VDEV (\{"kind":"race\.done".*\})')
 CLEAN = "clean"
 NO_RESULT = "no-result"
@@ -80,9 +78,9 @@ def classify(console: str) -> Outcome:
     done_match = next((m for m in map(DONE.search, lines) if m), None)
     done = json.loads(done_match.group(1)) if done_match else None
     for index, line in enumerate(lines):
-        if PROBLEM.search(line) and "NMI watchdog" not in line:
+        if KERNEL_PROBLEM.search(line):
             problem = re.sub(r"^\[[ \d.]+\] ", "", line).strip()
-            frame = next((m.group(1) for m in map(SIDES.search, lines[index : index + 80]) if m), None)
+            frame = next((name for name in kernel_call_trace(lines[index:]) if name in SIDES), None)
             return Outcome(kind_of(problem), problem, frame, done)
     if done is not None and done.get("status") == 0:
         return Outcome(CLEAN, None, None, done)
