@@ -79,13 +79,16 @@ bench: deps
 # (KERNELS="bookworm trixie" unless given; KERNEL=NAME|PATH for one, a path being a kernel
 # of your own), REPEAT=N boots per kernel and mode, PATCH=FILE.diff to rebuild the vfio
 # modules it touches (Debian sets): results/experiment.json, .md (verdict pass counts over
-# the repeats), .png and console logs.  Only set names go to tools/guest.sh, which also
-# provides the busybox and guest programs a kernel of your own boots with.
+# the repeats), .png and console logs, then a fault matrix per kernel (faults per enable by BAR0
+# size, alignment and 6.1's prefault variant; EXPERIMENT_ARGS=--no-fault-matrix skips it).
+# PROGRAM=FILE runs that static mse-fault build instead of the initramfs's.  Only set names go
+# to tools/guest.sh, which also provides the busybox and guest programs a kernel of your own
+# boots with.
 EXPERIMENT_KERNELS = $(or $(KERNELS),$(KERNEL),bookworm trixie)
 experiment: deps
 	@tools/guest.sh $(foreach k,$(EXPERIMENT_KERNELS),$(if $(findstring /,$(k)),,$(k)))
 	$(PY) -m vdev_experiments.mse --kernels "$(EXPERIMENT_KERNELS)" --repeat $(or $(REPEAT),1) \
-		$(if $(PATCH),--patch "$(PATCH)") $(EXPERIMENT_ARGS)
+		$(if $(PATCH),--patch "$(PATCH)") $(if $(PROGRAM),--program "$(PROGRAM)") $(EXPERIMENT_ARGS)
 
 # Finding 1 of docs/findings.md (gpio-pci-idio-16's regmap-irq NULL call) with its control, REPEAT=N boots
 # per kernel and variant: results/findings/idio16-regmap-irq/ (outcome counts, runs, console excerpts).

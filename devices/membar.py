@@ -23,6 +23,7 @@ from vdev import (
     MsiX,
     Param,
     PciExpress,
+    PowerManagement,
     RegionRead,
     RegionWrite,
     Register,
@@ -45,7 +46,7 @@ def _size(text: str) -> int:
 
 
 class MemBar(Device):
-    """Memory-enable experiment device: mapped RAM, epoch doorbell, self-disable, MSI, MSI-X, FLR.
+    """Memory-enable experiment device: mapped RAM, epoch doorbell, self-disable, MSI, MSI-X, FLR, D3hot.
 
     BAR0: ``size`` bytes (default 16 MiB), 64-bit prefetchable, all mapped (one memfd).
 
@@ -65,6 +66,10 @@ class MemBar(Device):
     BAR4 (16 KiB, 32-bit): page 0 mapped, page 1 trapped (``scratch`` at
     0x1000, MSI-X table at 0x1800, PBA at 0x1c00), page 2 mapped (trapped
     with ``split_bar4=false``), page 3 trapped and empty.
+
+    A Power Management capability offers D0 and D3hot (No_Soft_Reset set,
+    so D3hot to D0 keeps the device's state): in D3hot the device decodes
+    no memory, and the policies above apply as they do with MEM off.
 
     Two mapped areas in one BAR need vdev's libvfio-user patch 0001: the
     revision as it comes answers GET_REGION_INFO with one fd per area, and
@@ -96,7 +101,7 @@ class MemBar(Device):
             Register("writes", 0x10, width=8, access=RO),
             Register("self_disable", 0x18, width=4, access=WO),
             Register("violations", 0x20, width=8, access=RO),
-            Register("bar0_size", 0x28, width=8, access=RO),
+            Register("bar0_size", 0x28, width=8, access=RO, sticky=True),
         ],
     )
 
@@ -122,6 +127,7 @@ class MemBar(Device):
 
     def capabilities(self) -> list[Capability]:
         return [
+            PowerManagement(),
             PciExpress(flr=True),
             MsiX(vectors=self.vectors, table_bar=4, table_offset=0x1800, pba_bar=4, pba_offset=0x1C00),
             Msi(vectors=4),

@@ -2,9 +2,9 @@
  * mse-fault: the concurrent-fault experiment on vfio-pci's memory-enable
  * (COMMAND.MEM) handling, run in a guest against vdev's membar device.
  *
- *   mse-fault [-m guest|server] [-t THREADS] [-c CYCLES] [-p PERIOD_MS]
+ *   mse-fault [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS]
  *             [-d SECONDS] [-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS]
- *             [-R] [-F] [-u] [ADDR]
+ *             [-R] [-F] [-u] [-D] [-H] [-C] [ADDR]
  *
  * Without ADDR the first 1b36:0f01 function is used; it is bound to vfio-pci
  * (driver_override) and opened through its IOMMU group.  BAR0 (RAM in the
@@ -49,6 +49,15 @@
  *           STORM_CYCLES (0) enables under load with THREADS threads in this
  *           process and in each of STORM_PROCS (2) children released
  *           together after each enable (see storm_phase).
+ *           After the toggles, still under load: D3hot and back to D0
+ *           through PMCSR (unless -D, see d3hot_phase) and a hot reset
+ *           where the topology allows one (unless -H, hot_reset_phase).
+ *           Last of all, closing the device fd, group and container while
+ *           MEM is off and BAR0 is mapped, then unmapping and opening it
+ *           again (unless -C, see close_phase).
+ *   combined  both: the device's server flips MEM on its own schedule while
+ *           a guest thread flips it every PERIOD_MS for SECONDS, the workers
+ *           stamp and a reader makes trapped reads (see combined_phase).
  *   server  the device's server flips MEM (the test drives it); a watcher
  *           polls COMMAND through the config region for SECONDS (3) and
  *           starts an epoch, with its doorbell, when MEM changes.
@@ -77,6 +86,18 @@
  *   VDEV {"kind":"mse.storm","epoch":N,"cycles":N,"requested":N,"threads":N,"processes":N,"touchers":N,
  *         "touches":N,"sigbus":N,"faults":N,"faults_per_cycle_min":N,"faults_per_cycle_max":N,"remaps":N,
  *         "splits":N,"children_ok":true|false,"ns":N}
+ *   VDEV {"kind":"mse.d3hot","epoch":N,"pm":N,"to_d3":"ok|errno","state_d3":N,"to_d3_ns":N,"pread_d3":"EIO|...",
+ *         "doorbell_d3":"EIO|...","to_d0":"ok|errno","state_d0":N,"to_d0_ns":N,"doorbell_d0":"ok|...","command":N}
+ *     (epoch: the d3hot epoch, whose SIGBUS and stores are in its mse.epoch line; state_*: PMCSR read back)
+ *   VDEV {"kind":"mse.hot_reset","info":"ok|ENODEV|...","info_errno":N,"devices":N,"flags":N,
+ *         "result":"ok|errno|not tried","errno":N,"attempts":N,"epoch":N,"ns":N,"command":N}
+ *     (attempts: ioctls made, EBUSY being retried; command: COMMAND read back after the reset, -1: none ran)
+ *   VDEV {"kind":"mse.close.step","step":...,"result":...,"ns":N}    (one per step as it finishes)
+ *   VDEV {"kind":"mse.close","mem_off":"ok","touch_disabled":"sigbus","close_device":"ok",...,
+ *         "munmap":"ok","child_exit":"ok|status N|signal N","reopen":"ok","map":"ok",
+ *         "stamp_reopened":"match|mismatch|sigbus"}
+ *   VDEV {"kind":"mse.combined","guest_flips":N,"reads_ok":N,"reads_aborted":N,"reads_eio":N,"reads_other":N,
+ *         "reads_ok_while_disabled":N}      (combined mode: trapped reads of BAR2 0x28 by outcome)
  *   VDEV {"kind":"mse.stamps","thread":N,"stores":N,"sigbus":N,"stamped":N,"hash":N}
  *   VDEV {"kind":"mse.readback","mismatches":N,"checked":N}
  *   VDEV {"kind":"mse.done","status":N,"mode":...,"epochs":N,"sigbus":N,"sigbus_enabled":N,
@@ -112,8 +133,14 @@
 #define FNV_OFFSET UINT64_C(0xcbf29ce484222325)
 #define FNV_PRIME UINT64_C(0x100000001b3)
 
-enum state { ENABLED, DISABLED, RESET, STORM };
-static const char *const state_names[] = {"enabled", "disabled", "reset", "storm"};
+enum state { ENABLED, DISABLED, RESET, STORM, D3HOT };
+static const char *const state_names[] = {"enabled", "disabled", "reset", "storm", "d3hot"};
+
+/* Epochs in which no BAR0 access may succeed: MEM off, or the device in D3hot (vfio-pci zaps for both). */
+static int blocking(enum state state)
+{
+	return state == DISABLED || state == D3HOT;
+}
 
 struct epoch {
 	enum state state;
@@ -191,6 +218,10 @@ static const char *errno_name(int error)
 	case ENOTTY: return "ENOTTY";
 	case EFAULT: return "EFAULT";
 	case ENODEV: return "ENODEV";
+	case ENOSPC: return "ENOSPC";
+	case EPERM: return "EPERM";
+	case EBADF: return "EBADF";
+	case ENOENT: return "ENOENT";
 	default: return "other";
 	}
 }
@@ -218,9 +249,9 @@ static void on_sigbus(int sig, siginfo_t *info, void *context)
 	 * along, which vfio-pci must never answer with SIGBUS.
 	 */
 	uint32_t e = atomic_load(&current_epoch);
-	while (e > tl_access_epoch && epochs[e].state != DISABLED)
+	while (e > tl_access_epoch && !blocking(epochs[e].state))
 		e--;
-	if (epochs[e].state != DISABLED)
+	if (!blocking(epochs[e].state))
 		log->unexplained[e]++;
 	log->sigbus[e]++;
 	if (log->offsets_kept[e] < OFFSETS_KEPT)
@@ -386,7 +417,7 @@ static void *worker(void *arg)
 		log->stores++;
 		log->last[page] = stamp;
 		log->stamps[e]++;
-		if (epochs[e].state == DISABLED && settled_before == e && atomic_load(&settled_epoch) == e)
+		if (blocking(epochs[e].state) && settled_before == e && atomic_load(&settled_epoch) == e)
 			log->stored_while_disabled[e]++;
 		page = (page + 1) % pages;
 	}
@@ -468,6 +499,169 @@ static void toggle_phase(unsigned cycles, unsigned period_ms)
 		flip_on("toggle", 1);
 	}
 	sleep_ms(period_ms);
+}
+
+/* -- the other zap paths: D3hot, hot reset ------------------------------------------ */
+
+/* Where capability `id` sits in config space, walked through vfio's config region; 0 if it is not there. */
+static unsigned find_capability(uint8_t id)
+{
+	uint8_t at = 0;
+	if (pread(dev.fd, &at, 1, config_region.offset + PCI_CAPABILITY_LIST) != 1)
+		return 0;
+	for (int hops = 0; at >= 0x40 && hops < 48; hops++) {
+		uint8_t header[2];
+		if (pread(dev.fd, header, sizeof(header), config_region.offset + at) != sizeof(header))
+			return 0;
+		if (header[0] == id)
+			return at;
+		at = header[1] & ~3u;
+	}
+	return 0;
+}
+
+/* The power state bits of PMCSR, or -1 if the read failed. */
+static int power_state(unsigned pm)
+{
+	uint16_t pmcsr;
+	if (pread(dev.fd, &pmcsr, sizeof(pmcsr), config_region.offset + pm + PCI_PM_CTRL) != sizeof(pmcsr))
+		return -1;
+	return pmcsr & PCI_PM_CTRL_STATE_MASK;
+}
+
+/* Write the power state into PMCSR through vfio's config region; 0 or the errno. */
+static int set_power_state(unsigned pm, unsigned state)
+{
+	uint16_t pmcsr;
+	off_t at = config_region.offset + pm + PCI_PM_CTRL;
+	if (pread(dev.fd, &pmcsr, sizeof(pmcsr), at) != sizeof(pmcsr))
+		return errno ? errno : EIO;
+	pmcsr = (pmcsr & ~PCI_PM_CTRL_STATE_MASK) | state;
+	ssize_t n = pwrite(dev.fd, &pmcsr, sizeof(pmcsr), at);
+	return n == (ssize_t)sizeof(pmcsr) ? 0 : (n < 0 ? errno : EIO);
+}
+
+/*
+ * D3hot through PMCSR while the workers fault, MEM staying on.  vfio-pci
+ * zaps the BAR mappings before it moves the device to D3hot
+ * (vfio_pm_config_write -> vfio_lock_and_set_power_state) and counts a
+ * device in D3hot as memory-disabled (__vfio_pci_memory_enabled), so the
+ * epoch is a blocking one like a MEM-off epoch: no store may succeed in it,
+ * and a pread of BAR0 and the doorbell must fail.  Back in D0 the workers
+ * run one more period.  0 when both transitions took.
+ */
+static int d3hot_phase(unsigned period_ms)
+{
+	unsigned pm = find_capability(PCI_CAP_ID_PM);
+	if (!pm) {
+		errno = ENOENT;
+		report_error("find the Power Management capability");
+		return 1;
+	}
+	sleep_ms(period_ms);
+	uint32_t d = next_epoch();
+	epochs[d - 1].doorbell = doorbell(d);
+	begin_epoch(d, D3HOT, "d3hot");
+	atomic_store(&current_epoch, d);
+	int64_t t0 = now_ns();
+	int to_d3 = set_power_state(pm, 3);
+	epochs[d].flip_ns = now_ns() - t0;
+	atomic_store(&settled_epoch, d);
+	int in_d3 = power_state(pm);
+	epochs[d].bar0_pread = pread_bar0();
+	sleep_ms(period_ms);
+
+	uint32_t e = next_epoch();
+	epochs[d].doorbell = doorbell(e);
+	atomic_store(&settled_epoch, ENABLING);
+	t0 = now_ns();
+	int to_d0 = set_power_state(pm, 0);
+	int64_t d0_ns = now_ns() - t0;
+	begin_epoch(e, ENABLED, "d3hot");
+	epochs[e].flip_ns = d0_ns;
+	atomic_store(&current_epoch, e);
+	atomic_store(&settled_epoch, e);
+	int in_d0 = power_state(pm);
+	uint64_t value;
+	t0 = now_ns();
+	if (guarded(bar0, 0, &value, 0) == 0)
+		epochs[e].first_touch_ns = now_ns() - t0;
+	int bell = doorbell(e);
+	uint16_t after = 0;
+	read_command(&after);
+	sleep_ms(period_ms);
+	report("\"kind\":\"mse.d3hot\",\"epoch\":%u,\"pm\":%u,\"to_d3\":\"%s\",\"state_d3\":%d,\"to_d3_ns\":%lld,"
+	       "\"pread_d3\":\"%s\",\"doorbell_d3\":\"%s\",\"to_d0\":\"%s\",\"state_d0\":%d,\"to_d0_ns\":%lld,"
+	       "\"doorbell_d0\":\"%s\",\"command\":%u",
+	       d, pm, errno_name(to_d3), in_d3, (long long)epochs[d].flip_ns, errno_name(epochs[d].bar0_pread),
+	       errno_name(epochs[d].doorbell), errno_name(to_d0), in_d0, (long long)d0_ns, errno_name(bell), after);
+	return to_d3 || to_d0 || in_d3 != 3 || in_d0 != 0;
+}
+
+/*
+ * VFIO_DEVICE_PCI_HOT_RESET while the workers fault, where the topology
+ * allows one: VFIO_DEVICE_GET_PCI_HOT_RESET_INFO first says whether a slot
+ * or bus reset is possible for the device and which devices it would
+ * take along.  A device on the root bus has no bridge above it to reset
+ * its bus with, so the kernel answers ENODEV there (vfio_pci_core.c:
+ * pci_probe_reset_slot and pci_probe_reset_bus both refuse); the report
+ * says so and the reset is not attempted.  When it is, the epoch is a
+ * reset epoch like reset_phase's.
+ */
+enum { HOT_RESET_ATTEMPTS = 1000 };
+
+static void hot_reset_phase(unsigned period_ms)
+{
+	enum { MOST = 8 };
+	size_t info_size = sizeof(struct vfio_pci_hot_reset_info) + MOST * sizeof(struct vfio_pci_dependent_device);
+	struct vfio_pci_hot_reset_info *info = calloc(1, info_size);
+	info->argsz = info_size;
+	int info_result = ioctl(dev.fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, info) < 0 ? errno : 0;
+	int result = -1;
+	unsigned attempts = 0;
+	uint32_t r = 0;
+	int64_t took = 0;
+	if (!info_result) {
+		size_t reset_size = sizeof(struct vfio_pci_hot_reset) + sizeof(int32_t);
+		struct vfio_pci_hot_reset *reset = calloc(1, reset_size);
+		reset->argsz = reset_size;
+		reset->count = 1;
+		reset->group_fds[0] = dev.group;
+		sleep_ms(period_ms);
+		r = next_epoch();
+		epochs[r - 1].doorbell = doorbell(r);
+		begin_epoch(r, RESET, "hot_reset");
+		atomic_store(&current_epoch, r);
+		atomic_store(&settled_epoch, r);
+		int64_t t0 = now_ns();
+		/* vfio-pci only trylocks the vma and memory locks of every device it resets, and answers EBUSY
+		 * when a faulting thread holds one (vfio_pci_dev_set_hot_reset): retry, as a VMM would. */
+		for (;;) {
+			attempts++;
+			result = ioctl(dev.fd, VFIO_DEVICE_PCI_HOT_RESET, reset) < 0 ? errno : 0;
+			if (result != EBUSY || attempts == HOT_RESET_ATTEMPTS)
+				break;
+			sleep_ms(1);
+		}
+		took = now_ns() - t0;
+		epochs[r].flip_ns = took;
+		sleep_ms(period_ms);
+		uint32_t e = next_epoch();
+		begin_epoch(e, ENABLED, "hot_reset");
+		atomic_store(&current_epoch, e);
+		atomic_store(&settled_epoch, e);
+		epochs[r].doorbell = doorbell(e);
+		free(reset);
+	}
+	/* COMMAND as the kernel restored it after the bus reset (-1: not read). */
+	uint16_t after = 0;
+	int after_ok = result >= 0 && read_command(&after) == 0;
+	report("\"kind\":\"mse.hot_reset\",\"info\":\"%s\",\"info_errno\":%d,\"devices\":%u,\"flags\":%u,"
+	       "\"result\":\"%s\",\"errno\":%d,\"attempts\":%u,\"epoch\":%u,\"ns\":%lld,\"command\":%d",
+	       errno_name(info_result), info_result, info_result ? 0 : info->count, info_result ? 0 : info->flags,
+	       result < 0 ? "not tried" : errno_name(result), result < 0 ? 0 : result, attempts, r, (long long)took,
+	       after_ok ? (int)after : -1);
+	free(info);
 }
 
 /* -- counting faults and present pages ------------------------------------------------ */
@@ -683,6 +877,84 @@ static void watch_phase(unsigned seconds)
 	}
 }
 
+/* -- both sides toggling (combined mode) ---------------------------------------------- */
+
+/* Trapped reads of membar's bar0_size register (BAR2 0x28) while both sides flip MEM, by outcome. */
+struct trapped_reads {
+	_Atomic uint64_t ok, aborted, eio, other, ok_while_disabled;
+	_Atomic int stop;
+};
+
+static struct trapped_reads trapped;
+
+/*
+ * Reads the low half of bar0_size through vfio's BAR2 region until told to
+ * stop: the value when the device decodes, all-ones when the device has
+ * MEM off (it master-aborts; the guest kernel is never told), EIO when the
+ * guest has MEM off (vfio-pci refuses before the device sees it).  A read
+ * that returns the value while the guest's disabling write had returned,
+ * before and after the read, counts as ok_while_disabled (see worker()).
+ */
+static void *trapped_reader(void *arg)
+{
+	uint32_t expected = (uint32_t)bar0_region.size;
+	(void)arg;
+	while (!atomic_load(&trapped.stop)) {
+		uint32_t e = atomic_load(&current_epoch);
+		uint32_t settled_before = atomic_load(&settled_epoch);
+		uint32_t value;
+		ssize_t n = pread(dev.fd, &value, sizeof(value), bar2_region.offset + 0x28);
+		if (n == (ssize_t)sizeof(value) && value == expected) {
+			atomic_fetch_add(&trapped.ok, 1);
+			if (epochs[e].state == DISABLED && settled_before == e && atomic_load(&settled_epoch) == e)
+				atomic_fetch_add(&trapped.ok_while_disabled, 1);
+		} else if (n == (ssize_t)sizeof(value) && value == UINT32_MAX) {
+			atomic_fetch_add(&trapped.aborted, 1);
+		} else if (n < 0 && errno == EIO) {
+			atomic_fetch_add(&trapped.eio, 1);
+		} else {
+			atomic_fetch_add(&trapped.other, 1);
+		}
+		sched_yield();
+	}
+	return NULL;
+}
+
+/*
+ * Combined mode: the device's server flips MEM on its own schedule (the
+ * harness starts it at mse.ready) while this program flips it through the
+ * config region every PERIOD_MS for SECONDS, the workers stamp BAR0 and a
+ * reader makes trapped reads.  The report lets the harness check that no
+ * read succeeded while either side had MEM off, and that the reads the
+ * guest saw succeed or master-aborted are the ones the server's log shows.
+ */
+static void combined_phase(unsigned seconds, unsigned period_ms)
+{
+	pthread_t reader;
+	errno = pthread_create(&reader, NULL, trapped_reader, NULL);
+	if (errno) {
+		report_error("pthread_create");
+		return;
+	}
+	report("\"kind\":\"mse.ready\",\"mode\":\"combined\",\"seconds\":%u", seconds);
+	int64_t deadline = now_ns() + (int64_t)seconds * 1000000000;
+	unsigned flips = 0;
+	while (now_ns() < deadline && atomic_load(&current_epoch) + 4 < MAX_EPOCHS) {
+		sleep_ms(period_ms);
+		flip_off("combined");
+		sleep_ms(period_ms);
+		flip_on("combined", 1);
+		flips += 2;
+	}
+	atomic_store(&trapped.stop, 1);
+	pthread_join(reader, NULL);
+	report("\"kind\":\"mse.combined\",\"guest_flips\":%u,\"reads_ok\":%llu,\"reads_aborted\":%llu,\"reads_eio\":%llu,"
+	       "\"reads_other\":%llu,\"reads_ok_while_disabled\":%llu",
+	       flips, (unsigned long long)trapped.ok, (unsigned long long)trapped.aborted,
+	       (unsigned long long)trapped.eio, (unsigned long long)trapped.other,
+	       (unsigned long long)trapped.ok_while_disabled);
+}
+
 /* -- reports ------------------------------------------------------------------------ */
 
 struct errno_counts {
@@ -734,8 +1006,9 @@ static uint64_t report_epochs(uint32_t last, uint64_t *sigbus_enabled, uint64_t 
 		       ep->doorbell < 0 ? "" : "\"");
 		sigbus_total += sigbus;
 		*sigbus_enabled += unexplained;
-		if (ep->state == DISABLED) {
+		if (blocking(ep->state))
 			*stored_disabled += stored;
+		if (ep->state == DISABLED) {
 			if (ep->bar0_pread >= 0)
 				count_errno(pread_disabled, ep->bar0_pread);
 			if (ep->doorbell >= 0)
@@ -1000,11 +1273,135 @@ static int storm_phase(unsigned cycles, unsigned nthreads, unsigned procs)
 	return done == cycles && children_ok && sigbus == 0 ? 0 : 1;
 }
 
+/* -- closing the device while MEM is off and BAR0 is mapped -------------------------- */
+
+struct close_steps {
+	char text[512];
+	int len;
+	int64_t started;
+};
+
+/* Report one step the moment it is done (a hang shows as the step after the last one reported) and keep it. */
+static void close_step(struct close_steps *steps, const char *name, const char *outcome)
+{
+	report("\"kind\":\"mse.close.step\",\"step\":\"%s\",\"result\":\"%s\",\"ns\":%lld", name, outcome,
+	       (long long)(now_ns() - steps->started));
+	steps->len += snprintf(steps->text + steps->len, sizeof(steps->text) - steps->len, "%s\"%s\":\"%s\"",
+			       steps->len ? "," : "", name, outcome);
+}
+
+static const char *touch_outcome(uint8_t *map)
+{
+	uint64_t value;
+	return guarded(map, 0, &value, 0) < 0 ? "sigbus" : "ok";
+}
+
+/*
+ * The same ordering ended by a process's exit instead of munmap: a child
+ * opens the device itself, maps BAR0, clears MEM, checks that the mapping
+ * faults, closes the device fd, group and container and exits with the
+ * mapping in place, so that the exit drops the last reference to the
+ * device.  Exit status 0 when each of those steps went as expected.
+ */
+static void exiting_child(const char *addr)
+{
+	struct vfio_dev own;
+	struct vfio_region_info config, bar;
+	if (vfio_open(addr, &own) < 0)
+		_exit(3);
+	if (vfio_region(&own, VFIO_PCI_CONFIG_REGION_INDEX, &config) < 0 ||
+	    vfio_region(&own, VFIO_PCI_BAR0_REGION_INDEX, &bar) < 0)
+		_exit(4);
+	uint8_t *map = mmap(NULL, bar.size, PROT_READ | PROT_WRITE, MAP_SHARED, own.fd, bar.offset);
+	if (map == MAP_FAILED)
+		_exit(5);
+	uint16_t value;
+	if (pread(own.fd, &value, sizeof(value), config.offset + PCI_COMMAND) != sizeof(value))
+		_exit(6);
+	value &= ~PCI_COMMAND_MEMORY;
+	if (pwrite(own.fd, &value, sizeof(value), config.offset + PCI_COMMAND) != sizeof(value))
+		_exit(6);
+	uint64_t word;
+	if (guarded(map, 0, &word, 0) == 0)
+		_exit(7);
+	if (close(own.fd) || close(own.group) || close(own.container))
+		_exit(8);
+	_exit(0);
+}
+
+/*
+ * The ordering behind a 2026 vfio-pci hang: MEM is cleared (vfio-pci zaps
+ * BAR0), the mapping stays, and the device fd, the group and the container
+ * are closed while it does.  The mapping holds the device file, so the
+ * device is released only when it goes: at the munmap.  A child then does
+ * the same on a device it opens itself and exits instead of unmapping
+ * (exiting_child).  Last, the device is opened again from scratch, mapped,
+ * and thread 0's last stamp on page 0 is read back through the new mapping.
+ * Runs last (the program's device fds are gone after it).  Expected: each step returns (bounded by the run's
+ * timeout, not by a sleep here), a touch of the zapped mapping raises
+ * SIGBUS before and after the closes, the re-open works and the stamp is
+ * there, and the child exits 0.  0 when every step went as expected.
+ */
+static int close_phase(const char *addr)
+{
+	struct close_steps steps = {.started = now_ns()};
+	close_step(&steps, "mem_off", errno_name(set_memory(0)));
+	close_step(&steps, "touch_disabled", touch_outcome(bar0));
+	close_step(&steps, "close_device", errno_name(close(dev.fd) ? errno : 0));
+	close_step(&steps, "close_group", errno_name(close(dev.group) ? errno : 0));
+	close_step(&steps, "close_container", errno_name(close(dev.container) ? errno : 0));
+	close_step(&steps, "touch_closed", touch_outcome(bar0));
+	int unmapped = munmap(bar0, bar0_region.size) ? errno : 0;
+	if (!unmapped && storm && storm->offset_map != MAP_FAILED)
+		unmapped = munmap(storm->offset_map, bar0_region.size - PAGE) ? errno : 0;
+	close_step(&steps, "munmap", errno_name(unmapped));
+	char exited[24] = "fork failed";
+	pid_t child = fork();
+	if (child == 0)
+		exiting_child(addr);
+	int status = 0;
+	if (child > 0 && waitpid(child, &status, 0) == child) {
+		if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+			snprintf(exited, sizeof(exited), "ok");
+		else if (WIFEXITED(status))
+			snprintf(exited, sizeof(exited), "status %d", WEXITSTATUS(status));
+		else
+			snprintf(exited, sizeof(exited), "signal %d", WTERMSIG(status));
+	}
+	close_step(&steps, "child_exit", exited);
+
+	int ok = 0;
+	const char *value = "not read";
+	if (vfio_open(addr, &dev) == 0 && vfio_region(&dev, VFIO_PCI_CONFIG_REGION_INDEX, &config_region) == 0 &&
+	    vfio_region(&dev, VFIO_PCI_BAR0_REGION_INDEX, &bar0_region) == 0 &&
+	    vfio_region(&dev, VFIO_PCI_BAR2_REGION_INDEX, &bar2_region) == 0 && read_command(&command) == 0) {
+		close_step(&steps, "reopen", "ok");
+		if (!(command & PCI_COMMAND_MEMORY))
+			close_step(&steps, "mem_on", errno_name(set_memory(1)));
+		size_t alignment;
+		bar0 = map_bar0(&alignment, 0);
+		close_step(&steps, "map", bar0 == MAP_FAILED ? errno_name(errno) : "ok");
+		if (bar0 != MAP_FAILED) {
+			uint64_t stamp = 0;
+			if (guarded(bar0, 0, &stamp, 0) < 0)
+				value = "sigbus";
+			else
+				value = stamp == logs[0]->last[0] ? "match" : "mismatch";
+			close_step(&steps, "stamp_reopened", value);
+			ok = 1;
+		}
+	} else {
+		close_step(&steps, "reopen", "failed");
+	}
+	report("\"kind\":\"mse.close\",%s", steps.text);
+	return !(ok && strcmp(value, "match") == 0);
+}
+
 static void usage(const char *argv0)
 {
 	fprintf(stderr,
-		"usage: %s [-m guest|server] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] "
-		"[-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS] [-R] [-F] [-u] [ADDR]\n",
+		"usage: %s [-m guest|server|combined] [-t THREADS] [-c CYCLES] [-p PERIOD_MS] [-d SECONDS] "
+		"[-l LATENCY_CYCLES] [-s STORM_CYCLES] [-P STORM_PROCS] [-R] [-F] [-u] [-D] [-H] [-C] [ADDR]\n",
 		argv0);
 	exit(2);
 }
@@ -1014,8 +1411,8 @@ int main(int argc, char **argv)
 	const char *mode = "guest";
 	unsigned nthreads = 4, cycles = 8, period_ms = 20, seconds = 3, latency_cycles = 6, storm_cycles = 0,
 		 storm_procs = 2;
-	int do_reset = 1, do_fork = 1, misalign = 0, opt;
-	while ((opt = getopt(argc, argv, "m:t:c:p:d:l:s:P:RFu")) != -1) {
+	int do_reset = 1, do_fork = 1, misalign = 0, do_d3hot = 1, do_hot_reset = 1, do_close = 1, opt;
+	while ((opt = getopt(argc, argv, "m:t:c:p:d:l:s:P:RFuDHC")) != -1) {
 		switch (opt) {
 		case 'm': mode = optarg; break;
 		case 't': nthreads = strtoul(optarg, NULL, 0); break;
@@ -1028,17 +1425,20 @@ int main(int argc, char **argv)
 		case 'R': do_reset = 0; break;
 		case 'F': do_fork = 0; break;
 		case 'u': misalign = 1; break;
+		case 'D': do_d3hot = 0; break;
+		case 'H': do_hot_reset = 0; break;
+		case 'C': do_close = 0; break;
 		default: usage(argv[0]);
 		}
 	}
-	int server_mode = strcmp(mode, "server") == 0;
-	if ((!server_mode && strcmp(mode, "guest") != 0) || nthreads < 1 || nthreads > MAX_THREADS ||
+	int server_mode = strcmp(mode, "server") == 0, combined = strcmp(mode, "combined") == 0;
+	if ((!server_mode && !combined && strcmp(mode, "guest") != 0) || nthreads < 1 || nthreads > MAX_THREADS ||
 	    2 * (cycles + latency_cycles) + 8 >= MAX_EPOCHS || storm_procs > 16 || optind < argc - 1)
 		usage(argv[0]);
 	program_start = now_ns();
 
 	char addr[NAME_MAX + 1], driver[64];
-	const char *failed[8];
+	const char *failed[12];
 	unsigned num_failed = 0;
 	if (optind == argc - 1)
 		snprintf(addr, sizeof(addr), "%s", argv[optind]);
@@ -1098,21 +1498,31 @@ int main(int argc, char **argv)
 		errno = error;
 		report_error("doorbell");
 	}
+	int d3hot_result = 0;
 	start_workers(nthreads);
 	tl_log = new_log(-1); /* the main thread's own accesses (first touches), after the workers' logs */
 	if (server_mode) {
 		report("\"kind\":\"mse.ready\",\"mode\":\"server\",\"seconds\":%u", seconds);
 		watch_phase(seconds);
 		stop_workers(nthreads);
+	} else if (combined) {
+		combined_phase(seconds, period_ms);
+		stop_workers(nthreads);
 	} else {
 		if (do_reset)
 			reset_phase(period_ms);
 		toggle_phase(cycles, period_ms);
+		if (do_d3hot)
+			d3hot_result = d3hot_phase(period_ms);
+		if (do_hot_reset)
+			hot_reset_phase(period_ms);
 		stop_workers(nthreads);
 		latency_phase(latency_cycles);
 	}
-	int fork_result = do_fork && !server_mode ? fork_phase() : 0;
-	int storm_result = storm_cycles && !server_mode ? storm_phase(storm_cycles, nthreads, storm_procs) : 0;
+	int guest_mode = !server_mode && !combined;
+	/* The fork phase reads pages 1 to 3 of BAR0. */
+	int fork_result = do_fork && guest_mode && pages >= 4 ? fork_phase() : 0;
+	int storm_result = storm_cycles && guest_mode ? storm_phase(storm_cycles, nthreads, storm_procs) : 0;
 
 	uint32_t last = atomic_load(&current_epoch);
 	/* Close the last epoch in the server's log: what follows (closing the device resets it) is no epoch's. */
@@ -1128,6 +1538,7 @@ int main(int argc, char **argv)
 	size_t checked;
 	size_t mismatches = readback(nthreads, &checked);
 	report("\"kind\":\"mse.readback\",\"mismatches\":%zu,\"checked\":%zu", mismatches, checked);
+	int close_result = do_close && guest_mode ? close_phase(addr) : 0;
 
 	if (mismatches)
 		failed[num_failed++] = "readback";
@@ -1141,12 +1552,18 @@ int main(int argc, char **argv)
 			failed[num_failed++] = "stored_while_disabled";
 		if (pread_disabled.ok || pread_disabled.other || doorbell_disabled.ok || doorbell_disabled.other)
 			failed[num_failed++] = "eio";
+		if (combined && trapped.ok_while_disabled)
+			failed[num_failed++] = "trapped_read_while_disabled";
 		if (fork_result)
 			failed[num_failed++] = "fork";
 		if (storm_result)
 			failed[num_failed++] = "storm";
+		if (d3hot_result)
+			failed[num_failed++] = "d3hot";
+		if (close_result)
+			failed[num_failed++] = "close";
 	}
-	char names[128] = "";
+	char names[192] = "";
 	for (unsigned i = 0, len = 0; i < num_failed; i++)
 		len += snprintf(names + len, sizeof(names) - len, "%s\"%s\"", i ? "," : "", failed[i]);
 	report("\"kind\":\"mse.done\",\"status\":%d,\"mode\":\"%s\",\"epochs\":%u,\"sigbus\":%llu,\"sigbus_enabled\":%llu,"

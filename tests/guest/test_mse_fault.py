@@ -20,11 +20,20 @@ from typing import Any
 
 import pytest
 
-from vdev.model.events import CommandChange, RegionWrite
+from vdev.model.events import (
+    AccessWhileDisabled,
+    CommandChange,
+    DeviceEvent,
+    PowerChange,
+    RegionRead,
+    RegionWrite,
+    Reset,
+)
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts
 from vdev_experiments.mse import (
     BEFORE,
+    CLOSE_EXPECTED,
     KNOWN_FAILURES,
     MseConfig,
     MseRun,
@@ -83,6 +92,10 @@ async def test_guest_toggling_faults_only_while_disabled_and_keeps_every_stamp(
     assert report.storm is not None
     assert (report.storm["cycles"], report.storm["processes"], report.storm["sigbus"]) == (40, 2, 0)
     assert report.storm["faults_per_cycle_min"] >= 1
+    # The other zap paths ran, and passed above: D3hot under load, a hot reset or the kernel's refusal of
+    # one, and closing the device while MEM is off and BAR0 is mapped, every step reported.
+    assert report.d3hot is not None and report.hot_reset is not None
+    assert set(CLOSE_EXPECTED) <= {step["step"] for step in report.close_steps}
     assert run.console_log.exists()
 
 
@@ -315,3 +328,159 @@ def test_known_failures_name_an_exact_kernel_package_and_their_evidence() -> Non
         assert all(where.startswith("docs/") for where in verdicts.values())
     fork = _run("bookworm", {}, 1).provenance
     assert known_failures(fork) == {}  # a package without recorded evidence must pass everything
+
+
+# -- the zap paths besides COMMAND.MEM, on hand-made logs ------------------------------------
+
+
+def _power(old: int, new: int) -> PowerChange:
+    return PowerChange(old=old, new=new, source="client")
+
+
+def _d3hot_results(*, stored: int = 0, pread: str = "EIO") -> list[dict[str, Any]]:
+    d3hot = {**_epoch(1, "d3hot", sigbus=7), "phase": "d3hot", "stored_while_disabled": stored, "ns": 40_000_000}
+    report = {
+        "kind": "mse.d3hot",
+        "epoch": 1,
+        "pm": 0x40,
+        "to_d3": "ok",
+        "state_d3": 3,
+        "pread_d3": pread,
+        "doorbell_d3": "EIO",
+        "to_d0": "ok",
+        "state_d0": 0,
+        "doorbell_d0": "ok",
+        "command": 0x103,
+    }
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+    return [_epoch(0, "enabled"), d3hot, _epoch(2, "enabled"), report, done]
+
+
+def test_d3hot_fails_on_a_store_that_landed_in_d3hot_and_on_a_server_that_never_left_d0() -> None:
+    server = ServerLog.from_events([_doorbell(0), _doorbell(1), _power(0, 3), _power(3, 0), _doorbell(2)])
+    assert server.power == {1: [3, 0]} and server.decoding_stopped(1) and not server.decoding_stopped(2)
+
+    def verdicts(results: list[dict[str, Any]], log: ServerLog = server) -> dict[str, Verdict]:
+        return {v.name: v for v in analyse("guest", results, log, bytes(4096))}
+
+    honest = verdicts(_d3hot_results())
+    assert honest["d3hot_blocks_access"].passed, honest["d3hot_blocks_access"].detail
+    assert honest["epochs_match_server"].passed and honest["sigbus_only_when_disabled"].passed
+    assert not verdicts(_d3hot_results(stored=1))["d3hot_blocks_access"].passed
+    assert not verdicts(_d3hot_results(pread="ok"))["d3hot_blocks_access"].passed
+    stayed_in_d0 = ServerLog.from_events([_doorbell(0), _doorbell(1), _doorbell(2)])
+    assert not verdicts(_d3hot_results(), stayed_in_d0)["d3hot_blocks_access"].passed
+    assert not verdicts(_d3hot_results(), stayed_in_d0)["epochs_match_server"].passed
+    assert not verdicts(_d3hot_results(), stayed_in_d0)["sigbus_only_when_disabled"].passed
+
+
+def _hot_reset(info: str, result: str = "not tried", *, command: int = 0x103, reset_epoch: int = 1) -> dict[str, Any]:
+    return {
+        "kind": "mse.hot_reset",
+        "info": info,
+        "info_errno": {"ok": 0, "ENODEV": 19, "EINVAL": 22}[info],
+        "devices": 1 if info == "ok" else 0,
+        "flags": 0,
+        "result": result,
+        "errno": 0,
+        "attempts": 1,
+        "epoch": reset_epoch if info == "ok" else 0,
+        "ns": 1_000_000,
+        "command": command if result != "not tried" else -1,
+    }
+
+
+def test_a_hot_reset_passes_only_when_it_reset_the_device_or_was_refused_for_the_reason_read_in_the_source() -> None:
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+    reset_epoch = {**_epoch(1, "reset"), "phase": "hot_reset"}
+
+    def verdict(hot: dict[str, Any], events: list[DeviceEvent], topology: str = "root-port") -> Verdict:
+        results = [_epoch(0, "enabled"), reset_epoch, _epoch(2, "enabled"), hot, done]
+        found = {
+            v.name: v for v in analyse("guest", results, ServerLog.from_events(events), bytes(4096), topology=topology)
+        }
+        return found["hot_reset"]
+
+    bells = [_doorbell(0), _doorbell(1), _doorbell(2)]
+    refused = verdict(_hot_reset("ENODEV"), bells, "root-bus")
+    assert refused.passed and "root bus" in refused.detail
+    assert not verdict(_hot_reset("ENODEV"), bells).passed  # behind a root port a bus reset must be possible
+    assert not verdict(_hot_reset("EINVAL"), bells, "root-bus").passed
+    # The kernel clears COMMAND before the bus reset and restores it after: MEM off, reset, MEM on.
+    cleared, restored = _command(0x103, 0x400), _command(0x400, 0x103)
+    reset = [_doorbell(0), _doorbell(1), cleared, Reset(reason="device"), restored, _doorbell(2)]
+    assert verdict(_hot_reset("ok", "ok"), reset).passed, verdict(_hot_reset("ok", "ok"), reset).detail
+    assert not verdict(_hot_reset("ok", "ok"), [*bells[:2], cleared, restored, bells[2]]).passed  # no reset seen
+    assert not verdict(_hot_reset("ok", "ok"), [*bells[:2], Reset(reason="device"), bells[2]]).passed  # MEM kept
+    assert not verdict(_hot_reset("ok", "ok"), [*reset[:4], bells[2]]).passed  # MEM never restored
+    assert not verdict(_hot_reset("ok", "ok", command=0x400), reset).passed  # COMMAND read back without MEM
+    assert not verdict(_hot_reset("ok", "EBUSY"), reset).passed
+    faulted = [_epoch(0, "enabled"), {**reset_epoch, "sigbus": 3}, _epoch(2, "enabled"), _hot_reset("ok", "ok"), done]
+    found = {v.name: v for v in analyse("guest", faulted, ServerLog.from_events(reset), bytes(4096))}
+    assert not found["hot_reset"].passed  # a worker took a SIGBUS instead of waiting out the reset
+
+
+def test_closing_while_disabled_fails_on_a_step_that_never_returned_or_went_wrong() -> None:
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+
+    def verdict(steps: dict[str, str], *, summary: bool = True) -> Verdict:
+        lines = [{"kind": "mse.close.step", "step": name, "result": result, "ns": 1} for name, result in steps.items()]
+        closing = [{"kind": "mse.close", **steps}] if summary else []
+        results = [_epoch(0, "enabled"), *lines, *closing, done]
+        found = {v.name: v for v in analyse("guest", results, ServerLog.from_events([_doorbell(0)]), bytes(4096))}
+        return found["close_while_disabled"]
+
+    assert verdict(dict(CLOSE_EXPECTED)).passed
+    steps = list(CLOSE_EXPECTED.items())
+    hung = verdict(dict(steps[:6]), summary=False)  # munmap never returned
+    assert not hung.passed and "last reported: touch_closed" in hung.detail
+    assert not verdict({**CLOSE_EXPECTED, "touch_closed": "ok"}).passed
+    assert not verdict({**CLOSE_EXPECTED, "stamp_reopened": "mismatch"}).passed
+
+
+def _trapped_read(value: int) -> RegionRead:
+    return RegionRead(region=2, offset=0x28, size=4, value=value)
+
+
+def _trapped_abort() -> AccessWhileDisabled:
+    return AccessWhileDisabled(region=2, offset=0x28, size=4, access="read", policy="master-abort")
+
+
+def test_combined_toggles_fail_on_a_read_answered_with_mem_off_and_on_counts_the_two_sides_disagree_on() -> None:
+    events = [
+        _command(0, 0x103),
+        _doorbell(0),
+        _trapped_read(0x400000),
+        _command(0x103, 0x101, "device"),
+        _trapped_abort(),
+        _trapped_read(0xFFFFFFFF),
+        _command(0x101, 0x103, "client"),
+        _doorbell(1),
+        _command(0x103, 0x101, "client"),
+        _doorbell(2),
+        _command(0x101, 0x103, "client"),
+        _trapped_read(0x400000),
+    ]
+    combined = {
+        "kind": "mse.combined",
+        "guest_flips": 2,
+        "reads_ok": 2,
+        "reads_aborted": 1,
+        "reads_eio": 3,
+        "reads_other": 0,
+        "reads_ok_while_disabled": 0,
+    }
+    done = {"kind": "mse.done", "status": 0, "failed": []}
+
+    def verdict(report: dict[str, Any], log: list[DeviceEvent] = events) -> Verdict:
+        results = [_epoch(0, "enabled"), _epoch(1, "disabled"), _epoch(2, "enabled"), report, done]
+        found = {v.name: v for v in analyse("combined", results, ServerLog.from_events(log), bytes(4096))}
+        return found["combined_toggles"]
+
+    assert verdict(combined).passed, verdict(combined).detail
+    assert not verdict({**combined, "reads_ok_while_disabled": 1}).passed
+    assert not verdict({**combined, "reads_ok": 3}).passed  # a success the server never answered
+    answered_while_off = [*events[:5], _trapped_read(0x400000), *events[6:]]
+    assert not verdict({**combined, "reads_ok": 3, "reads_aborted": 1}, answered_while_off).passed
+    guest_only = [event for event in events if getattr(event, "source", None) != "device"]
+    assert not verdict(combined, guest_only).passed

@@ -27,8 +27,8 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 import trio
 
 from vdev.model.bars import Bar, BarState
-from vdev.model.capabilities import Capability, MsiX, PciExpress
-from vdev.model.config import CommandRegister, ConfigChange, ConfigSpace
+from vdev.model.capabilities import Capability, MsiX, PciExpress, PowerManagement
+from vdev.model.config import CommandRegister, ConfigChange, ConfigSpace, PlacedCapability
 from vdev.model.dma import Dma, DmaPort
 from vdev.model.errors import DefinitionError
 from vdev.model.events import (
@@ -40,6 +40,7 @@ from vdev.model.events import (
     EventLog,
     FaultInjected,
     HandlerError,
+    PowerChange,
     RegionRead,
     RegionWrite,
     Reset,
@@ -47,7 +48,7 @@ from vdev.model.events import (
 from vdev.model.faults import DeviceFault, DeviceFaultPlan, InjectedError
 from vdev.model.interrupts import Interrupts, IrqSink
 from vdev.model.memory_enable import BarDisabledError, CommandControl, DisabledAccess
-from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
+from vdev.model.pci_regs import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_D0, PCI_D3HOT
 from vdev.model.registers import Register, call_hook
 from vdev.protocol.constants import RegionIndex
 
@@ -230,6 +231,10 @@ class Device:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._msix = self.config.find(MsiX)
+        self._pm = self.config.find(PowerManagement)
+        self._power_state = PCI_D0
+        #: Whether the BARs' memory-enable policies last saw memory decoding on (COMMAND.MEM in D0).
+        self._memory_decoding = self.command.memory
         self._quick_reads, self._quick_writes = self._quick_lanes()
 
     # -- declaration hooks -----------------------------------------------------
@@ -341,6 +346,19 @@ class Device:
     def command(self) -> CommandRegister:
         """The COMMAND register as the client last wrote it."""
         return self.config.command
+
+    @property
+    def power_state(self) -> int:
+        """The PCI power state in PMCSR (0 = D0, 3 = D3hot); always D0 without a Power Management capability."""
+        return self._power_state
+
+    def decodes(self, bit: str) -> bool:
+        """Whether the BARs ``bit`` (``memory`` or ``io``) enables answer now.
+
+        Like hardware, a function out of D0 decodes neither memory nor I/O,
+        whatever COMMAND says: D3hot gets the same treatment as MEM off.
+        """
+        return self._power_state == PCI_D0 and bool(getattr(self.command, bit))
 
     async def wait_for_command(self, predicate: Callable[[CommandRegister], bool]) -> CommandRegister:
         """Sleep until COMMAND satisfies ``predicate`` (e.g. ``lambda c: c.memory``)."""
@@ -481,6 +499,7 @@ class Device:
         if (
             lane is None
             or not self.config.data[PCI_COMMAND] & lane[1]
+            or self._power_state != PCI_D0
             or "read" in self.faults.kinds
             or self.command_control.access_schedule is not None
         ):
@@ -498,6 +517,7 @@ class Device:
         if (
             lane is None
             or not self.config.data[PCI_COMMAND] & lane[1]
+            or self._power_state != PCI_D0
             or "write" in self.faults.kinds
             or self.command_control.access_schedule is not None
         ):
@@ -557,7 +577,7 @@ class Device:
     async def _bar_access(self, region: int, offset: int, size: int, data: bytes | None) -> bytes:
         bar = self._bars[region]
         self.command_control.count_access()
-        if not getattr(self.command, bar.decoding_bit):
+        if not self.decodes(bar.decoding_bit):
             policy = bar.when_disabled
             if policy is not DisabledAccess.PASS:
                 self.events.record(
@@ -604,18 +624,55 @@ class Device:
         """
         new = self.command
         self.events.record(CommandChange(old=old.value, new=new.value, source=source, **new.decoded()))
-        if old.memory != new.memory:
-            for bar in self._bars.values():
-                if bar.decoding_bit == "memory":
-                    bar.memory_enabled() if new.memory else bar.memory_disabled()
+        self._apply_memory_decoding()
         changed, self._command_changed = self._command_changed, trio.Event()
         self.call_soon(changed.set)
         self.on_command(old, new)
         if old.intx_disable and not new.intx_disable:
             self.irq.intx_unmasked()
 
+    def _apply_memory_decoding(self) -> None:
+        """Run the BARs' memory-enable policies when memory decoding (COMMAND.MEM in D0) changed."""
+        decoding = self.decodes("memory")
+        if decoding == self._memory_decoding:
+            return
+        self._memory_decoding = decoding
+        for bar in self._bars.values():
+            if bar.decoding_bit == "memory":
+                bar.memory_enabled() if decoding else bar.memory_disabled()
+
+    def _stored_power_state(self, pm: PlacedCapability) -> int:
+        """The power state PMCSR holds now."""
+        pmcsr = pm.register("pmcsr")
+        return pmcsr.field("power_state").extract(self.config.read_int(pmcsr.offset, pmcsr.width))
+
+    def _power_written(self, pm: PlacedCapability) -> None:
+        """A client wrote PMCSR: move to the state written, or keep the current one if it is one we lack.
+
+        The capability advertises D0 and D3hot only (no D1, D2), and a
+        function ignores a write of a state it does not support.
+        """
+        state = self._stored_power_state(pm)
+        if state not in (PCI_D0, PCI_D3HOT):
+            pmcsr = pm.register("pmcsr")
+            field = pmcsr.field("power_state")
+            stored = self.config.read_int(pmcsr.offset, pmcsr.width)
+            self.config.write_int(pmcsr.offset, pmcsr.width, (stored & ~field.mask) | self._power_state << field.lsb)
+            return
+        self._set_power_state(state, source="client")
+
+    def _set_power_state(self, state: int, *, source: str) -> None:
+        old, self._power_state = self._power_state, state
+        if old != state:
+            self.events.record(PowerChange(old=old, new=state, source=source))
+            self._apply_memory_decoding()
+
     async def _capability_writes(self, change: ConfigChange) -> None:
         for placed in change.capabilities:
+            if isinstance(placed.capability, PowerManagement):
+                pmcsr = placed.register("pmcsr")
+                if change.offset < pmcsr.end and pmcsr.offset < change.offset + change.size:
+                    self._power_written(placed)
             if isinstance(placed.capability, PciExpress) and placed.capability.flr:
                 # Initiate-FLR is write-only (never stored), so look at what was written.
                 control = placed.register("device_control")
@@ -641,6 +698,8 @@ class Device:
                 bar.reset()
             self.irq.reset()
         self.events.record(Reset(reason=kind.value))
+        if self._pm is not None:
+            self._set_power_state(self._stored_power_state(self._pm), source="reset")
         if old_command != self.command:
             self.command_changed(old_command, source="reset")
         await call_hook(self.on_reset, kind)

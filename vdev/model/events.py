@@ -205,6 +205,20 @@ class MemoryAction(DeviceEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PowerChange(DeviceEvent):
+    """The PCI power state in PMCSR changed (0 = D0, 3 = D3hot); ``source`` is ``client`` or ``reset``.
+
+    Out of D0 a device decodes no memory, so its BARs' memory-enable
+    policies follow this as they follow COMMAND.MEM (see docs/memory-enable.md).
+    """
+
+    kind: ClassVar[str] = "power"
+    old: int
+    new: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Connect(DeviceEvent):
     """A client attached."""
 
@@ -259,7 +273,8 @@ class DmaRefused(Violation):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AccessWhileDisabled(Violation):
-    """A BAR access arrived while COMMAND had its decoding off; ``policy`` says what was done."""
+    """A BAR access arrived while its decoding was off (COMMAND's bit clear, or the device out of D0);
+    ``policy`` says what was done."""
 
     what: str = "access while disabled"
     region: int

@@ -32,6 +32,10 @@ COMMAND_WRITABLE = (
     | PCI_COMMAND_INTX_DISABLE
 )
 
+#: Power states in PMCSR's power_state field (the Power Management capability).
+PCI_D0 = 0
+PCI_D3HOT = 3
+
 PCI_STATUS_INTERRUPT = 0x0008
 PCI_STATUS_CAP_LIST = 0x0010
 STATUS_RW1C = 0xF900  # master data parity, target/master aborts, SERR, parity error
