@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment finding-idio16 finding-qemu finding-libvfio-user kselftest kselftest-guest
+.PHONY: all deps venv test demo bench soak test-debug lint clean-deps guest experiment finding-idio16 finding-qemu finding-libvfio-user finding-munmap-race kselftest kselftest-guest
 
 all: test
 
@@ -104,3 +104,9 @@ finding-qemu: deps
 # Finding 4 of docs/findings.md: the provisioned libvfio-user's bugs, each shown through vdev's client.
 finding-libvfio-user: deps
 	$(PY) -m tools.findings.libvfio_user $(FINDING_ARGS)
+
+# Finding 6 of docs/findings.md (vfio-pci 6.1's MEM-off zap racing munmap), REPEAT=N boots per kernel set. A race:
+# nothing is asserted; each boot's outcome and a tally are printed and kept in results/findings/munmap-race/.
+finding-munmap-race: deps
+	@tools/guest.sh $(or $(KERNELS),bookworm)
+	$(PY) -m tools.findings.munmap_race --kernels "$(or $(KERNELS),bookworm)" --repeat $(or $(REPEAT),30) $(FINDING_ARGS)
