@@ -42,3 +42,9 @@ def guest_set(missing: Callable[[str], NoReturn]) -> Callable[[str], GuestArtefa
             missing(str(exc))
 
     return find
+
+
+@pytest.fixture
+def bookworm(guest_set: Callable[[str], GuestArtefacts]) -> GuestArtefacts:
+    """Debian 6.1's set, the kernel the controls and the variants patch."""
+    return guest_set("bookworm")

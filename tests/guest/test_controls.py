@@ -15,10 +15,7 @@ The first run builds the modules: about a minute from a clean cache
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import pytest
 
 from vdev.qemu.guest import GuestArtefacts
 from vdev_experiments.mse import MseConfig, MseRun, run_mse
@@ -26,17 +23,6 @@ from vdev_experiments.mse import MseConfig, MseRun, run_mse
 CONTROLS = Path(__file__).resolve().parents[2] / "controls"
 #: The stock module's run in test_mse_fault.py, sized for CI.
 CONFIG = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3, storm_cycles=40)
-
-
-@pytest.fixture
-def bookworm(qemu_binary: Path) -> GuestArtefacts:
-    """Debian 6.1, which the controls patch."""
-    try:
-        return GuestArtefacts.find("bookworm")
-    except FileNotFoundError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 def explain(run: MseRun) -> str:

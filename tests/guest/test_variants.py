@@ -11,7 +11,6 @@ one per vma (``test_mse_fault.py`` runs the stock module through the same
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,6 @@ from vdev_experiments.mse import MseConfig, MseRun, faults_per_enable, run_mse
 VARIANTS = Path(__file__).resolve().parents[2] / "variants"
 #: The controls' run (test_controls.py), sized for CI.
 CONFIG = MseConfig(mode="guest", threads=4, cycles=4, period_ms=20, latency_cycles=3, storm_cycles=40)
-
-
-@pytest.fixture
-def bookworm(qemu_binary: Path) -> GuestArtefacts:
-    """Debian 6.1, which the variants patch."""
-    try:
-        return GuestArtefacts.find("bookworm")
-    except FileNotFoundError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 def explain(run: MseRun) -> str:
