@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from vdev_devices.nvme import structures
-from vdev_devices.nvme.queues import Command, CommandError, SubmissionQueue
+from vdev_devices.nvme.queues import CommandError, SubmissionEntry, SubmissionQueue
 from vdev_devices.nvme.spec import (
     IDENTIFY_SIZE,
     AdminOpcode,
@@ -37,7 +37,7 @@ class _Deferred:
 #: What a handler returns when it completes the command later itself.
 DEFERRED: Final = _Deferred()
 
-AdminHandler = Callable[["Nvme", Command, SubmissionQueue], Awaitable["int | _Deferred"]]
+AdminHandler = Callable[["Nvme", SubmissionEntry, SubmissionQueue], Awaitable["int | _Deferred"]]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class AdminCommand:
 
 
 def _check_new_queue(
-    ctrl: Nvme, cmd: Command, qid: int, entries: int, contiguous: int, existing: Container[int]
+    ctrl: Nvme, cmd: SubmissionEntry, qid: int, entries: int, contiguous: int, existing: Container[int]
 ) -> None:
     """What Create I/O CQ and Create I/O SQ both check about the queue to create."""
     if qid == 0 or qid > ctrl.queues_allocated or qid in existing:
@@ -63,7 +63,7 @@ def _check_new_queue(
         raise CommandError(Status.PRP_OFFSET_INVALID)
 
 
-async def create_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def create_cq(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     qid, entries = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
     contiguous, interrupts, vector = cmd.cdw11 & 1, bool(cmd.cdw11 & 2), cmd.cdw11 >> 16
     _check_new_queue(ctrl, cmd, qid, entries, contiguous, ctrl.cqs)
@@ -73,7 +73,7 @@ async def create_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
     return 0
 
 
-async def create_sq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def create_sq(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     qid, entries = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
     contiguous, priority, cqid = cmd.cdw11 & 1, (cmd.cdw11 >> 1) & 0x3, cmd.cdw11 >> 16
     if cqid == 0 or cqid not in ctrl.cqs:
@@ -83,7 +83,7 @@ async def create_sq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
     return 0
 
 
-async def delete_sq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def delete_sq(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     qid = cmd.cdw10 & 0xFFFF
     if qid == 0 or qid not in ctrl.sqs:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER)
@@ -91,7 +91,7 @@ async def delete_sq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
     return 0
 
 
-async def delete_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def delete_cq(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     qid = cmd.cdw10 & 0xFFFF
     if qid == 0 or qid not in ctrl.cqs:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER)
@@ -104,7 +104,7 @@ async def delete_cq(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
 # -- identify and logs -------------------------------------------------------------------------
 
 
-async def identify(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def identify(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     cns, csi = cmd.cdw10 & 0xFF, cmd.cdw11 >> 24
     if cns == Cns.CONTROLLER:
         data = structures.identify_controller(ctrl.identity)
@@ -132,7 +132,7 @@ LOG_EVENT_TYPES = {
 }
 
 
-async def get_log_page(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def get_log_page(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     lid, retain = cmd.cdw10 & 0xFF, bool(cmd.cdw10 & (1 << 15))
     dwords = ((cmd.cdw10 >> 16) | (cmd.cdw11 & 0xFFFF) << 16) + 1
     offset = cmd.cdw12 | cmd.cdw13 << 32
@@ -162,13 +162,13 @@ async def get_log_page(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
 # -- abort and asynchronous events ------------------------------------------------------------
 
 
-async def abort(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def abort(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     """DW0 bit 0 is 0 when the command was aborted, 1 when it was not (it had completed, or never came)."""
     sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
     return 0 if await ctrl.abort(sqid, cid) else 1
 
 
-async def async_event_request(ctrl: Nvme, cmd: Command, sq: SubmissionQueue) -> int | _Deferred:
+async def async_event_request(ctrl: Nvme, cmd: SubmissionEntry, sq: SubmissionQueue) -> int | _Deferred:
     if not ctrl.hold_async_event(sq, cmd):
         raise CommandError(Status.ASYNC_EVENT_LIMIT_EXCEEDED)
     return DEFERRED
@@ -178,7 +178,7 @@ async def async_event_request(ctrl: Nvme, cmd: Command, sq: SubmissionQueue) -> 
 
 
 @dataclass(frozen=True)
-class Feature:
+class FeatureRule:
     """A feature: its value's writable bits and default, and which part of CDW11 selects an instance.
 
     ``instance`` extracts the instance a command addresses from CDW11 (a
@@ -229,27 +229,27 @@ def _queues_default(ctrl: Nvme, _instance: int) -> int:
     return count << 16 | count
 
 
-FEATURES: dict[int, Feature] = {
-    FeatureId.ARBITRATION: Feature("Arbitration", 0xFFFF_FF07),
-    FeatureId.POWER_MANAGEMENT: Feature("Power Management", 0xFF, check=_power_check),
-    FeatureId.TEMPERATURE_THRESHOLD: Feature(
+FEATURES: dict[int, FeatureRule] = {
+    FeatureId.ARBITRATION: FeatureRule("Arbitration", 0xFFFF_FF07),
+    FeatureId.POWER_MANAGEMENT: FeatureRule("Power Management", 0xFF, check=_power_check),
+    FeatureId.TEMPERATURE_THRESHOLD: FeatureRule(
         "Temperature Threshold",
         0xFFFF,
         default=_temperature_default,
         instance=_temperature_instance,
         check=_temperature_check,
     ),
-    FeatureId.ERROR_RECOVERY: Feature("Error Recovery", 0xFFFF),
-    FeatureId.VOLATILE_WRITE_CACHE: Feature(
+    FeatureId.ERROR_RECOVERY: FeatureRule("Error Recovery", 0xFFFF),
+    FeatureId.VOLATILE_WRITE_CACHE: FeatureRule(
         "Volatile Write Cache", 0x1, default=lambda ctrl, _i: int(ctrl.identity.write_cache), check=_write_cache_check
     ),
-    FeatureId.NUMBER_OF_QUEUES: Feature("Number of Queues", 0xFFFF_FFFF, default=_queues_default),
-    FeatureId.INTERRUPT_COALESCING: Feature("Interrupt Coalescing", 0xFFFF),
-    FeatureId.INTERRUPT_VECTOR_CONFIGURATION: Feature(
+    FeatureId.NUMBER_OF_QUEUES: FeatureRule("Number of Queues", 0xFFFF_FFFF, default=_queues_default),
+    FeatureId.INTERRUPT_COALESCING: FeatureRule("Interrupt Coalescing", 0xFFFF),
+    FeatureId.INTERRUPT_VECTOR_CONFIGURATION: FeatureRule(
         "Interrupt Vector Configuration", 0x1_0000, instance=lambda cdw11: cdw11 & 0xFFFF, check=_vector_check
     ),
-    FeatureId.WRITE_ATOMICITY: Feature("Write Atomicity Normal", 0x1),
-    FeatureId.ASYNC_EVENT_CONFIGURATION: Feature("Asynchronous Event Configuration", 0x1FF),
+    FeatureId.WRITE_ATOMICITY: FeatureRule("Write Atomicity Normal", 0x1),
+    FeatureId.ASYNC_EVENT_CONFIGURATION: FeatureRule("Asynchronous Event Configuration", 0x1FF),
 }
 
 SELECT_CURRENT, SELECT_DEFAULT, SELECT_SAVED, SELECT_CAPABILITIES = 0, 1, 2, 3
@@ -257,14 +257,14 @@ SELECT_CURRENT, SELECT_DEFAULT, SELECT_SAVED, SELECT_CAPABILITIES = 0, 1, 2, 3
 CAPABILITY_CHANGEABLE = 1 << 2
 
 
-def _feature(fid: int) -> Feature:
+def _feature(fid: int) -> FeatureRule:
     feature = FEATURES.get(fid)
     if feature is None:
         raise CommandError(Status.INVALID_FIELD)
     return feature
 
 
-async def get_features(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def get_features(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     fid, select = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 0x7
     feature = _feature(fid)
     instance = feature.instance(cmd.cdw11)
@@ -282,7 +282,7 @@ async def get_features(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
     return value
 
 
-async def set_features(ctrl: Nvme, cmd: Command, _sq: SubmissionQueue) -> int:
+async def set_features(ctrl: Nvme, cmd: SubmissionEntry, _sq: SubmissionQueue) -> int:
     fid, save = cmd.cdw10 & 0xFF, bool(cmd.cdw10 >> 31)
     feature = _feature(fid)
     if save:

@@ -45,10 +45,10 @@ from vdev_devices.nvme.events import (
 from vdev_devices.nvme.namespace import Namespace
 from vdev_devices.nvme.nvm import ALL_NAMESPACES, IO_COMMANDS
 from vdev_devices.nvme.queues import (
-    Command,
     CommandError,
     CompletionQueue,
     Held,
+    SubmissionEntry,
     SubmissionQueue,
     prp_segments,
     run_owned,
@@ -357,14 +357,14 @@ class Nvme(Device):
         self.set_feature(FeatureId.NUMBER_OF_QUEUES, 0, (granted - 1) << 16 | (granted - 1))
         return (granted - 1) << 16 | (granted - 1)
 
-    async def to_host(self, cmd: Command, data: bytes) -> None:
+    async def to_host(self, cmd: SubmissionEntry, data: bytes) -> None:
         """Write ``data`` to the host memory the command's PRPs describe."""
         offset = 0
         for address, size in await prp_segments(self.dma.read, cmd.prp1, cmd.prp2, len(data), self.page_size):
             await self.dma.write(address, data[offset : offset + size])
             offset += size
 
-    async def from_host(self, cmd: Command, length: int) -> bytes:
+    async def from_host(self, cmd: SubmissionEntry, length: int) -> bytes:
         """Read ``length`` bytes from the host memory the command's PRPs describe."""
         runs = await prp_segments(self.dma.read, cmd.prp1, cmd.prp2, length, self.page_size)
         if len(runs) == 1:
@@ -564,11 +564,11 @@ class Nvme(Device):
                 if not self._processing or sq.deleted:
                     break
                 sq.head = (sq.head + 1) % sq.size
-                await self._execute(sq, Command.parse(raw[index * SQ_ENTRY_SIZE : (index + 1) * SQ_ENTRY_SIZE]))
+                await self._execute(sq, SubmissionEntry.parse(raw[index * SQ_ENTRY_SIZE : (index + 1) * SQ_ENTRY_SIZE]))
                 await trio.lowlevel.checkpoint()  # other queues and devices run between commands
             self._signal_all()
 
-    async def _execute(self, sq: SubmissionQueue, cmd: Command) -> None:
+    async def _execute(self, sq: SubmissionQueue, cmd: SubmissionEntry) -> None:
         self.statistics[(sq.qid, cmd.opcode)] += 1
         if sq.qid == 0:
             admin = AdminCommandTaken(opcode=cmd.opcode, cid=cmd.cid, nsid=cmd.nsid, cdw10=cmd.cdw10, cdw11=cmd.cdw11)
@@ -595,20 +595,20 @@ class Nvme(Device):
                     self.command_control.force(memory=False)
         await self._run(sq, cmd)
 
-    def _hold(self, sq: SubmissionQueue, cmd: Command, *, abortable: bool = True) -> None:
+    def _hold(self, sq: SubmissionQueue, cmd: SubmissionEntry, *, abortable: bool = True) -> None:
         async def complete(status: int, dnr: bool, result: int) -> None:
             await self._post(sq, cmd.cid, status, dnr, result)
             self._signal(self.cqs.get(sq.cqid))
 
         sq.held[cmd.cid] = Held(cmd.cid, cmd.opcode, complete, abortable)
 
-    async def _run_later(self, sq: SubmissionQueue, cmd: Command, seconds: float) -> None:
+    async def _run_later(self, sq: SubmissionQueue, cmd: SubmissionEntry, seconds: float) -> None:
         await trio.sleep(seconds)
         if sq.held.pop(cmd.cid, None) is not None:
             await self._run(sq, cmd)
             self._signal(self.cqs.get(sq.cqid))
 
-    async def _run(self, sq: SubmissionQueue, cmd: Command) -> None:
+    async def _run(self, sq: SubmissionQueue, cmd: SubmissionEntry) -> None:
         """Carry the command out and post its completion (unless it completes later by itself)."""
         try:
             outcome = await self._dispatch(sq, cmd)
@@ -629,7 +629,7 @@ class Nvme(Device):
             assert isinstance(outcome, int)
             await self._post(sq, cmd.cid, Status.SUCCESS, False, outcome)
 
-    async def _dispatch(self, sq: SubmissionQueue, cmd: Command) -> object:
+    async def _dispatch(self, sq: SubmissionQueue, cmd: SubmissionEntry) -> object:
         if cmd.fused or cmd.psdt:
             raise CommandError(Status.INVALID_FIELD)  # no fused operations, no SGLs
         if sq.qid == 0:
@@ -654,7 +654,7 @@ class Nvme(Device):
         dnr: bool,
         result: int,
         *,
-        cmd: Command | None = None,
+        cmd: SubmissionEntry | None = None,
         lba: int = 0,
     ) -> None:
         """Write a completion entry for ``cid`` to the queue's CQ (waiting for room if it is full)."""
@@ -749,7 +749,7 @@ class Nvme(Device):
 
     # -- asynchronous events and abort ---------------------------------------------------------------
 
-    def hold_async_event(self, sq: SubmissionQueue, cmd: Command) -> bool:
+    def hold_async_event(self, sq: SubmissionQueue, cmd: SubmissionEntry) -> bool:
         """Keep an Asynchronous Event Request until an event comes; False past the limit."""
         if len(self._async_requests) >= ASYNC_EVENT_LIMIT:
             return False

@@ -29,7 +29,7 @@ import trio.lowlevel
 
 from vdev.client import Client, DmaRegion, Interrupt
 from vdev.protocol.constants import IrqIndex
-from vdev_devices.nvme.queues import Command, command
+from vdev_devices.nvme.queues import SubmissionEntry, command
 from vdev_devices.nvme.spec import (
     CC_EN,
     CC_IOCQES_SHIFT,
@@ -285,7 +285,7 @@ class NvmeHost:
 
     # -- commands -----------------------------------------------------------------------
 
-    async def submit(self, qid: int, cmd: Command) -> int:
+    async def submit(self, qid: int, cmd: SubmissionEntry) -> int:
         """Put ``cmd`` on queue ``qid`` with a fresh command id and ring the doorbell; returns the id."""
         queue = self.queues[qid]
         cid = queue.next_cid
@@ -327,13 +327,13 @@ class NvmeHost:
         self._reap(queue)
         return queue.done.get(cid)
 
-    async def run(self, qid: int, cmd: Command) -> Completion:
+    async def run(self, qid: int, cmd: SubmissionEntry) -> Completion:
         return await self.wait(qid, await self.submit(qid, cmd))
 
     async def admin(self, opcode: int, **fields: int) -> Completion:
         return await self.run(0, command(opcode, 0, **fields))
 
-    async def check(self, qid: int, cmd: Command) -> Completion:
+    async def check(self, qid: int, cmd: SubmissionEntry) -> Completion:
         """Run ``cmd`` and raise unless it succeeded."""
         done = await self.run(qid, cmd)
         if not done.ok:

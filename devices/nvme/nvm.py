@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vdev_devices.nvme.namespace import Namespace
-from vdev_devices.nvme.queues import Command, CommandError
+from vdev_devices.nvme.queues import CommandError, SubmissionEntry
 from vdev_devices.nvme.spec import IoOpcode, Status
 
 if TYPE_CHECKING:
     from vdev_devices.nvme.controller import Nvme
 
-IoHandler = Callable[["Nvme", Command, Namespace], Awaitable[int]]
+IoHandler = Callable[["Nvme", SubmissionEntry, Namespace], Awaitable[int]]
 #: Flush accepts this NSID to mean every namespace.
 ALL_NAMESPACES = 0xFFFF_FFFF
 DSM_RANGE = struct.Struct("<IIQ")
@@ -34,7 +34,7 @@ class IoCommand:
     broadcast: bool = False
 
 
-def _blocks(ctrl: Nvme, cmd: Command, ns: Namespace, *, transfer: bool) -> tuple[int, int]:
+def _blocks(ctrl: Nvme, cmd: SubmissionEntry, ns: Namespace, *, transfer: bool) -> tuple[int, int]:
     """The command's (SLBA, NLB), checked against the namespace and, for data transfers, MDTS."""
     lba, count = cmd.slba, cmd.nlb
     if not ns.contains(lba, count):
@@ -44,7 +44,7 @@ def _blocks(ctrl: Nvme, cmd: Command, ns: Namespace, *, transfer: bool) -> tuple
     return lba, count
 
 
-async def read(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
+async def read(ctrl: Nvme, cmd: SubmissionEntry, ns: Namespace) -> int:
     lba, count = _blocks(ctrl, cmd, ns, transfer=True)
     data = ns.read(lba, count)
     await ctrl.to_host(cmd, data)
@@ -53,7 +53,7 @@ async def read(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
     return 0
 
 
-async def write(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
+async def write(ctrl: Nvme, cmd: SubmissionEntry, ns: Namespace) -> int:
     lba, count = _blocks(ctrl, cmd, ns, transfer=True)
     data = await ctrl.from_host(cmd, count << ns.lba_shift)
     ns.write(lba, data)
@@ -62,18 +62,18 @@ async def write(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
     return 0
 
 
-async def flush(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
+async def flush(ctrl: Nvme, cmd: SubmissionEntry, ns: Namespace) -> int:
     await ctrl.flush(ns)
     return 0
 
 
-async def write_zeroes(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
+async def write_zeroes(ctrl: Nvme, cmd: SubmissionEntry, ns: Namespace) -> int:
     lba, count = _blocks(ctrl, cmd, ns, transfer=False)
     ns.zero(lba, count)
     return 0
 
 
-async def dataset_management(ctrl: Nvme, cmd: Command, ns: Namespace) -> int:
+async def dataset_management(ctrl: Nvme, cmd: SubmissionEntry, ns: Namespace) -> int:
     ranges = (cmd.cdw10 & 0xFF) + 1
     if not cmd.cdw11 & DSM_DEALLOCATE:
         return 0  # only hints: nothing to do

@@ -33,7 +33,7 @@ class CommandError(Exception):
 
 
 @dataclass(frozen=True)
-class Command:
+class SubmissionEntry:
     """A submission queue entry, decoded (common command format)."""
 
     opcode: int
@@ -51,7 +51,7 @@ class Command:
     cdw15: int
 
     @classmethod
-    def parse(cls, raw: bytes | memoryview) -> Command:
+    def parse(cls, raw: bytes | memoryview) -> SubmissionEntry:
         (opcode, flags, cid, nsid, _reserved, mptr, prp1, prp2, *cdws) = COMMAND.unpack(raw)
         return cls(opcode, flags, cid, nsid, mptr, prp1, prp2, *cdws)
 
@@ -81,12 +81,12 @@ class Command:
         return (self.cdw12 & 0xFFFF) + 1
 
 
-def command(opcode: int, cid: int, *, nsid: int = 0, prp1: int = 0, prp2: int = 0, **cdws: int) -> Command:
+def command(opcode: int, cid: int, *, nsid: int = 0, prp1: int = 0, prp2: int = 0, **cdws: int) -> SubmissionEntry:
     """A command to submit: ``command(0x06, 1, prp1=buf, cdw10=1)`` is Identify Controller."""
     dwords = {f"cdw{n}": cdws.pop(f"cdw{n}", 0) for n in range(10, 16)}
     if cdws:
         raise TypeError(f"unknown command fields {', '.join(cdws)}")
-    return Command(opcode, 0, cid, nsid, 0, prp1, prp2, **dwords)
+    return SubmissionEntry(opcode, 0, cid, nsid, 0, prp1, prp2, **dwords)
 
 
 @dataclass(eq=False)

@@ -186,7 +186,7 @@ def status_field(code: int, *, dnr: bool) -> int:
 
 
 @dataclass(frozen=True)
-class Field:
+class StructField:
     """One member of a data structure: where it is and how it is encoded (a struct format)."""
 
     name: str
@@ -194,7 +194,7 @@ class Field:
     format: str
 
 
-Layout = Sequence[Field]
+Layout = Sequence[StructField]
 
 
 def pack(layout: Layout, size: int, values: Mapping[str, Any]) -> bytes:
@@ -217,8 +217,8 @@ def pack(layout: Layout, size: int, values: Mapping[str, Any]) -> bytes:
     return bytes(out)
 
 
-def layout(*rows: tuple[str, int, str]) -> tuple[Field, ...]:
-    return tuple(Field(*row) for row in rows)
+def layout(*rows: tuple[str, int, str]) -> tuple[StructField, ...]:
+    return tuple(StructField(*row) for row in rows)
 
 
 #: A submission queue entry (common command format, Figure 105/106).

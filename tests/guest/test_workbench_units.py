@@ -34,7 +34,7 @@ from vdev.guest import (
     patch_files,
 )
 from vdev.guest.modules import _touched_modules, extract_directories
-from vdev.guest.session import COMMAND_SCRIPT, _Console
+from vdev.guest.session import COMMAND_SCRIPT, _ConsoleWatcher
 from vdev.provenance import Provenance
 from vdev.qemu.guest import GuestArtefacts, GuestKernelError, GuestResult, GuestTimeoutError
 from vdev_experiments.mse import MseConfig, MseRun, ServerLog, Verdict, markdown_summary
@@ -254,7 +254,7 @@ def _console_lines(*lines: str) -> bytes:
 
 async def test_the_command_output_is_what_came_between_its_start_and_exit() -> None:
     seen: list[bytes] = []
-    console = _Console(seen.append, lambda line: None, raw=False)
+    console = _ConsoleWatcher(seen.append, lambda line: None, raw=False)
     data = _console_lines(
         "[    1.0] booting",
         'VDEV {"kind":"run.start","cmd":"vfio-bind 0000:00:03.0"}',
@@ -273,7 +273,7 @@ async def test_the_command_output_is_what_came_between_its_start_and_exit() -> N
 async def test_an_interactive_console_passes_every_byte_and_notes_the_boot() -> None:
     seen: list[bytes] = []
     said: list[str] = []
-    console = _Console(seen.append, said.append, raw=True)
+    console = _ConsoleWatcher(seen.append, said.append, raw=True)
     console.feed(b"[ 0.0] Linux version 6.1.0-50-amd64 (gcc)\r\n/ # ")
     assert b"".join(seen) == b"[ 0.0] Linux version 6.1.0-50-amd64 (gcc)\r\n/ # "
     assert len(said) == 1 and "the kernel started: Linux version 6.1.0-50-amd64" in said[0]

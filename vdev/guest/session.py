@@ -176,7 +176,7 @@ async def run_guest(
         words.append("vdev.shell=1")
     directory = plan.workdir
     accel = os.environ.get("VDEV_GUEST_ACCEL", "tcg")
-    console = _Console(on_output, say, raw=interactive)
+    console = _ConsoleWatcher(on_output, say, raw=interactive)
     socket_dir = Path(tempfile.mkdtemp(prefix="vdev-g-"))  # short: UNIX socket paths are limited to 107 bytes
     own_sockets = [socket_dir / f"{index}-{device.name}.sock" for index, device in enumerate(devices)]
     machine = GuestMachine(
@@ -345,7 +345,7 @@ _BOOT_MILESTONES = {
 }
 
 
-class _Console:
+class _ConsoleWatcher:
     """Watches the console: boot milestones, and the command's output picked out (or everything, ``raw``)."""
 
     def __init__(self, sink: Output | None, say: Progress, *, raw: bool) -> None:

@@ -403,7 +403,7 @@ def _newc(name: str, mode: int, data: bytes, ino: int) -> bytes:
 
 
 @dataclass
-class _Console:
+class _ConsoleState:
     """What the reader task has seen so far."""
 
     results: list[GuestResult] = field(default_factory=list)
@@ -513,7 +513,7 @@ class GuestMachine(EnteredOnce):
         self.command: list[str] = []
         #: The working directory (console log, QEMU's stderr, the combined initramfs).
         self.workdir: Path | None = None
-        self._console = _Console()
+        self._console = _ConsoleState()
         self._changed = trio.Event()
         self._cursor = 0
         self._waiting_for: str | None = None
