@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -56,6 +58,7 @@ SERVERS = {
 #: (row 1, row 2) targets per server, from issue 20.
 TARGETS = {C_SAMPLE: ("", ""), PLAIN: ("≥ 0.85", "≤ 2"), ASYNC: ("≥ 0.7", "≤ 4")}
 WARM_UP = 200
+HANDOVER = "floor: hand-over to Trio and back (bench/handover.py, no server)"
 
 
 def placements() -> dict[str, tuple[set[int], set[int]]]:
@@ -92,6 +95,19 @@ def _measure(socket: Path, server_pid: int, reads: int) -> tuple[float, float, f
     return reads / elapsed, reads / floor, cpu / reads * 1e6
 
 
+def _handover_cpu(cpus: set[int], count: int) -> float:
+    """CPU µs per thread → Trio → thread hand-over, measured by :mod:`bench.handover` pinned to ``cpus``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.handover", str(count)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    return float(result.stdout)
+
+
 def run(quick: bool) -> list[Row]:
     """All three servers run at once; each round measures each in turn, so drift hits them alike."""
     reads, rounds = (1000, 3) if quick else (5000, 9)
@@ -99,6 +115,7 @@ def run(quick: bool) -> list[Row]:
     throughput = {(where, name): [] for where in layouts for name in SERVERS}
     cpu = {(where, name): [] for where in layouts for name in SERVERS}
     floors: dict[str, list[float]] = {where: [] for where in layouts}
+    handovers: dict[str, list[float]] = {where: [] for where in layouts}
     own_cpus = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="vdev-bench-") as directory, ExitStack() as servers:
         pids = {}
@@ -116,6 +133,7 @@ def run(quick: bool) -> list[Row]:
                         throughput[where, name].append(rate)
                         cpu[where, name].append(cpu_per_read)
                         floors[where].append(floor)
+                    handovers[where].append(_handover_cpu(server_cpus, reads))
         finally:
             os.sched_setaffinity(0, own_cpus)
     rows: list[Row] = []
@@ -130,6 +148,8 @@ def run(quick: bool) -> list[Row]:
                 Row(f"{THROUGHPUT}, {where}", name, rate, "reads/s", C_SAMPLE, rate / c_rate, rate_target, rates)
             )
             rows.append(Row(f"{CPU}, {where}", name, cpu_us, "µs", C_SAMPLE, cpu_us / c_cpu, cpu_target, cpus))
+        handover = statistics.median(handovers[where])
+        rows.append(Row(f"{CPU}, {where}", HANDOVER, handover, "µs", C_SAMPLE, handover / c_cpu, "", handovers[where]))
         floor = statistics.median(floors[where])
         rows.append(
             Row(

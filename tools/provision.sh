@@ -321,5 +321,9 @@ ensure_host_packages
 setup_private_apt
 provision_qemu
 provision_libvfio_user
+# vdev's serving loop (C, vdev/libvfio_user/serve_loop.c): built here so that a compiler
+# problem shows now, not in the first server; a process finds this build by the source's hash.
+serving_loop=$(VDEV_DEPS_DIR="$cache" "$repo_root/.venv/bin/python" -m vdev.libvfio_user.serve_loop) || fail "cannot build vdev's serving loop (above)"
+say "serving loop: $serving_loop"
 say "ready: QEMU $(cat "$cache/qemu.version"), libvfio-user $(cat "$lvu_out/REVISION")" \
     "+ $(($(wc -l <"$lvu_out/PATCHES") - 1)) patch(es)"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vdev import deps
-from vdev.libvfio_user import bindings
+from vdev.libvfio_user import bindings, serve_loop
 
 
 @dataclass
@@ -65,6 +65,18 @@ def check_libvfio_user() -> Check:
     }
     patches = {fix.patch: library.has(fix.name) for fix in bindings.FIXES}
     return Check("libvfio-user", True, str(found), details, patches=patches)
+
+
+def check_serve_loop() -> Check:
+    """vdev's serving loop (C): built for the shipped source, or buildable now (it is, if a compiler is here)."""
+    path = serve_loop.library_path()
+    try:
+        serve_loop.load()
+    except serve_loop.ServeLoopError as exc:
+        return Check(
+            "serving loop", False, str(path), problem=str(exc), fix="install gcc (or set CC), then `make deps`"
+        )
+    return Check("serving loop", True, str(path), {"source": str(serve_loop.SOURCE)})
 
 
 def _run(command: list[str]) -> str:
@@ -130,7 +142,7 @@ def check_test_extras() -> Check:
 
 
 def run_checks() -> list[Check]:
-    return [check_libvfio_user(), check_qemu(), check_guest(), check_test_extras()]
+    return [check_libvfio_user(), check_serve_loop(), check_qemu(), check_guest(), check_test_extras()]
 
 
 def usable(checks: list[Check]) -> bool:

@@ -2,10 +2,11 @@
 
 The runtime serves a plain handler's whole-register access through
 ``Device.quick_read``/``quick_write`` and everything else through
-``region_read``/``region_write``; a device must not be able to tell which
-one served it.  Two identical devices take the same accesses, one through
-each path, and must agree on every answer, every register value and every
-event.  Per-access events are recorded only while someone wants them.
+``region_read``/``region_write``, which take an ``async`` hook's quick lane
+themselves; a device must not be able to tell which one served it.  Two
+identical devices take the same accesses, one through each path, and must
+agree on every answer, every register value and every event.  Per-access
+events are recorded only while someone wants them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ class Awaiting(Device):
         return 7
 
 
+class AsyncHooks(Device):
+    """Mixed's registers with ``async`` hooks, one of which really waits."""
+
+    vendor_id = 0x1B36
+    device_id = 0x0F45
+    bar0 = Bar(
+        4096,
+        registers=[
+            Register("plain", 0x0, width=4, access=RW),
+            Register("status", 0x4, width=4, access=RW1C, reset=0xFF),
+            Register("ticks", 0x18, width=8, access=RO),
+            Register("doorbell", 0x20, width=2, access=RW),
+        ],
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rung: list[int] = []
+
+    @bar0.on_read("ticks")
+    async def tick(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self.bar0["ticks"] + 3
+
+    @bar0.on_write("doorbell")
+    async def ring(self, value: int) -> None:
+        self.rung.append(value)
+        self.bar0["plain"] = value
+
+
 def accesses(seed: int, kind: type[Device] = Mixed) -> list[tuple[int, int, int]]:
     """(offset, size, value or -1 for a read): whole registers, and some that are not."""
     rng = random.Random(seed)
@@ -135,6 +166,22 @@ async def test_the_quick_lane_and_the_general_path_agree(kind: type[Mixed | Poli
     assert lane.bar(BAR).registers.values == reference.bar(BAR).registers.values
     assert lane.rung == reference.rung
     assert list(lane.events) == list(reference.events)  # times aside, events compare by kind and fields
+    assert lane.command_control.accesses == reference.command_control.accesses
+
+
+async def test_an_async_hooks_lane_and_the_general_path_agree() -> None:
+    lane, reference = enabled(AsyncHooks()), enabled(AsyncHooks())
+    # A fault plan about reads and writes (of a place never accessed) closes every lane of the reference.
+    elsewhere = {"region": BAR, "offset": 0x400}
+    reference.faults = DeviceFaultPlan(
+        [DeviceFault(on="read", action="corrupt", **elsewhere), DeviceFault(on="write", action="drop", **elsewhere)]
+    )
+    assert lane._quick_reads[BAR, 0x18, 8].is_async and lane._quick_writes[BAR, 0x20, 2].is_async
+    for offset, size, value in accesses(seed=21, kind=AsyncHooks):
+        assert await general(lane, offset, size, value) == await general(reference, offset, size, value)
+    assert lane.bar(BAR).registers.values == reference.bar(BAR).registers.values
+    assert lane.rung == reference.rung and lane.rung
+    assert list(lane.events) == list(reference.events)
     assert lane.command_control.accesses == reference.command_control.accesses
 
 

@@ -22,7 +22,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, overload
 
 import trio
 
@@ -172,6 +172,16 @@ class Param(Generic[T]):
         if kind not in _CONVERTERS:
             return True
         return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
+class _Lane(NamedTuple):
+    """How one whole-register access is served without the general path (see :meth:`Device._quick_lanes`)."""
+
+    #: The register's whole reader or writer (a coroutine function when ``is_async``).
+    function: Callable[..., Any]
+    #: The COMMAND bit its BAR decodes on.
+    decode_bit: int
+    is_async: bool
 
 
 class Device:
@@ -450,62 +460,73 @@ class Device:
 
     # -- entry points for the runtime ---------------------------------------------
 
-    def _quick_lanes(self) -> tuple[dict[tuple[int, int, int], Any], dict[tuple[int, int, int], Any]]:
-        """The accesses :meth:`quick_read` and :meth:`quick_write` serve: (region, offset, size) -> lane.
+    def _quick_lanes(self) -> tuple[dict[tuple[int, int, int], _Lane], dict[tuple[int, int, int], _Lane]]:
+        """The accesses served on a quick lane: (region, offset, size) -> lane.
 
-        A lane is the register's reader or writer and its BAR's COMMAND
-        decode bit.  A register qualifies unless one of its hooks is
-        ``async`` or it lies in the MSI-X table or PBA (which the device
-        answers itself); a read or write lane exists only if the size
-        policies (the BAR's, the register's) accept the whole-register
-        access, so a refused access always takes the general path.  Registers never lie in mapped areas, and a register
-        always wins over the BAR's raw handlers, so nothing else can claim
-        such an access.
+        A lane is the register's reader or writer, its BAR's COMMAND decode
+        bit, and whether the reader or writer is ``async`` (its hook is).
+        A register qualifies unless it lies in the MSI-X table or PBA
+        (which the device answers itself); a read or write lane exists only
+        if the size policies (the BAR's, the register's) accept the
+        whole-register access, so a refused access always takes the general
+        path.  Registers never lie in mapped areas, and a register always
+        wins over the BAR's raw handlers, so nothing else can claim such an
+        access.
         """
         reserved: dict[int, list[range]] = {}
         if self._msix is not None:
             cap: MsiX = self._msix.capability  # type: ignore[assignment]
             reserved.setdefault(cap.table_bar, []).append(range(cap.table_offset, cap.table_offset + cap.table_size))
             reserved.setdefault(cap.pba_bar, []).append(range(cap.pba_offset, cap.pba_offset + cap.pba_size))
-        reads: dict[tuple[int, int, int], Any] = {}
-        writes: dict[tuple[int, int, int], Any] = {}
+        reads: dict[tuple[int, int, int], _Lane] = {}
+        writes: dict[tuple[int, int, int], _Lane] = {}
         for index, bar in self._bars.items():
             registers = bar.registers
             bit = PCI_COMMAND_IO if bar.decoding_bit == "io" else PCI_COMMAND_MEMORY
             for register in registers.registers:
                 if any(area.start < register.end and register.offset < area.stop for area in reserved.get(index, ())):
                     continue
-                if not any(
-                    inspect.iscoroutinefunction(hooks.get(register.name))
-                    for hooks in (registers.read_hooks, registers.write_hooks)
-                ):
-                    place = (index, register.offset, register.width)
-                    if bar.accepts(register.offset, register.width, write=False):
-                        reads[place] = (registers.whole_reader(register), bit)
-                    if bar.accepts(register.offset, register.width, write=True):
-                        writes[place] = (registers.whole_writer(register), bit)
+                place = (index, register.offset, register.width)
+                if bar.accepts(register.offset, register.width, write=False):
+                    if inspect.iscoroutinefunction(registers.read_hooks.get(register.name)):
+                        reads[place] = _Lane(registers.whole_async_reader(register), bit, True)
+                    else:
+                        reads[place] = _Lane(registers.whole_reader(register), bit, False)
+                if bar.accepts(register.offset, register.width, write=True):
+                    if inspect.iscoroutinefunction(registers.write_hooks.get(register.name)):
+                        writes[place] = _Lane(registers.whole_async_writer(register), bit, True)
+                    else:
+                        writes[place] = _Lane(registers.whole_writer(register), bit, False)
         return reads, writes
+
+    def _open_lane(self, lane: _Lane | None, kind: str) -> bool:
+        """Whether ``lane`` may serve this access now: it exists, its BAR decodes, and nothing watches closer.
+
+        Nothing watches closer when no fault rule is about this kind of
+        access and no schedule counts accesses; the lane then behaves
+        exactly as the general path would.
+        """
+        return not (
+            lane is None
+            or not self.config.data[PCI_COMMAND] & lane.decode_bit
+            or self._power_state != PCI_D0
+            or kind in self.faults.kinds
+            or self.command_control.access_schedule is not None
+        )
 
     def quick_read(self, region: int, offset: int, size: int) -> bytes | None:
         """Answer the common read right here, without coroutines; None means "use :meth:`region_read`".
 
-        The common read is one whole register (see :meth:`_quick_lanes`) of
-        a BAR that decodes, while no fault rule is about reads and no
-        schedule counts accesses; it behaves exactly as :meth:`region_read`
-        would.  It is what keeps a plain handler's access near the cost of
-        the C library serving it.
+        The common read is one whole register with a plain hook or none, on
+        an open lane (see :meth:`_quick_lanes` and :meth:`_open_lane`); it
+        behaves exactly as :meth:`region_read` would.  It is what keeps a
+        plain handler's access near the cost of the C library serving it.
         """
         lane = self._quick_reads.get((region, offset, size))
-        if (
-            lane is None
-            or not self.config.data[PCI_COMMAND] & lane[1]
-            or self._power_state != PCI_D0
-            or "read" in self.faults.kinds
-            or self.command_control.access_schedule is not None
-        ):
+        if lane is None or lane.is_async or not self._open_lane(lane, "read"):
             return None
         self.command_control.accesses += 1
-        value: int = lane[0]()
+        value: int = lane.function()
         if self.events.accesses_wanted:
             self.events.record(RegionRead(region=region, offset=offset, size=size, value=value))
         return value.to_bytes(size, "little")
@@ -514,23 +535,28 @@ class Device:
         """Apply the common write right here (see :meth:`quick_read`); False means "use :meth:`region_write`"."""
         size = len(data)
         lane = self._quick_writes.get((region, offset, size))
-        if (
-            lane is None
-            or not self.config.data[PCI_COMMAND] & lane[1]
-            or self._power_state != PCI_D0
-            or "write" in self.faults.kinds
-            or self.command_control.access_schedule is not None
-        ):
+        if lane is None or lane.is_async or not self._open_lane(lane, "write"):
             return False
         self.command_control.accesses += 1
         value = int.from_bytes(data, "little")
         if self.events.accesses_wanted:
             self.events.record(RegionWrite(region=region, offset=offset, size=size, value=value))
-        lane[0](value)
+        lane.function(value)
         return True
 
     async def region_read(self, region: int, offset: int, size: int) -> bytes:
-        """Answer a client read of ``size`` bytes at ``offset`` in ``region``."""
+        """Answer a client read of ``size`` bytes at ``offset`` in ``region``.
+
+        A whole register with an ``async`` hook is read on its quick lane
+        when that lane is open, as :meth:`quick_read` does for plain hooks.
+        """
+        lane = self._quick_reads.get((region, offset, size))
+        if lane is not None and lane.is_async and self._open_lane(lane, "read"):
+            self.command_control.accesses += 1
+            value: int = await lane.function()
+            if self.events.accesses_wanted:
+                self.events.record(RegionRead(region=region, offset=offset, size=size, value=value))
+            return value.to_bytes(size, "little")
         if region == RegionIndex.CONFIG:
             return self.config.read(offset, size)
         if region == RegionIndex.ROM:
@@ -545,7 +571,15 @@ class Device:
         return data
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
-        """Apply a client write of ``data`` at ``offset`` in ``region``."""
+        """Apply a client write of ``data`` at ``offset`` in ``region`` (on an ``async`` quick lane if open)."""
+        lane = self._quick_writes.get((region, offset, len(data)))
+        if lane is not None and lane.is_async and self._open_lane(lane, "write"):
+            self.command_control.accesses += 1
+            value = int.from_bytes(data, "little")
+            if self.events.accesses_wanted:
+                self.events.record(RegionWrite(region=region, offset=offset, size=len(data), value=value))
+            await lane.function(value)
+            return
         if region == RegionIndex.CONFIG:
             await self._config_write(offset, data)
             return

@@ -31,7 +31,7 @@ import enum
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from vdev.model.errors import DefinitionError
 
@@ -309,6 +309,22 @@ class RegisterFile:
 
         return read
 
+    def whole_async_reader(self, register: Register) -> Callable[[], Awaitable[int]]:
+        """:meth:`whole_reader` for an ``async`` read hook: the same read, awaiting the hook."""
+        values, name, full, readable = (
+            self.values,
+            register.name,
+            self._full[register.name],
+            self._readable[register.name],
+        )
+        hook = cast(Callable[[], Awaitable[int]], self.read_hooks[name])
+
+        async def read() -> int:
+            value = values[name] = _integer(name, await hook()) & full
+            return value & readable
+
+        return read
+
     def whole_writer(self, register: Register) -> Callable[[int], None]:
         """A function writing one whole register as :meth:`write` would, for a plain write hook or none."""
         values, name, masks, full = self.values, register.name, self._masks[register.name], self._full[register.name]
@@ -318,6 +334,17 @@ class RegisterFile:
             new = values[name] = apply_write(masks, values[name], value & full, full)
             if hook is not None:
                 hook(new)
+
+        return write
+
+    def whole_async_writer(self, register: Register) -> Callable[[int], Awaitable[None]]:
+        """:meth:`whole_writer` for an ``async`` write hook: the same write, awaiting the hook."""
+        values, name, masks, full = self.values, register.name, self._masks[register.name], self._full[register.name]
+        hook = cast(Callable[[int], Awaitable[None]], self.write_hooks[name])
+
+        async def write(value: int) -> None:
+            new = values[name] = apply_write(masks, values[name], value & full, full)
+            await hook(new)
 
         return write
 

@@ -5,13 +5,18 @@ it lives):
 
 * **A serving thread per device.**  The context is created with
   ``LIBVFIO_USER_FLAG_ATTACH_NB``.  Each device gets one OS thread that
-  blocks in ``poll(2)`` on ``vfu_get_poll_fd()`` (fetched again after every
-  attach and disconnect, since it changes) and calls ``vfu_attach_ctx`` and
-  ``vfu_run_ctx`` itself; ctypes releases the GIL for the wait and for the
-  library's own work.  A message therefore costs one wake-up of one thread,
-  the library's work and the handler — like libvfio-user's C samples — and
-  no event-loop round trip.  A device whose client misbehaves (stalls
-  half-way through a message, floods it) holds only its own thread.
+  waits for a client (``poll(2)`` on ``vfu_get_poll_fd()``, fetched again
+  after every attach and disconnect, since it changes), attaches it, and
+  then spends the connection in vdev's serving loop, which is C
+  (:mod:`vdev.libvfio_user.serve_loop`): ``poll(2)`` on the connection and
+  a wake fd, then ``vfu_run_ctx`` under the context lock, over and over,
+  with the GIL released.  It comes back to Python only for what needs
+  deciding here (a hang-up, a pending quiesce, a SET_IRQS the model waits
+  for, work another thread deferred to it, the thread being stopped).  A
+  message therefore costs one wake-up of one thread, the library's work
+  and the handler — like libvfio-user's C samples — and no interpreter
+  round trip.  A device whose client misbehaves (stalls half-way through a
+  message, floods it) holds only its own thread.
 * **Plain handlers run right there**, in the serving thread, inside the
   library's callback.  The common access (one whole register, see
   :meth:`~vdev.model.device.Device.quick_read`) is served without a
@@ -22,7 +27,11 @@ it lives):
   that sleeps in ``wait_readable`` on an eventfd), writes the eventfd and
   blocks on a lock the task releases when the handler has finished: two
   wake-ups per access, the fewest a hand-over allows, and no trip through
-  Trio's ``run_sync_soon`` queue (which measured slower here).  An awaiting handler
+  Trio's ``run_sync_soon`` queue (which measured slower here).  The task
+  serves a whole register with an ``async`` hook on its quick lane too
+  (:meth:`Device.region_read <vdev.model.device.Device.region_read>`), so
+  what an access costs beyond a plain one is the hand-over itself, whose
+  floor ``make bench`` measures beside it (``bench/handover.py``).  An awaiting handler
   stalls only its own device.  A BAR is handed over only if one of its
   hooks is ``async`` (config space only if ``on_reset`` is), so a device
   mixing both kinds keeps the fast path for its plain registers.  A fault
@@ -37,19 +46,20 @@ it lives):
   What a handler asks of Trio from the serving thread (starting a task,
   waking a waiter) is passed to the Trio thread by the model.
 * **The context lock.**  libvfio-user is not thread-safe per context, so
-  every call into a context holds :class:`ContextLock`, which is
-  re-entrant for its holder: a plain handler triggering an interrupt or
+  every call into a context holds :class:`ContextLock` (a C mutex, so that
+  the serving loop takes it without the interpreter), which is re-entrant
+  for its holder: a plain handler triggering an interrupt or
   doing message DMA calls straight into the library from inside the
   callback.  An interrupt fired from Trio while another thread holds the
-  lock is queued and fired by that thread on release, so the Trio thread
-  never blocks on it; Trio's other calls into C (quiesce, DMA from
+  lock is queued and fired by that thread on release (the serving loop is
+  called back to Python for it), so the Trio thread never blocks on it; Trio's other calls into C (quiesce, DMA from
   background work) run in worker threads.  A callback handing an access
   to Trio lets go of the lock until the handler is done.
 * libvfio-user tells the server neither which eventfds the client installed
   nor when: a trigger without one fails with ENOENT, and nothing announces
   SET_IRQS.  An MSI-X vector whose trigger failed so is held pending by the
-  model; while one is, the serving thread peeks at each message's header
-  and, after a SET_IRQS, lets the model try the held vectors again.
+  model; while one is, the serving loop peeks at each message's header
+  and, after a SET_IRQS, returns so that the model tries the held vectors again.
 * A context listens on a socket path it creates, or on a listening socket
   it is handed (an fd from a parent process or from socket activation).
   The latter, and signalling ERR/REQ, need vdev's libvfio-user patches;
@@ -85,7 +95,7 @@ from typing import Any
 import trio
 
 from vdev import sockets
-from vdev.libvfio_user import bindings
+from vdev.libvfio_user import bindings, serve_loop
 from vdev.libvfio_user.bindings import Library
 from vdev.libvfio_user.constants import (
     LIBVFIO_USER_FLAG_ATTACH_NB,
@@ -99,6 +109,7 @@ from vdev.libvfio_user.constants import (
     PciType,
     ResetType,
 )
+from vdev.libvfio_user.serve_loop import NativeLock, ServeStatus
 from vdev.model.bars import BarKind
 from vdev.model.device import Device, ResetKind
 from vdev.model.dma import DmaError, DmaMapping
@@ -106,8 +117,7 @@ from vdev.model.events import FaultInjected, HandlerError, NegotiationTimeout, P
 from vdev.model.faults import DeviceFault, InjectedError
 from vdev.model.registers import AccessRefused, call_hook
 from vdev.protocol.constants import IrqIndex, RegionIndex
-from vdev.protocol.errors import RemoteProtocolError
-from vdev.protocol.header import HEADER_SIZE, Command, Header
+from vdev.protocol.header import Command
 
 log = logging.getLogger("vdev")
 
@@ -136,24 +146,27 @@ class ContextLock:
 
     Re-entrant so that a handler running inside a callback (the holder's
     thread) may call into the same context: trigger an interrupt, do
-    message DMA.  ``acquire`` is the C lock's own method, because the
-    serving thread takes the lock for every message.
+    message DMA.  The mutex itself is C's (:class:`NativeLock`), because
+    the serving loop takes it for every message without the interpreter;
+    what is deferred to the holder is kept here, and the holder's serving
+    loop is told to come back to Python for it by the lock's attention flag.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self.native = NativeLock()
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
-        self.acquire = self._lock.acquire
+        self.acquire = self.native.acquire
 
     def release(self) -> None:
         """Run what was deferred while we held the lock, then let go once."""
+        native = self.native
         while True:
             while self._deferred:
                 self._deferred.popleft()()
-            self._lock.release()
+            native.release()
             # A call deferred after the queue was drained, by a thread that found us
             # holding the lock, is ours to run if the lock is free now.
-            if not self._deferred or not self._lock.acquire(blocking=False):
+            if not self._deferred or not native.try_acquire():
                 return
 
     @contextmanager
@@ -164,28 +177,32 @@ class ContextLock:
         finally:
             self.release()
 
-    @contextmanager
-    def let_go(self) -> Iterator[None]:
-        """Release the lock for a while (a callback waiting for Trio), then take it back.
-
-        Callbacks hold it exactly once (whoever called into the library took
-        it once), so one release frees it for the handler's own calls.
-        """
-        self.release()
-        try:
-            yield
-        finally:
-            self.acquire()
-
     def run_or_defer(self, call: Callable[[], None]) -> None:
-        """Run ``call`` now if the context is free (or ours), else when its holder releases it."""
-        if self._lock.acquire(blocking=False):
+        """Run ``call`` now if the context is free (or ours), else when its holder releases it.
+
+        A holder in the C serving loop releases without looking at the queue,
+        so deferring raises attention to bring it back to Python; and if the
+        holder let go between our attempt and the append, the second attempt
+        takes the lock and runs the queue here.
+        """
+        native = self.native
+        if native.try_acquire():
             try:
                 call()
             finally:
                 self.release()
-        else:
-            self._deferred.append(call)
+            return
+        self._deferred.append(call)
+        native.raise_attention()
+        if native.try_acquire():
+            self.release()
+
+    def run_deferred(self) -> None:
+        """Run what other threads deferred (the serving loop returned for attention)."""
+        self.native.take_attention()
+        if self._deferred:
+            self.acquire()
+            self.release()
 
 
 class HandlerSuspendedError(RuntimeError):
@@ -368,6 +385,8 @@ class DeviceContext:
         self._lib = library or bindings.load()
         self._ctx: int | None = None
         self._lock = ContextLock()
+        self._serve_loop = serve_loop.load()
+        self._run_address: int = ctypes.cast(self._lib.cdll.vfu_run_ctx, ctypes.c_void_p).value or 0
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._callbacks: list[Any] = []
@@ -667,31 +686,28 @@ class DeviceContext:
         return True
 
     def _serve_client(self) -> None:
-        """Serve the attached client's messages until it disconnects (the hot loop: keep it lean)."""
-        connection = self._lib.vfu_get_poll_fd(self._ctx)
-        poller = select.poll()
-        poller.register(connection, select.POLLIN)
-        poller.register(self._wake_fd, select.POLLIN)
-        wait, run, ctx, lock, irq = poller.poll, self._lib.vfu_run_ctx, self._ctx, self._lock, self.device.irq
+        """Serve the attached client's messages until it disconnects.
+
+        The loop itself runs in C (:mod:`vdev.libvfio_user.serve_loop`) and
+        comes back here only for what needs deciding in Python.
+        """
+        ctx = self._ctx
+        assert ctx is not None
+        connection = self._lib.vfu_get_poll_fd(ctx)
+        serve, run, lock, irq = self._serve_loop.serve, self._run_address, self._lock, self.device.irq
         try:
             while True:
-                wait()
-                if self._stopping:
+                status = serve(run, ctx, connection, self._wake_fd, lock.native.address, irq.awaiting_eventfds)
+                if status == ServeStatus.STOPPED or self._stopping:
                     return
-                set_irqs = irq.awaiting_eventfds and _next_command(connection) == Command.DEVICE_SET_IRQS
-                lock.acquire()
-                try:
-                    result = run(ctx)
-                    code = ctypes.get_errno() if result < 0 else 0
-                finally:
-                    lock.release()
-                if self._without_eventfd or set_irqs:
+                if status > 0 or self._without_eventfd:
+                    lock.run_deferred()
                     with self.device.lock:
                         self._note_missing_eventfds()
-                        if set_irqs:
+                        if status == ServeStatus.SET_IRQS:
                             irq.eventfds_changed()
-                if result >= 0 or code in (errno.EAGAIN, errno.EWOULDBLOCK):
                     continue
+                code = -status
                 if code == errno.EBUSY:
                     self._quiesced.wait()
                     continue
@@ -795,8 +811,13 @@ class DeviceContext:
                     raise ServeError(f"{self.device.name} is shutting down")
                 self._jobs.append(job)
                 os.eventfd_write(self._jobs_fd, 1)
-            with self._lock.let_go():
+            # Let go of the context for the handler's own calls (callbacks hold it
+            # exactly once: whoever called into the library took it once).
+            self._lock.release()
+            try:
                 return job.wait()
+            finally:
+                self._lock.acquire()
         with self.device.lock:
             return complete_now(function(*args))
 
@@ -967,6 +988,7 @@ class DeviceContext:
             code = ctypes.get_errno()
             if code == errno.ENOENT and irq_type is IrqIndex.MSIX:
                 self._without_eventfd.append(vector)
+                self._lock.native.raise_attention()
             log.log(
                 level, "%s: %s vector %d not delivered: %s", self.device.name, irq_type.name, vector, os.strerror(code)
             )
@@ -1035,23 +1057,3 @@ class DeviceContext:
             transfer = lib.vfu_sgl_write if write else lib.vfu_sgl_read
             if transfer(self._ctx, ctypes.byref(sgl), 1, buffer) < 0:
                 raise DmaError(f"{self.device.name}: DMA message failed: {os.strerror(ctypes.get_errno())}")
-
-
-def _next_command(fd: int) -> int | None:
-    """The command of the message waiting on ``fd``, read without consuming it (None if unknown)."""
-    try:
-        connection = socket.socket(fileno=fd)
-    except OSError:
-        return None  # the library closed the connection
-    try:
-        data = connection.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:
-        return None
-    finally:
-        connection.detach()
-    if len(data) < HEADER_SIZE:
-        return None
-    try:
-        return Header.decode(data).command
-    except RemoteProtocolError:
-        return None  # libvfio-user will refuse the message itself

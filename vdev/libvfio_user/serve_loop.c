@@ -1,0 +1,142 @@
+/*
+ * vdev's serving loop: wait for a client's message and hand it to
+ * libvfio-user, with no interpreter in between.
+ *
+ * A device's serving thread spends its life here.  Python runs only inside
+ * the library's callbacks (the device's handlers) and when this loop returns
+ * for something it cannot decide itself: the thread is being stopped,
+ * vfu_run_ctx failed (a hang-up, a pending quiesce), a SET_IRQS went by while
+ * the model waits for eventfds, or another thread asked for attention (a call
+ * it deferred because this thread held the context lock).  Per message that
+ * leaves poll(2), the library's own work and the handler, as in
+ * libvfio-user's C samples.
+ *
+ * The context lock lives here too, so that this loop can take it without the
+ * interpreter: a recursive mutex (a handler may call back into the library)
+ * and the attention flag.  Its memory belongs to the Python object that
+ * allocated it (vdev_lock_size bytes), which also initialises it.
+ *
+ * Nothing here depends on which libvfio-user build is loaded: the loop gets
+ * vfu_run_ctx as a function pointer.
+ */
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+/* What vdev_serve returns besides -errno from vfu_run_ctx. */
+enum {
+    VDEV_STOPPED = 1,   /* the wake fd became readable */
+    VDEV_SET_IRQS = 2,  /* a SET_IRQS was served while the caller watched for one */
+    VDEV_ATTENTION = 3, /* another thread raised the attention flag */
+};
+
+/* The vfio-user command code of SET_IRQS, and where a header keeps it. */
+#define VFIO_USER_DEVICE_SET_IRQS 8
+#define HEADER_SIZE 16
+
+struct vdev_lock {
+    pthread_mutex_t mutex;
+    atomic_int attention;
+};
+
+size_t vdev_lock_size(void)
+{
+    return sizeof(struct vdev_lock);
+}
+
+int vdev_lock_init(struct vdev_lock *lock)
+{
+    pthread_mutexattr_t attr;
+    int err;
+
+    atomic_init(&lock->attention, 0);
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    err = pthread_mutex_init(&lock->mutex, &attr);
+    pthread_mutexattr_destroy(&attr);
+    return -err;
+}
+
+void vdev_lock_acquire(struct vdev_lock *lock)
+{
+    pthread_mutex_lock(&lock->mutex);
+}
+
+int vdev_lock_try(struct vdev_lock *lock)
+{
+    return pthread_mutex_trylock(&lock->mutex) == 0;
+}
+
+void vdev_lock_release(struct vdev_lock *lock)
+{
+    pthread_mutex_unlock(&lock->mutex);
+}
+
+/* Ask the serving loop to return to Python after its current message. */
+void vdev_lock_raise_attention(struct vdev_lock *lock)
+{
+    atomic_store(&lock->attention, 1);
+}
+
+/* Whether attention was raised since the last call; lowers the flag. */
+int vdev_lock_take_attention(struct vdev_lock *lock)
+{
+    return atomic_exchange(&lock->attention, 0);
+}
+
+/* Whether the message waiting on `connection` is a SET_IRQS (peeked, not consumed). */
+static int next_is_set_irqs(int connection)
+{
+    uint8_t header[HEADER_SIZE];
+    ssize_t got = recv(connection, header, sizeof(header), MSG_PEEK | MSG_DONTWAIT);
+
+    if (got < HEADER_SIZE) {
+        return 0;
+    }
+    return (header[2] | header[3] << 8) == VFIO_USER_DEVICE_SET_IRQS;
+}
+
+/*
+ * Serve the client on `connection` until something needs the caller: one of
+ * the VDEV_* codes above, or -errno when vfu_run_ctx fails with anything but
+ * EAGAIN.  `run` is vfu_run_ctx and `context` its vfu_ctx_t; each call holds
+ * `lock`.  With `watch_set_irqs` set, each message's command is peeked first.
+ */
+int vdev_serve(int (*run)(void *), void *context, int connection, int wake, struct vdev_lock *lock,
+               int watch_set_irqs)
+{
+    struct pollfd fds[2] = {{.fd = connection, .events = POLLIN}, {.fd = wake, .events = POLLIN}};
+
+    for (;;) {
+        int set_irqs, result, code;
+
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (fds[1].revents) {
+            return VDEV_STOPPED;
+        }
+        set_irqs = watch_set_irqs && next_is_set_irqs(connection);
+        pthread_mutex_lock(&lock->mutex);
+        result = run(context);
+        code = result < 0 ? errno : 0;
+        pthread_mutex_unlock(&lock->mutex);
+        if (result < 0 && code != EAGAIN && code != EWOULDBLOCK) {
+            return -code;
+        }
+        if (set_irqs) {
+            return VDEV_SET_IRQS;
+        }
+        if (atomic_load(&lock->attention)) {
+            return VDEV_ATTENTION;
+        }
+    }
+}
