@@ -7,7 +7,9 @@ blocking client of :mod:`bench.lean_qtest` so that the client is never the
 bottleneck: the bare qtest round trip (a RAM read, no device) is reported
 as the floor, with its ratio to the C sample.  Throughput is compared as a
 ratio to the C sample, and so is CPU time per access (every thread of the
-server process).
+server process).  Beside them row 2 reports the floor under an ``async``
+handler's access, the bare hand-over to Trio and back
+(:mod:`bench.handover`), pinned where the servers are.
 
 Where the processes run decides what a message costs, so both rows are
 measured in two fixed placements, never left to the scheduler (which
