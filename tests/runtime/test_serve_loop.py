@@ -4,7 +4,8 @@ What a user relies on: a changed source is never served by a stale build, a
 build that cannot happen says why in one line, and an interrupt fired from
 Trio while the serving thread holds the context (inside ``vfu_run_ctx``, in
 C) is delivered as soon as that thread lets go — never lost, never run
-concurrently with the library.
+concurrently with the library.  And a device stops at once, even while its
+client is connected and silent (the loop then sleeps in a receive).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
 
+from vdev.client import Client
 from vdev.libvfio_user import serve_loop
-from vdev.runtime.context import ContextLock
+from vdev.runtime.context import ContextLock, DeviceContext
+from vdev_devices.hello import Hello
 
 
 @pytest.fixture
@@ -79,3 +83,26 @@ def test_a_call_deferred_while_python_holds_the_context_runs_on_release() -> Non
     assert ran == ["own", "other"]
     lock.run_or_defer(lambda: ran.append("free"))  # a free context runs it at once
     assert ran == ["own", "other", "free"]
+
+
+@pytest.mark.requires("libvfio-user")
+async def test_a_device_stops_at_once_while_its_client_is_connected_and_silent(tmp_path: Path) -> None:
+    path = tmp_path / "hello.sock"
+    # The receive the loop sleeps in would time out after stall_timeout; stopping must not wait for that.
+    context = DeviceContext(Hello(), path, stall_timeout=600)
+    stopped, server = trio.Event(), trio.CancelScope()
+
+    async def serve_until_stopped(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with server:
+            await context.serve(task_status=task_status)
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_until_stopped)
+        async with Client.connect(path) as client:
+            await client.enable(memory=True, io=False, master=False)
+            assert await client.read32(0, 0) == 0x4845_4C4F  # served: the loop now waits for the next message
+            server.cancel()
+            with trio.fail_after(30):
+                await stopped.wait()
+            assert not context.connected

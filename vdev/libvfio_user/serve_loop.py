@@ -3,8 +3,9 @@
 Each device's serving thread waits for a message and hands it to
 ``vfu_run_ctx`` many thousand times a second; done from Python, that loop
 cost about as much as the library's own work per message.  In C it costs
-nothing beyond the ``poll(2)`` that wakes it, and the thread returns to
-Python only when something needs deciding (see :class:`ServeStatus`).
+nothing beyond the blocking receive that wakes it, and the thread returns
+to Python only when something needs deciding (see :class:`ServeStatus`).
+Why it waits in a receive and not in ``poll(2)`` is told in the source.
 
 The source ships with the package and is compiled with the system's C
 compiler (``$CC``, else ``cc``) into the deps cache, under a name carrying
@@ -32,11 +33,9 @@ SOURCE = Path(__file__).with_name("serve_loop.c")
 class ServeStatus(enum.IntEnum):
     """Why :meth:`ServeLoop.serve` returned, when it is not ``-errno`` from ``vfu_run_ctx``."""
 
-    #: The wake fd became readable: the thread is being stopped.
-    STOPPED = 1
     #: A SET_IRQS was served while the caller watched for one.
     SET_IRQS = 2
-    #: Another thread raised the lock's attention flag.
+    #: Another thread raised the lock's attention flag (to stop the thread, or for a call it deferred).
     ATTENTION = 3
 
 
@@ -80,16 +79,16 @@ class ServeLoop:
             "vdev_lock_release": (None, [lock_p]),
             "vdev_lock_raise_attention": (None, [lock_p]),
             "vdev_lock_take_attention": (ctypes.c_bool, [lock_p]),
-            "vdev_serve": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, fd, fd, lock_p, ctypes.c_int]),
+            "vdev_serve": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, fd, lock_p, ctypes.c_int]),
         }
         for name, (restype, argtypes) in declarations.items():
             function = getattr(cdll, name)
             function.restype, function.argtypes = restype, argtypes
         self.cdll = cdll
         self.lock_size: int = cdll.vdev_lock_size()
-        #: ``serve(vfu_run_ctx, ctx, connection_fd, wake_fd, lock address, watch_set_irqs)``: a
+        #: ``serve(vfu_run_ctx, ctx, connection_fd, lock address, watch_set_irqs)``: a
         #: :class:`ServeStatus` or ``-errno``; the loop itself is documented in ``serve_loop.c``.
-        self.serve: Callable[[int, int, int, int, int, bool], int] = cdll.vdev_serve
+        self.serve: Callable[[int, int, int, int, bool], int] = cdll.vdev_serve
 
 
 _loaded: ServeLoop | None = None

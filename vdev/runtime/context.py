@@ -8,11 +8,13 @@ it lives):
   waits for a client (``poll(2)`` on ``vfu_get_poll_fd()``, fetched again
   after every attach and disconnect, since it changes), attaches it, and
   then spends the connection in vdev's serving loop, which is C
-  (:mod:`vdev.libvfio_user.serve_loop`): ``poll(2)`` on the connection and
-  a wake fd, then ``vfu_run_ctx`` under the context lock, over and over,
-  with the GIL released.  It comes back to Python only for what needs
-  deciding here (a hang-up, a pending quiesce, a SET_IRQS the model waits
-  for, work another thread deferred to it, the thread being stopped).  A
+  (:mod:`vdev.libvfio_user.serve_loop`): a blocking receive that peeks at
+  the next message, then ``vfu_run_ctx`` under the context lock, over and
+  over, with the GIL released.  It comes back to Python only for what
+  needs deciding here (a hang-up, a pending quiesce, a SET_IRQS the model
+  waits for, work another thread deferred to it, the thread being stopped:
+  :meth:`_stop_thread` raises the lock's attention flag and shuts the
+  connection down for reading, which ends the receive).  A
   message therefore costs one wake-up of one thread, the library's work
   and the handler — like libvfio-user's C samples — and no interpreter
   round trip.  A device whose client misbehaves (stalls half-way through a
@@ -404,6 +406,9 @@ class DeviceContext:
         self._thread_failure: BaseException | None = None
         self._stopping = False
         self._wake_fd = -1
+        # The connection being served, as a socket of our own (see _serve_client).
+        self._connection: socket.socket | None = None
+        self._connection_lock = threading.Lock()
         # Set while no asynchronous quiesce is pending (the serving thread waits on it).
         self._quiesced = threading.Event()
         self._quiesced.set()
@@ -596,7 +601,11 @@ class DeviceContext:
         if self._thread is None:
             return
         self._stopping = True
-        os.eventfd_write(self._wake_fd, 1)
+        os.eventfd_write(self._wake_fd, 1)  # the wait for a client
+        self._lock.native.raise_attention()  # the serving loop, once its receive returns...
+        with self._connection_lock:
+            if self._connection is not None:
+                self._connection.shutdown(socket.SHUT_RD)  # ... which this makes it do now
         self._quiesced.set()
         await exited.wait()
         self._thread = None
@@ -695,10 +704,14 @@ class DeviceContext:
         assert ctx is not None
         connection = self._lib.vfu_get_poll_fd(ctx)
         serve, run, lock, irq = self._serve_loop.serve, self._run_address, self._lock, self.device.irq
+        with self._connection_lock:
+            # A socket of our own on the connection, for _stop_thread to shut down:
+            # libvfio-user may close its fd (and the number be reused) at any time.
+            self._connection = socket.socket(fileno=os.dup(connection))
         try:
-            while True:
-                status = serve(run, ctx, connection, self._wake_fd, lock.native.address, irq.awaiting_eventfds)
-                if status == ServeStatus.STOPPED or self._stopping:
+            while not self._stopping:
+                status = serve(run, ctx, connection, lock.native.address, irq.awaiting_eventfds)
+                if self._stopping:
                     return
                 if status > 0 or self._without_eventfd:
                     lock.run_deferred()
@@ -717,6 +730,9 @@ class DeviceContext:
                 if self._lib.vfu_get_poll_fd(ctx) != connection:
                     return  # the library dropped the client itself
         finally:
+            with self._connection_lock:
+                self._connection.close()
+                self._connection = None
             with self.device.lock:
                 self.connected = False
                 self.device.detach_client()
