@@ -144,10 +144,11 @@ def quick(device: Device, offset: int, size: int, value: int) -> bytes | None:
     """An access the way the runtime serves a plain handler: the lane if it takes it, else the general path."""
     if value < 0:
         answer = device.quick_read(BAR, offset, size)
-        return answer if answer is not None else complete_now(device.region_read(BAR, offset, size))
-    data = value.to_bytes(size, "little")
-    if not device.quick_write(BAR, offset, data):
-        complete_now(device.region_write(BAR, offset, data))
+        if answer is None:
+            return complete_now(device.region_read(BAR, offset, size))
+        return answer.to_bytes(size, "little")
+    if not device.quick_write(BAR, offset, size, value):
+        complete_now(device.region_write(BAR, offset, value.to_bytes(size, "little")))
     return None
 
 
@@ -191,7 +192,7 @@ def test_the_lane_steps_aside_for_what_only_the_general_path_does() -> None:
     assert device.quick_read(BAR, 0x0, 2) is None  # part of a register
     device.faults = DeviceFaultPlan([DeviceFault(on="read", action="corrupt", region=BAR, offset=0x40)])
     assert device.quick_read(BAR, 0x0, 4) is None  # a fault plan about reads
-    assert device.quick_write(BAR, 0x0, bytes(4))  # ... not about writes
+    assert device.quick_write(BAR, 0x0, 4, 0)  # ... not about writes
     device.faults = DeviceFaultPlan()
     device.command_control.toggle_after_accesses(5)
     assert device.quick_read(BAR, 0x0, 4) is None  # accesses are being counted towards a toggle
@@ -200,9 +201,9 @@ def test_the_lane_steps_aside_for_what_only_the_general_path_does() -> None:
 def test_an_access_a_size_policy_refuses_has_no_lane() -> None:
     device = enabled(Policed())
     assert device.quick_read(BAR, 0x4, 4) is None  # the register refuses reads
-    assert device.quick_write(BAR, 0x4, bytes(4))  # ... and takes writes
+    assert device.quick_write(BAR, 0x4, 4, 0)  # ... and takes writes
     assert device.quick_read(BAR, 0x14, 1) is None  # the BAR refuses 1-byte accesses
-    assert not device.quick_write(BAR, 0x14, b"\x01")
+    assert not device.quick_write(BAR, 0x14, 1, 1)
     assert device.quick_read(BAR, 0x8, 8) is not None
     device.command_control.toggle_after_accesses(0)
     complete_now(device.region_write(7, 0x04, bytes(2)))

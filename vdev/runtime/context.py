@@ -130,6 +130,14 @@ _RESET_KINDS = {
     ResetType.LOST_CONNECTION: ResetKind.LOST_CONNECTION,
 }
 
+#: Little-endian integers of the sizes a register may have, to read a written value out of the
+#: library's buffer and store a read one into it without a foreign call (cheaper than memmove).
+_WORDS: dict[int, Any] = {
+    1: ctypes.c_uint8,
+    2: ctypes.c_uint16.__ctype_le__,
+    4: ctypes.c_uint32.__ctype_le__,
+    8: ctypes.c_uint64.__ctype_le__,
+}
 _DISCONNECTED = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 _LOG_LEVELS = {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
 # libvfio-user logs these as warnings or errors, but they describe a client
@@ -852,17 +860,18 @@ class DeviceContext:
                     else:
                         memmove(buf, self._run_device_code(True, device.region_read, region, offset, count), count)
                     return count
+                word = _WORDS.get(count)  # a register-sized access may take a quick lane
                 hold()
                 try:
                     if is_write:
-                        data = string_at(buf, count)
-                        if not quick_write(region, offset, data):
-                            complete_now(device.region_write(region, offset, data))
+                        if word is None or not quick_write(region, offset, count, word.from_address(buf).value):
+                            complete_now(device.region_write(region, offset, string_at(buf, count)))
                     else:
-                        answer = quick_read(region, offset, count)
-                        if answer is None:
-                            answer = complete_now(device.region_read(region, offset, count))
-                        memmove(buf, answer, count)
+                        value = None if word is None else quick_read(region, offset, count)
+                        if word is None or value is None:
+                            memmove(buf, complete_now(device.region_read(region, offset, count)), count)
+                        else:
+                            word.from_address(buf).value = value
                 finally:
                     let_go()
                 return count
