@@ -344,7 +344,10 @@ class BarState:
         return self.mapped.view
 
     def __getitem__(self, register: str) -> int:
-        return self.registers[register]
+        try:  # the registers' values directly: handlers read registers on every access
+            return self.registers.values[register]
+        except KeyError:
+            return self.registers[register]  # the clear error
 
     def __setitem__(self, register: str, value: int) -> None:
         self.registers[register] = value

@@ -231,6 +231,11 @@ class Device:
             registers=self.config_registers(),
         )
         self._bars = {spec.index: BarState(spec, self) for spec in self._bar_specs if spec.index is not None}
+        for spec in self._bar_specs:
+            # The state where ``self.barN`` finds it first, past the class's descriptor:
+            # handlers reach their registers through it on every access.
+            if spec.attribute is not None and spec.index is not None:
+                self.__dict__[spec.attribute] = self._bars[spec.index]
         self.rom = bytearray(self.rom_size)
         self.irq = Interrupts(self)
         self.dma = Dma(self)
