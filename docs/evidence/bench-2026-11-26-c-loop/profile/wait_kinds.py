@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, ".")
 from bench.common import REPO, server_process
 from bench.trapped import SERVERS, PLAIN, C_SAMPLE, _measure, _pin_process
-HERE = "docs/evidence/bench-2026-11-26-quiet/profile"
+HERE = "docs/evidence/bench-2026-11-26-c-loop/profile"
 variants = {
     "C sample": SERVERS[C_SAMPLE],
     "wait in recvmsg (blocking context)": lambda s: [f"{HERE}/wait_kinds", "block", str(s)],

@@ -4,7 +4,7 @@ sys.path.insert(0, ".")
 import trio
 from bench.devices import SyncCounter
 from vdev.runtime import context
-lib = ctypes.CDLL("docs/evidence/bench-2026-11-26-quiet/profile/libcounter.so")
+lib = ctypes.CDLL("docs/evidence/bench-2026-11-26-c-loop/profile/libcounter.so")
 address = ctypes.cast(lib.counter_cb, ctypes.c_void_p).value
 original = context.DeviceContext._region_callback
 def patched(self, region):
