@@ -90,7 +90,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -613,7 +613,8 @@ class DeviceContext:
         self._lock.native.raise_attention()  # the serving loop, once its receive returns...
         with self._connection_lock:
             if self._connection is not None:
-                self._connection.shutdown(socket.SHUT_RD)  # ... which this makes it do now
+                with suppress(OSError):  # a connection the client already ended is ended
+                    self._connection.shutdown(socket.SHUT_RD)  # ... which this makes it do now
         self._quiesced.set()
         await exited.wait()
         self._thread = None
