@@ -4,19 +4,24 @@ What a user relies on: a changed source is never served by a stale build, a
 build that cannot happen says why in one line, and an interrupt fired from
 Trio while the serving thread holds the context (inside ``vfu_run_ctx``, in
 C) is delivered as soon as that thread lets go — never lost, never run
-concurrently with the library.  And a device stops at once, even while its
-client is connected and silent (the loop then sleeps in a receive).
+concurrently with the library.  A device stops at once, even while its
+client is connected and silent (the loop then sleeps in a receive), or
+while one of its ``async`` handlers awaits for ever (the serving thread
+then waits in C for the hand-over to end).
 """
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import trio
 
-from vdev.client import Client
+from vdev import RO, Bar, Device, Register
+from vdev.client import Client, ServerDisconnected, VfioUserError
 from vdev.libvfio_user import serve_loop
 from vdev.runtime.context import ContextLock, DeviceContext
 from vdev_devices.hello import Hello
@@ -106,3 +111,80 @@ async def test_a_device_stops_at_once_while_its_client_is_connected_and_silent(t
             with trio.fail_after(30):
                 await stopped.wait()
             assert not context.connected
+
+
+def test_a_hand_over_wakes_the_other_side_and_returns_when_it_signals_back() -> None:
+    loop = serve_loop.load()
+    wake_fd, done_fd = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0)
+    woken = threading.Event()
+
+    def other_side() -> None:
+        while True:
+            try:
+                os.eventfd_read(wake_fd)
+                break
+            except BlockingIOError:
+                continue
+        woken.set()
+        assert loop.wake(done_fd) == 0
+
+    try:
+        thread = threading.Thread(target=other_side)
+        thread.start()
+        assert loop.wake_and_wait(wake_fd, done_fd) == 0
+        thread.join()
+        assert woken.is_set()
+        assert loop.wake_and_wait(wake_fd, -9) < 0  # a bad fd is an error, not a hang
+    finally:
+        os.close(wake_fd)
+        os.close(done_fd)
+
+
+class Stuck(Device):
+    """BAR0 offset 0: an ``async`` handler that never returns unless told to."""
+
+    vendor_id = 0x1234
+    device_id = 0x5678
+    bar0 = Bar(4096, registers=[Register("stuck", 0, width=4, access=RO)])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = trio.Event()
+
+    @bar0.on_read("stuck")
+    async def read_stuck(self) -> int:
+        self.entered.set()
+        await trio.sleep_forever()
+        return 0
+
+
+@pytest.mark.requires("libvfio-user")
+async def test_a_device_stops_at_once_while_an_async_handler_of_it_awaits(tmp_path: Path) -> None:
+    path = tmp_path / "stuck.sock"
+    device = Stuck()
+    context = DeviceContext(device, path, stall_timeout=600)
+    stopped, server = trio.Event(), trio.CancelScope()
+
+    async def serve_until_stopped(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with server:
+            await context.serve(task_status=task_status)
+        stopped.set()
+
+    async def read_stuck(client: Client) -> None:
+        with pytest.raises((VfioUserError, ServerDisconnected)):  # an answer, not a hang
+            await client.read32(0, 0)
+
+    # Stopping waits for the serving thread shielded from cancellation, so a thread that is
+    # never woken would hang the test rather than fail it: the watchdog ends the run instead.
+    faulthandler.dump_traceback_later(60, exit=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_until_stopped)
+            async with Client.connect(path) as client:
+                await client.enable(memory=True, io=False, master=False)
+                nursery.start_soon(read_stuck, client)
+                await device.entered.wait()  # the serving thread now waits for the hand-over
+                server.cancel()
+                await stopped.wait()
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -26,6 +26,15 @@
  * and the attention flag.  Its memory belongs to the Python object that
  * allocated it (vdev_lock_size bytes), which also initialises it.
  *
+ * Handing an access to Trio (an `async` handler) is done here as well: a
+ * callback wakes the device's Trio task and waits for it, and the task wakes
+ * the callback back, each through an eventfd and each without the
+ * interpreter's lock held, so the thread woken never finds that lock taken
+ * by its waker and has to switch back and forth for it.  Woken from Python
+ * instead (os.eventfd_write, a threading.Lock's release), the woken thread
+ * ran at once on a shared CPU, stopped on the interpreter's lock, and gave
+ * the CPU back: 7.2 context switches of the server per access where 4 do.
+ *
  * Nothing here depends on which libvfio-user build is loaded: the loop gets
  * vfu_run_ctx as a function pointer.
  */
@@ -36,6 +45,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 /* What vdev_serve returns besides -errno from vfu_run_ctx. */
 enum {
@@ -95,6 +105,33 @@ void vdev_lock_raise_attention(struct vdev_lock *lock)
 int vdev_lock_take_attention(struct vdev_lock *lock)
 {
     return atomic_exchange(&lock->attention, 0);
+}
+
+/* Add one to the eventfd `fd`: wakes whoever waits on it.  0 or -errno. */
+int vdev_wake(int fd)
+{
+    uint64_t one = 1;
+
+    return write(fd, &one, sizeof(one)) == sizeof(one) ? 0 : -errno;
+}
+
+/*
+ * Wake `wake_fd` (unless it is negative), then block until the blocking
+ * eventfd `done_fd` is signalled, and consume that signal.  0 or -errno.
+ */
+int vdev_wake_and_wait(int wake_fd, int done_fd)
+{
+    uint64_t count;
+
+    if (wake_fd >= 0 && vdev_wake(wake_fd) < 0) {
+        return -errno;
+    }
+    while (read(done_fd, &count, sizeof(count)) < 0) {
+        if (errno != EINTR) {
+            return -errno;
+        }
+    }
+    return 0;
 }
 
 /* Whether the message waiting on `connection` is a SET_IRQS (peeked, not consumed). */

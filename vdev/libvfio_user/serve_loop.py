@@ -80,6 +80,8 @@ class ServeLoop:
             "vdev_lock_raise_attention": (None, [lock_p]),
             "vdev_lock_take_attention": (ctypes.c_bool, [lock_p]),
             "vdev_serve": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, fd, lock_p, ctypes.c_int]),
+            "vdev_wake": (ctypes.c_int, [fd]),
+            "vdev_wake_and_wait": (ctypes.c_int, [fd, fd]),
         }
         for name, (restype, argtypes) in declarations.items():
             function = getattr(cdll, name)
@@ -89,6 +91,11 @@ class ServeLoop:
         #: ``serve(vfu_run_ctx, ctx, connection_fd, lock address, watch_set_irqs)``: a
         #: :class:`ServeStatus` or ``-errno``; the loop itself is documented in ``serve_loop.c``.
         self.serve: Callable[[int, int, int, int, bool], int] = cdll.vdev_serve
+        #: ``wake(eventfd)``: add one to it, the interpreter's lock let go; 0 or ``-errno``.
+        self.wake: Callable[[int], int] = cdll.vdev_wake
+        #: ``wake_and_wait(wake_fd, done_fd)``: wake ``wake_fd`` (if not negative), then block
+        #: until the blocking eventfd ``done_fd`` is signalled; 0 or ``-errno``.
+        self.wake_and_wait: Callable[[int, int], int] = cdll.vdev_wake_and_wait
 
 
 _loaded: ServeLoop | None = None

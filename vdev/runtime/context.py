@@ -26,10 +26,13 @@ it lives):
   the spot (:func:`complete_now`).
 * **``async`` handlers run in Trio**, because only there can they await.
   The callback queues the access for the device's job task (a Trio task
-  that sleeps in ``wait_readable`` on an eventfd), writes the eventfd and
-  blocks on a lock the task releases when the handler has finished: two
-  wake-ups per access, the fewest a hand-over allows, and no trip through
-  Trio's ``run_sync_soon`` queue (which measured slower here).  The task
+  that sleeps in ``wait_readable`` on an eventfd), then, in one call into
+  C, writes that eventfd and blocks on a second one, which the task writes
+  (from C too) when the handler has finished: two wake-ups per access, the
+  fewest a hand-over allows, no trip through Trio's ``run_sync_soon`` queue
+  (which measured slower here), and neither wake-up made while the waker
+  holds the interpreter, which on a shared CPU cost switching back and forth
+  for it (``serve_loop.c`` has the numbers).  The task
   serves a whole register with an ``async`` hook on its quick lane too
   (:meth:`Device.region_read <vdev.model.device.Device.region_read>`), so
   what an access costs beyond a plain one is the hand-over itself, whose
@@ -310,24 +313,17 @@ def device_tasks() -> DeviceTasks:
 class _Job:
     """Device code handed from a callback to the device's Trio task, and what came of it."""
 
-    __slots__ = ("args", "done", "error", "function", "value")
+    __slots__ = ("args", "error", "finished", "function", "value")
 
     def __init__(self, function: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
         self.function = function
         self.args = args
         self.value: Any = None
         self.error: BaseException | None = None
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.finished = False
 
-    def finish(self, value: Any, error: BaseException | None = None) -> None:
-        """Record the outcome and wake the thread waiting for it."""
-        self.value, self.error = value, error
-        self.done.release()
-
-    def wait(self) -> Any:
-        """Block until the job has run; its value, or its exception raised here."""
-        self.done.acquire()
+    def outcome(self) -> Any:
+        """The job's value, or its exception raised here."""
         if self.error is not None:
             raise self.error
         return self.value
@@ -420,11 +416,14 @@ class DeviceContext:
         # Set while no asynchronous quiesce is pending (the serving thread waits on it).
         self._quiesced = threading.Event()
         self._quiesced.set()
-        # Jobs for the device's job task, and the eventfd that wakes it.
+        # Jobs for the device's job task, the eventfd that wakes it, and the one it
+        # signals when a job is done (one hand-over at a time waits on that).
         self._jobs: collections.deque[_Job] = collections.deque()
         self._jobs_lock = threading.Lock()
         self._jobs_closed = True
         self._jobs_fd = -1
+        self._done_fd = -1
+        self._handover_lock = threading.Lock()
         # MSI-X vectors whose trigger found no eventfd; filled by whichever
         # thread fired them, emptied into the model under the device's lock.
         self._without_eventfd: collections.deque[int] = collections.deque()
@@ -552,6 +551,9 @@ class DeviceContext:
             self.create()
         tasks = device_tasks()
         thread_exited = trio.Event()
+        # Both outlive the job task and the serving thread, so neither ever writes to a closed fd.
+        self._jobs_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._done_fd = os.eventfd(0, os.EFD_CLOEXEC)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -559,7 +561,7 @@ class DeviceContext:
                 self.device.attach_nursery(nursery)
                 nursery.start_soon(self._run_device_task)
                 # Open for jobs before the serving thread starts; the job task closes it when it ends.
-                self._jobs_fd, self._jobs_closed = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), False
+                self._jobs_closed = False
                 nursery.start_soon(self._run_jobs)
                 try:
                     self._start_thread(thread_exited)
@@ -575,6 +577,9 @@ class DeviceContext:
             self.device.irq.sink = None
             self.device.dma.port = None
             self.destroy()
+            for fd in (self._jobs_fd, self._done_fd):
+                os.close(fd)
+            self._jobs_fd = self._done_fd = -1
 
     async def _run_device_task(self) -> None:
         """The device's own background work; its failure is logged, serving goes on."""
@@ -640,18 +645,21 @@ class DeviceContext:
                     try:
                         value = await job.function(*job.args)
                     except BaseException as exc:
-                        job.finish(None, exc)
+                        self._finish(job, None, exc)
                         if not isinstance(exc, Exception):
                             raise  # cancelled: the device is shutting down
                     else:
-                        job.finish(value)
+                        self._finish(job, value)
         finally:
             with self._jobs_lock:
                 self._jobs_closed = True
                 while self._jobs:
-                    self._jobs.popleft().finish(None, ServeError(f"{self.device.name} is shutting down"))
-                os.close(self._jobs_fd)
-                self._jobs_fd = -1
+                    self._finish(self._jobs.popleft(), None, ServeError(f"{self.device.name} is shutting down"))
+
+    def _finish(self, job: _Job, value: Any, error: BaseException | None = None) -> None:
+        """Record a job's outcome and wake the thread waiting for it (see :meth:`_hand_over`)."""
+        job.value, job.error, job.finished = value, error, True
+        self._serve_loop.wake(self._done_fd)
 
     # -- serving (the device's thread) -------------------------------------------------
 
@@ -830,21 +838,38 @@ class DeviceContext:
         thread itself (while the context is destroyed) complete on the spot.
         """
         if in_trio and threading.get_ident() != self._trio_thread and self._trio_token is not None:
-            job = _Job(function, args)
+            return self._hand_over(_Job(function, args))
+        with self.device.lock:
+            return complete_now(function(*args))
+
+    def _hand_over(self, job: _Job) -> Any:
+        """Run ``job`` in the device's job task and wait for it, the context lock let go meanwhile.
+
+        The wake-up and the wait are one call into C, and the job task's
+        wake-up back is C too (:meth:`_finish`), so neither thread is woken
+        while the other holds the interpreter (see ``serve_loop.c``).  One
+        hand-over at a time shares the done eventfd; a signal left by a
+        hand-over that gave up is told from ours by ``job.finished``.
+        """
+        wake_and_wait = self._serve_loop.wake_and_wait
+        with self._handover_lock:
             with self._jobs_lock:
                 if self._jobs_closed:
                     raise ServeError(f"{self.device.name} is shutting down")
                 self._jobs.append(job)
-                os.eventfd_write(self._jobs_fd, 1)
             # Let go of the context for the handler's own calls (callbacks hold it
             # exactly once: whoever called into the library took it once).
             self._lock.release()
             try:
-                return job.wait()
+                wake_fd = self._jobs_fd
+                while not job.finished:
+                    code = wake_and_wait(wake_fd, self._done_fd)
+                    if code < 0:
+                        raise OSError(-code, f"waiting for an async handler: {os.strerror(-code)}")
+                    wake_fd = -1
             finally:
                 self._lock.acquire()
-        with self.device.lock:
-            return complete_now(function(*args))
+        return job.outcome()
 
     def _region_callback(self, region: int) -> Callable[..., int]:
         device = self.device
