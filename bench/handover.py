@@ -3,10 +3,11 @@
 vdev runs an ``async`` handler in Trio, because only there can it await;
 the serving thread that received the message waits meanwhile.  This
 program measures that hand-over alone, with nothing else in it: a thread
-writes an eventfd and blocks on a lock; a Trio task asleep in
-``wait_readable`` on the eventfd wakes, reads it and releases the lock.  It
-is the mechanism vdev's serving thread uses, minus vdev, so an ``async``
-access can cost no less than this plus what a plain one costs.
+writes an eventfd and blocks on a second one, in one call into C with the
+GIL released; a Trio task asleep in ``wait_readable`` on the first wakes,
+reads it and writes the second (from C too).  It is the mechanism vdev's
+serving thread uses (:mod:`vdev.libvfio_user.serve_loop`), minus vdev, so
+an ``async`` access can cost no less than this plus what a plain one costs.
 
 ``python -m bench.handover COUNT`` prints the process's CPU time per
 hand-over in microseconds (all threads, user and system).
@@ -17,9 +18,10 @@ from __future__ import annotations
 import os
 import resource
 import sys
-import threading
 
 import trio
+
+from vdev.libvfio_user import serve_loop
 
 
 def _cpu_seconds() -> float:
@@ -29,25 +31,23 @@ def _cpu_seconds() -> float:
 
 async def measure(count: int) -> float:
     """CPU µs per hand-over, over ``count`` of them after a warm-up."""
+    loop = serve_loop.load()
     wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    done = threading.Lock()
-    done.acquire()
+    done = os.eventfd(0, os.EFD_CLOEXEC)
     spent: list[float] = []
 
     async def trio_side() -> None:
         while True:
             await trio.lowlevel.wait_readable(wake)
             os.eventfd_read(wake)
-            done.release()
+            loop.wake(done)
 
     def thread_side() -> None:
         for _ in range(count // 10):  # warm-up
-            os.eventfd_write(wake, 1)
-            done.acquire()
+            loop.wake_and_wait(wake, done)
         before = _cpu_seconds()
         for _ in range(count):
-            os.eventfd_write(wake, 1)
-            done.acquire()
+            loop.wake_and_wait(wake, done)
         spent.append(_cpu_seconds() - before)
 
     async with trio.open_nursery() as nursery:
@@ -55,6 +55,7 @@ async def measure(count: int) -> float:
         await trio.to_thread.run_sync(thread_side)
         nursery.cancel_scope.cancel()
     os.close(wake)
+    os.close(done)
     return spent[0] / count * 1e6
 
 
