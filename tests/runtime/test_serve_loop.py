@@ -15,6 +15,8 @@ from __future__ import annotations
 import faulthandler
 import os
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -140,51 +142,80 @@ def test_a_hand_over_wakes_the_other_side_and_returns_when_it_signals_back() -> 
         os.close(done_fd)
 
 
-class Stuck(Device):
-    """BAR0 offset 0: an ``async`` handler that never returns unless told to."""
+class Gated(Device):
+    """BAR0 offset 0: an ``async`` handler that answers only once the test opens its gate."""
 
     vendor_id = 0x1234
     device_id = 0x5678
-    bar0 = Bar(4096, registers=[Register("stuck", 0, width=4, access=RO)])
+    bar0 = Bar(4096, registers=[Register("gated", 0, width=4, access=RO)])
 
     def __init__(self) -> None:
         super().__init__()
         self.entered = trio.Event()
+        self.gate = trio.Event()
 
-    @bar0.on_read("stuck")
-    async def read_stuck(self) -> int:
+    @bar0.on_read("gated")
+    async def read_gated(self) -> int:
         self.entered.set()
-        await trio.sleep_forever()
-        return 0
+        await self.gate.wait()
+        return 0x600D
+
+
+@asynccontextmanager
+async def serving(context: DeviceContext) -> AsyncIterator[trio.CancelScope]:
+    """Serve ``context`` until the scope yielded is cancelled and the context has stopped.
+
+    Stopping waits for the serving thread shielded from cancellation, so a
+    thread that is never woken would hang the test rather than fail it: a
+    watchdog ends the run instead.
+    """
+    server = trio.CancelScope()
+
+    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with server:
+            await context.serve(task_status=task_status)
+
+    faulthandler.dump_traceback_later(60, exit=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            yield server
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.requires("libvfio-user")
 async def test_a_device_stops_at_once_while_an_async_handler_of_it_awaits(tmp_path: Path) -> None:
-    path = tmp_path / "stuck.sock"
-    device = Stuck()
-    context = DeviceContext(device, path, stall_timeout=600)
-    stopped, server = trio.Event(), trio.CancelScope()
+    device = Gated()
+    context = DeviceContext(device, tmp_path / "gated.sock", stall_timeout=600)
 
-    async def serve_until_stopped(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with server:
-            await context.serve(task_status=task_status)
-        stopped.set()
-
-    async def read_stuck(client: Client) -> None:
+    async def read_gated(client: Client) -> None:
         with pytest.raises((VfioUserError, ServerDisconnected)):  # an answer, not a hang
             await client.read32(0, 0)
 
-    # Stopping waits for the serving thread shielded from cancellation, so a thread that is
-    # never woken would hang the test rather than fail it: the watchdog ends the run instead.
-    faulthandler.dump_traceback_later(60, exit=True)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_until_stopped)
-            async with Client.connect(path) as client:
-                await client.enable(memory=True, io=False, master=False)
-                nursery.start_soon(read_stuck, client)
-                await device.entered.wait()  # the serving thread now waits for the hand-over
-                server.cancel()
-                await stopped.wait()
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    async with serving(context) as server, Client.connect(context.socket_path) as client, trio.open_nursery() as reads:
+        await client.enable(memory=True, io=False, master=False)
+        reads.start_soon(read_gated, client)
+        await device.entered.wait()  # the serving thread now waits for the hand-over
+        server.cancel()
+
+
+@pytest.mark.requires("libvfio-user")
+async def test_a_leftover_wake_up_never_ends_a_hand_over_before_its_handler_has(tmp_path: Path) -> None:
+    """A hand-over that gave up leaves its job's signal behind; the next one must not take it for its own."""
+    device = Gated()
+    context = DeviceContext(device, tmp_path / "gated.sock")
+    values: list[int] = []
+
+    async def read_gated(client: Client) -> None:
+        values.append(await client.read32(0, 0))
+
+    async with serving(context) as server, Client.connect(context.socket_path) as client:
+        await client.enable(memory=True, io=False, master=False)
+        os.eventfd_write(context._done_fd, 1)  # what a hand-over that gave up would have left
+        async with trio.open_nursery() as reads:
+            reads.start_soon(read_gated, client)
+            await device.entered.wait()
+            device.gate.set()
+        server.cancel()
+    assert values == [0x600D]
